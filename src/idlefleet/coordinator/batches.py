@@ -1,0 +1,379 @@
+"""The batch lifecycle: files in, validation, progress, finalisation, cancel and expiry.
+
+Status machine (as OpenAI's): ``validating`` → ``in_progress`` → ``finalizing`` → ``completed``;
+``validating`` → ``failed`` when the input file itself is bad; ``in_progress`` → ``cancelling``
+→ ``cancelled``; past the completion window → ``expired``. Every transition is a
+compare-and-set in the store, so with several coordinator replicas exactly one performs it, and
+every step can be re-run after a crash (:meth:`BatchService.recover`), so a restart loses no
+accepted batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from idlefleet.coordinator.batch_input import parse_batch_input
+from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from idlefleet.coordinator.openai_format import (
+    embedding_response,
+    error_line,
+    new_id,
+    output_line,
+)
+from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ENDPOINTS = ("/v1/embeddings",)
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+FILE_PURPOSES = ("batch",)
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_requests: int = 50_000
+    max_metadata_pairs: int = 16
+
+
+class BatchService:
+    """Customer-facing batch operations over a :class:`Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        limits: BatchLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.limits = limits or BatchLimits()
+        self.clock = clock
+
+    # -- files ---------------------------------------------------------------------------------
+    def check_upload(self, purpose: str, size: int) -> None:
+        """Refuse an upload before storing it: wrong purpose or too large."""
+        if purpose not in FILE_PURPOSES:
+            raise InvalidRequest(
+                f"Invalid value for 'purpose': {purpose!r}. Supported values are: 'batch'.",
+                param="purpose",
+                code="invalid_value",
+            )
+        if size > self.limits.max_file_bytes:
+            raise PayloadTooLarge(
+                f"File is too large: {size} bytes; the maximum for purpose 'batch' is "
+                f"{self.limits.max_file_bytes} bytes.",
+                code="file_too_large",
+                param="file",
+            )
+
+    def upload_file(self, filename: str, purpose: str, data: bytes) -> FileRecord:
+        self.check_upload(purpose, len(data))
+        record = FileRecord(
+            id=new_id("file-"),
+            purpose=purpose,
+            filename=filename or "upload.jsonl",
+            bytes=len(data),
+            created_at=int(self.clock()),
+        )
+        self.store.put_file(record, [data])
+        return record
+
+    def get_file(self, file_id: str) -> FileRecord:
+        record = self.store.get_file(file_id)
+        if record is None:
+            raise NotFound(f"No such File object: {file_id}", param="file_id")
+        return record
+
+    def file_content(self, file_id: str) -> Iterator[bytes]:
+        self.get_file(file_id)
+        return self.store.read_file(file_id)
+
+    # -- batches -------------------------------------------------------------------------------
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None = None,
+    ) -> BatchRecord:
+        if endpoint not in SUPPORTED_ENDPOINTS:
+            raise InvalidRequest(
+                f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
+                + ", ".join(repr(e) for e in SUPPORTED_ENDPOINTS)
+                + ".",
+                param="endpoint",
+                code="invalid_value",
+            )
+        if completion_window not in COMPLETION_WINDOWS:
+            raise InvalidRequest(
+                f"Invalid value for 'completion_window': {completion_window!r}. "
+                "Supported values are: '24h'.",
+                param="completion_window",
+                code="invalid_value",
+            )
+        _check_metadata(metadata, self.limits.max_metadata_pairs)
+        record = self.store.get_file(input_file_id)
+        if record is None:
+            raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
+        if record.purpose != "batch":
+            raise InvalidRequest(
+                f"File {input_file_id} has purpose {record.purpose!r}; a batch input file "
+                "must be uploaded with purpose 'batch'.",
+                param="input_file_id",
+                code="invalid_value",
+            )
+        now = int(self.clock())
+        batch = BatchRecord(
+            id=new_id("batch_"),
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            status="validating",
+            created_at=now,
+            expires_at=now + COMPLETION_WINDOWS[completion_window],
+            metadata=metadata,
+        )
+        self.store.create_batch(batch)
+        return batch
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        batch = self.store.get_batch(batch_id)
+        if batch is None:
+            raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+        return batch
+
+    def list_batches(self, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
+        if not 1 <= limit <= 100:
+            raise InvalidRequest(
+                f"Invalid 'limit': {limit}. Expected a value between 1 and 100.",
+                param="limit",
+                code="invalid_value",
+            )
+        if after is not None and self.store.get_batch(after) is None:
+            raise NotFound(f"No batch found with id '{after}'.", param="after")
+        page = self.store.list_batches(limit + 1, after)
+        return page[:limit], len(page) > limit
+
+    def validate(self, batch_id: str) -> BatchRecord:
+        """Parse the input file: requests go to the queue, or the batch fails with ``errors``."""
+        batch = self.get_batch(batch_id)
+        if batch.status != "validating":
+            return batch
+        data = b"".join(self.store.read_file(batch.input_file_id))
+        parsed = parse_batch_input(data, batch.endpoint, max_requests=self.limits.max_requests)
+        now = int(self.clock())
+        if parsed.errors:
+            updated = self.store.update_batch(
+                batch_id,
+                ["validating"],
+                status="failed",
+                failed_at=now,
+                errors={"object": "list", "data": [e.to_dict() for e in parsed.errors]},
+            )
+            return updated or self.get_batch(batch_id)
+        if self.store.request_counts(batch_id).total == 0:
+            self.store.add_requests(
+                batch_id, (_new_request(i, r) for i, r in enumerate(parsed.requests))
+            )
+        updated = self.store.update_batch(
+            batch_id, ["validating"], status="in_progress", in_progress_at=now
+        )
+        batch = updated or self.get_batch(batch_id)
+        self.maybe_finalize(batch_id)
+        return batch
+
+    def cancel(self, batch_id: str) -> BatchRecord:
+        batch = self.get_batch(batch_id)
+        if batch.status in ("cancelling", "cancelled"):
+            return batch
+        now = int(self.clock())
+        updated = self.store.update_batch(
+            batch_id, ["validating", "in_progress"], status="cancelling", cancelling_at=now
+        )
+        if updated is None:
+            current = self.get_batch(batch_id)
+            raise Conflict(
+                f"Cannot cancel a batch with status '{current.status}'.",
+                code="invalid_state",
+                param="batch_id",
+            )
+        self.maybe_finalize(batch_id)
+        return self.get_batch(batch_id)
+
+    # -- progress and the end of a batch -------------------------------------------------------
+    def maybe_finalize(self, batch_id: str) -> None:
+        """Move a batch on if its work is over (all done, or cancelling with no live lease)."""
+        batch = self.store.get_batch(batch_id)
+        if batch is None:
+            return
+        now = int(self.clock())
+        if batch.status == "in_progress" and batch.request_counts.unfinished == 0:
+            if self.store.update_batch(
+                batch_id, ["in_progress"], status="finalizing", finalizing_at=now
+            ):
+                self._write_results(batch_id, "completed", completed_at=int(self.clock()))
+        elif batch.status == "cancelling" and self.store.active_lease_count(batch_id) == 0:
+            self.store.abandon_unfinished(
+                batch_id,
+                400,
+                _error_body("batch_cancelled", "This request was cancelled with its batch."),
+            )
+            self._write_results(batch_id, "cancelled", cancelled_at=now)
+
+    def expire(self, batch_id: str) -> None:
+        """Close a batch whose completion window has passed; unfinished requests are errors."""
+        now = int(self.clock())
+        if self.store.update_batch(batch_id, ["in_progress", "validating"], status="finalizing"):
+            self.store.abandon_unfinished(
+                batch_id,
+                400,
+                _error_body(
+                    "batch_expired",
+                    "This request could not be executed before the completion window expired.",
+                ),
+            )
+            self._write_results(batch_id, "expired", expired_at=now)
+
+    def sweep(self) -> int:
+        """Periodic upkeep: expire leases, expire overdue batches, resume interrupted steps.
+
+        Returns how many requests expired leases put back in the queue.
+        """
+        now = self.clock()
+        returned = self.store.expire_leases(now)
+        for batch in self.store.batches_with_status(["in_progress", "validating"]):
+            if batch.expires_at <= now:
+                self.expire(batch.id)
+        for batch in self.store.batches_with_status(["cancelling", "in_progress"]):
+            self.maybe_finalize(batch.id)
+        return returned
+
+    def recover(self) -> None:
+        """After a restart: redo validation and finalisation that a crash interrupted."""
+        for batch in self.store.batches_with_status(["validating"]):
+            self._safely(batch.id, lambda b=batch.id: self.validate(b))
+        for batch in self.store.batches_with_status(["finalizing"]):
+            if batch.expired_at or batch.expires_at <= self.clock():
+                stamps = {"expired_at": int(self.clock())}
+                end = "expired"
+            else:
+                stamps = {"completed_at": int(self.clock())}
+                end = "completed"
+            self._safely(
+                batch.id, lambda b=batch.id, e=end, s=stamps: self._write_results(b, e, **s)
+            )
+
+    @staticmethod
+    def _safely(batch_id: str, step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except Exception:  # one broken batch must not stop recovery of the others
+            log.exception("recovery of batch %s failed", batch_id)
+
+    def _write_results(self, batch_id: str, final_status: str, **stamps: int) -> None:
+        """Write the output and error files, then set the final status (idempotent)."""
+        batch = self.get_batch(batch_id)
+        for old in (batch.output_file_id, batch.error_file_id):
+            if old:
+                self.store.delete_file(old)
+        output_id = error_id = None
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            n_out, n_err = self._render(batch_id, out, err)
+            if n_out:
+                output_id = self._store_spool(out, f"{batch_id}_output.jsonl")
+            if n_err:
+                error_id = self._store_spool(err, f"{batch_id}_error.jsonl")
+        self.store.update_batch(
+            batch_id,
+            ["finalizing", "cancelling"],
+            status=final_status,
+            output_file_id=output_id,
+            error_file_id=error_id,
+            **stamps,
+        )
+
+    def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO) -> tuple[int, int]:
+        n_out = n_err = 0
+        for req in self.store.iter_requests(batch_id):
+            request_id = new_id("batch_req_")
+            if req.state == "done" and req.vectors is not None and req.dim:
+                vectors = np.frombuffer(req.vectors, dtype="<f4").reshape(-1, req.dim)
+                body = embedding_response(
+                    req.model, vectors, [req.token_count or 0], req.encoding_format
+                )
+                out.write(output_line(request_id, req.custom_id, 200, body))
+                n_out += 1
+            elif req.error_body is not None and req.error_status is not None:
+                error = req.error_body.get("error", {})
+                if error.get("code") in ("batch_cancelled", "batch_expired"):
+                    err.write(
+                        error_line(request_id, req.custom_id, error["code"], error["message"])
+                    )
+                else:
+                    err.write(
+                        output_line(request_id, req.custom_id, req.error_status, req.error_body)
+                    )
+                n_err += 1
+        return n_out, n_err
+
+    def _store_spool(self, spool: BinaryIO, filename: str) -> str:
+        size = spool.tell()
+        spool.seek(0)
+        record = FileRecord(
+            id=new_id("file-"),
+            purpose="batch_output",
+            filename=filename,
+            bytes=size,
+            created_at=int(self.clock()),
+        )
+        self.store.put_file(record, iter(lambda: spool.read(1024 * 1024), b""))
+        return record.id
+
+
+def _new_request(seq: int, spec: Any) -> NewRequest:
+    if spec.error is not None:
+        return NewRequest(
+            seq=seq,
+            custom_id=spec.custom_id,
+            error_status=spec.error.http_status,
+            error_body=spec.error.to_openai(),
+        )
+    job = spec.job
+    return NewRequest(
+        seq=seq,
+        custom_id=spec.custom_id,
+        model=job.model,
+        encoding_format=job.encoding_format,
+        texts=tuple(job.texts),
+    )
+
+
+def _error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "type": "invalid_request_error"}}
+
+
+def _check_metadata(metadata: dict[str, str] | None, max_pairs: int) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > max_pairs:
+        raise InvalidRequest(
+            f"Invalid 'metadata': at most {max_pairs} key-value pairs are allowed.",
+            param="metadata",
+            code="invalid_value",
+        )
+    for key, value in metadata.items():
+        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            raise InvalidRequest(
+                "Invalid 'metadata': keys are strings of at most 64 characters and values "
+                "strings of at most 512 characters.",
+                param="metadata",
+                code="invalid_value",
+            )

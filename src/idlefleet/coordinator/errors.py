@@ -1,0 +1,124 @@
+"""Errors a client of the coordinator can see, and their OpenAI wire form.
+
+Everything the OpenAI-compatible API refuses is raised as an ``IdlefleetError``. The error carries
+what OpenAI puts on the wire (``message``, ``type``, ``param``, ``code``) plus the HTTP status, so
+the API edge turns any of them into a response with ``to_openai()`` and the batch finaliser writes
+the same body into an error-file line; no layer re-invents the shape. The class fixes the HTTP
+status and the OpenAI ``type``; the instance carries the message, ``code`` and ``param``.
+
+Hierarchy (status, OpenAI ``type``)::
+
+    IdlefleetError                  500  server_error
+    ├── InvalidRequest              400  invalid_request_error
+    ├── Unauthorized                401  invalid_request_error
+    ├── NotFound                    404  invalid_request_error
+    ├── Conflict                    409  invalid_request_error
+    ├── PayloadTooLarge             413  invalid_request_error
+    ├── RateLimited                 429  requests
+    ├── InternalError               500  server_error
+    └── ServiceUnavailable          503  server_error
+
+``code`` is ``str | None``, not ``str``: OpenAI itself sends ``"code": null`` for several errors
+(an empty embeddings input, an unrecognized argument), and we copy those responses exactly. The
+types are OpenAI's: 4xx client errors are ``invalid_request_error`` (401 and 404 included, as
+OpenAI does), 429 is ``requests`` and 5xx are ``server_error``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "Conflict",
+    "IdlefleetError",
+    "InternalError",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ServiceUnavailable",
+    "Unauthorized",
+]
+
+
+class IdlefleetError(Exception):
+    """A failure with an OpenAI error body and an HTTP status."""
+
+    http_status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def to_openai(self) -> dict[str, dict[str, str | None]]:
+        """The body OpenAI sends for this error: ``{"error": {message, type, param, code}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r}, param={self.param!r})"
+
+
+class InvalidRequest(IdlefleetError):
+    """The request is malformed or asks for something we do not support (400)."""
+
+    http_status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(IdlefleetError):
+    """Missing or wrong API key (401)."""
+
+    http_status = 401
+    type = "invalid_request_error"
+
+
+class NotFound(IdlefleetError):
+    """A model, file or batch that does not exist (404)."""
+
+    http_status = 404
+    type = "invalid_request_error"
+
+
+class Conflict(IdlefleetError):
+    """The object is in a state that forbids the operation, e.g. cancelling a done batch (409)."""
+
+    http_status = 409
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(IdlefleetError):
+    """An upload or request body over our size limit (413)."""
+
+    http_status = 413
+    type = "invalid_request_error"
+
+
+class RateLimited(IdlefleetError):
+    """Too many requests or too much queued work for now (429)."""
+
+    http_status = 429
+    type = "requests"
+
+
+class InternalError(IdlefleetError):
+    """A bug or broken invariant on our side (500)."""
+
+    http_status = 500
+    type = "server_error"
+
+
+class ServiceUnavailable(IdlefleetError):
+    """No capacity right now, e.g. no vehicle can take the work (503)."""
+
+    http_status = 503
+    type = "server_error"

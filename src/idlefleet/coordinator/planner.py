@@ -1,0 +1,35 @@
+"""How big a work unit is and how long its lease lasts: pure arithmetic, no I/O.
+
+Units are cut by guided self-scheduling (Polychronopoulos & Kuck, 1987): a vehicle gets a share
+of the remaining work, ``pending / (2 * vehicles)``, bounded by the vehicle's own limit and by
+``[min_requests, max_requests]``. Early units are large (little protocol overhead); the last
+units are small, so the batch does not wait on one car finishing a big unit while the others
+idle, and a lost car costs little work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UnitPolicy:
+    """Bounds on unit size and the lease length (seconds) that progress keeps extending."""
+
+    min_requests: int = 4
+    max_requests: int = 256
+    lease_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_requests <= self.max_requests:
+            raise ValueError("unit bounds must satisfy 1 <= min_requests <= max_requests")
+        if self.lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+
+
+def unit_size(pending: int, active_vehicles: int, vehicle_max: int, policy: UnitPolicy) -> int:
+    """Number of requests to lease to one vehicle now."""
+    share = math.ceil(pending / (2 * max(1, active_vehicles)))
+    size = max(policy.min_requests, share)
+    return max(1, min(size, policy.max_requests, vehicle_max, pending))

@@ -1,0 +1,36 @@
+"""Persistent state of the coordinator behind one interface (:class:`Store`).
+
+``open_store(url)`` picks the backend: ``sqlite:///path/to/file.db`` (the default, one file in
+the data directory). A PostgreSQL backend will sit behind the same interface and pass the same
+contract tests (``tests/coordinator/store/test_store_contract.py``).
+"""
+
+from idlefleet.coordinator.store.base import (
+    BatchRecord,
+    CommitOutcome,
+    FileRecord,
+    Lease,
+    LeasedItem,
+    NewRequest,
+    RequestCounts,
+    RequestResult,
+    Store,
+    StoredRequest,
+    VehicleRecord,
+)
+from idlefleet.coordinator.store.factory import open_store
+
+__all__ = [
+    "BatchRecord",
+    "CommitOutcome",
+    "FileRecord",
+    "Lease",
+    "LeasedItem",
+    "NewRequest",
+    "RequestCounts",
+    "RequestResult",
+    "Store",
+    "StoredRequest",
+    "VehicleRecord",
+    "open_store",
+]

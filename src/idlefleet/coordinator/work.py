@@ -1,0 +1,173 @@
+"""The coordinator's side of the work protocol: one method per uplink message.
+
+Each method takes the vehicle id (from the NATS subject, which per-vehicle permissions will
+bind to the car's credentials) and a decoded message, and returns the reply message. No I/O
+but the store; the NATS adapter (:mod:`idlefleet.coordinator.nats_service`) does the wire.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.planner import UnitPolicy, unit_size
+from idlefleet.coordinator.store import RequestResult, Store, VehicleRecord
+from idlefleet.models.catalog import MODELS
+from idlefleet.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Heartbeat,
+    RegisterReply,
+    RegisterRequest,
+    Release,
+    ReleaseAck,
+    ResultAck,
+    ResultChunk,
+    WireError,
+    WorkGrant,
+    WorkItem,
+    WorkRequest,
+)
+
+
+class WorkService:
+    def __init__(
+        self,
+        store: Store,
+        batches: BatchService,
+        policy: UnitPolicy | None = None,
+        heartbeat_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.batches = batches
+        self.policy = policy or UnitPolicy()
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
+
+    def active_vehicles(self) -> list[VehicleRecord]:
+        """Vehicles heard from within three heartbeat intervals."""
+        horizon = self.clock() - 3 * self.heartbeat_interval_s
+        return [v for v in self.store.list_vehicles() if v.last_seen >= horizon]
+
+    def register(self, vehicle_id: str, msg: RegisterRequest) -> RegisterReply:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            return RegisterReply(
+                accepted=False,
+                error=WireError(
+                    code="protocol_version",
+                    message=f"coordinator speaks protocol {PROTOCOL_VERSION}, "
+                    f"agent sent {msg.protocol_version}",
+                ),
+            )
+        now = self.clock()
+        existing = self.store.get_vehicle(vehicle_id)
+        self.store.upsert_vehicle(
+            VehicleRecord(
+                id=vehicle_id,
+                hardware=msg.hardware.model_dump(),
+                models=tuple(msg.models),
+                registered_at=existing.registered_at if existing else now,
+                last_seen=now,
+                status="idle",
+            )
+        )
+        return RegisterReply(accepted=True, heartbeat_interval_s=self.heartbeat_interval_s)
+
+    def heartbeat(self, vehicle_id: str, msg: Heartbeat) -> Ack:
+        if not self.store.touch_vehicle(vehicle_id, self.clock(), msg.status):
+            return Ack(ok=False, error=_not_registered(vehicle_id))
+        return Ack()
+
+    def work(self, vehicle_id: str, msg: WorkRequest) -> WorkGrant:
+        if not self.store.touch_vehicle(vehicle_id, self.clock(), "working"):
+            return WorkGrant(error=_not_registered(vehicle_id))
+        models = [m for m in msg.models if m in MODELS]
+        if not models:
+            return WorkGrant(retry_after_s=5.0)
+        active = max(1, len(self.active_vehicles()))
+        lease = self.store.lease_unit(
+            vehicle_id,
+            f"lease_{uuid.uuid4().hex}",
+            models,
+            self.clock(),
+            self.policy.lease_seconds,
+            lambda pending: unit_size(pending, active, msg.max_requests, self.policy),
+        )
+        if lease is None:
+            return WorkGrant(retry_after_s=0.5)
+        return WorkGrant(
+            lease_id=lease.id,
+            batch_id=lease.batch_id,
+            model=lease.model,
+            lease_seconds=self.policy.lease_seconds,
+            items=[WorkItem(seq=i.seq, texts=list(i.texts)) for i in lease.items],
+        )
+
+    def results(self, vehicle_id: str, msg: ResultChunk) -> ResultAck:
+        lease = self.store.get_lease(vehicle_id, msg.lease_id)
+        if lease is None:
+            return ResultAck(error=_unknown_lease(msg.lease_id))
+        if msg.dim != MODELS[lease.model].dim:
+            return ResultAck(
+                error=WireError(
+                    code="bad_results",
+                    message=f"model {lease.model} has dimension {MODELS[lease.model].dim}, "
+                    f"results have {msg.dim}",
+                )
+            )
+        vectors = msg.vectors()
+        problem = _check_vectors(vectors, msg.dim)
+        if problem:
+            return ResultAck(error=WireError(code="bad_results", message=problem))
+        results = []
+        row = 0
+        for seq, n, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
+            results.append(RequestResult(seq, vectors[row : row + n].tobytes(), msg.dim, tokens))
+            row += n
+        now = self.clock()
+        outcome = self.store.commit_results(
+            vehicle_id, msg.lease_id, results, now, self.policy.lease_seconds
+        )
+        if outcome.unknown_lease:
+            return ResultAck(error=_unknown_lease(msg.lease_id))
+        if msg.failed_seqs:
+            self.store.return_requests(vehicle_id, msg.lease_id, msg.failed_seqs)
+        self.batches.maybe_finalize(lease.batch_id)
+        return ResultAck(
+            committed=outcome.committed,
+            duplicates=outcome.duplicates,
+            lease_active=outcome.lease_active,
+            lease_seconds=(outcome.deadline - now) if outcome.deadline else 0.0,
+        )
+
+    def release(self, vehicle_id: str, msg: Release) -> ReleaseAck:
+        released = self.store.release_lease(vehicle_id, msg.lease_id, self.clock())
+        if released is None:
+            return ReleaseAck(error=_unknown_lease(msg.lease_id))
+        lease = self.store.get_lease(vehicle_id, msg.lease_id)
+        if lease is not None:
+            self.batches.maybe_finalize(lease.batch_id)
+        return ReleaseAck(released=released)
+
+
+def _check_vectors(vectors: np.ndarray, dim: int) -> str | None:
+    """Sanity checks on untrusted results (full verification comes with replication)."""
+    if not np.isfinite(vectors).all():
+        return "vectors contain NaN or infinity"
+    norms = np.linalg.norm(vectors, axis=1)
+    if vectors.size and (np.abs(norms - 1.0) > 1e-3).any():
+        return "vectors must be L2-normalised"
+    return None
+
+
+def _not_registered(vehicle_id: str) -> WireError:
+    return WireError(code="not_registered", message=f"vehicle {vehicle_id} must register first")
+
+
+def _unknown_lease(lease_id: str) -> WireError:
+    return WireError(code="unknown_lease", message=f"lease {lease_id} is not held by this vehicle")

@@ -1,0 +1,1 @@
+"""The embedded default: nats-server, coordinator and agents as processes on one machine."""

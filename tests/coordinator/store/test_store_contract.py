@@ -1,0 +1,1199 @@
+"""The contract every :class:`~idlefleet.coordinator.store.base.Store` backend must honour.
+
+One suite, run against every backend in ``BACKENDS`` (Flower's ``linkstate_test.py`` pattern): the
+tests talk only to the abstract interface, so a new backend (PostgreSQL) joins by adding one
+factory. The MUST-guarantees of ``store/base.py`` each have a test here; time is always passed
+as an explicit ``now`` so nothing depends on the wall clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import random
+import struct
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from idlefleet.coordinator.store import (
+    BatchRecord,
+    CommitOutcome,
+    FileRecord,
+    Lease,
+    NewRequest,
+    RequestCounts,
+    RequestResult,
+    Store,
+    StoredRequest,
+    VehicleRecord,
+    open_store,
+)
+from idlefleet.coordinator.store.migrations import MIGRATIONS
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+def _sqlite_url(directory: Path) -> str:
+    # The factory's documented form: ``sqlite://`` followed by an absolute path.
+    return "sqlite://" + str(directory / "store.db")
+
+
+# name -> factory: given an empty directory of its own, return the URL of a fresh, empty store.
+# A URL (not an open store) so that tests can reopen it and hand it to other processes.
+BACKENDS: dict[str, Callable[[Path], str]] = {
+    "sqlite": _sqlite_url,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    with opened(store_url) as s:
+        yield s
+
+
+@contextmanager
+def opened(url: str) -> Iterator[Store]:
+    s = open_store(url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# -- builders ------------------------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+LEASE_SECONDS = 30.0
+MODEL = "all-minilm-l6-v2"
+LATEST_SCHEMA = max(m.version for m in MIGRATIONS)
+_lease_numbers = itertools.count()
+
+
+def file_record(file_id: str = "file-1", size: int = 0) -> FileRecord:
+    return FileRecord(
+        id=file_id, purpose="batch", filename=f"{file_id}.jsonl", bytes=size, created_at=int(NOW)
+    )
+
+
+def batch_record(
+    batch_id: str = "batch-1", status: str = "in_progress", created_at: int = int(NOW), **fields: Any
+) -> BatchRecord:
+    return BatchRecord(
+        id=batch_id,
+        input_file_id="file-1",
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+        status=status,
+        created_at=created_at,
+        expires_at=created_at + 86_400,
+        **fields,
+    )
+
+
+def new_request(seq: int, model: str = MODEL) -> NewRequest:
+    return NewRequest(
+        seq=seq, custom_id=f"req-{seq}", model=model, texts=(f"text {seq}", f"more ü {seq}")
+    )
+
+
+def invalid_request(seq: int) -> NewRequest:
+    """A request that failed validation: it goes straight to the error file."""
+    return NewRequest(
+        seq=seq,
+        custom_id=f"req-{seq}",
+        model=MODEL,
+        error_status=400,
+        error_body={"error": {"message": f"bad line {seq}", "code": "invalid_request"}},
+    )
+
+
+def result(seq: int, tag: int = 0) -> RequestResult:
+    """A result whose vectors encode both the request and who computed it (``tag``)."""
+    return RequestResult(
+        seq=seq, vectors=struct.pack("<2f", float(seq), float(tag)), dim=2, token_count=10 + seq
+    )
+
+
+def vehicle_record(
+    vehicle_id: str = "car-1",
+    models: tuple[str, ...] = (MODEL,),
+    now: float = NOW,
+    status: str = "idle",
+    hardware: dict[str, Any] | None = None,
+) -> VehicleRecord:
+    return VehicleRecord(
+        id=vehicle_id,
+        hardware=hardware or {"cpu": "arm64", "ram_gb": 8},
+        models=models,
+        registered_at=now,
+        last_seen=now,
+        status=status,
+    )
+
+
+def take(n: int) -> Callable[[int], int]:
+    return lambda pending: n
+
+
+def add_batch(
+    store: Store,
+    batch_id: str = "batch-1",
+    n: int = 6,
+    *,
+    status: str = "in_progress",
+    model: str = MODEL,
+    created_at: int = int(NOW),
+) -> str:
+    store.create_batch(batch_record(batch_id, status, created_at))
+    store.add_requests(batch_id, [new_request(seq, model) for seq in range(n)])
+    return batch_id
+
+
+def lease(
+    store: Store,
+    vehicle_id: str = "car-1",
+    size: int = 100,
+    *,
+    now: float = NOW,
+    models: Iterable[str] = (MODEL,),
+    unit_size: Callable[[int], int] | None = None,
+) -> Lease | None:
+    return store.lease_unit(
+        vehicle_id,
+        f"lease-{next(_lease_numbers)}",
+        list(models),
+        now,
+        LEASE_SECONDS,
+        unit_size or take(size),
+    )
+
+
+def must_lease(store: Store, vehicle_id: str = "car-1", size: int = 100, **kw: Any) -> Lease:
+    leased = lease(store, vehicle_id, size, **kw)
+    assert leased is not None
+    return leased
+
+
+def seqs_of(leased: Lease) -> list[int]:
+    return [item.seq for item in leased.items]
+
+
+def commit(
+    store: Store,
+    leased: Lease,
+    seqs: Iterable[int],
+    *,
+    tag: int = 0,
+    now: float = NOW,
+    vehicle_id: str | None = None,
+) -> CommitOutcome:
+    return store.commit_results(
+        vehicle_id or leased.vehicle_id,
+        leased.id,
+        [result(seq, tag) for seq in seqs],
+        now,
+        LEASE_SECONDS,
+    )
+
+
+def stored(store: Store, batch_id: str = "batch-1") -> dict[int, StoredRequest]:
+    return {r.seq: r for r in store.iter_requests(batch_id)}
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def test_put_file_then_get_file_returns_the_record(store: Store) -> None:
+    record = file_record(size=5)
+
+    store.put_file(record, [b"hello"])
+
+    assert store.get_file(record.id) == record
+    assert b"".join(store.read_file(record.id)) == b"hello"
+
+
+def test_file_larger_than_a_chunk_streams_back_identical_bytes(store: Store) -> None:
+    content = random.Random(7).randbytes(2 * 4 * 1024 * 1024 + 12_345)
+    pieces = [content[i : i + 1_000_003] for i in range(0, len(content), 1_000_003)]
+    record = file_record(size=len(content))
+
+    store.put_file(record, iter(pieces))
+    chunks = list(store.read_file(record.id))
+
+    assert b"".join(chunks) == content
+    assert len(chunks) > 1, "a large file must stream in chunks, not as one blob"
+
+
+def test_empty_file_round_trips(store: Store) -> None:
+    store.put_file(file_record(size=0), [])
+
+    assert b"".join(store.read_file("file-1")) == b""
+
+
+def test_unknown_file_is_none_and_reading_it_raises_key_error(store: Store) -> None:
+    assert store.get_file("file-missing") is None
+    with pytest.raises(KeyError):
+        list(store.read_file("file-missing"))
+
+
+def test_delete_file_removes_record_and_content(store: Store) -> None:
+    store.put_file(file_record("file-1", 3), [b"abc"])
+    store.put_file(file_record("file-2", 3), [b"xyz"])
+
+    deleted = store.delete_file("file-1")
+
+    assert deleted is True
+    assert store.get_file("file-1") is None
+    with pytest.raises(KeyError):
+        list(store.read_file("file-1"))
+    assert store.delete_file("file-1") is False
+    assert b"".join(store.read_file("file-2")) == b"xyz"
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def test_create_then_get_batch_round_trips(store: Store) -> None:
+    batch = batch_record(status="validating", metadata={"project": "ünïcode", "run": "7"})
+
+    store.create_batch(batch)
+
+    assert store.get_batch(batch.id) == batch
+    assert store.get_batch("batch-missing") is None
+
+
+def test_list_batches_is_newest_first(store: Store) -> None:
+    for i in range(5):
+        store.create_batch(batch_record(f"batch-{i}", created_at=int(NOW) + i))
+
+    listed = store.list_batches(limit=10)
+
+    assert [b.id for b in listed] == [f"batch-{i}" for i in reversed(range(5))]
+
+
+def test_list_batches_pages_cover_every_batch_exactly_once(store: Store) -> None:
+    ids = [f"batch-{i}" for i in range(7)]
+    for i, batch_id in enumerate(ids):
+        store.create_batch(batch_record(batch_id, created_at=int(NOW) + i))
+
+    pages: list[list[str]] = []
+    after: str | None = None
+    while page := store.list_batches(limit=3, after=after):
+        pages.append([b.id for b in page])
+        after = page[-1].id
+
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [batch_id for page in pages for batch_id in page] == list(reversed(ids))
+
+
+def test_batches_with_status_returns_only_those_statuses(store: Store) -> None:
+    statuses = ["validating", "in_progress", "cancelling", "completed", "in_progress"]
+    for i, status in enumerate(statuses):
+        store.create_batch(batch_record(f"batch-{i}", status, created_at=int(NOW) + i))
+
+    found = store.batches_with_status(["in_progress", "cancelling"])
+
+    assert sorted(b.id for b in found) == ["batch-1", "batch-2", "batch-4"]
+    assert store.batches_with_status(["expired"]) == []
+
+
+def test_update_batch_with_wrong_expected_status_changes_nothing(store: Store) -> None:
+    store.create_batch(batch_record(status="validating"))
+    before = store.get_batch("batch-1")
+
+    updated = store.update_batch(
+        "batch-1", ["in_progress", "finalizing"], status="completed", completed_at=int(NOW) + 9
+    )
+
+    assert updated is None
+    assert store.get_batch("batch-1") == before
+
+
+def test_update_batch_with_expected_status_applies_every_change(store: Store) -> None:
+    store.create_batch(batch_record(status="validating"))
+    errors = {"object": "list", "data": [{"code": "invalid_json", "line": 3, "message": "ü"}]}
+
+    updated = store.update_batch(
+        "batch-1", ["validating"], status="failed", failed_at=int(NOW) + 5, errors=errors
+    )
+
+    assert updated is not None
+    assert (updated.status, updated.failed_at, updated.errors) == ("failed", int(NOW) + 5, errors)
+    assert store.get_batch("batch-1") == updated
+
+
+def test_update_batch_is_a_compare_and_set_only_one_transition_wins(store: Store) -> None:
+    store.create_batch(batch_record(status="in_progress"))
+
+    first = store.update_batch("batch-1", ["in_progress"], status="finalizing")
+    second = store.update_batch("batch-1", ["in_progress"], status="cancelling")
+
+    assert first is not None and first.status == "finalizing"
+    assert second is None
+    assert store.get_batch("batch-1").status == "finalizing"  # type: ignore[union-attr]
+
+
+def test_update_batch_of_unknown_batch_is_none(store: Store) -> None:
+    assert store.update_batch("batch-missing", ["in_progress"], status="finalizing") is None
+
+
+@pytest.mark.parametrize("field", ["bogus", "input_file_id", "created_at"])
+def test_update_batch_refuses_fields_that_are_not_updatable(store: Store, field: str) -> None:
+    store.create_batch(batch_record(status="in_progress"))
+    before = store.get_batch("batch-1")
+
+    with pytest.raises(ValueError):
+        store.update_batch("batch-1", ["in_progress"], status="finalizing", **{field: "x"})
+
+    assert store.get_batch("batch-1") == before
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def test_add_requests_counts_invalid_requests_as_failed(store: Store) -> None:
+    store.create_batch(batch_record())
+    requests = [new_request(0), invalid_request(1), new_request(2), invalid_request(3)]
+
+    added = store.add_requests("batch-1", requests)
+
+    assert added == 4
+    expected = RequestCounts(total=4, completed=0, failed=2, pending=2, leased=0)
+    assert store.request_counts("batch-1") == expected
+    assert store.get_batch("batch-1").request_counts == expected  # type: ignore[union-attr]
+    assert store.request_counts("batch-missing") == RequestCounts()
+
+
+def test_add_requests_is_atomic(store: Store) -> None:
+    store.create_batch(batch_record())
+
+    # The interface names no error type for a duplicate; what matters is that nothing was added.
+    with pytest.raises(Exception):  # noqa: B017
+        store.add_requests("batch-1", [new_request(0), new_request(1), new_request(0)])
+
+    assert store.request_counts("batch-1").total == 0
+
+
+def test_iter_requests_returns_every_request_in_seq_order_with_results_and_errors(
+    store: Store,
+) -> None:
+    store.create_batch(batch_record())
+    store.add_requests("batch-1", [new_request(2), invalid_request(1), new_request(0)])
+    leased = must_lease(store)
+    commit(store, leased, [0])
+
+    rows = list(store.iter_requests("batch-1"))
+
+    assert [r.seq for r in rows] == [0, 1, 2]
+    done, failed, waiting = rows
+    assert (done.state, done.custom_id, done.model, done.encoding_format) == (
+        "done",
+        "req-0",
+        MODEL,
+        "float",
+    )
+    assert (done.vectors, done.dim, done.token_count) == (result(0).vectors, 2, 10)
+    assert isinstance(done.vectors, bytes)
+    assert (failed.state, failed.error_status) == ("failed", 400)
+    assert failed.error_body == invalid_request(1).error_body
+    assert failed.vectors is None
+    assert (waiting.state, waiting.vectors, waiting.error_status) == ("leased", None, None)
+
+
+def test_iter_requests_of_a_large_batch_yields_each_request_once(store: Store) -> None:
+    add_batch(store, n=2_345)
+
+    seqs = [r.seq for r in store.iter_requests("batch-1")]
+
+    assert seqs == list(range(2_345))
+
+
+# -- lease_unit ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["validating", "finalizing", "cancelling", "completed"])
+def test_lease_unit_only_leases_batches_in_progress(store: Store, status: str) -> None:
+    add_batch(store, "batch-other", status=status, created_at=int(NOW))
+    add_batch(store, "batch-run", status="in_progress", created_at=int(NOW) + 1)
+
+    leased = must_lease(store)
+
+    assert leased.batch_id == "batch-run"
+    assert store.request_counts("batch-other").pending == 6
+
+
+def test_lease_unit_serves_the_oldest_batch_first(store: Store) -> None:
+    add_batch(store, "batch-old", n=3, created_at=int(NOW))
+    add_batch(store, "batch-new", n=3, created_at=int(NOW) + 1)
+
+    first = must_lease(store, size=3)
+    second = must_lease(store, size=3)
+
+    assert (first.batch_id, seqs_of(first)) == ("batch-old", [0, 1, 2])
+    assert second.batch_id == "batch-new"
+
+
+def test_lease_unit_describes_the_unit(store: Store) -> None:
+    add_batch(store, n=4)
+
+    leased = store.lease_unit("car-7", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(2))
+
+    assert leased is not None
+    assert (leased.id, leased.batch_id, leased.vehicle_id, leased.model) == (
+        "lease-x",
+        "batch-1",
+        "car-7",
+        MODEL,
+    )
+    assert leased.deadline == NOW + LEASE_SECONDS
+    assert [(i.seq, i.custom_id, i.texts) for i in leased.items] == [
+        (0, "req-0", new_request(0).texts),
+        (1, "req-1", new_request(1).texts),
+    ]
+    assert store.request_counts("batch-1") == RequestCounts(total=4, pending=2, leased=2)
+    assert store.active_lease_count("batch-1") == 1
+
+
+def test_unit_size_gets_the_pending_count_and_bounds_the_unit(store: Store) -> None:
+    store.create_batch(batch_record())
+    store.add_requests("batch-1", [*(new_request(s) for s in range(8)), invalid_request(8)])
+    seen: list[int] = []
+
+    def three(pending: int) -> int:
+        seen.append(pending)
+        return 3
+
+    first = must_lease(store, unit_size=three)
+    second = must_lease(store, unit_size=three)
+    third = must_lease(store, unit_size=three)
+
+    assert seen == [8, 5, 2]
+    assert [len(first.items), len(second.items), len(third.items)] == [3, 3, 2]
+
+
+def test_lease_unit_filters_by_model_and_one_lease_carries_one_model(store: Store) -> None:
+    store.create_batch(batch_record())
+    store.add_requests("batch-1", [new_request(s, "model-a" if s % 2 else "model-b") for s in range(6)])
+
+    only_a = must_lease(store, models=["model-a"])
+    both = must_lease(store, models=["model-a", "model-b"])
+
+    assert (only_a.model, seqs_of(only_a)) == ("model-a", [1, 3, 5])
+    assert (both.model, seqs_of(both)) == ("model-b", [0, 2, 4])
+    assert lease(store, models=["model-a", "model-b"]) is None
+
+
+def test_lease_unit_skips_older_batches_without_work_for_the_models(store: Store) -> None:
+    add_batch(store, "batch-a", model="model-a", created_at=int(NOW))
+    add_batch(store, "batch-b", model="model-b", created_at=int(NOW) + 1)
+
+    leased = must_lease(store, models=["model-b"])
+
+    assert leased.batch_id == "batch-b"
+    assert lease(store, models=["model-c"]) is None
+
+
+def test_lease_unit_never_hands_out_finished_or_leased_requests(store: Store) -> None:
+    add_batch(store, n=6)
+    first = must_lease(store, "car-1", size=3)
+    commit(store, first, [0])
+
+    second = must_lease(store, "car-2", size=100)
+
+    assert seqs_of(first) == [0, 1, 2]
+    assert seqs_of(second) == [3, 4, 5]
+    assert lease(store, "car-3") is None
+
+
+def test_lease_unit_returns_none_when_there_is_nothing_to_do(store: Store) -> None:
+    assert lease(store) is None
+    store.create_batch(batch_record())
+    store.add_requests("batch-1", [invalid_request(0)])
+    assert lease(store) is None
+
+
+def test_lease_unit_is_atomic_when_unit_size_raises(store: Store) -> None:
+    add_batch(store, n=4)
+
+    def broken(pending: int) -> int:
+        raise RuntimeError("planner bug")
+
+    with pytest.raises(RuntimeError):
+        store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, broken)
+
+    assert store.request_counts("batch-1") == RequestCounts(total=4, pending=4)
+    assert store.active_lease_count("batch-1") == 0
+    retry = store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(4))
+    assert retry is not None and seqs_of(retry) == [0, 1, 2, 3]
+
+
+def test_concurrent_leasing_from_threads_never_hands_a_request_out_twice(store: Store) -> None:
+    add_batch(store, "batch-1", n=120, created_at=int(NOW))
+    add_batch(store, "batch-2", n=120, created_at=int(NOW) + 1)
+    start = threading.Barrier(8)
+    got: list[list[tuple[str, int]]] = [[] for _ in range(8)]
+
+    def vehicle(i: int) -> None:
+        start.wait(timeout=10)
+        while (leased := lease(store, f"car-{i}", size=3)) is not None:
+            got[i].extend((leased.batch_id, seq) for seq in seqs_of(leased))
+
+    threads = [threading.Thread(target=vehicle, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    handed_out = [pair for per_thread in got for pair in per_thread]
+    assert len(handed_out) == len(set(handed_out)) == 240
+    assert store.request_counts("batch-1").leased == store.request_counts("batch-2").leased == 120
+
+
+def _lease_until_empty(url: str, vehicle_id: str, start: Any, out: Any) -> None:
+    """Child process: a coordinator replica leasing until the queue is empty."""
+    with opened(url) as replica:
+        start.wait(timeout=30)
+        got: list[tuple[str, int]] = []
+        for n in itertools.count():
+            leased = replica.lease_unit(
+                vehicle_id, f"{vehicle_id}-lease-{n}", [MODEL], NOW, 3_600.0, take(2)
+            )
+            if leased is None:
+                break
+            got.extend((leased.batch_id, item.seq) for item in leased.items)
+        out.put(got)
+
+
+def test_concurrent_leasing_from_processes_never_hands_a_request_out_twice(
+    store: Store, store_url: str
+) -> None:
+    add_batch(store, n=300)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    out = ctx.Queue()
+    replicas = [
+        ctx.Process(target=_lease_until_empty, args=(store_url, f"car-{i}", start, out))
+        for i in range(2)
+    ]
+    for p in replicas:
+        p.start()
+
+    results = [out.get(timeout=60) for _ in replicas]
+    for p in replicas:
+        p.join(timeout=30)
+
+    assert [p.exitcode for p in replicas] == [0, 0]
+    handed_out = [pair for per_replica in results for pair in per_replica]
+    assert len(handed_out) == len(set(handed_out)) == 300
+    assert store.request_counts("batch-1") == RequestCounts(total=300, leased=300)
+
+
+# -- commit_results ------------------------------------------------------------------------------
+
+
+def test_commit_results_stores_the_results(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store)
+
+    outcome = commit(store, leased, [0, 2], now=NOW + 1)
+
+    assert (outcome.committed, outcome.duplicates, outcome.unknown_lease) == (2, 0, False)
+    rows = stored(store)
+    assert [rows[s].state for s in range(3)] == ["done", "leased", "done"]
+    assert rows[2].vectors == result(2).vectors
+    assert store.request_counts("batch-1") == RequestCounts(total=3, completed=2, leased=1)
+
+
+def test_commit_results_is_idempotent_and_the_first_result_wins(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store)
+    commit(store, leased, [0, 1], tag=1)
+
+    again = commit(store, leased, [0, 1], tag=2, now=NOW + 1)
+
+    assert (again.committed, again.duplicates) == (0, 2)
+    rows = stored(store)
+    assert [rows[0].vectors, rows[1].vectors] == [result(0, 1).vectors, result(1, 1).vectors]
+    assert store.request_counts("batch-1").completed == 2
+
+
+def test_a_repeated_result_within_one_commit_counts_as_a_duplicate(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store)
+
+    outcome = store.commit_results(
+        "car-1", leased.id, [result(0, 1), result(0, 2)], NOW, LEASE_SECONDS
+    )
+
+    assert (outcome.committed, outcome.duplicates) == (1, 1)
+    assert stored(store)[0].vectors == result(0, 1).vectors
+
+
+def test_commit_from_a_vehicle_that_does_not_own_the_lease_commits_nothing(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1")
+
+    outcome = commit(store, leased, [0, 1], vehicle_id="car-2")
+
+    assert outcome.unknown_lease is True
+    assert (outcome.committed, outcome.lease_active, outcome.deadline) == (0, False, None)
+    assert store.request_counts("batch-1") == RequestCounts(total=2, leased=2)
+
+
+def test_commit_to_an_unknown_lease_is_refused(store: Store) -> None:
+    add_batch(store, n=2)
+    must_lease(store)
+
+    outcome = store.commit_results("car-1", "lease-missing", [result(0)], NOW, LEASE_SECONDS)
+
+    assert outcome.unknown_lease is True
+    assert store.request_counts("batch-1").completed == 0
+
+
+def test_results_for_requests_not_in_the_lease_are_ignored(store: Store) -> None:
+    add_batch(store, n=6)
+    mine = must_lease(store, "car-1", size=2)
+    theirs = must_lease(store, "car-2", size=2)
+
+    outcome = commit(store, mine, [0, 2, 4, 99])
+
+    assert (outcome.committed, outcome.duplicates) == (1, 0)
+    rows = stored(store)
+    assert [rows[s].state for s in range(6)] == ["done", "leased", "leased", "leased"] + [
+        "pending"
+    ] * 2
+    assert commit(store, theirs, [2]).committed == 1
+
+
+@pytest.mark.parametrize("ending", ["expired", "released"])
+def test_a_late_commit_is_accepted_and_not_leased_again(store: Store, ending: str) -> None:
+    add_batch(store, n=4)
+    late = must_lease(store, "car-1")
+    if ending == "expired":
+        assert store.expire_leases(NOW + LEASE_SECONDS + 1) == 4
+    else:
+        assert store.release_lease("car-1", late.id, NOW + 1) == 4
+
+    outcome = commit(store, late, [0, 1], now=NOW + LEASE_SECONDS + 2)
+    relet = must_lease(store, "car-2", now=NOW + LEASE_SECONDS + 3)
+
+    assert (outcome.committed, outcome.duplicates) == (2, 0)
+    assert (outcome.lease_active, outcome.deadline) == (False, None)
+    assert seqs_of(relet) == [2, 3]
+    assert store.vehicle_usage("batch-1") == {"car-1": 2}
+
+
+def test_a_late_commit_after_the_request_finished_elsewhere_is_a_duplicate(store: Store) -> None:
+    add_batch(store, n=2)
+    late = must_lease(store, "car-1")
+    later = NOW + LEASE_SECONDS + 1
+    store.expire_leases(later)
+    relet = must_lease(store, "car-2", now=later)
+    commit(store, relet, [0, 1], tag=2, now=later)
+
+    outcome = commit(store, late, [0], tag=1, now=later + 1)
+
+    assert (outcome.committed, outcome.duplicates) == (0, 1)
+    assert stored(store)[0].vectors == result(0, 2).vectors
+    assert store.vehicle_usage("batch-1") == {"car-2": 2}
+
+
+def test_a_late_commit_before_the_new_holder_finishes_wins(store: Store) -> None:
+    add_batch(store, n=2)
+    late = must_lease(store, "car-1")
+    later = NOW + LEASE_SECONDS + 1
+    store.expire_leases(later)
+    relet = must_lease(store, "car-2", now=later)
+
+    from_late = commit(store, late, [0], tag=1, now=later + 1)
+    from_new = commit(store, relet, [0, 1], tag=2, now=later + 2)
+
+    assert (from_late.committed, from_new.committed, from_new.duplicates) == (1, 1, 1)
+    rows = stored(store)
+    assert (rows[0].vectors, rows[1].vectors) == (result(0, 1).vectors, result(1, 2).vectors)
+    assert store.vehicle_usage("batch-1") == {"car-1": 1, "car-2": 1}
+
+
+def test_commit_extends_an_active_lease(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store)
+
+    outcome = commit(store, leased, [0], now=NOW + 20)
+
+    assert (outcome.lease_active, outcome.deadline) == (True, NOW + 20 + LEASE_SECONDS)
+    assert store.expire_leases(NOW + LEASE_SECONDS + 5) == 0
+    assert store.active_lease_count("batch-1") == 1
+    assert store.expire_leases(NOW + 20 + LEASE_SECONDS + 1) == 2
+
+
+def test_a_lease_finishes_once_all_its_items_are_done(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store)
+    commit(store, leased, [0, 1])
+    assert store.active_lease_count("batch-1") == 1
+
+    commit(store, leased, [2], now=NOW + 1)
+
+    assert store.active_lease_count("batch-1") == 0
+    assert store.expire_leases(NOW + 10_000) == 0
+    assert store.release_lease("car-1", leased.id, NOW + 2) == 0
+    assert store.request_counts("batch-1") == RequestCounts(total=3, completed=3)
+
+
+def test_concurrent_commits_of_the_same_requests_commit_each_once(store: Store) -> None:
+    add_batch(store, n=50)
+    first = must_lease(store, "car-1")
+    later = NOW + LEASE_SECONDS + 1
+    store.expire_leases(later)
+    second = must_lease(store, "car-2", now=later)
+    start = threading.Barrier(2)
+    outcomes: dict[int, CommitOutcome] = {}
+
+    def send(tag: int, leased: Lease) -> None:
+        start.wait(timeout=10)
+        outcomes[tag] = commit(store, leased, range(50), tag=tag, now=later)
+
+    threads = [threading.Thread(target=send, args=a) for a in ((1, first), (2, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert outcomes[1].committed + outcomes[2].committed == 50
+    assert outcomes[1].duplicates + outcomes[2].duplicates == 50
+    tags = Counter(struct.unpack("<2f", r.vectors or b"")[1] for r in store.iter_requests("batch-1"))
+    assert tags == Counter({1.0: outcomes[1].committed, 2.0: outcomes[2].committed}) - Counter()
+
+
+# -- returning, releasing, expiring, abandoning ----------------------------------------------------
+
+
+def test_return_requests_puts_only_those_back(store: Store) -> None:
+    add_batch(store, n=4)
+    leased = must_lease(store, "car-1")
+    commit(store, leased, [0])
+
+    returned = store.return_requests("car-1", leased.id, [0, 1, 2, 42])
+
+    assert returned == 2
+    assert store.request_counts("batch-1") == RequestCounts(
+        total=4, completed=1, pending=2, leased=1
+    )
+    assert store.active_lease_count("batch-1") == 1
+    assert seqs_of(must_lease(store, "car-2")) == [1, 2]
+
+
+def test_return_requests_of_another_vehicle_returns_nothing(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1")
+
+    assert store.return_requests("car-2", leased.id, [0, 1]) == 0
+    assert store.request_counts("batch-1").leased == 2
+
+
+def test_release_lease_puts_unfinished_requests_back(store: Store) -> None:
+    add_batch(store, n=4)
+    leased = must_lease(store)
+    commit(store, leased, [0])
+
+    returned = store.release_lease("car-1", leased.id, NOW + 1)
+
+    assert returned == 3
+    assert store.request_counts("batch-1") == RequestCounts(total=4, completed=1, pending=3)
+    assert store.active_lease_count("batch-1") == 0
+    assert stored(store)[0].vectors == result(0).vectors
+    assert store.release_lease("car-1", leased.id, NOW + 2) == 0
+
+
+def test_release_of_an_unknown_lease_is_none(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1")
+
+    assert store.release_lease("car-1", "lease-missing", NOW) is None
+    assert store.release_lease("car-2", leased.id, NOW) is None
+    assert store.request_counts("batch-1").leased == 2
+
+
+def test_expire_leases_ends_only_leases_past_their_deadline(store: Store) -> None:
+    add_batch(store, n=5)
+    early = must_lease(store, "car-1", size=2, now=NOW)
+    must_lease(store, "car-2", size=3, now=NOW + 20)
+
+    at_deadline = store.expire_leases(early.deadline)
+    past_deadline = store.expire_leases(early.deadline + 1)
+
+    assert (at_deadline, past_deadline) == (0, 2)
+    assert store.active_lease_count("batch-1") == 1
+    assert store.request_counts("batch-1") == RequestCounts(total=5, pending=2, leased=3)
+    assert seqs_of(must_lease(store, "car-3", now=early.deadline + 1)) == [0, 1]
+
+
+def test_abandon_unfinished_fails_pending_and_leased_but_keeps_done(store: Store) -> None:
+    store.create_batch(batch_record())
+    store.add_requests("batch-1", [*(new_request(s) for s in range(5)), invalid_request(5)])
+    leased = must_lease(store, size=4)
+    commit(store, leased, [0, 1])
+    body = {"error": {"code": "batch_cancelled", "message": "cancelled"}}
+
+    abandoned = store.abandon_unfinished("batch-1", 400, body)
+
+    assert abandoned == 3
+    rows = stored(store)
+    assert [rows[s].state for s in range(6)] == ["done"] * 2 + ["failed"] * 4
+    assert rows[0].vectors == result(0).vectors
+    assert [(rows[s].error_status, rows[s].error_body) for s in (2, 3, 4)] == [(400, body)] * 3
+    assert rows[5].error_body == invalid_request(5).error_body
+    assert store.request_counts("batch-1") == RequestCounts(total=6, completed=2, failed=4)
+    assert store.active_lease_count("batch-1") == 0
+    assert lease(store) is None
+    late = commit(store, leased, [2, 3], now=NOW + 1)
+    assert (late.committed, late.duplicates) == (0, 2)
+
+
+# -- vehicles ------------------------------------------------------------------------------------
+
+
+def test_upsert_vehicle_registers_then_updates(store: Store) -> None:
+    store.upsert_vehicle(vehicle_record("car-1"))
+    store.upsert_vehicle(vehicle_record("car-2"))
+
+    store.upsert_vehicle(
+        vehicle_record("car-1", models=("m1", "m2"), now=NOW + 5, status="charging", hardware={"x": 1})
+    )
+
+    car = store.get_vehicle("car-1")
+    assert car is not None
+    assert (car.hardware, car.models, car.last_seen, car.status) == (
+        {"x": 1},
+        ("m1", "m2"),
+        NOW + 5,
+        "charging",
+    )
+    assert sorted(v.id for v in store.list_vehicles()) == ["car-1", "car-2"]
+    assert store.get_vehicle("car-missing") is None
+
+
+def test_touch_vehicle_records_a_heartbeat(store: Store) -> None:
+    store.upsert_vehicle(vehicle_record("car-1"))
+
+    touched = store.touch_vehicle("car-1", NOW + 7, "working")
+
+    assert touched is True
+    car = store.get_vehicle("car-1")
+    assert car is not None and (car.last_seen, car.status) == (NOW + 7, "working")
+    assert store.touch_vehicle("car-missing", NOW + 7, "working") is False
+    assert store.get_vehicle("car-missing") is None
+
+
+def test_vehicles_count_their_completed_requests_and_usage_is_per_batch(store: Store) -> None:
+    store.upsert_vehicle(vehicle_record("car-1"))
+    store.upsert_vehicle(vehicle_record("car-2"))
+    store.upsert_vehicle(vehicle_record("car-3"))
+    add_batch(store, "batch-1", n=5, created_at=int(NOW))
+    add_batch(store, "batch-2", n=2, created_at=int(NOW) + 1)
+    one = must_lease(store, "car-1", size=3)
+    two = must_lease(store, "car-2", size=2)
+    three = must_lease(store, "car-1", size=2)
+    commit(store, one, [0, 1, 2])
+    commit(store, two, [3, 4])
+    commit(store, three, [0])
+
+    counts = {v.id: v.completed_requests for v in store.list_vehicles()}
+
+    assert three.batch_id == "batch-2"
+    assert counts == {"car-1": 4, "car-2": 2, "car-3": 0}
+    assert store.get_vehicle("car-1").completed_requests == 4  # type: ignore[union-attr]
+    assert store.vehicle_usage("batch-1") == {"car-1": 3, "car-2": 2}
+    assert store.vehicle_usage("batch-2") == {"car-1": 1}
+
+
+# -- durability and migrations -------------------------------------------------------------------
+
+
+def _schema_version(store: Store) -> int:
+    version = getattr(store, "schema_version", None)
+    if version is None:
+        pytest.skip(f"{type(store).__name__} does not report a schema version")
+    return int(version())
+
+
+def test_everything_returned_survives_close_and_reopen(store_url: str) -> None:
+    content = random.Random(3).randbytes(5 * 1024 * 1024)
+    with opened(store_url) as first:
+        first.put_file(file_record(size=len(content)), [content])
+        first.create_batch(batch_record(metadata={"k": "v"}))
+        first.add_requests("batch-1", [*(new_request(s) for s in range(4)), invalid_request(4)])
+        first.upsert_vehicle(vehicle_record("car-1"))
+        leased = must_lease(first, "car-1", size=3)
+        commit(first, leased, [0])
+        first.update_batch("batch-1", ["in_progress"], errors=[{"code": "x"}])
+
+    with opened(store_url) as second:
+        assert second.get_file("file-1") == file_record(size=len(content))
+        assert b"".join(second.read_file("file-1")) == content
+        batch = second.get_batch("batch-1")
+        assert batch is not None
+        assert (batch.metadata, batch.errors) == ({"k": "v"}, [{"code": "x"}])
+        assert batch.request_counts == RequestCounts(
+            total=5, completed=1, failed=1, pending=1, leased=2
+        )
+        assert stored(second)[0].vectors == result(0).vectors
+        assert second.active_lease_count("batch-1") == 1
+        resumed = commit(second, leased, [1, 2], now=NOW + 1)
+        assert (resumed.committed, resumed.lease_active) == (2, True)
+        assert second.get_vehicle("car-1").completed_requests == 3  # type: ignore[union-attr]
+
+
+def test_a_fresh_store_is_at_the_latest_migration(store: Store) -> None:
+    assert _schema_version(store) == LATEST_SCHEMA
+
+
+def test_reopening_does_not_reapply_migrations(store_url: str) -> None:
+    with opened(store_url) as first:
+        add_batch(first, n=3)
+
+    versions = []
+    for _ in range(3):
+        with opened(store_url) as again:
+            versions.append(_schema_version(again))
+            assert [b.id for b in again.list_batches(10)] == ["batch-1"]
+            assert again.request_counts("batch-1").total == 3
+
+    assert versions == [LATEST_SCHEMA] * 3
+
+
+def test_migration_versions_are_consecutive_from_one() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+
+
+# -- property: random lease / commit / return / release / expire ---------------------------------
+
+N_REQUESTS = 8  # plus one more that failed validation (seq N_REQUESTS)
+VEHICLES = ("car-1", "car-2", "car-3")
+
+_op = st.one_of(
+    st.tuples(st.just("lease"), st.sampled_from(VEHICLES), st.integers(1, 4)),
+    st.tuples(
+        st.just("commit"),
+        st.integers(0, 30),  # which lease (modulo the leases so far)
+        st.lists(st.integers(0, N_REQUESTS + 1), max_size=5),  # may repeat, may be foreign
+        st.sampled_from((False, False, False, True)),  # from the wrong vehicle
+    ),
+    st.tuples(st.just("return"), st.integers(0, 30), st.frozensets(st.integers(0, N_REQUESTS))),
+    st.tuples(st.just("release"), st.integers(0, 30), st.sampled_from((False, False, True))),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("tick"), st.integers(1, 40)),
+)
+
+
+@dataclass
+class _LeaseModel:
+    vehicle_id: str
+    seqs: tuple[int, ...]
+    active: bool
+    deadline: float
+
+
+class _Reference:
+    """The contract, executed on plain dicts, next to the store under test."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.now = NOW
+        self.state = {seq: "pending" for seq in range(N_REQUESTS)} | {N_REQUESTS: "failed"}
+        self.holder: dict[int, str | None] = dict.fromkeys(self.state)
+        self.leases: dict[str, _LeaseModel] = {}
+        self.first: dict[int, bytes] = {}
+        self.accepted: Counter[int] = Counter()
+        self.commit_tags = itertools.count(1)
+        store.create_batch(batch_record())
+        store.add_requests(
+            "batch-1", [*(new_request(s) for s in range(N_REQUESTS)), invalid_request(N_REQUESTS)]
+        )
+
+    def _pending(self) -> list[int]:
+        return [seq for seq, state in self.state.items() if state == "pending"]
+
+    def _held_by(self, lease_id: str) -> list[int]:
+        return [s for s, st_ in self.state.items() if st_ == "leased" and self.holder[s] == lease_id]
+
+    def _close_if_finished(self, lease_id: str) -> None:
+        if not self._held_by(lease_id):
+            self.leases[lease_id].active = False
+
+    def _pick(self, index: int) -> str | None:
+        ids = list(self.leases)
+        return ids[index % len(ids)] if ids else None
+
+    def lease(self, vehicle_id: str, size: int) -> Lease | None:
+        pending = self._pending()
+        seen: list[int] = []
+        lease_id = f"lease-{len(self.leases)}"
+
+        def unit(n: int) -> int:
+            seen.append(n)
+            return size
+
+        got = self.store.lease_unit(vehicle_id, lease_id, [MODEL], self.now, LEASE_SECONDS, unit)
+
+        if not pending:
+            assert got is None
+            return None
+        assert got is not None and seen == [len(pending)]
+        seqs = seqs_of(got)
+        assert len(seqs) == len(set(seqs)) == min(size, len(pending))
+        assert set(seqs) <= set(pending), "leased a request that is finished or actively leased"
+        assert got.deadline == self.now + LEASE_SECONDS
+        for seq in seqs:
+            self.state[seq], self.holder[seq] = "leased", lease_id
+        self.leases[lease_id] = _LeaseModel(vehicle_id, tuple(seqs), True, got.deadline)
+        return got
+
+    def commit(self, lease_id: str, seqs: list[int], wrong_vehicle: bool) -> None:
+        held = self.leases[lease_id]
+        tag = next(self.commit_tags)
+        results = [result(seq, tag) for seq in seqs]
+        vehicle_id = "car-stranger" if wrong_vehicle else held.vehicle_id
+
+        outcome = self.store.commit_results(
+            vehicle_id, lease_id, results, self.now, LEASE_SECONDS
+        )
+
+        if wrong_vehicle:
+            assert outcome.unknown_lease and outcome.committed == 0
+            return
+        mine = [r for r in results if r.seq in held.seqs]
+        accepted = 0
+        for r in mine:
+            if self.state[r.seq] in ("pending", "leased"):
+                self.state[r.seq], self.holder[r.seq] = "done", None
+                self.first[r.seq] = r.vectors
+                self.accepted[r.seq] += 1
+                accepted += 1
+        assert (outcome.committed, outcome.duplicates) == (accepted, len(mine) - accepted)
+        assert not outcome.unknown_lease
+        assert outcome.lease_active == held.active
+        if held.active:
+            assert outcome.deadline == self.now + LEASE_SECONDS
+            held.deadline = self.now + LEASE_SECONDS
+            self._close_if_finished(lease_id)
+
+    def return_(self, lease_id: str, seqs: frozenset[int]) -> None:
+        held = self.leases[lease_id]
+        expected = 0
+        if held.active:
+            for seq in seqs:
+                if self.state[seq] == "leased" and self.holder[seq] == lease_id:
+                    self.state[seq], self.holder[seq] = "pending", None
+                    expected += 1
+
+        returned = self.store.return_requests(held.vehicle_id, lease_id, seqs)
+
+        assert returned == expected
+        if held.active:
+            self._close_if_finished(lease_id)
+
+    def release(self, lease_id: str, wrong_vehicle: bool) -> None:
+        held = self.leases[lease_id]
+        vehicle_id = "car-stranger" if wrong_vehicle else held.vehicle_id
+
+        returned = self.store.release_lease(vehicle_id, lease_id, self.now)
+
+        if wrong_vehicle:
+            assert returned is None
+            return
+        expected = self._end(lease_id) if held.active else 0
+        assert returned == expected
+
+    def _end(self, lease_id: str) -> int:
+        self.leases[lease_id].active = False
+        back = self._held_by(lease_id)
+        for seq in back:
+            self.state[seq], self.holder[seq] = "pending", None
+        return len(back)
+
+    def expire(self) -> None:
+        due = [i for i, h in self.leases.items() if h.active and h.deadline < self.now]
+        expected = sum(self._end(lease_id) for lease_id in due)
+
+        assert self.store.expire_leases(self.now) == expected
+
+    def check(self) -> None:
+        counts = self.store.request_counts("batch-1")
+        by_state = Counter(self.state.values())
+        assert counts == RequestCounts(
+            total=N_REQUESTS + 1,
+            completed=by_state["done"],
+            failed=by_state["failed"],
+            pending=by_state["pending"],
+            leased=by_state["leased"],
+        )
+        assert counts.completed + counts.failed + counts.unfinished == counts.total
+        active = sum(h.active for h in self.leases.values())
+        assert self.store.active_lease_count("batch-1") == active
+        for row in self.store.iter_requests("batch-1"):
+            assert row.state == self.state[row.seq]
+            assert row.vectors == self.first.get(row.seq)
+
+    def apply(self, op: tuple[Any, ...]) -> None:
+        kind = op[0]
+        if kind == "lease":
+            self.lease(op[1], op[2])
+        elif kind == "tick":
+            self.now += op[1]
+        elif kind == "expire":
+            self.expire()
+        elif (lease_id := self._pick(op[1])) is None:
+            return
+        elif kind == "commit":
+            self.commit(lease_id, op[2], op[3])
+        elif kind == "return":
+            self.return_(lease_id, op[2])
+        elif kind == "release":
+            self.release(lease_id, op[2])
+        self.check()
+
+    def drain(self) -> None:
+        """Expire what is left and work the queue dry with fresh leases."""
+        self.now += 10_000
+        self.expire()
+        while (got := self.lease(VEHICLES[0], 3)) is not None:
+            self.commit(got.id, seqs_of(got), wrong_vehicle=False)
+        self.check()
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@settings(max_examples=120, deadline=None, database=None)
+@given(ops=st.lists(_op, max_size=40))
+def test_random_lease_histories_commit_every_request_exactly_once(
+    backend: str, ops: list[tuple[Any, ...]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    directory = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    with opened(BACKENDS[backend](directory)) as s:
+        reference = _Reference(s)
+
+        for op in ops:
+            reference.apply(op)
+        reference.drain()
+
+        assert reference.accepted == Counter(range(N_REQUESTS))
+        rows = stored(s)
+        assert all(rows[seq].state == "done" for seq in range(N_REQUESTS))
+        assert rows[N_REQUESTS].state == "failed"
+        assert {seq: rows[seq].vectors for seq in range(N_REQUESTS)} == reference.first
+        assert s.active_lease_count("batch-1") == 0
