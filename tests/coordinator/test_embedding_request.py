@@ -1,4 +1,4 @@
-"""Tests for validate_embedding_body: what it accepts, and the exact OpenAI error for each refusal."""
+"""Tests for validate_embedding_body: what it accepts, and the exact OpenAI error for refusals."""
 
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def test_model_of_wrong_type() -> None:
     error = refusal(body(model=3))
 
     assert (error.http_status, error.code, error.param) == (400, "invalid_type", "model")
-    assert error.message == "Invalid type for 'model': expected a string, but got an integer instead."
+    assert (
+        error.message == "Invalid type for 'model': expected a string, but got an integer instead."
+    )
 
 
 @pytest.mark.parametrize("payload", [{"model": MODEL_ID}, {"model": MODEL_ID, "input": None}])

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--lease-seconds", type=_positive_float, default=30.0)
     co.add_argument("--max-unit", type=_positive_int, default=256, help="max requests per unit")
     co.add_argument("--heartbeat-seconds", type=_positive_float, default=5.0)
+    co.add_argument(
+        "--max-file-bytes", type=_positive_int, default=200 * 1024 * 1024, help="upload limit"
+    )
+    co.add_argument("--max-requests", type=_positive_int, default=50_000, help="per batch")
 
     ag = sub.add_parser("agent", help="run one vehicle agent")
     ag.add_argument("--nats-url", required=True)
@@ -100,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
+    from idlefleet.coordinator.batches import BatchLimits
     from idlefleet.coordinator.planner import UnitPolicy
     from idlefleet.coordinator.server import CoordinatorConfig, run_coordinator
 
@@ -110,6 +115,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         port=args.port,
         units=UnitPolicy(max_requests=args.max_unit, lease_seconds=args.lease_seconds),
         heartbeat_interval_s=args.heartbeat_seconds,
+        limits=BatchLimits(max_file_bytes=args.max_file_bytes, max_requests=args.max_requests),
     )
     asyncio.run(run_coordinator(config))
     return 0

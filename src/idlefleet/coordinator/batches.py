@@ -168,15 +168,27 @@ class BatchService:
         if batch.status != "validating":
             return batch
         data = b"".join(self.store.read_file(batch.input_file_id))
-        parsed = parse_batch_input(data, batch.endpoint, max_requests=self.limits.max_requests)
+        try:
+            parsed = parse_batch_input(data, batch.endpoint, max_requests=self.limits.max_requests)
+            errors = [e.to_openai() for e in parsed.errors]
+        except Exception as exc:  # a validator bug must fail this batch, not wedge it
+            log.exception("validating batch %s crashed", batch_id)
+            errors = [
+                {
+                    "code": "validation_error",
+                    "message": f"The input file could not be validated: {type(exc).__name__}.",
+                    "param": None,
+                    "line": None,
+                }
+            ]
         now = int(self.clock())
-        if parsed.errors:
+        if errors:
             updated = self.store.update_batch(
                 batch_id,
                 ["validating"],
                 status="failed",
                 failed_at=now,
-                errors={"object": "list", "data": [e.to_dict() for e in parsed.errors]},
+                errors={"object": "list", "data": errors},
             )
             return updated or self.get_batch(batch_id)
         if self.store.request_counts(batch_id).total == 0:

@@ -38,6 +38,8 @@ class FleetOptions:
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     max_unit: int = 256
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_requests: int = 50_000
     vehicle_prefix: str = "car"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -71,15 +73,16 @@ class EmbeddedFleet:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.options.extra_env}
-        return subprocess.Popen(
-            [sys.executable, "-m", "idlefleet", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us in order
-        )
+        # The child keeps its own copy of the log descriptor; ours closes with the block.
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "idlefleet", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us
+            )
 
     def start(self, timeout: float = 120.0) -> None:
         opts = self.options
@@ -107,6 +110,10 @@ class EmbeddedFleet:
                 str(opts.heartbeat_seconds),
                 "--max-unit",
                 str(opts.max_unit),
+                "--max-file-bytes",
+                str(opts.max_file_bytes),
+                "--max-requests",
+                str(opts.max_requests),
             ],
         )
         deadline = time.monotonic() + timeout

@@ -44,6 +44,7 @@ class NatsServer:
     host: str
     port: int
     data_dir: Path
+    _drainer: threading.Thread
 
     @property
     def url(self) -> str:
@@ -51,6 +52,7 @@ class NatsServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.process.poll() is not None:
+            self._drainer.join(timeout)
             return
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -58,6 +60,7 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._drainer.join(timeout)
 
 
 def start_nats_server(
@@ -91,14 +94,17 @@ def start_nats_server(
                     found["host"], found["port"] = match.group(1), match.group(2)
                 if _READY_LINE in line:
                     ready.set()
+        process.stderr.close()
         ready.set()  # the process ended: wake the waiter, which then sees no port
 
-    threading.Thread(target=drain, name="nats-server-log", daemon=True).start()
+    drainer = threading.Thread(target=drain, name="nats-server-log", daemon=True)
+    drainer.start()
     deadline = time.monotonic() + timeout
     if not ready.wait(timeout) or "port" not in found or process.poll() is not None:
         process.kill()
         process.wait()
+        drainer.join(5)
         tail = log_path.read_text()[-2000:] if log_path.exists() else ""
         waited = timeout - max(0.0, deadline - time.monotonic())
         raise RuntimeError(f"nats-server did not become ready in {waited:.1f}s:\n{tail}")
-    return NatsServer(process, found["host"], int(found["port"]), data_dir)
+    return NatsServer(process, found["host"], int(found["port"]), data_dir, drainer)

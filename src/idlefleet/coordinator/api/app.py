@@ -184,6 +184,25 @@ def create_app(
         usage = await asyncio.to_thread(work.store.vehicle_usage, batch_id)
         return {"batch_id": batch_id, "completed_by_vehicle": usage}
 
+    @app.get("/fleet/leases", tags=["fleet"])
+    async def list_leases(all: bool = Query(False)) -> dict[str, Any]:  # noqa: A002
+        leases = await asyncio.to_thread(work.store.list_leases, not all)
+        now = time.time()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": lease.id,
+                    "batch_id": lease.batch_id,
+                    "vehicle_id": lease.vehicle_id,
+                    "model": lease.model,
+                    "state": lease.state,
+                    "expires_in_s": round(lease.deadline - now, 3),
+                }
+                for lease in leases
+            ],
+        }
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}

@@ -111,6 +111,8 @@ class Lease:
     model: str
     deadline: float
     items: tuple[LeasedItem, ...]
+    state: str = "active"
+    """``active``, or how it ended: ``finished``, ``released``, ``expired``."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,10 @@ class Store(ABC):
     @abstractmethod
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
         """The lease if ``vehicle_id`` holds or held it (``items`` left empty), else None."""
+
+    @abstractmethod
+    def list_leases(self, active_only: bool = True, limit: int = 1000) -> list[Lease]:
+        """Leases (``items`` left empty), newest first."""
 
     @abstractmethod
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:

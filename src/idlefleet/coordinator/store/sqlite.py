@@ -368,12 +368,23 @@ class SqliteStore(Store):
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT batch_id, model, deadline FROM leases WHERE id = ? AND vehicle_id = ?",
+                "SELECT batch_id, model, deadline, state FROM leases "
+                "WHERE id = ? AND vehicle_id = ?",
                 (lease_id, vehicle_id),
             ).fetchone()
         if row is None:
             return None
-        return Lease(lease_id, row[0], vehicle_id, row[1], row[2], ())
+        return Lease(lease_id, row[0], vehicle_id, row[1], row[2], (), row[3])
+
+    def list_leases(self, active_only: bool = True, limit: int = 1000) -> list[Lease]:
+        where = "WHERE state = 'active'" if active_only else ""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, batch_id, vehicle_id, model, deadline, state FROM leases "
+                f"{where} ORDER BY created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Lease(r[0], r[1], r[2], r[3], r[4], (), r[5]) for r in rows]
 
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:
         with self._write() as db:

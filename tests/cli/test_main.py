@@ -1,0 +1,29 @@
+"""The CLI refuses bad arguments with exit status 2 and a message, before starting anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from idlefleet.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["up", "--agents", "0"], "positive integer"),
+        (["up", "--port", "70000"], "port must be"),
+        (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "bad id"], "vehicle id"),
+        (["agent", "--nats-url", "http://x", "--vehicle-id", "car-1"], "nats://"),
+        (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "c", "--tops", "-1"], "positive"),
+        (["coordinator", "--nats-url", "nats://x:1", "--store", "mysql://x"], "store URL"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_reason(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err

@@ -1,0 +1,199 @@
+"""The coordinator's work protocol over a real SQLite store, without sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idlefleet.cli.demo import batch_input
+from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.planner import UnitPolicy
+from idlefleet.coordinator.store import open_store
+from idlefleet.coordinator.work import WorkService
+from idlefleet.protocol.messages import (
+    Hardware,
+    Heartbeat,
+    RegisterRequest,
+    Release,
+    ResultChunk,
+    WorkGrant,
+    WorkRequest,
+    pack_vectors,
+)
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def services(tmp_path: Path, clock: Clock) -> tuple[BatchService, WorkService]:
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    batches = BatchService(store, clock=clock)
+    work = WorkService(
+        store, batches, UnitPolicy(min_requests=2, max_requests=8, lease_seconds=10), clock=clock
+    )
+    return batches, work
+
+
+def _register(work: WorkService, vehicle_id: str) -> None:
+    reply = work.register(
+        vehicle_id,
+        RegisterRequest(
+            protocol_version=1,
+            agent_version="test",
+            hardware=Hardware(accelerator="HW4", tops=50, memory_gb=8, power_w=80),
+            models=[MODEL],
+        ),
+    )
+    assert reply.accepted
+
+
+def _batch(batches: BatchService, n: int) -> str:
+    texts = [f"text {i}" for i in range(n)]
+    record = batches.upload_file("in.jsonl", "batch", batch_input(texts))
+    batch = batches.create_batch(record.id, "/v1/embeddings", "24h")
+    assert batches.validate(batch.id).status == "in_progress"
+    return batch.id
+
+
+def _unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _results(grant: WorkGrant, vectors: np.ndarray | None = None, **over: object) -> ResultChunk:
+    n = len(grant.items)
+    fields = {
+        "lease_id": grant.lease_id,
+        "seqs": [i.seq for i in grant.items],
+        "text_counts": [1] * n,
+        "token_counts": [4] * n,
+        "dim": 384,
+        "vectors_b64": pack_vectors(_unit_vectors(n) if vectors is None else vectors),
+    }
+    fields.update(over)
+    return ResultChunk(**fields)  # type: ignore[arg-type]
+
+
+ASK = WorkRequest(max_requests=100, models=[MODEL])
+
+
+def test_unregistered_vehicles_get_no_work(services: tuple[BatchService, WorkService]) -> None:
+    batches, work = services
+    _batch(batches, 4)
+    grant = work.work("stranger", ASK)
+    assert grant.lease_id is None and grant.error is not None
+    assert grant.error.code == "not_registered"
+    assert not work.heartbeat("stranger", Heartbeat(seq=1, status="idle")).ok
+
+
+def test_a_batch_runs_to_completion_through_leases(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    batch_id = _batch(batches, 10)
+    seen: list[int] = []
+    while (grant := work.work("car-1", ASK)).lease_id is not None:
+        assert 1 <= len(grant.items) <= 8
+        seen += [i.seq for i in grant.items]
+        ack = work.results("car-1", _results(grant))
+        assert ack.error is None and ack.committed == len(grant.items)
+    assert sorted(seen) == list(range(10))
+    batch = batches.get_batch(batch_id)
+    assert batch.status == "completed" and batch.output_file_id
+    lines = b"".join(batches.file_content(batch.output_file_id)).splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(
+        f"req-{i}" for i in range(10)
+    )
+
+
+def test_duplicate_and_late_results_change_nothing(
+    services: tuple[BatchService, WorkService], clock: Clock
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _register(work, "car-2")
+    _batch(batches, 4)
+    first = work.work("car-1", WorkRequest(max_requests=2, models=[MODEL]))
+    clock.now += 11  # car-1's lease expires; its requests go to car-2
+    batches.sweep()
+    second = work.work("car-2", WorkRequest(max_requests=2, models=[MODEL]))
+    assert [i.seq for i in second.items] == [i.seq for i in first.items]
+    late = work.results("car-1", _results(first, _unit_vectors(2, seed=1)))
+    assert late.committed == 2 and not late.lease_active
+    again = work.results("car-2", _results(second, _unit_vectors(2, seed=2)))
+    assert (again.committed, again.duplicates) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "code"),
+    [
+        (np.full((2, 384), np.nan, dtype=np.float32), "bad_results"),
+        (np.ones((2, 384), dtype=np.float32), "bad_results"),
+    ],
+    ids=["nan", "not-normalised"],
+)
+def test_implausible_results_are_refused(
+    services: tuple[BatchService, WorkService], vectors: np.ndarray, code: str
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    batch_id = _batch(batches, 2)
+    grant = work.work("car-1", ASK)
+    ack = work.results("car-1", _results(grant, vectors))
+    assert ack.error is not None and ack.error.code == code
+    assert batches.get_batch(batch_id).request_counts.completed == 0
+
+
+def test_wrong_dimension_and_foreign_leases_are_refused(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _register(work, "car-2")
+    _batch(batches, 2)
+    grant = work.work("car-1", ASK)
+    small = np.eye(2, 8, dtype=np.float32)
+    wrong_dim = work.results("car-1", _results(grant, small, dim=8))
+    assert wrong_dim.error is not None and "dimension" in wrong_dim.error.message
+    stolen = work.results("car-2", _results(grant))
+    assert stolen.error is not None and stolen.error.code == "unknown_lease"
+
+
+def test_release_returns_unfinished_work_at_once(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _register(work, "car-2")
+    batch_id = _batch(batches, 4)
+    grant = work.work("car-1", ASK)
+    assert len(grant.items) >= 2
+    partial = _results(grant).model_copy(
+        update={"seqs": [grant.items[0].seq], "text_counts": [1], "token_counts": [3],
+                "vectors_b64": pack_vectors(_unit_vectors(1))}
+    )
+    work.results("car-1", ResultChunk.model_validate(partial.model_dump()))
+    ack = work.release("car-1", Release(lease_id=grant.lease_id, reason="preempted"))
+    assert ack.released == len(grant.items) - 1
+    releasable: list[int] = []
+    while (regrant := work.work("car-2", ASK)).lease_id is not None:
+        releasable += [i.seq for i in regrant.items]
+    assert sorted(releasable) == [s for s in range(4) if s != grant.items[0].seq]
+    assert batches.get_batch(batch_id).request_counts.completed == 1

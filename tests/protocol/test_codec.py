@@ -1,0 +1,115 @@
+"""Wire messages: round trips, and untrusted bytes refused with a message that says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from idlefleet.protocol import subjects
+from idlefleet.protocol.codec import MAX_MESSAGE_BYTES, ProtocolError, decode, encode
+from idlefleet.protocol.messages import (
+    Hardware,
+    RegisterRequest,
+    ResultChunk,
+    WorkGrant,
+    WorkItem,
+    pack_vectors,
+)
+
+
+def _chunk(vectors: np.ndarray, **overrides: object) -> ResultChunk:
+    fields = {
+        "lease_id": "lease_1",
+        "seqs": [0, 1],
+        "text_counts": [1, 1],
+        "token_counts": [5, 7],
+        "dim": vectors.shape[1],
+        "vectors_b64": pack_vectors(vectors),
+    }
+    fields.update(overrides)
+    return ResultChunk(**fields)  # type: ignore[arg-type]
+
+
+def test_result_chunk_round_trips_vectors_exactly() -> None:
+    vectors = np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32)
+    decoded = decode(ResultChunk, encode(_chunk(vectors)))
+    assert np.array_equal(decoded.vectors(), vectors)
+    assert decoded.seqs == [0, 1]
+
+
+def test_grant_round_trips() -> None:
+    grant = WorkGrant(
+        lease_id="l", batch_id="b", model="m", lease_seconds=3.0,
+        items=[WorkItem(seq=4, texts=["héllo", "🚗"])],
+    )
+    assert decode(WorkGrant, encode(grant)) == grant
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"{not json", "invalid ResultChunk"),
+        (b"[]", "invalid ResultChunk"),
+        (b'{"lease_id": "l"}', "seqs"),
+    ],
+)
+def test_garbage_is_refused_with_a_reason(data: bytes, fragment: str) -> None:
+    with pytest.raises(ProtocolError, match=fragment):
+        decode(ResultChunk, data)
+
+
+def test_unknown_fields_are_refused() -> None:
+    good = encode(
+        RegisterRequest(
+            protocol_version=1,
+            agent_version="t",
+            hardware=Hardware(accelerator="HW4", tops=100, memory_gb=16, power_w=100),
+            models=["m"],
+        )
+    )
+    with pytest.raises(ProtocolError, match="sudo: Extra inputs"):
+        decode(RegisterRequest, good[:-1] + b', "sudo": true}')
+
+
+def test_impossible_hardware_is_refused() -> None:
+    data = (
+        b'{"protocol_version": 1, "agent_version": "t", "models": [], '
+        b'"hardware": {"accelerator": "x", "tops": -5, "memory_gb": 1, "power_w": 1}}'
+    )
+    with pytest.raises(ProtocolError, match="tops"):
+        decode(RegisterRequest, data)
+
+
+def test_vectors_must_match_declared_shape() -> None:
+    vectors = np.zeros((2, 384), dtype=np.float32)
+    with pytest.raises(ValueError, match="must hold 3 vectors"):
+        _chunk(vectors, text_counts=[1, 2])
+    with pytest.raises(ValueError, match="same length"):
+        _chunk(vectors, token_counts=[1])
+    with pytest.raises(ValueError, match="repeat"):
+        _chunk(vectors, seqs=[1, 1])
+
+
+def test_oversized_messages_are_refused_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(ResultChunk, b" " * (MAX_MESSAGE_BYTES + 1))
+
+
+def test_subjects_carry_the_vehicle_id_and_parse_back() -> None:
+    subject = subjects.uplink("car-7", subjects.Uplink.RESULTS)
+    assert subject == "idlefleet.v1.uplink.car-7.results"
+    assert subjects.parse_uplink(subject) == ("car-7", subjects.Uplink.RESULTS)
+    assert subjects.downlink("car-7", subjects.Downlink.EMBED).split(".")[3] == "car-7"
+
+
+@pytest.mark.parametrize("bad", ["", "car.7", "car*", "car>", "a b", "x" * 65])
+def test_vehicle_ids_that_would_break_subjects_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="vehicle id"):
+        subjects.uplink(bad, subjects.Uplink.WORK)
+
+
+def test_foreign_subjects_do_not_parse() -> None:
+    with pytest.raises(ValueError):
+        subjects.parse_uplink("idlefleet.v1.uplink.car-1.rm-rf")
+    with pytest.raises(ValueError):
+        subjects.parse_uplink("other.v1.uplink.car-1.work")
