@@ -12,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types import CreateEmbeddingResponse
 
 from idlefleet.coordinator.embedding_request import MODEL_ID, validate_embedding_body
@@ -68,6 +70,20 @@ def test_floats_print_as_the_shortest_float32_decimal() -> None:
     for value, text in zip(values, printed, strict=True):
         assert np.float32(float(text)) == value
         # numpy's own shortest-unique float32 formatting is the reference for "shortest".
+        reference = np.format_float_scientific(value, unique=True)
+        assert significant_digits(text) <= significant_digits(reference), (value, text)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1))
+def test_any_finite_float32_prints_short_and_reads_back_identical(values: list[float]) -> None:
+    array = np.array(values, dtype=np.float32)
+
+    printed = json.dumps(shortest_float32(array).tolist())
+
+    back = np.array(json.loads(printed), dtype=np.float32)
+    assert np.array_equal(back, array)
+    assert np.array_equal(np.signbit(back), np.signbit(array))
+    for value, text in zip(array, printed.strip("[]").split(", "), strict=True):
         reference = np.format_float_scientific(value, unique=True)
         assert significant_digits(text) <= significant_digits(reference), (value, text)
 

@@ -186,8 +186,12 @@ def test_release_returns_unfinished_work_at_once(
     grant = work.work("car-1", ASK)
     assert len(grant.items) >= 2
     partial = _results(grant).model_copy(
-        update={"seqs": [grant.items[0].seq], "text_counts": [1], "token_counts": [3],
-                "vectors_b64": pack_vectors(_unit_vectors(1))}
+        update={
+            "seqs": [grant.items[0].seq],
+            "text_counts": [1],
+            "token_counts": [3],
+            "vectors_b64": pack_vectors(_unit_vectors(1)),
+        }
     )
     work.results("car-1", ResultChunk.model_validate(partial.model_dump()))
     ack = work.release("car-1", Release(lease_id=grant.lease_id, reason="preempted"))

@@ -46,7 +46,11 @@ def _failed_with(client: OpenAI, content: bytes) -> list[dict[str, Any]]:
     [
         (_file(_good("a"), "{not json"), "invalid_json_line", 2),
         (_file(_good("a"), _good("a")), "duplicate_custom_id", 2),
-        (_file(request_line("a", {"model": MODEL, "input": "x"}, method="GET")), "invalid_value", 1),
+        (
+            _file(request_line("a", {"model": MODEL, "input": "x"}, method="GET")),
+            "invalid_value",
+            1,
+        ),
         (
             _file(_good("a"), request_line("b", {"model": MODEL, "input": "x"}, url="/v1/chat")),
             "invalid_url",
@@ -56,8 +60,15 @@ def _failed_with(client: OpenAI, content: bytes) -> list[dict[str, Any]]:
         (_file(_good("a")).replace(b"parked", b"p\xffrked"), "invalid_json_line", 1),
         (b"", "empty_file", None),
     ],
-    ids=["malformed-json", "duplicate-id", "wrong-method", "wrong-url", "unknown-model",
-         "non-utf8", "empty"],
+    ids=[
+        "malformed-json",
+        "duplicate-id",
+        "wrong-method",
+        "wrong-url",
+        "unknown-model",
+        "non-utf8",
+        "empty",
+    ],
 )
 def test_file_level_problems_fail_the_batch(
     client: OpenAI, content: bytes, code: str, line: int | None

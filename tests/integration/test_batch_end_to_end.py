@@ -76,7 +76,10 @@ def test_online_embeddings_with_sdk_defaults(client: OpenAI, reference: dict[str
 
 def test_batches_list_pages_and_models(client: OpenAI) -> None:
     for _ in range(3):
-        submit(client, (request_line("x", {"model": "all-MiniLM-L6-v2", "input": "hi"}) + "\n").encode())
+        submit(
+            client,
+            (request_line("x", {"model": "all-MiniLM-L6-v2", "input": "hi"}) + "\n").encode(),
+        )
     first = client.batches.list(limit=2)
     assert len(first.data) == 2 and first.has_more
     seen = [b.id for b in client.batches.list(limit=2).auto_paging_iter()]

@@ -39,7 +39,10 @@ def test_result_chunk_round_trips_vectors_exactly() -> None:
 
 def test_grant_round_trips() -> None:
     grant = WorkGrant(
-        lease_id="l", batch_id="b", model="m", lease_seconds=3.0,
+        lease_id="l",
+        batch_id="b",
+        model="m",
+        lease_seconds=3.0,
         items=[WorkItem(seq=4, texts=["héllo", "🚗"])],
     )
     assert decode(WorkGrant, encode(grant)) == grant

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import nats
 import numpy as np
@@ -57,7 +58,7 @@ class VehicleAgent:
         self.embedder = embedder
         self.nc: Client | None = None
         self.heartbeat_interval_s = 5.0
-        self._status = "idle"
+        self._status: Literal["idle", "working", "paused"] = "idle"
         self._held: set[str] = set()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._online = ThreadPoolExecutor(1, thread_name_prefix="online")
@@ -142,13 +143,16 @@ class VehicleAgent:
 
     async def _release_all(self, reason: str) -> None:
         for lease_id in list(self._held):
-            if not lease_id:
-                continue
+            await self._release(lease_id, reason)
+
+    async def _release(self, lease_id: str, reason: str) -> None:
+        """Give a lease back at once, so its unfinished requests need not wait for expiry."""
+        if lease_id:
             with contextlib.suppress(Exception):
                 await self._call(
-                    Uplink.RELEASE, Release(lease_id=lease_id, reason=reason), ReleaseAck, 2.0
+                    Uplink.RELEASE, Release(lease_id=lease_id, reason=reason[:200]), ReleaseAck, 2.0
                 )
-            self._held.discard(lease_id)
+        self._held.discard(lease_id)
 
     async def _heartbeats(self) -> None:
         seq = 0
@@ -202,6 +206,9 @@ class VehicleAgent:
             self._status = "working"
             try:
                 await self._run_unit(grant)
+            except Exception as exc:  # one bad unit must not end the agent's work loop
+                log.exception("unit %s failed; releasing it", grant.lease_id)
+                await self._release(grant.lease_id or "", f"error: {type(exc).__name__}")
             finally:
                 self._held.discard(grant.lease_id or "")
                 self._status = "idle" if units.empty() else "working"

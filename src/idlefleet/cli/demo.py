@@ -6,6 +6,7 @@ import io
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,12 @@ class DemoSummary:
         return self.completed / self.seconds if self.seconds else 0.0
 
 
-def run_demo(base_url: str, n: int, usage_lookup, show_progress: bool = True) -> DemoSummary:
+def run_demo(
+    base_url: str,
+    n: int,
+    usage_lookup: Callable[[str], dict[str, int]],
+    show_progress: bool = True,
+) -> DemoSummary:
     client = OpenAI(base_url=f"{base_url}/v1", api_key="idlefleet-local")
     texts = demo_texts(n)
     uploaded = client.files.create(
@@ -117,10 +123,11 @@ def run_demo(base_url: str, n: int, usage_lookup, show_progress: bool = True) ->
         while batch.status not in ("completed", "failed", "cancelled", "expired"):
             time.sleep(0.2)
             batch = client.batches.retrieve(batch.id)
-            done = batch.request_counts.completed + batch.request_counts.failed
+            counts = batch.request_counts
+            done = counts.completed + counts.failed if counts else 0
             bar.update(done - bar.n)
     seconds = time.monotonic() - started
-    if batch.status != "completed" or batch.output_file_id is None:
+    if batch.status != "completed" or batch.output_file_id is None or not batch.request_counts:
         raise RuntimeError(f"demo batch ended {batch.status}: {batch.errors}")
     lines = client.files.content(batch.output_file_id).text.splitlines()
     first = json.loads(lines[0])["response"]["body"]["data"][0]["embedding"]

@@ -10,18 +10,20 @@ accepted batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from idlefleet.coordinator.batch_input import parse_batch_input
+from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS, parse_batch_input
 from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from idlefleet.coordinator.openai_format import (
+    batch_errors_object,
     embedding_response,
     error_line,
     new_id,
@@ -31,7 +33,6 @@ from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Sto
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ENDPOINTS = ("/v1/embeddings",)
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 FILE_PURPOSES = ("batch",)
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -170,7 +171,7 @@ class BatchService:
         data = b"".join(self.store.read_file(batch.input_file_id))
         try:
             parsed = parse_batch_input(data, batch.endpoint, max_requests=self.limits.max_requests)
-            errors = [e.to_openai() for e in parsed.errors]
+            errors = batch_errors_object(parsed.errors)["data"]
         except Exception as exc:  # a validator bug must fail this batch, not wedge it
             log.exception("validating batch %s crashed", batch_id)
             errors = [
@@ -271,7 +272,7 @@ class BatchService:
     def recover(self) -> None:
         """After a restart: redo validation and finalisation that a crash interrupted."""
         for batch in self.store.batches_with_status(["validating"]):
-            self._safely(batch.id, lambda b=batch.id: self.validate(b))
+            self._safely(batch.id, functools.partial(self.validate, batch.id))
         for batch in self.store.batches_with_status(["finalizing"]):
             if batch.expired_at or batch.expires_at <= self.clock():
                 stamps = {"expired_at": int(self.clock())}
@@ -279,9 +280,7 @@ class BatchService:
             else:
                 stamps = {"completed_at": int(self.clock())}
                 end = "completed"
-            self._safely(
-                batch.id, lambda b=batch.id, e=end, s=stamps: self._write_results(b, e, **s)
-            )
+            self._safely(batch.id, functools.partial(self._write_results, batch.id, end, **stamps))
 
     @staticmethod
     def _safely(batch_id: str, step: Callable[[], Any]) -> None:
@@ -318,9 +317,10 @@ class BatchService:
             request_id = new_id("batch_req_")
             if req.state == "done" and req.vectors is not None and req.dim:
                 vectors = np.frombuffer(req.vectors, dtype="<f4").reshape(-1, req.dim)
-                body = embedding_response(
-                    req.model, vectors, [req.token_count or 0], req.encoding_format
+                fmt: Literal["float", "base64"] = (
+                    "base64" if req.encoding_format == "base64" else "float"
                 )
+                body = embedding_response(req.model, vectors, [req.token_count or 0], fmt)
                 out.write(output_line(request_id, req.custom_id, 200, body))
                 n_out += 1
             elif req.error_body is not None and req.error_status is not None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from idlefleet.coordinator.errors import InvalidRequest, NotFound
+from idlefleet.models.catalog import MINILM, resolve_model
 
 __all__ = [
     "EMBEDDING_DIMENSIONS",
@@ -55,14 +56,10 @@ __all__ = [
     "validate_embedding_body",
 ]
 
-MODEL_ID = "all-MiniLM-L6-v2"
-EMBEDDING_DIMENSIONS = 384
+# The model catalogue is the one source of model ids and shapes; these name its only entry.
+MODEL_ID = MINILM.id
+EMBEDDING_DIMENSIONS = MINILM.dim
 MAX_INPUTS_PER_REQUEST = 2048
-
-_MODEL_ALIASES: Mapping[str, str] = {
-    MODEL_ID: MODEL_ID,
-    "sentence-transformers/all-MiniLM-L6-v2": MODEL_ID,
-}
 _KNOWN_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 _EMPTY_INPUT_MESSAGE = (
     "'$.input' is invalid. Please check the API reference: "
@@ -88,7 +85,8 @@ class EmbeddingJob:
 
 def canonical_model(name: str) -> str | None:
     """The canonical id for a model name or alias, or None if we do not serve it."""
-    return _MODEL_ALIASES.get(name)
+    info = resolve_model(name)
+    return info.id if info else None
 
 
 def json_kind(value: object) -> str:

@@ -103,19 +103,18 @@ class CoordinatorNats:
             except ValueError:
                 return  # a subject outside the protocol: nothing to answer to
             request_type, reply_type, handler = self._routes[verb]
+            reply: WireModel
             try:
                 request = decode(request_type, msg.data)
-                if verb is Uplink.WORK:
-                    reply = await self._long_poll(vehicle_id, request)  # type: ignore[arg-type]
+                if isinstance(request, WorkRequest):
+                    reply = await self._long_poll(vehicle_id, request)
                 else:
                     reply = await asyncio.to_thread(handler, vehicle_id, request)
             except ProtocolError as exc:
-                reply = reply_type(error=WireError(code="bad_message", message=str(exc)))
+                reply = _error_reply(reply_type, "bad_message", str(exc))
             except Exception:
                 log.exception("%s from %s failed", verb.value, vehicle_id)
-                reply = reply_type(
-                    error=WireError(code="internal", message="the coordinator failed; retry")
-                )
+                reply = _error_reply(reply_type, "internal", "the coordinator failed; retry")
             if msg.reply:
                 await msg.respond(encode(reply))
 
@@ -131,6 +130,11 @@ class CoordinatorNats:
                 await asyncio.wait_for(self._work_available.wait(), timeout=remaining)
             except TimeoutError:
                 return await asyncio.to_thread(self.work.work, vehicle_id, request)
+
+
+def _error_reply(reply_type: type[WireModel], code: str, message: str) -> WireModel:
+    # Every reply type of the protocol has an optional ``error`` field.
+    return reply_type.model_validate({"error": WireError(code=code, message=message[:2000])})
 
 
 class OnlineRouter:

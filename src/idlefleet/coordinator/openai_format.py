@@ -25,13 +25,17 @@ Floats. A float32 printed via ``float(x)`` shows its exact binary value (``0.100
 ~19 characters). We print instead the shortest decimal that reads back as the same float32
 (``0.1``), found arithmetically for the whole matrix at once: round in float64 to 6, 7, 8 and 9
 significant digits and keep, per value, the fewest digits that convert back to the identical
-float32. Each kept value is the float64 nearest that short decimal, so ``json`` prints the short
-form (a value whose shortest form has fewer than 6 digits rounds to it at 6: ``repr`` drops the
-trailing zeros).
-Magnitudes outside ~1e-13..1e9, where the powers of ten stop being exact, fall back to numpy's
-per-value shortest formatting (rare in unit-length embeddings). Every value is checked, so a
-float64 JSON reader always gets back the identical float32. MEASUREMENTS
-Non-finite values raise ``ValueError``: JSON has no NaN.
+float32 (a value whose shortest form is under 6 digits rounds to it at 6; ``repr`` drops the
+zeros). Each kept value is the float64 nearest that short decimal, so ``json`` prints the short
+form. Magnitudes outside 1e-14..1e6, where some power of ten needed is not exact, fall back to
+numpy's per-value shortest formatting (rare in unit-length embeddings). Every value is checked,
+so a float64 JSON reader always gets back the identical float32. Non-finite values raise
+``ValueError``: JSON has no NaN.
+
+Speed, on the 2-core dev machine (busy, best of 9), per unit-length 384-vector: ~37 µs to shorten
+and ~155 µs for the whole output line, ``json`` printing the floats dominating; the exact form
+takes ~170-210 µs and ~60% more bytes (~8.1 kB against ~5.0 kB). numpy's own string formatting
+was slower than both. base64 takes ~8 µs.
 """
 
 from __future__ import annotations
@@ -113,16 +117,17 @@ def shortest_float32(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]
     # All candidate precisions at once, one row each: a few large numpy calls beat many small
     # ones for the common single-vector response (~2x faster than a pass per precision).
     k = _DIGITS - 1 - exponent
-    usable = (k >= 0) & (k <= 22)
+    # 10**k must be exact (0 <= k <= 22) for every candidate precision, or the fewest-digits
+    # choice could skip a shorter form: that holds for 1e-14 <= |x| < 1e6.
+    in_range = (exponent >= -14) & (exponent <= 5)
     scale = _POWERS_OF_TEN[np.clip(k, 0, 22)]
     rounded = np.rint(x * scale) / scale
-    good = usable & (rounded.astype(np.float32) == v32)
+    good = in_range & (rounded.astype(np.float32) == v32)
     shortest = good.argmax(axis=0)
     columns = np.arange(x.size)
     found = good[shortest, columns]
     out = np.where(found, rounded[shortest, columns], x)
-    # Magnitudes outside ~1e-13..1e9 cannot use exact powers of ten; they are rare enough in
-    # embeddings to take numpy's per-value shortest formatting.
+    # Other magnitudes are rare enough in embeddings to take numpy's per-value shortest form.
     for i in np.flatnonzero(~found):
         short = float(str(v32[i]))
         if np.float32(short) == v32[i]:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -49,7 +49,7 @@ def create_app(
     batches: BatchService,
     work: WorkService,
     online: Embedder | None = None,
-    on_batch_created: Callable[[str], Awaitable[None]] | None = None,
+    on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
 ) -> FastAPI:
     """Build the HTTP app. ``on_batch_created`` runs validation (and announces the new work)."""
     app = FastAPI(
@@ -185,7 +185,7 @@ def create_app(
         return {"batch_id": batch_id, "completed_by_vehicle": usage}
 
     @app.get("/fleet/leases", tags=["fleet"])
-    async def list_leases(all: bool = Query(False)) -> dict[str, Any]:  # noqa: A002
+    async def list_leases(all: bool = Query(False)) -> dict[str, Any]:
         leases = await asyncio.to_thread(work.store.list_leases, not all)
         now = time.time()
         return {

@@ -38,6 +38,7 @@ _BATCH_COLUMNS = (
     "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
     "failed_at, expired_at, cancelling_at, cancelled_at"
 )
+_BATCH_FIELDS = tuple(name.strip() for name in _BATCH_COLUMNS.split(","))
 _UPDATABLE_BATCH_FIELDS = frozenset(
     {
         "status",
@@ -179,10 +180,10 @@ class SqliteStore(Store):
             )
 
     def _batch_from_row(self, row: tuple[Any, ...]) -> BatchRecord:
-        values = list(row)
-        values[7] = _load(values[7])
-        values[8] = _load(values[8])
-        return BatchRecord(*values, request_counts=self._counts(values[0]))
+        fields = dict(zip(_BATCH_FIELDS, row, strict=True))
+        fields["metadata"] = _load(fields["metadata"])
+        fields["errors"] = _load(fields["errors"])
+        return BatchRecord(**fields, request_counts=self._counts(fields["id"]))
 
     def get_batch(self, batch_id: str) -> BatchRecord | None:
         with self._lock:
