@@ -11,7 +11,7 @@ import pytest
 from idlefleet.cli.demo import batch_input
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.planner import UnitPolicy
-from idlefleet.coordinator.store import open_store
+from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
 from idlefleet.protocol.messages import (
     Hardware,
@@ -42,7 +42,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def services(tmp_path: Path, clock: Clock) -> tuple[BatchService, WorkService]:
-    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    store = open_store(sqlite_url(tmp_path / "c.db"))
     batches = BatchService(store, clock=clock)
     work = WorkService(
         store, batches, UnitPolicy(min_requests=2, max_requests=8, lease_seconds=10), clock=clock

@@ -32,7 +32,11 @@ def write_safetensors(
         header["__metadata__"] = metadata
     blob = b""
     for name, (dtype, shape, raw) in entries.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(blob), len(blob) + len(raw)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [len(blob), len(blob) + len(raw)],
+        }
         blob += raw
     if header_override is not None:
         header = header_override
@@ -140,7 +144,11 @@ def test_malformed_files_are_rejected(tmp_path: Path, case: str, message: str) -
     elif case == "wrong_byte_count":
         write_safetensors(path, {"w": ("F32", [3], bytes(8))})
     elif case == "out_of_bounds":
-        write_safetensors(path, good, header_override={"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})
+        write_safetensors(
+            path,
+            good,
+            header_override={"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        )
     elif case == "overlap":
         write_safetensors(
             path,
@@ -153,7 +161,11 @@ def test_malformed_files_are_rejected(tmp_path: Path, case: str, message: str) -
     elif case == "unknown_dtype":
         write_safetensors(path, {"w": ("F8_E4M3", [8], bytes(8))})
     elif case == "negative_dim":
-        write_safetensors(path, good, header_override={"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})
+        write_safetensors(
+            path,
+            good,
+            header_override={"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+        )
 
     with pytest.raises(SafetensorsError, match=message):
         load_safetensors(path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from idlefleet.coordinator.store.factory import sqlite_url
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
 
 
@@ -99,7 +100,7 @@ class EmbeddedFleet:
                 "--nats-url",
                 self.nats.url,
                 "--store",
-                f"sqlite:///{(opts.data_dir / 'coordinator.db').resolve()}",
+                sqlite_url((opts.data_dir / "coordinator.db").resolve()),
                 "--host",
                 opts.host,
                 "--port",

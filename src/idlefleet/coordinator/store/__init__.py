@@ -1,7 +1,7 @@
 """Persistent state of the coordinator behind one interface (:class:`Store`).
 
 ``open_store(url)`` picks the backend: ``sqlite:///path/to/file.db`` (the default, one file in
-the data directory). A PostgreSQL backend will sit behind the same interface and pass the same
+the data directory; see ``factory.py`` for the URL forms). A PostgreSQL backend will sit behind the same interface and pass the same
 contract tests (``tests/coordinator/store/test_store_contract.py``).
 """
 
@@ -18,7 +18,7 @@ from idlefleet.coordinator.store.base import (
     StoredRequest,
     VehicleRecord,
 )
-from idlefleet.coordinator.store.factory import open_store
+from idlefleet.coordinator.store.factory import open_store, sqlite_url
 
 __all__ = [
     "BatchRecord",
@@ -33,4 +33,5 @@ __all__ = [
     "StoredRequest",
     "VehicleRecord",
     "open_store",
+    "sqlite_url",
 ]

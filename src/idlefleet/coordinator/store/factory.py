@@ -1,4 +1,9 @@
-"""Choose a store backend from a URL."""
+"""Choose a store backend from a URL.
+
+SQLite URLs follow SQLAlchemy's convention, which operators already know: ``sqlite:///rel.db``
+(three slashes) is relative to the working directory, ``sqlite:////var/lib/x.db`` (four) is
+absolute, and ``sqlite://`` or ``sqlite:///:memory:`` is an in-memory database.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,20 @@ from pathlib import Path
 from idlefleet.coordinator.store.base import Store
 
 
+def sqlite_url(path: Path) -> str:
+    """The store URL of the SQLite database file at ``path``."""
+    return f"sqlite:///{path}"
+
+
 def open_store(url: str) -> Store:
-    """Open the store named by ``url`` (``sqlite:///abs/path.db`` or ``sqlite://:memory:``)."""
-    if url.startswith("sqlite://"):
+    """Open the store named by ``url``; ``ValueError`` if no backend serves it."""
+    if url == "sqlite://" or url.startswith("sqlite:///"):
         from idlefleet.coordinator.store.sqlite import SqliteStore
 
-        path = url.removeprefix("sqlite://")
+        path = url.removeprefix("sqlite://").removeprefix("/") or ":memory:"
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return SqliteStore(path)
-    raise ValueError(f"unsupported store URL {url!r}: expected sqlite:///path/to/file.db")
+    raise ValueError(
+        f"unsupported store URL {url!r}: expected sqlite:///relative.db or sqlite:////abs.db"
+    )

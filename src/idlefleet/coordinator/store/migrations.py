@@ -102,4 +102,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "index requests by vehicle, for per-vehicle counts",
+        "CREATE INDEX requests_vehicle ON requests(vehicle_id, state)",
+    ),
 )

@@ -61,12 +61,26 @@ class SqliteStore(Store):
         self._path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _enable_wal(self, timeout: float = 30.0) -> None:
+        # Switching a new file to WAL needs an exclusive lock and, unlike other statements,
+        # fails at once instead of waiting when another process holds the write lock (two
+        # replicas starting on a fresh data directory), so wait here ourselves.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
@@ -131,18 +145,25 @@ class SqliteStore(Store):
         return FileRecord(*row) if row else None
 
     def read_file(self, file_id: str) -> Iterator[bytes]:
-        if self.get_file(file_id) is None:
-            raise KeyError(file_id)
-        part = 0
-        while True:
+        with self._lock:
+            if self.get_file(file_id) is None:
+                raise KeyError(file_id)
+            (parts,) = self._db.execute(
+                "SELECT COUNT(*) FROM file_chunks WHERE file_id = ?", (file_id,)
+            ).fetchone()
+        return self._chunks(file_id, parts)
+
+    def _chunks(self, file_id: str, parts: int) -> Iterator[bytes]:
+        # Chunk by chunk, so a large file streams; a file deleted meanwhile is an error, never
+        # a silently shorter file.
+        for part in range(parts):
             with self._lock:
                 row = self._db.execute(
                     "SELECT data FROM file_chunks WHERE file_id = ? AND part = ?", (file_id, part)
                 ).fetchone()
             if row is None:
-                return
+                raise KeyError(file_id)
             yield bytes(row[0])
-            part += 1
 
     def delete_file(self, file_id: str) -> bool:
         with self._write() as db:
@@ -221,6 +242,8 @@ class SqliteStore(Store):
         unknown = set(changes) - _UPDATABLE_BATCH_FIELDS
         if unknown:
             raise ValueError(f"cannot update batch fields {sorted(unknown)}")
+        if not changes:
+            raise ValueError("update_batch needs at least one change")
         if "errors" in changes:
             changes["errors"] = _dump(changes["errors"])
         assignments = ", ".join(f"{name} = ?" for name in changes)
@@ -230,7 +253,8 @@ class SqliteStore(Store):
                 f"UPDATE batches SET {assignments} WHERE id = ? AND status IN ({marks})",
                 (*changes.values(), batch_id, *expect_status),
             ).rowcount
-        return self.get_batch(batch_id) if updated else None
+            # Read back inside the transaction: the record is this update's, not a later one's.
+            return self.get_batch(batch_id) if updated else None
 
     # -- requests and leases -------------------------------------------------------------------
     def add_requests(self, batch_id: str, requests: Iterable[NewRequest]) -> int:
@@ -306,7 +330,7 @@ class SqliteStore(Store):
                 "ORDER BY seq LIMIT ?",
                 (batch_id, *models, size),
             ).fetchall()
-            # One lease carries one model: keep the leading run of the first request's model.
+            # One lease carries one model: keep the picked requests of the first one's model.
             model = picked[0][3]
             picked = [p for p in picked if p[3] == model]
             seqs = [p[0] for p in picked]
@@ -344,13 +368,26 @@ class SqliteStore(Store):
             leased = set(json.loads(seqs_json))
             mine = [r for r in results if r.seq in leased]
             committed = 0
+            # A late answer may finish requests another car's lease holds now: remember those
+            # leases so they can close once nothing in them is left open.
+            other_leases: set[str] = set()
             for r in mine:
-                committed += db.execute(
+                holder = db.execute(
+                    "SELECT lease_id FROM requests WHERE batch_id = ? AND seq = ? "
+                    "AND state = 'leased'",
+                    (batch_id, r.seq),
+                ).fetchone()
+                done = db.execute(
                     "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
                     "vehicle_id = ?, lease_id = ?, finished_at = ? "
                     "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
                     (r.vectors, r.dim, r.token_count, vehicle_id, lease_id, now, batch_id, r.seq),
                 ).rowcount
+                committed += done
+                if done and holder and holder[0] != lease_id:
+                    other_leases.add(holder[0])
+            for other in other_leases:
+                self._close_if_finished(db, other)
             active = state == "active"
             if active:
                 deadline = now + lease_seconds
@@ -364,7 +401,10 @@ class SqliteStore(Store):
             "SELECT COUNT(*) FROM requests WHERE lease_id = ? AND state = 'leased'", (lease_id,)
         ).fetchone()
         if open_items == 0:
-            db.execute("UPDATE leases SET state = 'finished' WHERE id = ?", (lease_id,))
+            db.execute(
+                "UPDATE leases SET state = 'finished' WHERE id = ? AND state = 'active'",
+                (lease_id,),
+            )
 
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
         with self._lock:
