@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from tokenizers import Tokenizer
 
-from idlefleet.agent.runtime import Embedder, EmbedResult, InferenceCancelled
-from idlefleet.models.minilm import EMBEDDING_DIM, MAX_SEQ_LENGTH
+from idlefleet.agent.runtime import Embedder, EmbedResult, InferenceCancelled, load_tokenizer
+from idlefleet.models.cache import ensure_minilm
+from idlefleet.models.minilm import EMBEDDING_DIM, MAX_SEQ_LENGTH, default_model_dir
 
 MIN_COSINE = 0.99999
 
@@ -98,6 +100,20 @@ def test_input_order_is_restored_across_micro_batches(model_cache_root: Path) ->
     np.testing.assert_allclose(result.vectors[5], result.vectors[1], atol=1e-6)
     assert result.token_counts == small.count_tokens(texts)
     assert result.token_counts[12] == MAX_SEQ_LENGTH  # the 300-word text is truncated
+
+
+def test_tokenizer_as_shipped_is_refused(model_cache_root: Path) -> None:
+    # The packaged tokenizer.json pads every input to a fixed 128 tokens (FIELD-NOTES): ~13x
+    # slower, and it would silently cut long inputs at 128 instead of 256.
+    sha, path = ensure_minilm(model_cache_root)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shipped = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    left_padded = load_tokenizer(default_model_dir())
+    left_padded.enable_padding(pad_id=0, pad_token="[PAD]", direction="left")
+
+    for tokenizer in (shipped, left_padded):
+        with pytest.raises(ValueError, match="pad right to the longest"):
+            Embedder(session, tokenizer, model_sha256=sha)
 
 
 def test_empty_call_and_bare_string(embedder: Embedder) -> None:

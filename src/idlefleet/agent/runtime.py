@@ -21,7 +21,13 @@ from tokenizers import Tokenizer
 from idlefleet.models import minilm
 from idlefleet.models.cache import ModelCache, ensure_minilm
 
-__all__ = ["DEFAULT_MICRO_BATCH", "EmbedResult", "Embedder", "InferenceCancelled"]
+__all__ = [
+    "DEFAULT_MICRO_BATCH",
+    "EmbedResult",
+    "Embedder",
+    "InferenceCancelled",
+    "load_tokenizer",
+]
 
 DEFAULT_MICRO_BATCH = 32
 
@@ -62,8 +68,18 @@ class Embedder:
     ) -> None:
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        padding = tokenizer.padding
+        # Each micro-batch is padded by the tokenizer itself, so it must pad to the batch's
+        # longest input and on the right: the graph numbers positions 0..S-1 whatever the mask
+        # says, so left padding would shift every real token's position embedding.
+        if padding is None or padding["length"] is not None or padding["direction"] != "right":
+            raise ValueError(f"tokenizer must pad right to the longest input, got {padding}")
         self._session = session
         self._tokenizer = tokenizer
+        # An unpadded twin for counting and sorting: encoding a whole call with padding would
+        # hold n x longest tokens in memory; this holds only the real ones.
+        self._counter = Tokenizer.from_str(tokenizer.to_str())
+        self._counter.no_padding()
         self.model_sha256 = model_sha256
         self.micro_batch = micro_batch
 
@@ -94,19 +110,17 @@ class Embedder:
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         return cls(session, load_tokenizer(model_dir), model_sha256=sha, micro_batch=micro_batch)
 
-    def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask for `texts`, right-padded to the longest of them."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return ids, mask
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Model inputs for one micro-batch, padded to its longest text."""
+        encodings = self._tokenizer.encode_batch(texts)
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text becomes after truncation, including [CLS] and [SEP]."""
-        if not texts:
-            return []
-        _, mask = self._encode(texts)
-        return [int(n) for n in mask.sum(axis=1)]
+        return [len(e.ids) for e in self._counter.encode_batch(list(texts))]
 
     def embed(self, texts: Sequence[str], run_options: ort.RunOptions | None = None) -> EmbedResult:
         """Embed `texts`; set `run_options.terminate = True` from any thread to cancel.
@@ -117,23 +131,18 @@ class Embedder:
             # A bare string is a Sequence[str] of characters; embedding each letter is never
             # what the caller meant.
             raise TypeError("embed() takes a sequence of texts, not a single str")
-        if not texts:
-            return EmbedResult(np.zeros((0, minilm.EMBEDDING_DIM), dtype=np.float32), [])
-
-        ids, mask = self._encode(texts)
-        counts = mask.sum(axis=1)
+        texts = list(texts)
+        counts = self.count_tokens(texts)
         # Stable sort, so equal-length texts keep their relative order and results are
         # reproducible batch for batch.
-        order = np.argsort(counts, kind="stable")
+        order = np.argsort(np.asarray(counts, dtype=np.int64), kind="stable")
         vectors = np.empty((len(texts), minilm.EMBEDDING_DIM), dtype=np.float32)
 
         for start in range(0, len(order), self.micro_batch):
             if run_options is not None and run_options.terminate:
                 raise InferenceCancelled("embedding cancelled between micro-batches")
             rows = order[start : start + self.micro_batch]
-            # Padding is on the right, so cutting columns at the batch's longest input is exact.
-            width = int(counts[rows].max())
-            feed = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
+            feed = self._encode([texts[i] for i in rows])
             try:
                 (batch,) = self._session.run(["sentence_embedding"], feed, run_options)
             except Exception as exc:
@@ -144,4 +153,4 @@ class Embedder:
                 raise
             vectors[rows] = batch
 
-        return EmbedResult(vectors, [int(n) for n in counts])
+        return EmbedResult(vectors, counts)
