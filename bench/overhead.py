@@ -20,6 +20,7 @@ Usage: ``python bench/overhead.py [--n 5000] [--repeats 2] [--json out.json] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing as mp
@@ -27,6 +28,8 @@ import os
 import platform
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +41,9 @@ from typing import Any
 import numpy as np
 from openai import OpenAI
 
-from idlefleet.agent.runtime import Embedder
+from idlefleet.agent.runtime import Embedder, load_tokenizer
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
+from idlefleet.models import minilm
 from idlefleet.models.catalog import MINILM
 
 TARGET_RATIO = 0.90
@@ -186,20 +190,21 @@ class FleetRun:
         return n / self.seconds_with_download
 
 
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process (all its threads), from /proc."""
     fields = _proc_stat(pid)
     if fields is None:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_stat(pid: int | str) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
 
 
 def _tree_cpu_seconds() -> float:
@@ -352,6 +357,43 @@ def parse_output(content: bytes, n: int) -> np.ndarray:
     return vectors
 
 
+@contextlib.contextmanager
+def profiling(fleet: EmbeddedFleet, out_dir: Path | None) -> Iterator[None]:
+    """Sample every fleet process with py-spy while the block runs (no-op without out_dir)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if out_dir is None or not Path(spy).exists():
+        if out_dir is not None:
+            _say("      py-spy not found; not profiling (pip install py-spy into the venv)")
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samplers = []
+    for name, pid in _fleet_pids(fleet).items():
+        if name == "nats-server":
+            continue
+        target = out_dir / (name.replace(" ", "-") + ".txt")
+        command = [spy, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(target)]
+        samplers.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+    time.sleep(1.0)  # py-spy attaches asynchronously
+    try:
+        yield
+    finally:
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for sampler in samplers:
+            sampler.wait(30)
+        _say(f"      py-spy profiles (collapsed stacks) in {out_dir}")
+
+
+def sort_by_tokens(texts: Sequence[str]) -> list[str]:
+    """``texts`` ordered by token count (stable), as a length-aware unit cutter would lease."""
+    tokenizer = load_tokenizer(minilm.default_model_dir())
+    counts = [sum(e.attention_mask) for e in tokenizer.encode_batch(list(texts))]
+    return [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
+
+
 # -- (b) one process, (c) a pool ---------------------------------------------------------------
 def run_single(embedder: Embedder, texts: Sequence[str]) -> tuple[float, np.ndarray]:
     started = time.perf_counter()
@@ -408,6 +450,27 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _source_version() -> str:
+    """The commit the measured code is at (``+dirty`` if src/ has uncommitted changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -434,6 +497,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=60.0,
         help="before each measurement wait up to this many seconds for an idle machine",
     )
+    parser.add_argument(
+        "--order",
+        choices=["input", "length"],
+        default="input",
+        help="length: submit the inputs sorted by token count (diagnostic: shows what the "
+        "fleet would do if units were cut by length, with padding out of the picture)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="profile the coordinator and agents with py-spy (if installed) during the first "
+        "fleet batch; collapsed stacks are written to DIR",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, db)")
     args = parser.parse_args(argv)
@@ -447,13 +524,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts = demo_texts(args.n)
     else:
         texts = bench_texts(args.n)
+    if args.order == "length":
+        texts = sort_by_tokens(texts)
     data = batch_input(texts)
     n = len(texts)
     words = [len(t.split()) for t in texts]
     _say(
-        f"inputs: {n} {args.texts} sentences, {min(words)}-{max(words)} words "
+        f"inputs: {n} {args.texts} sentences in {args.order} order, "
+        f"{min(words)}-{max(words)} words "
         f"(mean {np.mean(words):.1f}), batch file {len(data) / 1e6:.2f} MB; "
-        f"python {platform.python_version()}, {os.cpu_count()} cpus, load {_loadavg()}"
+        f"code {_source_version()}, python {platform.python_version()}, "
+        f"{os.cpu_count()} cpus, load {_loadavg()}"
     )
 
     data_dir = Path(tempfile.mkdtemp(prefix="idlefleet-overhead-"))
@@ -511,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def measure_a() -> None:
             _say(f"  {wait_until_quiet(args.quiet_wait)}")
-            with NoiseMeter() as noise:
+            profile = args.py_spy if args.py_spy and not fleet_runs else None
+            with NoiseMeter() as noise, profiling(fleet, profile):
                 run = run_fleet_batch(fleet, client, data, n)
             fleet_runs.append(run)
             results["a"].append(
@@ -594,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         figures = {
             "inputs": n,
+            "code": _source_version(),
             "texts": args.texts,
+            "order": args.order,
             "repeats": args.repeats,
             "a_inputs_per_s": best_a["rate"],
             "a_incl_download_inputs_per_s": best_a_dl,

@@ -218,10 +218,13 @@ class VehicleAgent:
         loop = asyncio.get_running_loop()
         sends: list[asyncio.Task[bool]] = []
         step = self.config.chunk_requests
-        for start in range(0, len(grant.items), step):
+        # Similar lengths in one chunk pad least (the coordinator leases by length already;
+        # sorting here keeps that true whatever order a unit arrives in).
+        items = sorted(grant.items, key=lambda item: sum(len(t) for t in item.texts))
+        for start in range(0, len(items), step):
             if sends and sends[-1].done() and not sends[-1].result():
                 break  # the lease is gone: the coordinator re-queued the rest
-            chunk = grant.items[start : start + step]
+            chunk = items[start : start + step]
             texts = [t for item in chunk for t in item.texts]
             result = await loop.run_in_executor(self._compute, self.embedder.embed, texts)
             sends.append(

@@ -24,10 +24,12 @@ from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS, parse_batch_i
 from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from idlefleet.coordinator.openai_format import (
     batch_errors_object,
+    derived_id,
     embedding_response,
     error_line,
     new_id,
     output_line,
+    output_line_json,
 )
 from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store
 
@@ -314,8 +316,12 @@ class BatchService:
     def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO) -> tuple[int, int]:
         n_out = n_err = 0
         for req in self.store.iter_requests(batch_id):
-            request_id = new_id("batch_req_")
-            if req.state == "done" and req.vectors is not None and req.dim:
+            request_id = derived_id("batch_req_", batch_id, req.seq)
+            if req.state == "done" and req.body is not None:
+                response_id = derived_id("", batch_id, req.seq, "response")
+                out.write(output_line_json(request_id, req.custom_id, 200, req.body, response_id))
+                n_out += 1
+            elif req.state == "done" and req.vectors is not None and req.dim:
                 vectors = np.frombuffer(req.vectors, dtype="<f4").reshape(-1, req.dim)
                 fmt: Literal["float", "base64"] = (
                     "base64" if req.encoding_format == "base64" else "float"

@@ -41,6 +41,7 @@ was slower than both. base64 takes ~8 µs.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import string
@@ -61,12 +62,15 @@ __all__ = [
     "FILE_ID_PREFIX",
     "batch_errors_object",
     "cancelled_line",
+    "derived_id",
+    "embedding_body_json",
     "embedding_response",
     "error_line",
     "expired_line",
     "new_id",
     "new_request_id",
     "output_line",
+    "output_line_json",
     "request_error_line",
     "shortest_float32",
 ]
@@ -92,9 +96,28 @@ _POWERS_OF_TEN = 10.0 ** np.arange(23)
 _DIGITS = np.arange(6, 10)[:, np.newaxis]
 
 
+def _base62(number: int) -> str:
+    chars = []
+    for _ in range(_ID_LENGTH):
+        number, digit = divmod(number, 62)
+        chars.append(_ID_ALPHABET[digit])
+    return "".join(chars)
+
+
 def new_id(prefix: str) -> str:
     """A random OpenAI-style id: ``prefix`` + 24 base62 characters (~143 bits)."""
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+    # One draw of 18 random bytes, not 24 draws of one character: ids are made per output line.
+    return prefix + _base62(int.from_bytes(secrets.token_bytes(18), "big"))
+
+
+def derived_id(prefix: str, *parts: object) -> str:
+    """A stable OpenAI-style id derived from ``parts`` (same parts, same id).
+
+    Used for the ``batch_req_`` ids of output lines, so that rendering a batch's files again
+    (after a crash in finalisation) gives the same bytes.
+    """
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=18).digest()
+    return prefix + _base62(int.from_bytes(digest, "big"))
 
 
 def new_request_id() -> str:
@@ -166,6 +189,31 @@ def embedding_response(
         "model": job_model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+
+
+def embedding_body_json(
+    job_model: str,
+    vectors: npt.NDArray[np.float32],
+    token_counts: Sequence[int],
+    encoding_format: Literal["float", "base64"],
+) -> bytes:
+    """:func:`embedding_response` as compact UTF-8 JSON, ready for :func:`output_line_json`."""
+    return _jsonl(embedding_response(job_model, vectors, token_counts, encoding_format))[:-1]
+
+
+def output_line_json(
+    request_id: str, custom_id: str, status_code: int, body_json: bytes, response_request_id: str
+) -> bytes:
+    """:func:`output_line` around a body that is already JSON (rendered when it arrived)."""
+    head = _jsonl(
+        {
+            "id": request_id,
+            "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": response_request_id},
+        }
+    )
+    # head ends with '}}\n': open the response object again to append the body.
+    return head[:-3] + b',"body":' + body_json + b'},"error":null}\n'
 
 
 def _jsonl(obj: Mapping[str, Any]) -> bytes:

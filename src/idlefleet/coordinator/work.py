@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
 from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.openai_format import embedding_body_json
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
 from idlefleet.coordinator.store import RequestResult, Store, VehicleRecord
 from idlefleet.models.catalog import MODELS
@@ -124,11 +126,22 @@ class WorkService:
         problem = _check_vectors(vectors, msg.dim)
         if problem:
             return ResultAck(error=WireError(code="bad_results", message=problem))
+        # Render each response body now, while the cars compute, rather than all at once in
+        # finalisation when the batch is otherwise done (that used to be ~8% of a batch's time).
+        formats = self.store.request_formats(lease.batch_id, msg.seqs)
         results = []
         row = 0
         for seq, n, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
-            results.append(RequestResult(seq, vectors[row : row + n].tobytes(), msg.dim, tokens))
+            rows = vectors[row : row + n]
             row += n
+            if seq not in formats:
+                continue  # not a request of this batch: commit_results would ignore it anyway
+            model, fmt = formats[seq]
+            # Usage is per request: the total goes on the first vector, the sum is what counts.
+            per_vector_tokens = [tokens] + [0] * (n - 1)
+            encoding: Literal["float", "base64"] = "base64" if fmt == "base64" else "float"
+            body = embedding_body_json(model, rows, per_vector_tokens, encoding)
+            results.append(RequestResult(seq, rows.tobytes(), msg.dim, tokens, body))
         now = self.clock()
         outcome = self.store.commit_results(
             vehicle_id, msg.lease_id, results, now, self.policy.lease_seconds

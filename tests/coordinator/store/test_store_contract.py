@@ -467,6 +467,24 @@ def test_lease_unit_serves_the_oldest_batch_first(store: Store) -> None:
     assert second.batch_id == "batch-new"
 
 
+def test_lease_unit_hands_out_the_longest_requests_first(store: Store) -> None:
+    store.create_batch(batch_record("batch-len"))
+    lengths = [5, 40, 12, 40, 1]
+    store.add_requests(
+        "batch-len",
+        [
+            NewRequest(seq=i, custom_id=f"r{i}", model=MODEL, texts=("x" * n,))
+            for i, n in enumerate(lengths)
+        ],
+    )
+
+    first = must_lease(store, size=3)
+    second = must_lease(store, size=3)
+
+    assert seqs_of(first) == [1, 3, 2]  # 40, 40 (by seq), 12
+    assert seqs_of(second) == [0, 4]
+
+
 def test_lease_unit_describes_the_unit(store: Store) -> None:
     add_batch(store, n=4)
 
@@ -1195,8 +1213,11 @@ class _Reference:
             return
         mine = [r for r in results if r.seq in held.seqs]
         accepted = 0
+        others: set[str] = set()
         for r in mine:
             if self.state[r.seq] in ("pending", "leased"):
+                if self.holder[r.seq] not in (None, lease_id):
+                    others.add(self.holder[r.seq])
                 self.state[r.seq], self.holder[r.seq] = "done", None
                 self.first[r.seq] = r.vectors
                 self.accepted[r.seq] += 1
@@ -1208,6 +1229,10 @@ class _Reference:
             assert outcome.deadline == self.now + LEASE_SECONDS
             held.deadline = self.now + LEASE_SECONDS
             self._close_if_finished(lease_id)
+        # A late answer that finishes another car's last open requests closes that lease too.
+        for other in others:
+            if self.leases[other].active:
+                self._close_if_finished(other)
 
     def return_(self, lease_id: str, seqs: frozenset[int]) -> None:
         held = self.leases[lease_id]

@@ -1,8 +1,9 @@
 """Persistent state of the coordinator behind one interface (:class:`Store`).
 
-``open_store(url)`` picks the backend: ``sqlite:///path/to/file.db`` (the default, one file in
-the data directory; see ``factory.py`` for the URL forms). A PostgreSQL backend will sit behind the same interface and pass the same
-contract tests (``tests/coordinator/store/test_store_contract.py``).
+``open_store(url)`` picks the backend: ``sqlite:///path/to/file.db`` (the default, one file
+in the data directory; ``factory.py`` lists the URL forms). A PostgreSQL backend will sit
+behind the same interface and pass the same contract tests
+(``tests/coordinator/store/test_store_contract.py``).
 """
 
 from idlefleet.coordinator.store.base import (

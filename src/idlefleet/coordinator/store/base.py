@@ -123,6 +123,8 @@ class RequestResult:
     vectors: bytes
     dim: int
     token_count: int
+    body: bytes | None = None
+    """The response body, already rendered as JSON (so finalisation only concatenates)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class StoredRequest:
     token_count: int | None
     error_status: int | None
     error_body: dict[str, Any] | None
+    body: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,10 @@ class Store(ABC):
     def request_counts(self, batch_id: str) -> RequestCounts: ...
 
     @abstractmethod
+    def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
+        """(model, encoding_format) of the given requests, by seq."""
+
+    @abstractmethod
     def lease_unit(
         self,
         vehicle_id: str,
@@ -222,6 +229,10 @@ class Store(ABC):
         unit_size: Callable[[int], int],
     ) -> Lease | None:
         """Lease pending requests of the oldest in-progress batch to ``vehicle_id``.
+
+        Longest requests go first (by ``sort_key``, the input's length): a unit then holds
+        inputs of similar length, which the model pads least, and the short ones are left for
+        the end, where they even out the last cars' finishing times (LPT scheduling).
 
         ``unit_size(pending)`` gets the number of pending requests of the chosen batch and says
         how many to take. Returns None when there is nothing to lease for these models.

@@ -65,6 +65,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             model TEXT NOT NULL,
             encoding_format TEXT NOT NULL,
             texts TEXT NOT NULL,
+            sort_key INTEGER NOT NULL,
             state TEXT NOT NULL,
             lease_id TEXT,
             vehicle_id TEXT,
@@ -74,12 +75,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             token_count INTEGER,
             error_status INTEGER,
             error_body TEXT,
+            body BLOB,
             finished_at REAL,
             PRIMARY KEY (batch_id, seq)
         );
         CREATE UNIQUE INDEX requests_custom_id ON requests(batch_id, custom_id);
-        CREATE INDEX requests_state ON requests(batch_id, state, seq);
+        CREATE INDEX requests_queue ON requests(batch_id, state, sort_key, seq);
         CREATE INDEX requests_lease ON requests(lease_id);
+        CREATE INDEX requests_vehicle ON requests(vehicle_id, state);
         CREATE TABLE leases (
             id TEXT PRIMARY KEY,
             batch_id TEXT NOT NULL,
@@ -101,10 +104,5 @@ MIGRATIONS: tuple[Migration, ...] = (
             status TEXT NOT NULL
         );
         """,
-    ),
-    Migration(
-        2,
-        "index requests by vehicle, for per-vehicle counts",
-        "CREATE INDEX requests_vehicle ON requests(vehicle_id, state)",
     ),
 )

@@ -266,6 +266,7 @@ class SqliteStore(Store):
                 r.model,
                 r.encoding_format,
                 json.dumps(list(r.texts), ensure_ascii=False),
+                sum(len(t) for t in r.texts),
                 "pending" if r.error_status is None else "failed",
                 r.error_status,
                 _dump(r.error_body),
@@ -275,7 +276,7 @@ class SqliteStore(Store):
         with self._write() as db:
             db.executemany(
                 "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
-                "state, error_status, error_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "sort_key, state, error_status, error_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         return len(rows)
@@ -298,6 +299,16 @@ class SqliteStore(Store):
     def request_counts(self, batch_id: str) -> RequestCounts:
         with self._lock:
             return self._counts(batch_id)
+
+    def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
+        marks = ",".join("?" * len(seqs))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, model, encoding_format FROM requests "
+                f"WHERE batch_id = ? AND seq IN ({marks})",
+                (batch_id, *seqs),
+            ).fetchall()
+        return {seq: (model, fmt) for seq, model, fmt in rows}
 
     def lease_unit(
         self,
@@ -327,7 +338,7 @@ class SqliteStore(Store):
             picked = db.execute(
                 "SELECT seq, custom_id, texts, model FROM requests "
                 f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
-                "ORDER BY seq LIMIT ?",
+                "ORDER BY sort_key DESC, seq LIMIT ?",
                 (batch_id, *models, size),
             ).fetchall()
             # One lease carries one model: keep the picked requests of the first one's model.
@@ -379,9 +390,19 @@ class SqliteStore(Store):
                 ).fetchone()
                 done = db.execute(
                     "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
-                    "vehicle_id = ?, lease_id = ?, finished_at = ? "
+                    "body = ?, vehicle_id = ?, lease_id = ?, finished_at = ? "
                     "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
-                    (r.vectors, r.dim, r.token_count, vehicle_id, lease_id, now, batch_id, r.seq),
+                    (
+                        r.vectors,
+                        r.dim,
+                        r.token_count,
+                        r.body,
+                        vehicle_id,
+                        lease_id,
+                        now,
+                        batch_id,
+                        r.seq,
+                    ),
                 ).rowcount
                 committed += done
                 if done and holder and holder[0] != lease_id:
@@ -504,7 +525,7 @@ class SqliteStore(Store):
             with self._lock:
                 rows = self._db.execute(
                     "SELECT seq, custom_id, state, encoding_format, model, vectors, dim, "
-                    "token_count, error_status, error_body FROM requests "
+                    "token_count, error_status, error_body, body FROM requests "
                     "WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT 1000",
                     (batch_id, last),
                 ).fetchall()
@@ -514,6 +535,7 @@ class SqliteStore(Store):
                 values = list(row)
                 values[5] = bytes(values[5]) if values[5] is not None else None
                 values[9] = _load(values[9])
+                values[10] = bytes(values[10]) if values[10] is not None else None
                 yield StoredRequest(*values)
             last = rows[-1][0]
 
