@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from idlefleet.coordinator.batch_input import BatchFileError
 from idlefleet.coordinator.errors import IdlefleetError
@@ -217,9 +217,11 @@ def output_line_json(
 
 
 def _jsonl(obj: Mapping[str, Any]) -> bytes:
-    # Compact and UTF-8: one byte per separator saved is ~19 MB on a full 50,000-input batch.
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8") + b"\n"
+    # Compact and UTF-8 (one byte per separator saved is ~19 MB on a full 50,000-input batch).
+    # orjson prints the same shortest float reprs as json, ~6x faster, which matters when every
+    # result of a batch is rendered on the coordinator. It writes NaN as null where json would
+    # refuse, so non-finite values are refused before they get here (shortest_float32).
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def output_line(
