@@ -14,7 +14,8 @@ in alternating order on every repeat, and the best of each is kept, so machine n
 three alike. The fleet's own timeline (from the polls) and the CPU seconds each fleet process
 spent are printed as well, to show where (a) loses time.
 
-Usage: ``python bench/overhead.py [--n 5000] [--repeats 2] [--json out.json] [--keep]``.
+Usage: ``python bench/overhead.py [--n 5000] [--repeats 2] [--json out.json] [--keep]``; the
+diagnostic flags (``--texts``, ``--order``, ``--py-spy``) are described in ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -395,10 +396,11 @@ def sort_by_tokens(texts: Sequence[str]) -> list[str]:
 
 
 # -- (b) one process, (c) a pool ---------------------------------------------------------------
-def run_single(embedder: Embedder, texts: Sequence[str]) -> tuple[float, np.ndarray]:
-    started = time.perf_counter()
+def run_single(embedder: Embedder, texts: Sequence[str]) -> tuple[float, float, np.ndarray]:
+    """(wall seconds, CPU seconds of this process's threads, vectors)."""
+    cpu, started = time.process_time(), time.perf_counter()
     vectors = embedder.embed(texts).vectors
-    return time.perf_counter() - started, vectors
+    return time.perf_counter() - started, time.process_time() - cpu, vectors
 
 
 _pool_embedder: Embedder | None = None
@@ -421,18 +423,21 @@ def _chunks(texts: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(texts[start : start + size])
 
 
-def run_pool(pool: Any, texts: Sequence[str], chunk: int) -> tuple[float, np.ndarray]:
+def run_pool(pool: Any, texts: Sequence[str], chunk: int) -> tuple[float, float, np.ndarray]:
+    """(wall seconds, CPU seconds of the pool's workers, vectors in input order)."""
+    workers = [p.pid for p in mp.active_children() if p.pid is not None]
+    cpu = sum(_cpu_seconds(pid) for pid in workers)
     started = time.perf_counter()
     parts = list(pool.imap(_pool_embed, _chunks(texts, chunk)))
     vectors = np.concatenate(parts)
-    return time.perf_counter() - started, vectors
+    seconds = time.perf_counter() - started
+    return seconds, sum(_cpu_seconds(pid) for pid in workers) - cpu, vectors
 
 
 def padding_stats(embedder: Embedder, texts: Sequence[str], group: int | None) -> dict[str, int]:
     """Tokens the model computes on (with padding) when texts are sorted within ``group``s.
 
-    ``group=None`` sorts all texts at once (what (b) does); ``group=64`` is what an agent does
-    with each chunk of 64 requests; (c) sorts within its own chunks.
+    ``group=None`` sorts all texts at once (what (b) does); (c) sorts within its own chunks.
     """
     counts = np.asarray(embedder.count_tokens(list(texts)))
     group = group or len(counts)
@@ -563,18 +568,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonlocal reference
             _say(f"  {wait_until_quiet(args.quiet_wait)}")
             with NoiseMeter() as noise:
-                seconds, vectors = run_single(embedder, texts)
+                seconds, cpu, vectors = run_single(embedder, texts)
             reference = vectors if reference is None else reference
             results["b"].append(
-                {"rate": n / seconds, "seconds": seconds, "foreign_share": noise.foreign_share}
+                {
+                    "rate": n / seconds,
+                    "seconds": seconds,
+                    "cpu_s": cpu,
+                    "foreign_share": noise.foreign_share,
+                }
             )
-            _say(f"  (b) 1 proc 2 thr     {n / seconds:7.1f} inputs/s  ({seconds:.2f} s; {noise})")
+            _say(
+                f"  (b) 1 proc 2 thr     {n / seconds:7.1f} inputs/s  ({seconds:.2f} s, "
+                f"{cpu:.1f} cpu-s; {noise})"
+            )
 
         def measure_c() -> None:
             for chunk in chunk_sizes:
                 _say(f"  {wait_until_quiet(args.quiet_wait)}")
                 with NoiseMeter() as noise:
-                    seconds, vectors = run_pool(pool, texts, chunk)
+                    seconds, cpu, vectors = run_pool(pool, texts, chunk)
                 if reference is not None:
                     np.testing.assert_allclose(vectors, reference, atol=1e-4)
                 results["c"].append(
@@ -582,12 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "rate": n / seconds,
                         "seconds": seconds,
                         "chunk": chunk,
+                        "cpu_s": cpu,
                         "foreign_share": noise.foreign_share,
                     }
                 )
                 _say(
                     f"  (c) pool 2x1 thr     {n / seconds:7.1f} inputs/s  ({seconds:.2f} s, "
-                    f"chunks of {chunk}; {noise})"
+                    f"{cpu:.1f} cpu-s, chunks of {chunk}; {noise})"
                 )
 
         def measure_a() -> None:
@@ -602,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "seconds": run.seconds,
                     "rate_incl_download": run.rate_with_download(n),
                     "seconds_incl_download": run.seconds_with_download,
+                    "cpu_s": sum(v for k, v in run.cpu_seconds.items() if k.startswith("agent")),
                     "foreign_share": noise.foreign_share,
                 }
             )
@@ -631,7 +646,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AssertionError(f"fleet vectors disagree with (b): min cosine {min_cos:.6f}")
         padding = {
             "b (sorted globally)": padding_stats(embedder, texts, None),
-            "a (agents: per 64)": padding_stats(embedder, texts, 64),
         }
         for chunk in chunk_sizes:
             padding[f"c (per {chunk})"] = padding_stats(embedder, texts, chunk)
@@ -656,6 +670,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"        {name:22s} {stats['padded_tokens']:8d} / {stats['real_tokens']} = "
             f"{stats['padded_tokens'] / stats['real_tokens']:.3f}"
         )
+    _say(
+        "cpu-s spent embedding, least per measurement (the model's work, padding included): "
+        + ", ".join(
+            f"{name} {min(m['cpu_s'] for m in results[key]):.1f}"
+            for key, name in (("a", "(a) agents"), ("b", "(b)"), ("c", "(c) workers"))
+        )
+    )
     _say(_log_summary(data_dir / "logs"))
     _say("")
     _say(f"inputs            {n}")

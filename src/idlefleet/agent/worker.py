@@ -218,9 +218,12 @@ class VehicleAgent:
         loop = asyncio.get_running_loop()
         sends: list[asyncio.Task[bool]] = []
         step = self.config.chunk_requests
-        # Similar lengths in one chunk pad least (the coordinator leases by length already;
-        # sorting here keeps that true whatever order a unit arrives in).
-        items = sorted(grant.items, key=lambda item: sum(len(t) for t in item.texts))
+        # Similar token lengths in one chunk pad least. The coordinator leases by character
+        # length; tokens are what the model pads, and counting them costs ~1% of the run.
+        tokens = await loop.run_in_executor(
+            self._compute, self.embedder.count_tokens, [" ".join(i.texts) for i in grant.items]
+        )
+        items = [i for _, i in sorted(zip(tokens, grant.items, strict=True), key=lambda p: p[0])]
         for start in range(0, len(items), step):
             if sends and sends[-1].done() and not sends[-1].result():
                 break  # the lease is gone: the coordinator re-queued the rest
