@@ -1340,3 +1340,16 @@ def test_random_lease_histories_commit_every_request_exactly_once(
         assert rows[N_REQUESTS].state == "failed"
         assert {seq: rows[seq].vectors for seq in range(N_REQUESTS)} == reference.first
         assert s.active_lease_count("batch-1") == 0
+
+
+def test_commit_says_when_it_finished_the_lease(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store, size=3)
+
+    partial = commit(store, leased, [0, 1])
+    again = commit(store, leased, [0, 1])
+    last = commit(store, leased, [2])
+
+    assert not partial.lease_finished and partial.lease_active
+    assert not again.lease_finished
+    assert last.lease_finished and store.active_lease_count("batch-1") == 0

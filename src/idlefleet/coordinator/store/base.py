@@ -134,6 +134,8 @@ class CommitOutcome:
     lease_active: bool
     deadline: float | None
     unknown_lease: bool = False
+    lease_finished: bool = False
+    """This commit finished the lease's last open request."""
 
 
 @dataclass(frozen=True)

@@ -410,22 +410,33 @@ class SqliteStore(Store):
             for other in other_leases:
                 self._close_if_finished(db, other)
             active = state == "active"
+            finished = False
             if active:
                 deadline = now + lease_seconds
                 db.execute("UPDATE leases SET deadline = ? WHERE id = ?", (deadline, lease_id))
-                self._close_if_finished(db, lease_id)
-        return CommitOutcome(committed, len(mine) - committed, active, deadline if active else None)
+                finished = self._close_if_finished(db, lease_id)
+        return CommitOutcome(
+            committed,
+            len(mine) - committed,
+            active,
+            deadline if active else None,
+            lease_finished=finished,
+        )
 
     @staticmethod
-    def _close_if_finished(db: sqlite3.Connection, lease_id: str) -> None:
+    def _close_if_finished(db: sqlite3.Connection, lease_id: str) -> bool:
         (open_items,) = db.execute(
             "SELECT COUNT(*) FROM requests WHERE lease_id = ? AND state = 'leased'", (lease_id,)
         ).fetchone()
-        if open_items == 0:
+        if open_items:
+            return False
+        return (
             db.execute(
                 "UPDATE leases SET state = 'finished' WHERE id = ? AND state = 'active'",
                 (lease_id,),
-            )
+            ).rowcount
+            > 0
+        )
 
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
         with self._lock:
