@@ -67,7 +67,7 @@ def test_opening_a_fresh_file_waits_for_another_writer_instead_of_failing(tmp_pa
     path = tmp_path / "store.db"
 
     with writer_holding_the_lock(path, seconds=0.3):
-        store = open_store("sqlite://" + str(path))
+        store = open_store(sqlite_url(path))
 
     assert isinstance(store, SqliteStore)
     assert store.schema_version() == LATEST_SCHEMA
