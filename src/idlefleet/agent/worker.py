@@ -64,7 +64,6 @@ class VehicleAgent:
         self._online = ThreadPoolExecutor(1, thread_name_prefix="online")
         self._registered = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
-        self.completed_requests = 0
 
     # -- wire helpers --------------------------------------------------------------------------
     async def _call(
@@ -265,7 +264,6 @@ class VehicleAgent:
             if ack.error is not None:
                 log.warning("results refused: %s", ack.error.message)
                 return False
-            self.completed_requests += ack.committed
             return ack.lease_active
         return False
 
