@@ -18,7 +18,12 @@ install: $(BIN)/idlefleet
 demo: install
 	$(BIN)/idlefleet up --demo
 
-test: install
+# The tests also cover the optional KUKSA state source, so they install that extra as well.
+$(VENV)/.kuksa: $(BIN)/idlefleet
+	$(BIN)/pip install -q -e '.[dev,kuksa]'
+	touch $(VENV)/.kuksa
+
+test: install $(VENV)/.kuksa
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -27,3 +32,4 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/preemption.py

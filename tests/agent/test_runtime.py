@@ -168,7 +168,7 @@ def test_terminate_from_another_thread_stops_a_long_call(embedder: Embedder) -> 
 
 def test_terminate_interrupts_a_running_micro_batch(model_cache_root: Path) -> None:
     # One micro-batch holding everything: cancellation can only come from inside ORT's run.
-    single_batch = Embedder.load(model_cache_root, micro_batch=256)
+    single_batch = Embedder.load(model_cache_root, micro_batch=256, max_batch_tokens=10**6)
     texts = _long_texts(256)
     options = ort.RunOptions()
     timer = threading.Timer(0.5, lambda: setattr(options, "terminate", True))

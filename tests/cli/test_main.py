@@ -6,14 +6,16 @@ import pytest
 
 from idlefleet.cli.main import main
 
+TRACE = ["--trace", "trace.jsonl"]  # an agent needs a state source; the file is never read
+
 
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
         (["up", "--agents", "0"], "positive integer"),
         (["up", "--port", "70000"], "port must be"),
-        (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "bad id"], "vehicle id"),
-        (["agent", "--nats-url", "http://x", "--vehicle-id", "car-1"], "nats://"),
+        (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "bad id", *TRACE], "vehicle id"),
+        (["agent", "--nats-url", "http://x", "--vehicle-id", "car-1", *TRACE], "nats://"),
         (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "c", "--tops", "-1"], "positive"),
         (["coordinator", "--nats-url", "nats://x:1", "--store", "mysql://x"], "store URL"),
         (["frobnicate"], "invalid choice"),

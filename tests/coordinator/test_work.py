@@ -23,6 +23,7 @@ from idlefleet.protocol.messages import (
     WorkRequest,
     pack_vectors,
 )
+from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -50,7 +51,10 @@ def services(tmp_path: Path, clock: Clock) -> tuple[BatchService, WorkService]:
     return batches, work
 
 
-def _register(work: WorkService, vehicle_id: str) -> None:
+def _register(work: WorkService, vehicle_id: str, opted_in: bool = True) -> None:
+    """Register a car; by default its owner has opted in (as the tests of leasing need)."""
+    if opted_in:
+        work.owners.set_consent(vehicle_id, True, "owner:test")
     reply = work.register(
         vehicle_id,
         RegisterRequest(
@@ -63,10 +67,14 @@ def _register(work: WorkService, vehicle_id: str) -> None:
     assert reply.accepted
 
 
-def _batch(batches: BatchService, n: int) -> str:
+def _batch(
+    batches: BatchService, n: int, purpose: str = "general", data_region: str = "global"
+) -> str:
     texts = [f"text {i}" for i in range(n)]
     record = batches.upload_file("in.jsonl", "batch", batch_input(texts))
-    batch = batches.create_batch(record.id, "/v1/embeddings", "24h")
+    batch = batches.create_batch(
+        record.id, "/v1/embeddings", "24h", purpose=purpose, data_region=data_region
+    )
     assert batches.validate(batch.id).status == "in_progress"
     return batch.id
 
@@ -201,3 +209,142 @@ def test_release_returns_unfinished_work_at_once(
         releasable += [i.seq for i in regrant.items]
     assert sorted(releasable) == [s for s in range(4) if s != grant.items[0].seq]
     assert batches.get_batch(batch_id).request_counts.completed == 1
+
+
+# -- owner policy and consent --------------------------------------------------------------------
+
+
+def test_a_car_whose_owner_never_opted_in_gets_no_lease(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1", opted_in=False)
+    batch_id = _batch(batches, 4)
+
+    grant = work.work("car-1", ASK)
+
+    assert grant.lease_id is None and grant.items == []
+    assert grant.error is not None and grant.error.code == "not_opted_in"
+    assert grant.retry_after_s == 5
+    assert batches.get_batch(batch_id).request_counts.pending == 4
+    car = work.store.get_vehicle("car-1")
+    assert car is not None and (car.status, car.status_reason) == ("paused", "not_opted_in")
+
+
+def test_opting_in_lets_the_car_lease_and_opting_out_stops_it(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1", opted_in=False)
+    _batch(batches, 20)
+
+    work.owners.set_consent("car-1", True, "owner:alice")
+    leased = work.work("car-1", WorkRequest(max_requests=2, models=[MODEL]))
+    work.owners.set_consent("car-1", False, "owner:alice")
+    refused = work.work("car-1", WorkRequest(max_requests=2, models=[MODEL]))
+
+    assert leased.lease_id is not None and leased.error is None
+    assert (leased.purpose, leased.data_region) == ("general", "global")
+    assert refused.lease_id is None
+    assert refused.error is not None and refused.error.code == "not_opted_in"
+
+
+@pytest.mark.parametrize(
+    ("batch_tags", "consent"),
+    [
+        ({"purpose": "advertising"}, {"purposes": ["general", "research"]}),
+        ({"data_region": "us"}, {"data_regions": ["eu", "global"]}),
+    ],
+    ids=["purpose", "data_region"],
+)
+def test_a_unit_goes_only_to_cars_whose_owner_allows_its_purpose_and_region(
+    services: tuple[BatchService, WorkService],
+    batch_tags: dict[str, str],
+    consent: dict[str, list[str]],
+) -> None:
+    batches, work = services
+    _register(work, "strict", opted_in=False)
+    _register(work, "open", opted_in=False)
+    work.owners.set_consent("strict", True, "owner:s", **consent)
+    work.owners.set_consent("open", True, "owner:o")
+    batch_id = _batch(batches, 6, **batch_tags)
+
+    refused = work.work("strict", ASK)
+    granted = work.work("open", ASK)
+
+    assert refused.lease_id is None and refused.error is None  # simply no work it may take
+    assert granted.lease_id is not None and granted.batch_id == batch_id
+    expected = {"purpose": "general", "data_region": "global"} | batch_tags
+    assert {"purpose": granted.purpose, "data_region": granted.data_region} == expected
+
+
+def test_register_and_heartbeat_tell_the_car_its_policy_version(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    _, work = services
+    first = work.register(
+        "car-1",
+        RegisterRequest(
+            protocol_version=1,
+            agent_version="t",
+            hardware=Hardware(accelerator="cpu", tops=1, memory_gb=1, power_w=1),
+            models=[MODEL],
+        ),
+    )
+    work.owners.set_consent("car-1", True, "owner:alice")
+    work.owners.set_consent("car-1", True, "owner:alice", purposes=["research"])
+
+    ack = work.heartbeat("car-1", Heartbeat(seq=1, status="paused", reason="not_charging"))
+    update = work.policy("car-1", PolicyRequest())
+
+    assert first.policy_version == 0
+    assert ack.ok and ack.policy_version == 2
+    assert (update.version, update.policy.opted_in, update.policy.purposes) == (
+        2,
+        True,
+        ["research"],
+    )
+    car = work.store.get_vehicle("car-1")
+    assert car is not None and (car.status, car.status_reason) == ("paused", "not_charging")
+
+
+def test_a_car_with_no_policy_gets_the_cautious_default(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    _, work = services
+
+    update = work.policy("car-new", PolicyRequest())
+
+    assert update.version == 0 and update.policy == OwnerPolicy()
+    assert not update.policy.opted_in
+
+
+def test_energy_from_results_and_release_is_recorded_on_the_lease(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _batch(batches, 4)
+    grant = work.work("car-1", ASK)
+    assert grant.lease_id is not None and len(grant.items) >= 2
+    first = _results(grant).model_copy(
+        update={
+            "seqs": [grant.items[0].seq],
+            "text_counts": [1],
+            "token_counts": [3],
+            "vectors_b64": pack_vectors(_unit_vectors(1)),
+        }
+    )
+
+    work.results("car-1", ResultChunk.model_validate(first.model_dump() | {"energy_j": 40.0}))
+    work.release(
+        "car-1", Release(lease_id=grant.lease_id, reason="preempted: not_parked", energy_j=2.5)
+    )
+
+    lease = work.store.get_lease("car-1", grant.lease_id)
+    assert lease is not None
+    assert (lease.state, lease.end_reason, lease.energy_j) == (
+        "released",
+        "preempted: not_parked",
+        42.5,
+    )

@@ -26,6 +26,11 @@ class AgentConfig:
     long_poll_s: float = 10.0
     prefetch: bool = True
     """Lease the next unit while the current one runs, so the model never waits on the wire."""
+    resume_after_s: float = 300.0
+    """Hysteresis: after any stop, resume only once the car has been fit to compute this long
+    (in the state source's clock). BOINC's Android client waits five minutes."""
+    battery_kwh: float = 75.0
+    """Usable traction-battery capacity, to turn compute energy into state of charge."""
 
     def __post_init__(self) -> None:
         if not is_valid_vehicle_id(self.vehicle_id):
@@ -40,3 +45,7 @@ class AgentConfig:
             raise ValueError("need 1 <= chunk_requests <= max_unit_requests <= 10000")
         if not 0 <= self.long_poll_s <= 30:
             raise ValueError("long_poll_s must be between 0 and 30")
+        if not 0 <= self.resume_after_s <= 86_400:
+            raise ValueError("resume_after_s must be between 0 and 86400 seconds")
+        if not 1 <= self.battery_kwh <= 1000:
+            raise ValueError("battery_kwh must be between 1 and 1000")

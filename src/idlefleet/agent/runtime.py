@@ -30,10 +30,26 @@ __all__ = [
 ]
 
 DEFAULT_MICRO_BATCH = 32
+DEFAULT_MAX_BATCH_TOKENS = 2048
+"""Padded tokens per micro-batch. ONNX Runtime can stop a run only between graph nodes, and a
+node's time grows with the batch's tokens: 32 inputs of 256 tokens made single nodes of up to
+300 ms, too slow to stop a run when the driver comes back. Capping the tokens keeps each node
+short; long inputs lose nothing by it (they ran no faster per input in batches of 32)."""
 
 
 class InferenceCancelled(Exception):
-    """The caller asked (through `RunOptions.terminate`) for the embedding run to stop."""
+    """The caller asked (through `RunOptions.terminate`) for the embedding run to stop.
+
+    ``done`` marks the texts whose vectors were finished before the stop; their rows in
+    ``partial`` are valid (the others are not), so a caller can still keep that work.
+    """
+
+    def __init__(
+        self, message: str, partial: EmbedResult | None = None, done: np.ndarray | None = None
+    ) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.done = done
 
 
 @dataclass(frozen=True)
@@ -65,9 +81,12 @@ class Embedder:
         *,
         model_sha256: str,
         micro_batch: int = DEFAULT_MICRO_BATCH,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> None:
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         padding = tokenizer.padding
         # Each micro-batch is padded by the tokenizer itself, so it must pad to the batch's
         # longest input and on the right: the graph numbers positions 0..S-1 whatever the mask
@@ -82,6 +101,7 @@ class Embedder:
         self._counter.no_padding()
         self.model_sha256 = model_sha256
         self.micro_batch = micro_batch
+        self.max_batch_tokens = max_batch_tokens
 
     @classmethod
     def load(
@@ -90,6 +110,7 @@ class Embedder:
         threads: int = 1,
         *,
         micro_batch: int = DEFAULT_MICRO_BATCH,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         model_dir: Path | None = None,
     ) -> Embedder:
         """Build or reuse the cached graph under `cache_root` and open a session on it."""
@@ -108,7 +129,13 @@ class Embedder:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        return cls(session, load_tokenizer(model_dir), model_sha256=sha, micro_batch=micro_batch)
+        return cls(
+            session,
+            load_tokenizer(model_dir),
+            model_sha256=sha,
+            micro_batch=micro_batch,
+            max_batch_tokens=max_batch_tokens,
+        )
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Model inputs for one micro-batch, padded to its longest text."""
@@ -122,9 +149,16 @@ class Embedder:
         """Tokens each text becomes after truncation, including [CLS] and [SEP]."""
         return [len(e.ids) for e in self._counter.encode_batch(list(texts))]
 
-    def embed(self, texts: Sequence[str], run_options: ort.RunOptions | None = None) -> EmbedResult:
+    def embed(
+        self,
+        texts: Sequence[str],
+        run_options: ort.RunOptions | None = None,
+        token_counts: Sequence[int] | None = None,
+    ) -> EmbedResult:
         """Embed `texts`; set `run_options.terminate = True` from any thread to cancel.
 
+        ``token_counts`` (from `count_tokens`) saves counting again; tokenising is the one
+        part of a run that cannot be interrupted, so a caller that has counted should pass it.
         Raises `InferenceCancelled` if the run is terminated, before or during any micro-batch.
         """
         if isinstance(texts, str):
@@ -132,16 +166,21 @@ class Embedder:
             # what the caller meant.
             raise TypeError("embed() takes a sequence of texts, not a single str")
         texts = list(texts)
-        counts = self.count_tokens(texts)
+        if token_counts is not None and len(token_counts) != len(texts):
+            raise ValueError("token_counts must have one entry per text")
+        counts = list(token_counts) if token_counts is not None else self.count_tokens(texts)
         # Stable sort, so equal-length texts keep their relative order and results are
         # reproducible batch for batch.
         order = np.argsort(np.asarray(counts, dtype=np.int64), kind="stable")
-        vectors = np.empty((len(texts), minilm.EMBEDDING_DIM), dtype=np.float32)
+        vectors = np.zeros((len(texts), minilm.EMBEDDING_DIM), dtype=np.float32)
+        done = np.zeros(len(texts), dtype=bool)
 
-        for start in range(0, len(order), self.micro_batch):
+        for batch_slice in self.micro_batches([counts[i] for i in order]):
+            rows = order[batch_slice]
             if run_options is not None and run_options.terminate:
-                raise InferenceCancelled("embedding cancelled between micro-batches")
-            rows = order[start : start + self.micro_batch]
+                raise InferenceCancelled(
+                    "embedding cancelled between micro-batches", EmbedResult(vectors, counts), done
+                )
             feed = self._encode([texts[i] for i in rows])
             try:
                 (batch,) = self._session.run(["sentence_embedding"], feed, run_options)
@@ -149,8 +188,30 @@ class Embedder:
                 # ORT signals termination with a generic runtime error; the flag, not the
                 # message text, is what tells a cancellation apart from a real failure.
                 if run_options is not None and run_options.terminate:
-                    raise InferenceCancelled("embedding cancelled during a micro-batch") from exc
+                    raise InferenceCancelled(
+                        "embedding cancelled during a micro-batch",
+                        EmbedResult(vectors, counts),
+                        done,
+                    ) from exc
                 raise
             vectors[rows] = batch
+            done[rows] = True
 
         return EmbedResult(vectors, counts)
+
+    def micro_batches(self, sorted_counts: Sequence[int]) -> list[slice]:
+        """Split texts sorted by token count into runs of at most ``micro_batch`` texts and
+        ``max_batch_tokens`` padded tokens (a text longer than the budget runs alone)."""
+        batches = []
+        start = 0
+        while start < len(sorted_counts):
+            end = start + 1
+            while (
+                end < len(sorted_counts)
+                and end - start < self.micro_batch
+                and sorted_counts[end] * (end - start + 1) <= self.max_batch_tokens
+            ):
+                end += 1
+            batches.append(slice(start, end))
+            start = end
+        return batches

@@ -5,6 +5,14 @@ one leased unit in hand ahead of the one running, so the model never waits on th
 runner embeds a unit in chunks, sending each chunk's results at once (which commits them and
 extends the lease) while the next chunk computes. On shutdown the agent releases what it holds,
 so the coordinator re-queues it at once instead of waiting for the lease to expire.
+
+Whether the car may compute is decided here, in the car, by the `ComputeGate` and its
+`PolicyGuard`, fed by the state source on its own thread. The agent asks for work only while
+the gate allows it; when the gate says stop, the running model run is cancelled on the spot
+(by the gate, not by this loop), the requests already finished are submitted, the rest of the
+unit and any unit held in reserve are released at once with the reason, and the next
+heartbeat reports the car as paused, with why. The owner's policy comes from the coordinator:
+pushed when the owner changes it, and fetched whenever a heartbeat shows a newer version.
 """
 
 from __future__ import annotations
@@ -21,8 +29,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from idlefleet import __version__
+from idlefleet.agent.chunk_runner import ChunkOutcome, run_chunk
+from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
+from idlefleet.agent.energy import EnergyMeter
+from idlefleet.agent.policy_guard import PolicyGuard, Verdict
 from idlefleet.agent.runtime import Embedder
+from idlefleet.agent.sources.base import StateSource
 from idlefleet.models.catalog import MINILM
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
@@ -45,6 +58,7 @@ from idlefleet.protocol.messages import (
     WorkRequest,
     pack_vectors,
 )
+from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
 
 log = logging.getLogger(__name__)
@@ -53,9 +67,22 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 class VehicleAgent:
-    def __init__(self, config: AgentConfig, embedder: Embedder) -> None:
+    def __init__(self, config: AgentConfig, embedder: Embedder, source: StateSource) -> None:
         self.config = config
         self.embedder = embedder
+        self.source = source
+        self.policy_version = 0
+        self.gate = ComputeGate(
+            PolicyGuard(OwnerPolicy(), config.resume_after_s),
+            source.now,
+            rated_power_w=config.hardware.power_w,
+            battery_kwh=config.battery_kwh,
+            meter=EnergyMeter(config.cache_dir / "state" / f"{config.vehicle_id}.energy.json"),
+            on_change=self._verdict_changed_threadsafe,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._allowed = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self.nc: Client | None = None
         self.heartbeat_interval_s = 5.0
         self._status: Literal["idle", "working", "paused"] = "idle"
@@ -95,6 +122,8 @@ class VehicleAgent:
             self.heartbeat_interval_s = reply.heartbeat_interval_s
             self._registered.set()
             log.info("%s registered", self.config.vehicle_id)
+            if reply.policy_version != self.policy_version:
+                await self._fetch_policy()
             return
 
     # -- main ----------------------------------------------------------------------------------
@@ -116,15 +145,22 @@ class VehicleAgent:
             reconnect_time_wait=0.5,
             reconnected_cb=on_reconnect,
         )
+        self._loop = asyncio.get_running_loop()
+        self.source.start(self.gate.on_reading)
         await self.nc.subscribe(
             subjects.downlink(self.config.vehicle_id, Downlink.EMBED), cb=self._on_embed
         )
+        await self.nc.subscribe(
+            subjects.downlink(self.config.vehicle_id, Downlink.POLICY), cb=self._on_policy_push
+        )
         await self.register()
         units: asyncio.Queue[WorkGrant] = asyncio.Queue(maxsize=1 if self.config.prefetch else 0)
+        self._units = units
         tasks = [
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._fetch_units(units)),
             asyncio.create_task(self._run_units(units)),
+            asyncio.create_task(self._tick()),
         ]
         await stop.wait()
         for task in tasks:
@@ -132,13 +168,70 @@ class VehicleAgent:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.source.stop()
         while not units.empty():
             self._held.add(units.get_nowait().lease_id or "")
         await self._release_all("shutdown")
+        self.gate.meter.save()
         with contextlib.suppress(Exception):
             await self.nc.drain()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._online.shutdown(wait=False, cancel_futures=True)
+
+    # -- the gate's verdict and the owner's policy ---------------------------------------------
+    def _verdict_changed_threadsafe(self, verdict: Verdict) -> None:
+        """Called by the gate (on the source's thread) after it has already stopped the model."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._verdict_changed, verdict)
+
+    def _verdict_changed(self, verdict: Verdict) -> None:
+        if verdict.allowed:
+            log.info("%s may compute", self.config.vehicle_id)
+            self._allowed.set()
+        else:
+            log.info("%s paused: %s", self.config.vehicle_id, verdict.detail)
+            self._allowed.clear()
+        self._beat_now.set()  # tell the coordinator now, not at the next interval
+
+    async def _tick(self) -> None:
+        """Re-judge the car as time passes: allowed hours, departure, the hysteresis wait."""
+        while True:
+            await asyncio.sleep(0.2)
+            self.gate.tick()
+
+    def _apply_policy(self, update: PolicyUpdate) -> None:
+        self.policy_version = update.version
+        verdict = self.gate.set_policy(update.policy)
+        log.info(
+            "%s policy v%d (opted in: %s): %s",
+            self.config.vehicle_id,
+            update.version,
+            update.policy.opted_in,
+            verdict.summary(),
+        )
+
+    async def _fetch_policy(self) -> None:
+        try:
+            update = await self._call(Uplink.POLICY, PolicyRequest(), PolicyUpdate)
+        except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
+            log.warning("fetching the owner's policy failed: %s", exc)
+            return
+        assert isinstance(update, PolicyUpdate)
+        if update.version != self.policy_version:
+            self._apply_policy(update)
+
+    async def _on_policy_push(self, msg: Msg) -> None:
+        try:
+            update = decode(PolicyUpdate, msg.data)
+        except ProtocolError as exc:
+            await msg.respond(
+                encode(Ack(ok=False, error=WireError(code="bad_message", message=str(exc))))
+            )
+            return
+        # Pushes can overtake each other; only a newer version replaces the one we enforce.
+        if update.version > self.policy_version:
+            self._apply_policy(update)
+        await msg.respond(encode(Ack(policy_version=self.policy_version)))
 
     async def _release_all(self, reason: str) -> None:
         for lease_id in list(self._held):
@@ -147,18 +240,30 @@ class VehicleAgent:
     async def _release(self, lease_id: str, reason: str) -> None:
         """Give a lease back at once, so its unfinished requests need not wait for expiry."""
         if lease_id:
+            message = Release(
+                lease_id=lease_id,
+                reason=reason[:200],
+                energy_j=self.gate.meter.take_lease(lease_id),
+            )
             with contextlib.suppress(Exception):
-                await self._call(
-                    Uplink.RELEASE, Release(lease_id=lease_id, reason=reason[:200]), ReleaseAck, 2.0
-                )
+                await self._call(Uplink.RELEASE, message, ReleaseAck, 2.0)
         self._held.discard(lease_id)
 
     async def _heartbeats(self) -> None:
         seq = 0
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
+            self._beat_now.clear()
             seq += 1
-            beat = Heartbeat(seq=seq, status=self._status, active_leases=sorted(self._held)[:16])
+            verdict = self.gate.verdict
+            beat = Heartbeat(
+                seq=seq,
+                status="paused" if not verdict.allowed else self._status,
+                active_leases=sorted(self._held)[:16],
+                reason=None if verdict.allowed else verdict.summary()[:200],
+                policy_version=self.policy_version,
+            )
             try:
                 ack = await self._call(Uplink.HEARTBEAT, beat, Ack)
             except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
@@ -167,6 +272,8 @@ class VehicleAgent:
             assert isinstance(ack, Ack)
             if ack.error is not None and ack.error.code == "not_registered":
                 await self.register()
+            elif ack.policy_version != self.policy_version:
+                await self._fetch_policy()
 
     async def _fetch_units(self, units: asyncio.Queue[WorkGrant]) -> None:
         request = WorkRequest(
@@ -176,6 +283,7 @@ class VehicleAgent:
         )
         while True:
             await self._registered.wait()
+            await self._allowed.wait()  # a car that may not compute does not ask for work
             try:
                 grant = await self._call(
                     Uplink.WORK, request, WorkGrant, timeout=self.config.long_poll_s + 10
@@ -190,6 +298,10 @@ class VehicleAgent:
                 if grant.error.code == "not_registered":
                     self._registered.clear()
                     await self.register()
+                elif grant.error.code == "not_opted_in":
+                    # The cloud's record says no: make sure we enforce its latest policy.
+                    await self._fetch_policy()
+                    await asyncio.sleep(min(grant.retry_after_s, 5.0))
                 else:
                     await asyncio.sleep(1.0)
                 continue
@@ -197,44 +309,99 @@ class VehicleAgent:
                 await asyncio.sleep(grant.retry_after_s if request.wait_s == 0 else 0)
                 continue
             self._held.add(grant.lease_id)
+            refusal = self._refusal(grant)
+            if refusal is not None:
+                log.warning(
+                    "%s: giving back %s: %s", self.config.vehicle_id, grant.lease_id, refusal
+                )
+                await self._release(grant.lease_id, refusal)
+                continue
             await units.put(grant)
+
+    def _refusal(self, grant: WorkGrant) -> str | None:
+        """Why this car must not run the granted unit, or None. The cloud filtered already;
+        the car checks again because consent is the car's to enforce."""
+        policy = self.gate.policy
+        if not policy.opted_in:
+            return "policy: opted out"
+        if grant.purpose is None or grant.purpose not in policy.purposes:
+            return f"policy: purpose {grant.purpose} not allowed"
+        if grant.data_region is None or grant.data_region not in policy.data_regions:
+            return f"policy: data region {grant.data_region} not allowed"
+        if not self.gate.verdict.allowed:
+            return f"preempted: {self.gate.verdict.summary()}"
+        return None
 
     async def _run_units(self, units: asyncio.Queue[WorkGrant]) -> None:
         while True:
             grant = await units.get()
             self._status = "working"
             try:
-                await self._run_unit(grant)
+                preempted = await self._run_unit(grant)
             except Exception as exc:  # one bad unit must not end the agent's work loop
                 log.exception("unit %s failed; releasing it", grant.lease_id)
                 await self._release(grant.lease_id or "", f"error: {type(exc).__name__}")
+                preempted = False
             finally:
                 self._held.discard(grant.lease_id or "")
                 self._status = "idle" if units.empty() else "working"
+            if preempted:
+                # The unit held in reserve goes back too: the car may be gone for hours.
+                reason = f"preempted: {self.gate.verdict.summary()}"
+                while not units.empty():
+                    await self._release(units.get_nowait().lease_id or "", reason)
 
-    async def _run_unit(self, grant: WorkGrant) -> None:
+    async def _run_unit(self, grant: WorkGrant) -> bool:
+        """Run a unit; True if the gate stopped it (the rest of the lease is then released)."""
         assert grant.lease_id is not None
         loop = asyncio.get_running_loop()
         sends: list[asyncio.Task[bool]] = []
         step = self.config.chunk_requests
-        # Similar token lengths in one chunk pad least. The coordinator leases by character
-        # length; tokens are what the model pads, and counting them costs ~1% of the run.
-        tokens = await loop.run_in_executor(
-            self._compute, self.embedder.count_tokens, [" ".join(i.texts) for i in grant.items]
-        )
-        items = [i for _, i in sorted(zip(tokens, grant.items, strict=True), key=lambda p: p[0])]
-        for start in range(0, len(items), step):
+        flat = [t for item in grant.items for t in item.texts]
+        # Counted once here, so no model run has to tokenise before it can be stopped.
+        counts = await loop.run_in_executor(self._compute, self.embedder.count_tokens, flat)
+        per_item: list[list[int]] = []
+        row = 0
+        for item in grant.items:
+            per_item.append(counts[row : row + len(item.texts)])
+            row += len(item.texts)
+        # Similar token lengths in one chunk pad least (the coordinator leases by characters).
+        order = sorted(range(len(grant.items)), key=lambda i: sum(per_item[i]))
+        for start in range(0, len(order), step):
             if sends and sends[-1].done() and not sends[-1].result():
                 break  # the lease is gone: the coordinator re-queued the rest
-            chunk = items[start : start + step]
+            chunk = [grant.items[i] for i in order[start : start + step]]
+            chunk_counts = [c for i in order[start : start + step] for c in per_item[i]]
             texts = [t for item in chunk for t in item.texts]
-            result = await loop.run_in_executor(self._compute, self.embedder.embed, texts)
-            sends.append(
-                asyncio.create_task(
-                    self._send(grant.lease_id, chunk, result.vectors, result.token_counts)
-                )
+            outcome = await loop.run_in_executor(
+                self._compute,
+                run_chunk,
+                self.embedder,
+                self.gate,
+                texts,
+                grant.lease_id,
+                chunk_counts,
             )
+            finished, vectors, tokens = _finished_requests(chunk, outcome)
+            if finished:
+                sends.append(
+                    asyncio.create_task(self._send(grant.lease_id, finished, vectors, tokens))
+                )
+            if not outcome.complete:
+                await asyncio.gather(*sends, return_exceptions=True)
+                why = f"preempted: {self.gate.verdict.summary()}"
+                log.info(
+                    "%s stopped %s: kept %d of %d requests in the chunk, releasing the rest (%s)",
+                    self.config.vehicle_id,
+                    grant.lease_id,
+                    len(finished),
+                    len(chunk),
+                    why,
+                )
+                await self._release(grant.lease_id, why)
+                return True
         await asyncio.gather(*sends, return_exceptions=True)
+        return False
 
     async def _send(
         self, lease_id: str, chunk: list[WorkItem], vectors: np.ndarray, tokens: list[int]
@@ -252,6 +419,7 @@ class VehicleAgent:
             token_counts=per_request_tokens,
             dim=int(vectors.shape[1]),
             vectors_b64=pack_vectors(vectors),
+            energy_j=self.gate.meter.take_lease(lease_id),
         )
         for attempt in range(3):
             try:
@@ -283,15 +451,42 @@ class VehicleAgent:
         else:
             loop = asyncio.get_running_loop()
             try:
-                result = await loop.run_in_executor(
-                    self._online, self.embedder.embed, request.texts
+                outcome = await loop.run_in_executor(
+                    self._online, run_chunk, self.embedder, self.gate, request.texts
                 )
-                reply = EmbedReply(
-                    dim=int(result.vectors.shape[1]),
-                    vectors_b64=pack_vectors(result.vectors),
-                    token_counts=result.token_counts,
-                )
+                if outcome.complete:
+                    reply = EmbedReply(
+                        dim=int(outcome.vectors.shape[1]),
+                        vectors_b64=pack_vectors(outcome.vectors),
+                        token_counts=outcome.token_counts,
+                    )
+                else:
+                    # The coordinator fails over to another car on an error reply.
+                    reply = EmbedReply(
+                        error=WireError(
+                            code="vehicle_paused",
+                            message=f"vehicle may not compute: {self.gate.verdict.summary()}",
+                        )
+                    )
             except Exception as exc:  # the car answers with an error rather than silence
                 log.exception("online embedding failed")
                 reply = EmbedReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
+
+
+def _finished_requests(
+    chunk: list[WorkItem], outcome: ChunkOutcome
+) -> tuple[list[WorkItem], np.ndarray, list[int]]:
+    """The requests of ``chunk`` whose every text finished, with their vectors and tokens."""
+    if outcome.refused:
+        return [], np.zeros((0, 0), dtype=np.float32), []
+    finished: list[WorkItem] = []
+    rows: list[int] = []
+    row = 0
+    for item in chunk:
+        span = list(range(row, row + len(item.texts)))
+        row += len(item.texts)
+        if bool(outcome.done[span].all()):
+            finished.append(item)
+            rows.extend(span)
+    return finished, outcome.vectors[rows], [outcome.token_counts[r] for r in rows]

@@ -1,4 +1,4 @@
-"""The ``idlefleet`` command: ``up`` (embedded fleet), ``coordinator``, ``agent``.
+"""The ``idlefleet`` command: ``up`` (embedded fleet), ``coordinator``, ``owner``, ``agent``.
 
 Arguments are validated here, at the boundary: a bad one ends the command with exit status 2
 and a message that says what is wrong, before anything starts.
@@ -13,8 +13,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from idlefleet import __version__
+
+if TYPE_CHECKING:
+    from idlefleet.agent.sources.base import StateSource
 
 
 def _positive_int(text: str) -> int:
@@ -35,6 +39,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -69,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--max-requests", type=_positive_int, default=50_000, help="per batch")
 
+    from idlefleet.cli.owner import add_owner_parser
+
+    add_owner_parser(sub)
+
     ag = sub.add_parser("agent", help="run one vehicle agent")
     ag.add_argument("--nats-url", required=True)
     ag.add_argument("--vehicle-id", required=True)
@@ -79,6 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--memory-gb", type=_positive_float, default=4.0)
     ag.add_argument("--power-w", type=_positive_float, default=65.0)
     ag.add_argument("--max-unit", type=_positive_int, default=256)
+    state = ag.add_mutually_exclusive_group(required=True)
+    state.add_argument(
+        "--trace", type=Path, help="replay this state trace (JSON Lines) as the car's VSS state"
+    )
+    state.add_argument(
+        "--kuksa",
+        metavar="HOST:PORT",
+        help="read the car from a KUKSA databroker (needs: pip install 'idlefleet[kuksa]')",
+    )
+    ag.add_argument(
+        "--trace-speed", type=_positive_float, default=1.0, help="trace seconds per real second"
+    )
+    ag.add_argument("--trace-loop", action="store_true", help="replay the trace again and again")
+    ag.add_argument(
+        "--resume-after",
+        type=_non_negative_float,
+        default=300.0,
+        help="seconds the car must stay fit to compute before work resumes (default 300)",
+    )
+    ag.add_argument("--battery-kwh", type=_positive_float, default=75.0)
     return parser
 
 
@@ -95,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idlefleet.cli.up import run_up
 
             return run_up(args)
+        if args.command == "owner":
+            from idlefleet.cli.owner import run_owner
+
+            return run_owner(args)
         if args.command == "coordinator":
             return _coordinator(args)
         return _agent(args)
@@ -121,6 +160,22 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_source(args: argparse.Namespace) -> StateSource:
+    """The car's state source from ``--trace`` or ``--kuksa`` (ValueError if unusable)."""
+    if args.trace is not None:
+        from idlefleet.agent.sources.trace import StateTrace, TraceSource
+
+        return TraceSource(
+            StateTrace.load(args.trace), speed=args.trace_speed, loop=args.trace_loop
+        )
+    host, sep, port = str(args.kuksa).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--kuksa {args.kuksa!r} must be HOST:PORT, e.g. 127.0.0.1:55555")
+    from idlefleet.agent.sources.kuksa import KuksaSource
+
+    return KuksaSource(host, int(port))
+
+
 def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.config import AgentConfig
     from idlefleet.agent.runtime import Embedder
@@ -140,7 +195,10 @@ def _agent(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_unit_requests=args.max_unit,
         chunk_requests=min(64, args.max_unit),
+        resume_after_s=args.resume_after,
+        battery_kwh=args.battery_kwh,
     )
+    source = _state_source(args)
     embedder = Embedder.load(config.cache_dir, threads=config.threads)
 
     async def serve() -> None:
@@ -148,7 +206,7 @@ def _agent(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await VehicleAgent(config, embedder).run(stop)
+        await VehicleAgent(config, embedder, source).run(stop)
 
     asyncio.run(serve())
     return 0

@@ -32,6 +32,7 @@ from idlefleet.coordinator.openai_format import (
     output_line_json,
 )
 from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store
+from idlefleet.protocol.policy import DATA_REGIONS, DEFAULT_DATA_REGION, DEFAULT_PURPOSE, PURPOSES
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,17 @@ class BatchService:
         endpoint: str,
         completion_window: str,
         metadata: dict[str, str] | None = None,
+        purpose: str = DEFAULT_PURPOSE,
+        data_region: str = DEFAULT_DATA_REGION,
     ) -> BatchRecord:
+        """Accept a batch (status ``validating``).
+
+        ``purpose`` and ``data_region`` are our extensions to OpenAI's request: what the
+        results are used for and where the data may be processed. Only cars whose owners allow
+        both will run the batch's units.
+        """
+        _check_choice("purpose", purpose, PURPOSES)
+        _check_choice("data_region", data_region, DATA_REGIONS)
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise InvalidRequest(
                 f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
@@ -143,6 +154,8 @@ class BatchService:
             created_at=now,
             expires_at=now + COMPLETION_WINDOWS[completion_window],
             metadata=metadata,
+            purpose=purpose,
+            data_region=data_region,
         )
         self.store.create_batch(batch)
         return batch
@@ -376,6 +389,17 @@ def _new_request(seq: int, spec: Any) -> NewRequest:
 
 def _error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "type": "invalid_request_error"}}
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidRequest(
+            f"Invalid value for '{name}': {value!r}. Supported values are: "
+            + ", ".join(repr(a) for a in allowed)
+            + ".",
+            param=name,
+            code="invalid_value",
+        )
 
 
 def _check_metadata(metadata: dict[str, str] | None, max_pairs: int) -> None:

@@ -3,7 +3,8 @@
 Decodes every message from a vehicle with :func:`idlefleet.protocol.codec.decode` (untrusted
 input: a bad message gets an error reply and changes nothing), runs the matching
 :class:`~idlefleet.coordinator.work.WorkService` method in a worker thread (the store blocks),
-and replies. Replicas share the uplink subjects through one queue group.
+and replies. Replicas share the uplink subjects through one queue group. It also pushes a
+changed owner policy to its car (:meth:`CoordinatorNats.push_policy`).
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ from idlefleet.protocol.messages import (
     WorkGrant,
     WorkRequest,
 )
+from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
 
 log = logging.getLogger(__name__)
 
 _MAX_CONCURRENT = 64
+POLICY_PUSH_TIMEOUT_S = 1.0
+"""How long a policy push waits for the car's answer; a car that misses it catches up through
+the policy version in its next heartbeat's ack."""
 
 
 class CoordinatorNats:
@@ -63,6 +68,7 @@ class CoordinatorNats:
             Uplink.WORK: (WorkRequest, WorkGrant, work.work),
             Uplink.RESULTS: (ResultChunk, ResultAck, work.results),
             Uplink.RELEASE: (Release, ReleaseAck, self._release),
+            Uplink.POLICY: (PolicyRequest, PolicyUpdate, work.policy),
         }
 
     async def start(self) -> None:
@@ -79,6 +85,34 @@ class CoordinatorNats:
 
     async def _on_work_available(self, _msg: Msg) -> None:
         self._work_available.set()
+
+    async def push_policy(self, vehicle_id: str, update: PolicyUpdate) -> bool:
+        """Send the car its owner's new policy at once; True if the car acknowledged it.
+
+        Best effort by design: an offline car, a car that does not answer within
+        :data:`POLICY_PUSH_TIMEOUT_S`, or a lost NATS connection is logged and left to the
+        heartbeat, whose ack carries the current version (the car then asks on uplink
+        ``policy``). The owner's change is already stored when this runs.
+        """
+        if not self.nc.is_connected:
+            log.info("policy %d for %s not pushed: NATS not connected", update.version, vehicle_id)
+            return False
+        try:
+            raw = await self.nc.request(
+                subjects.downlink(vehicle_id, Downlink.POLICY),
+                encode(update),
+                timeout=POLICY_PUSH_TIMEOUT_S,
+            )
+            ack = decode(Ack, raw.data)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            log.info("policy %d for %s not pushed: %s", update.version, vehicle_id, exc)
+            return False
+        except (ProtocolError, nats.errors.Error) as exc:
+            log.warning("policy %d for %s: bad answer: %s", update.version, vehicle_id, exc)
+            return False
+        if not ack.ok:
+            log.warning("car %s refused policy %d: %s", vehicle_id, update.version, ack.error)
+        return ack.ok
 
     def work_returned(self) -> None:
         """Thread-safe: requests went back to the queue, wake the long polls of every replica."""
@@ -103,7 +137,7 @@ class CoordinatorNats:
             except ValueError:
                 return  # a subject outside the protocol: nothing to answer to
             request_type, reply_type, handler = self._routes[verb]
-            reply: WireModel
+            reply: WireModel | bytes
             try:
                 request = decode(request_type, msg.data)
                 if isinstance(request, WorkRequest):
@@ -116,7 +150,7 @@ class CoordinatorNats:
                 log.exception("%s from %s failed", verb.value, vehicle_id)
                 reply = _error_reply(reply_type, "internal", "the coordinator failed; retry")
             if msg.reply:
-                await msg.respond(encode(reply))
+                await msg.respond(reply if isinstance(reply, bytes) else encode(reply))
 
     async def _long_poll(self, vehicle_id: str, request: WorkRequest) -> WorkGrant:
         deadline = time.monotonic() + request.wait_s
@@ -132,9 +166,13 @@ class CoordinatorNats:
                 return await asyncio.to_thread(self.work.work, vehicle_id, request)
 
 
-def _error_reply(reply_type: type[WireModel], code: str, message: str) -> WireModel:
-    # Every reply type of the protocol has an optional ``error`` field.
-    return reply_type.model_validate({"error": WireError(code=code, message=message[:2000])})
+def _error_reply(reply_type: type[WireModel], code: str, message: str) -> WireModel | bytes:
+    error = WireError(code=code, message=message[:2000])
+    if "error" in reply_type.model_fields:
+        return reply_type.model_validate({"error": error})
+    # PolicyUpdate has no ``error`` field (its version and policy are required), so the error
+    # goes out in the same ``{"error": ...}`` shape; the car cannot mistake it for a policy.
+    return b'{"error":' + error.model_dump_json().encode() + b"}"
 
 
 class OnlineRouter:
@@ -148,7 +186,8 @@ class OnlineRouter:
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         vehicles = await asyncio.to_thread(self.work.active_vehicles)
-        candidates = [v.id for v in vehicles if model in v.models]
+        # A paused car (driving, opted out, battery low) would only refuse: ask it never.
+        candidates = [v.id for v in vehicles if model in v.models and v.status != "paused"]
         if not candidates:
             raise ServiceUnavailable(
                 f"No vehicle serving model '{model}' is available right now; retry later.",

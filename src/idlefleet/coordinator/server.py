@@ -70,7 +70,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             except Exception:
                 log.exception("sweep failed")
 
-    app = create_app(batches, work, OnlineRouter(nc, work), validate_and_announce)
+    app = create_app(batches, work, OnlineRouter(nc, work), validate_and_announce, edge.push_policy)
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
     )

@@ -3,6 +3,10 @@
 Each method takes the vehicle id (from the NATS subject, which per-vehicle permissions will
 bind to the car's credentials) and a decoded message, and returns the reply message. No I/O
 but the store; the NATS adapter (:mod:`idlefleet.coordinator.nats_service`) does the wire.
+
+Consent gates leasing here: a car whose owner has not opted in gets no lease at all, and an
+opted-in car only units whose purpose and data region its owner allows (the store filters).
+The car's policy guard checks again; the coordinator never relies on it alone.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.openai_format import embedding_body_json
+from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
 from idlefleet.coordinator.store import RequestResult, Store, VehicleRecord
 from idlefleet.models.catalog import MODELS
@@ -34,6 +39,10 @@ from idlefleet.protocol.messages import (
     WorkItem,
     WorkRequest,
 )
+from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
+
+NOT_OPTED_IN_RETRY_S = 5.0
+"""How long a car that is not opted in waits before asking for work again."""
 
 
 class WorkService:
@@ -41,15 +50,17 @@ class WorkService:
         self,
         store: Store,
         batches: BatchService,
-        policy: UnitPolicy | None = None,
+        units: UnitPolicy | None = None,
         heartbeat_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        owners: OwnerService | None = None,
     ) -> None:
         self.store = store
         self.batches = batches
-        self.policy = policy or UnitPolicy()
+        self.units = units or UnitPolicy()
         self.heartbeat_interval_s = heartbeat_interval_s
         self.clock = clock
+        self.owners = owners or OwnerService(store, clock)
 
     def active_vehicles(self) -> list[VehicleRecord]:
         """Vehicles heard from within three heartbeat intervals."""
@@ -78,14 +89,36 @@ class WorkService:
                 status="idle",
             )
         )
-        return RegisterReply(accepted=True, heartbeat_interval_s=self.heartbeat_interval_s)
+        return RegisterReply(
+            accepted=True,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            policy_version=self.owners.current_version(vehicle_id),
+        )
 
     def heartbeat(self, vehicle_id: str, msg: Heartbeat) -> Ack:
-        if not self.store.touch_vehicle(vehicle_id, self.clock(), msg.status):
+        if not self.store.touch_vehicle(vehicle_id, self.clock(), msg.status, msg.reason):
             return Ack(ok=False, error=_not_registered(vehicle_id))
-        return Ack()
+        # The car compares this with the version it enforces and fetches a newer one: the
+        # catch-up path when a push (on a policy change) did not reach it.
+        return Ack(policy_version=self.owners.current_version(vehicle_id))
+
+    def policy(self, vehicle_id: str, msg: PolicyRequest) -> PolicyUpdate:
+        """The owner's current policy for the car (version 0, opted out, if none was set)."""
+        return self.owners.current(vehicle_id).update()
 
     def work(self, vehicle_id: str, msg: WorkRequest) -> WorkGrant:
+        owner = self.owners.current(vehicle_id).policy
+        if not owner.opted_in:
+            if not self.store.touch_vehicle(vehicle_id, self.clock(), "paused", "not_opted_in"):
+                return WorkGrant(error=_not_registered(vehicle_id))
+            return WorkGrant(
+                error=WireError(
+                    code="not_opted_in",
+                    message=f"the owner of {vehicle_id} has not opted in to computing; "
+                    "no work is leased until they do",
+                ),
+                retry_after_s=NOT_OPTED_IN_RETRY_S,
+            )
         if not self.store.touch_vehicle(vehicle_id, self.clock(), "working"):
             return WorkGrant(error=_not_registered(vehicle_id))
         models = [m for m in msg.models if m in MODELS]
@@ -97,8 +130,10 @@ class WorkService:
             f"lease_{uuid.uuid4().hex}",
             models,
             self.clock(),
-            self.policy.lease_seconds,
-            lambda pending: unit_size(pending, active, msg.max_requests, self.policy),
+            self.units.lease_seconds,
+            lambda pending: unit_size(pending, active, msg.max_requests, self.units),
+            purposes=owner.purposes,
+            data_regions=owner.data_regions,
         )
         if lease is None:
             return WorkGrant(retry_after_s=0.5)
@@ -106,7 +141,9 @@ class WorkService:
             lease_id=lease.id,
             batch_id=lease.batch_id,
             model=lease.model,
-            lease_seconds=self.policy.lease_seconds,
+            purpose=lease.purpose,
+            data_region=lease.data_region,
+            lease_seconds=self.units.lease_seconds,
             items=[WorkItem(seq=i.seq, texts=list(i.texts)) for i in lease.items],
         )
 
@@ -144,7 +181,7 @@ class WorkService:
             results.append(RequestResult(seq, rows.tobytes(), msg.dim, tokens, body))
         now = self.clock()
         outcome = self.store.commit_results(
-            vehicle_id, msg.lease_id, results, now, self.policy.lease_seconds
+            vehicle_id, msg.lease_id, results, now, self.units.lease_seconds, msg.energy_j
         )
         if outcome.unknown_lease:
             return ResultAck(error=_unknown_lease(msg.lease_id))
@@ -163,7 +200,9 @@ class WorkService:
         )
 
     def release(self, vehicle_id: str, msg: Release) -> ReleaseAck:
-        released = self.store.release_lease(vehicle_id, msg.lease_id, self.clock())
+        released = self.store.release_lease(
+            vehicle_id, msg.lease_id, self.clock(), msg.reason, msg.energy_j
+        )
         if released is None:
             return ReleaseAck(error=_unknown_lease(msg.lease_id))
         lease = self.store.get_lease(vehicle_id, msg.lease_id)

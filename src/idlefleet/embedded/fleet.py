@@ -2,6 +2,10 @@
 
 Used by ``idlefleet up``, the integration tests and the benchmarks, so all three run exactly the
 production code path: separate processes talking over a real NATS server.
+
+Each agent reads its car from a replayed state trace (by default one where the car stays
+parked and charging), and the fleet opts each car in through the owner API as its owner would,
+so the consent record shows who switched the embedded cars on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ class FleetOptions:
     max_requests: int = 50_000
     vehicle_prefix: str = "car"
     extra_env: dict[str, str] = field(default_factory=dict)
+    trace: Path | None = None
+    """State trace every agent replays; None: parked and charging for ever."""
+    trace_speed: float = 60.0
+    """Trace seconds per real second."""
+    resume_after_s: float = 2.0
+    """The agents' hysteresis, in trace seconds (production default: 300)."""
+    opt_in: bool = True
+    """Opt every car in through the owner API at start (as the owner ``embedded-fleet``)."""
 
 
 class EmbeddedFleet:
@@ -123,8 +135,40 @@ class EmbeddedFleet:
             self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
         self.wait_for_vehicles(opts.agents, deadline)
 
-    def add_agent(self, vehicle_id: str) -> subprocess.Popen[bytes]:
+    def default_trace(self) -> Path:
+        """A trace of a car that stays parked, plugged in and charging, written once."""
+        from idlefleet.agent.sources.trace import StateTrace, TraceEvent, parked_state
+
+        path = self.options.data_dir / "traces" / "parked-charging.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trace = StateTrace.from_events(time.time(), [TraceEvent(0.0, parked_state())])
+            trace.save(path)
+        return path
+
+    def set_consent(self, vehicle_id: str, opted_in: bool, **fields: Any) -> Any:
+        """Opt a car in or out through the owner API, as the embedded fleet's owner."""
+        body = {"opted_in": opted_in, "actor": "embedded-fleet", **fields}
+        return self.post(f"/fleet/vehicles/{vehicle_id}/consent", body)
+
+    def post(self, path: str, body: Any) -> Any:
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def add_agent(
+        self, vehicle_id: str, trace: Path | None = None, resume_after_s: float | None = None
+    ) -> subprocess.Popen[bytes]:
         opts = self.options
+        if opts.opt_in:
+            self.set_consent(vehicle_id, True)
+        trace = trace or opts.trace or self.default_trace()
+        resume = opts.resume_after_s if resume_after_s is None else resume_after_s
         process = self._spawn(
             f"agent-{vehicle_id}",
             [
@@ -139,6 +183,12 @@ class EmbeddedFleet:
                 str(opts.threads),
                 "--max-unit",
                 str(opts.max_unit),
+                "--trace",
+                str(trace),
+                "--trace-speed",
+                str(opts.trace_speed),
+                "--resume-after",
+                str(resume),
             ],
         )
         self.agents[vehicle_id] = process

@@ -68,6 +68,9 @@ class RegisterReply(WireModel):
     """False if the vehicle may not take work (see ``error``)."""
     heartbeat_interval_s: float = 5.0
     """How often the agent should heartbeat."""
+    policy_version: int = 0
+    """Version of the owner's policy the coordinator holds (0: none yet; the car stays opted
+    out). The agent fetches it on the ``policy`` subject when it differs from its own."""
     error: WireError | None = None
 
 
@@ -80,12 +83,18 @@ class Heartbeat(WireModel):
     """What the agent is doing."""
     active_leases: Annotated[list[Identifier], Field(max_length=16)] = []
     """Leases the agent is working on."""
+    reason: ShortText | None = None
+    """Why the agent is paused (the policy guard's reasons), e.g. ``not_parked, not_charging``."""
+    policy_version: Annotated[int, Field(ge=0)] = 0
+    """Version of the owner's policy the agent is enforcing."""
 
 
 class Ack(WireModel):
     """Generic acknowledgement."""
 
     ok: bool = True
+    policy_version: int = 0
+    """For heartbeats: the coordinator's current policy version for this car."""
     error: WireError | None = None
 
 
@@ -117,6 +126,10 @@ class WorkGrant(WireModel):
     batch_id: Identifier | None = None
     model: Identifier | None = None
     """Model to run."""
+    purpose: ShortText | None = None
+    """What the customer uses the results for; the agent checks it against the owner's policy."""
+    data_region: ShortText | None = None
+    """Where the unit's data may be processed; checked like ``purpose``."""
     lease_seconds: float = 0.0
     """Seconds until the lease expires unless progress extends it."""
     items: list[WorkItem] = []
@@ -141,6 +154,8 @@ class ResultChunk(WireModel):
     """Base64 of little-endian float32, ``sum(text_counts)`` rows of ``dim``."""
     failed_seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = []
     """Requests the vehicle could not run (they return to the queue)."""
+    energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    """Energy the vehicle spent computing this chunk, joules (metered in the car)."""
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> ResultChunk:
@@ -182,7 +197,9 @@ class Release(WireModel):
 
     lease_id: Identifier
     reason: ShortText
-    """Why, e.g. ``shutdown``, ``preempted: gear left park``."""
+    """Why, e.g. ``shutdown``, ``preempted: not_parked``."""
+    energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    """Energy spent on this lease's work that no result chunk reported (e.g. a cancelled run)."""
 
 
 class ReleaseAck(WireModel):

@@ -26,12 +26,16 @@ class Uplink(StrEnum):
     WORK = "work"
     RESULTS = "results"
     RELEASE = "release"
+    POLICY = "policy"
+    """Fetch the owner's current policy (after a heartbeat shows a newer version)."""
 
 
 class Downlink(StrEnum):
     """Requests the coordinator sends to one vehicle (request/reply)."""
 
     EMBED = "embed"
+    POLICY = "policy"
+    """Push a changed owner policy to the car at once (opt-out must not wait for a poll)."""
 
 
 WORK_AVAILABLE = f"{PREFIX}.cloud.work_available"

@@ -40,6 +40,7 @@ from idlefleet.coordinator.store import (
     sqlite_url,
 )
 from idlefleet.coordinator.store.migrations import MIGRATIONS
+from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 
 # -- backends ------------------------------------------------------------------------------------
 
@@ -82,6 +83,8 @@ LEASE_SECONDS = 30.0
 MODEL = "all-minilm-l6-v2"
 LATEST_SCHEMA = max(m.version for m in MIGRATIONS)
 _lease_numbers = itertools.count()
+ANY: dict[str, Any] = {"purposes": PURPOSES, "data_regions": DATA_REGIONS}
+"""lease_unit's consent filter when the test is not about consent: every purpose and region."""
 
 
 def file_record(file_id: str = "file-1", size: int = 0) -> FileRecord:
@@ -175,6 +178,8 @@ def lease(
     now: float = NOW,
     models: Iterable[str] = (MODEL,),
     unit_size: Callable[[int], int] | None = None,
+    purposes: Iterable[str] = PURPOSES,
+    data_regions: Iterable[str] = DATA_REGIONS,
 ) -> Lease | None:
     return store.lease_unit(
         vehicle_id,
@@ -183,6 +188,8 @@ def lease(
         now,
         LEASE_SECONDS,
         unit_size or take(size),
+        purposes=list(purposes),
+        data_regions=list(data_regions),
     )
 
 
@@ -488,7 +495,7 @@ def test_lease_unit_hands_out_the_longest_requests_first(store: Store) -> None:
 def test_lease_unit_describes_the_unit(store: Store) -> None:
     add_batch(store, n=4)
 
-    leased = store.lease_unit("car-7", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(2))
+    leased = store.lease_unit("car-7", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(2), **ANY)
 
     assert leased is not None
     assert (leased.id, leased.batch_id, leased.vehicle_id, leased.model) == (
@@ -573,11 +580,11 @@ def test_lease_unit_is_atomic_when_unit_size_raises(store: Store) -> None:
         raise RuntimeError("planner bug")
 
     with pytest.raises(RuntimeError):
-        store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, broken)
+        store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, broken, **ANY)
 
     assert store.request_counts("batch-1") == RequestCounts(total=4, pending=4)
     assert store.active_lease_count("batch-1") == 0
-    retry = store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(4))
+    retry = store.lease_unit("car-1", "lease-x", [MODEL], NOW, LEASE_SECONDS, take(4), **ANY)
     assert retry is not None and seqs_of(retry) == [0, 1, 2, 3]
 
 
@@ -611,7 +618,7 @@ def _lease_until_empty(url: str, vehicle_id: str, start: Any, out: Any) -> None:
             got: list[tuple[str, int]] = []
             for n in itertools.count():
                 leased = replica.lease_unit(
-                    vehicle_id, f"{vehicle_id}-lease-{n}", [MODEL], NOW, 3_600.0, take(2)
+                    vehicle_id, f"{vehicle_id}-lease-{n}", [MODEL], NOW, 3_600.0, take(2), **ANY
                 )
                 if leased is None:
                     break
@@ -1185,7 +1192,9 @@ class _Reference:
             seen.append(n)
             return size
 
-        got = self.store.lease_unit(vehicle_id, lease_id, [MODEL], self.now, LEASE_SECONDS, unit)
+        got = self.store.lease_unit(
+            vehicle_id, lease_id, [MODEL], self.now, LEASE_SECONDS, unit, **ANY
+        )
 
         if not pending:
             assert got is None
@@ -1353,3 +1362,358 @@ def test_commit_says_when_it_finished_the_lease(store: Store) -> None:
     assert not partial.lease_finished and partial.lease_active
     assert not again.lease_finished
     assert last.lease_finished and store.active_lease_count("batch-1") == 0
+
+
+# -- purpose and data region (owner consent) -----------------------------------------------------
+
+
+def add_tagged_batch(
+    store: Store, batch_id: str, purpose: str, data_region: str, n: int = 3, created_at: int = 0
+) -> str:
+    store.create_batch(
+        batch_record(
+            batch_id,
+            created_at=created_at or int(NOW),
+            purpose=purpose,
+            data_region=data_region,
+        )
+    )
+    store.add_requests(batch_id, [new_request(seq) for seq in range(n)])
+    return batch_id
+
+
+def test_a_batch_keeps_its_purpose_and_data_region(store: Store) -> None:
+    store.create_batch(batch_record("batch-r", purpose="research", data_region="eu"))
+    store.create_batch(batch_record("batch-d"))
+
+    tagged = store.get_batch("batch-r")
+    plain = store.get_batch("batch-d")
+
+    assert tagged is not None and (tagged.purpose, tagged.data_region) == ("research", "eu")
+    assert plain is not None and (plain.purpose, plain.data_region) == ("general", "global")
+    assert {b.id: b.purpose for b in store.list_batches(10)} == {
+        "batch-r": "research",
+        "batch-d": "general",
+    }
+
+
+def test_lease_unit_skips_batches_whose_purpose_or_region_is_not_allowed(store: Store) -> None:
+    add_tagged_batch(store, "batch-ads", "advertising", "global", created_at=int(NOW))
+    add_tagged_batch(store, "batch-eu", "general", "eu", created_at=int(NOW) + 1)
+    add_tagged_batch(store, "batch-ok", "research", "global", created_at=int(NOW) + 2)
+    no_ads = [p for p in PURPOSES if p != "advertising"]
+
+    first = must_lease(store, size=2, purposes=no_ads, data_regions=["global", "us"])
+    second = must_lease(store, size=2, purposes=no_ads, data_regions=["global", "us"])
+    exhausted = lease(store, purposes=no_ads, data_regions=["global", "us"])
+    eu = must_lease(store, purposes=["general"], data_regions=["eu"])
+
+    assert [first.batch_id, second.batch_id] == ["batch-ok", "batch-ok"]
+    assert (first.purpose, first.data_region) == ("research", "global")
+    assert exhausted is None
+    assert (eu.batch_id, eu.purpose, eu.data_region) == ("batch-eu", "general", "eu")
+    assert store.request_counts("batch-ads").pending == 3
+    assert store.get_lease("car-1", eu.id) == replace(eu, items=())
+
+
+def test_lease_unit_with_nothing_allowed_leases_nothing(store: Store) -> None:
+    add_batch(store, n=3)
+
+    assert lease(store, purposes=[]) is None
+    assert lease(store, data_regions=[]) is None
+    assert store.request_counts("batch-1").pending == 3
+
+
+_COMBOS = [(p, r) for p in ("general", "research", "advertising") for r in ("global", "eu", "us")]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    purposes=st.sets(st.sampled_from(["general", "research", "advertising"])),
+    regions=st.sets(st.sampled_from(["global", "eu", "us"])),
+    order=st.permutations(_COMBOS),
+)
+def test_lease_unit_never_leases_a_batch_the_owner_does_not_allow(
+    backend: str,
+    purposes: set[str],
+    regions: set[str],
+    order: list[tuple[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    directory = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    with opened(BACKENDS[backend](directory)) as s:
+        for i, (purpose, region) in enumerate(order):
+            add_tagged_batch(s, f"b-{purpose}-{region}", purpose, region, 2, int(NOW) + i)
+
+        leased_from: list[str] = []
+        while (got := lease(s, size=1, purposes=purposes, data_regions=regions)) is not None:
+            leased_from.append(got.batch_id)
+            assert (got.purpose, got.data_region) in {(p, r) for p in purposes for r in regions}
+
+        allowed = [f"b-{p}-{r}" for p, r in order if p in purposes and r in regions]
+        # Every allowed batch is drained, oldest first, and nothing else was touched.
+        assert leased_from == [b for b in allowed for _ in range(2)]
+        for p, r in order:
+            pending = s.request_counts(f"b-{p}-{r}").pending
+            assert pending == (0 if f"b-{p}-{r}" in allowed else 2)
+
+
+# -- energy and end reasons of leases ------------------------------------------------------------
+
+
+def _energy(store: Store, leased: Lease) -> float:
+    got = store.get_lease(leased.vehicle_id, leased.id)
+    assert got is not None
+    return got.energy_j
+
+
+def test_commit_results_adds_the_chunks_energy_to_the_lease(store: Store) -> None:
+    add_batch(store, n=4)
+    leased = must_lease(store)
+
+    store.commit_results("car-1", leased.id, [result(0)], NOW, LEASE_SECONDS, energy_j=1.5)
+    store.commit_results("car-1", leased.id, [result(0)], NOW, LEASE_SECONDS, energy_j=2.25)
+    store.commit_results("car-1", leased.id, [], NOW, LEASE_SECONDS)
+
+    assert _energy(store, leased) == 3.75
+    assert store.list_leases()[0].energy_j == 3.75
+
+
+def test_energy_of_a_late_chunk_counts_but_never_on_someone_elses_lease(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1")
+    store.expire_leases(NOW + LEASE_SECONDS + 1)
+
+    late = store.commit_results("car-1", leased.id, [result(0)], NOW + 40, 30, energy_j=5.0)
+    stolen = store.commit_results("car-2", leased.id, [result(1)], NOW + 40, 30, energy_j=7.0)
+    unknown = store.commit_results("car-1", "lease-missing", [], NOW + 40, 30, energy_j=9.0)
+
+    assert (late.committed, stolen.unknown_lease, unknown.unknown_lease) == (1, True, True)
+    assert _energy(store, leased) == 5.0
+
+
+@pytest.mark.parametrize("energy", [-1.0, float("nan"), float("inf")])
+def test_impossible_energy_is_refused_and_changes_nothing(store: Store, energy: float) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store)
+
+    with pytest.raises(ValueError):
+        store.commit_results("car-1", leased.id, [result(0)], NOW, LEASE_SECONDS, energy_j=energy)
+    with pytest.raises(ValueError):
+        store.release_lease("car-1", leased.id, NOW, "shutdown", energy_j=energy)
+
+    assert store.request_counts("batch-1") == RequestCounts(total=2, leased=2)
+    assert _energy(store, leased) == 0.0
+
+
+def test_release_records_its_reason_and_energy(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store)
+    commit(store, leased, [0])
+
+    returned = store.release_lease("car-1", leased.id, NOW + 1, "preempted: not_parked", 12.5)
+    again = store.release_lease("car-1", leased.id, NOW + 2, "shutdown", 0.5)
+
+    assert (returned, again) == (2, 0)
+    got = store.get_lease("car-1", leased.id)
+    assert got is not None
+    assert (got.state, got.end_reason, got.energy_j) == (
+        "released",
+        "preempted: not_parked",
+        13.0,
+    )
+    assert store.list_leases(active_only=False)[0].end_reason == "preempted: not_parked"
+
+
+def test_a_lease_that_ended_otherwise_has_no_end_reason(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, size=1)
+    other = must_lease(store, size=1)
+    commit(store, leased, [0])
+    store.expire_leases(NOW + LEASE_SECONDS + 1)
+
+    store.release_lease("car-1", leased.id, NOW + 50, "shutdown", 1.0)
+
+    finished = store.get_lease("car-1", leased.id)
+    expired = store.get_lease("car-1", other.id)
+    assert finished is not None and expired is not None
+    assert (finished.state, finished.end_reason, finished.energy_j) == ("finished", None, 1.0)
+    assert (expired.state, expired.end_reason) == ("expired", None)
+    assert store.release_lease("car-2", leased.id, NOW, "x", 4.0) is None
+    assert _energy(store, leased) == 1.0
+
+
+# -- vehicle status reason -----------------------------------------------------------------------
+
+
+def test_touch_vehicle_keeps_the_reason_until_the_next_heartbeat(store: Store) -> None:
+    store.upsert_vehicle(vehicle_record("car-1"))
+
+    store.touch_vehicle("car-1", NOW + 1, "paused", "not_parked, not_charging")
+    paused = store.get_vehicle("car-1")
+    store.touch_vehicle("car-1", NOW + 2, "working")
+    working = store.get_vehicle("car-1")
+
+    assert paused is not None and working is not None
+    assert (paused.status, paused.status_reason) == ("paused", "not_parked, not_charging")
+    assert (working.status, working.status_reason) == ("working", None)
+    assert store.touch_vehicle("car-missing", NOW, "paused", "x") is False
+
+
+def test_registering_again_replaces_the_status_reason(store: Store) -> None:
+    store.upsert_vehicle(vehicle_record("car-1"))
+    store.touch_vehicle("car-1", NOW + 1, "paused", "not_charging")
+
+    store.upsert_vehicle(vehicle_record("car-1", now=NOW + 2))
+
+    assert [(v.status, v.status_reason) for v in store.list_vehicles()] == [("idle", None)]
+
+
+# -- owner policies ------------------------------------------------------------------------------
+
+
+def test_policy_versions_count_up_from_one_per_vehicle(store: Store) -> None:
+    first = store.append_policy("car-1", '{"opted_in": false}', "owner:alice", NOW)
+    second = store.append_policy("car-1", '{"opted_in": true}', "owner:alice", NOW + 1)
+    other = store.append_policy("car-2", '{"opted_in": true}', "owner:bob", NOW + 2)
+
+    assert first is not None and second is not None and other is not None
+    assert [(r.vehicle_id, r.version) for r in (first, second, other)] == [
+        ("car-1", 1),
+        ("car-1", 2),
+        ("car-2", 1),
+    ]
+    assert store.current_policy("car-1") == second
+    assert store.current_policy("car-2") == other
+    assert store.current_policy("car-missing") is None
+    assert store.policy_history("car-missing") == []
+
+
+def test_policy_history_is_append_only_and_oldest_first(store: Store) -> None:
+    appended = [
+        store.append_policy("car-1", f'{{"n": {i}}}', f"owner:{i}", NOW + i) for i in range(5)
+    ]
+
+    history = store.policy_history("car-1")
+    latest_two = store.policy_history("car-1", limit=2)
+
+    assert history == appended
+    assert [(r.version, r.policy_json, r.actor, r.created_at) for r in history] == [
+        (i + 1, f'{{"n": {i}}}', f"owner:{i}", NOW + i) for i in range(5)
+    ]
+    assert latest_two == appended[3:]
+
+
+def test_append_policy_with_a_stale_expected_version_appends_nothing(store: Store) -> None:
+    first = store.append_policy("car-1", "{}", "owner:a", NOW, expect_version=0)
+    stale = store.append_policy("car-1", '{"x": 1}', "owner:b", NOW + 1, expect_version=0)
+    fresh = store.append_policy("car-1", '{"x": 2}', "owner:c", NOW + 2, expect_version=1)
+
+    assert first is not None and first.version == 1
+    assert stale is None
+    assert fresh is not None and fresh.version == 2
+    assert [r.actor for r in store.policy_history("car-1")] == ["owner:a", "owner:c"]
+
+
+def test_concurrent_policy_appends_get_distinct_consecutive_versions(store: Store) -> None:
+    start = threading.Barrier(8)
+    got: list[list[tuple[int, str]]] = [[] for _ in range(8)]
+
+    def owner(i: int) -> None:
+        start.wait(timeout=10)
+        for n in range(10):
+            record = store.append_policy("car-1", f'{{"n": {n}}}', f"owner:{i}", NOW)
+            assert record is not None
+            got[i].append((record.version, record.actor))
+
+    threads = [threading.Thread(target=owner, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    versions = sorted(v for per_thread in got for v, _ in per_thread)
+    assert versions == list(range(1, 81))
+    history = store.policy_history("car-1")
+    assert [r.version for r in history] == list(range(1, 81))
+    assert {(r.version, r.actor) for r in history} == {pair for t in got for pair in t}
+
+
+def test_policies_survive_close_and_reopen(store_url: str) -> None:
+    with opened(store_url) as first:
+        appended = first.append_policy("car-1", '{"opted_in": true}', "owner:alice", NOW)
+
+    with opened(store_url) as second:
+        assert second.current_policy("car-1") == appended
+        again = second.append_policy("car-1", "{}", "owner:alice", NOW + 1)
+        assert again is not None and again.version == 2
+
+
+# -- migration 2 on a database of migration 1 ----------------------------------------------------
+
+
+def _sqlite_v1_with_rows(url: str) -> None:
+    """A database as a coordinator of schema 1 left it: one batch, request, lease, vehicle."""
+    import sqlite3
+
+    path = url.removeprefix("sqlite:///")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(
+        "CREATE TABLE schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    for statement in MIGRATIONS[0].sql.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO schema_migrations VALUES (1, ?, ?)", (MIGRATIONS[0].name, NOW))
+    db.execute(
+        "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, "
+        "created_at, expires_at, seq_no) VALUES "
+        "('batch-old', 'file-1', '/v1/embeddings', '24h', 'in_progress', ?, ?, 1)",
+        (int(NOW), int(NOW) + 86_400),
+    )
+    for seq in range(3):
+        db.execute(
+            "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+            "sort_key, state) VALUES ('batch-old', ?, ?, ?, 'float', '[\"x\"]', 1, ?)",
+            (seq, f"req-{seq}", MODEL, "leased" if seq == 0 else "pending"),
+        )
+    db.execute("UPDATE requests SET lease_id = 'lease-old' WHERE seq = 0")
+    db.execute(
+        "INSERT INTO leases VALUES ('lease-old', 'batch-old', 'car-1', ?, '[0]', ?, ?, 'active')",
+        (MODEL, NOW, NOW + LEASE_SECONDS),
+    )
+    db.execute(
+        "INSERT INTO vehicles VALUES ('car-1', '{}', ?, ?, ?, 'working')",
+        (f'["{MODEL}"]', NOW, NOW),
+    )
+    db.close()
+
+
+# name -> builder of a schema-1 database with rows at the URL BACKENDS gives for a directory.
+SCHEMA_1_BUILDERS: dict[str, Callable[[str], None]] = {"sqlite": _sqlite_v1_with_rows}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_migration_2_upgrades_a_schema_1_database_with_defaults(
+    backend: str, tmp_path: Path
+) -> None:
+    url = BACKENDS[backend](tmp_path)
+    SCHEMA_1_BUILDERS[backend](url)
+
+    with opened(url) as upgraded:
+        assert _schema_version(upgraded) == LATEST_SCHEMA
+        batch = upgraded.get_batch("batch-old")
+        old_lease = upgraded.get_lease("car-1", "lease-old")
+        car = upgraded.get_vehicle("car-1")
+        assert batch is not None and (batch.purpose, batch.data_region) == ("general", "global")
+        assert old_lease is not None
+        assert (old_lease.purpose, old_lease.data_region) == ("general", "global")
+        assert (old_lease.energy_j, old_lease.end_reason) == (0.0, None)
+        assert car is not None and (car.status, car.status_reason) == ("working", None)
+        assert upgraded.current_policy("car-1") is None
+        # The old rows work with the new code: a general/global consent leases the rest.
+        relet = must_lease(upgraded, "car-2", purposes=["general"], data_regions=["global"])
+        assert (relet.batch_id, seqs_of(relet)) == ("batch-old", [1, 2])
+        assert upgraded.release_lease("car-1", "lease-old", NOW + 1, "shutdown", 2.0) == 1

@@ -3,6 +3,10 @@
 Errors leave as OpenAI error bodies (``{"error": {message, type, param, code}}``) with the
 status of the :class:`~idlefleet.coordinator.errors.IdlefleetError` raised; request bodies that
 fail schema validation get a 400 in the same shape, never a 422 or a 500.
+
+The owner API (``/fleet/vehicles/{id}/policy`` and ``/consent``) appends policy versions and
+then pushes the new version to the car at once (best effort: an offline car catches up through
+its heartbeat), because an opt-out must not wait for the car to poll.
 """
 
 from __future__ import annotations
@@ -11,23 +15,42 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from idlefleet.coordinator.api.shapes import batch_json, file_json, model_json, page, vehicle_json
+from idlefleet.coordinator.api.shapes import (
+    batch_json,
+    consent_json,
+    file_json,
+    lease_json,
+    model_json,
+    page,
+    policy_json,
+    vehicle_json,
+)
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.embedding_request import validate_embedding_body
 from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
 from idlefleet.coordinator.openai_format import embedding_response
+from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
+from idlefleet.coordinator.store import VehicleRecord
 from idlefleet.coordinator.work import WorkService
 from idlefleet.models.catalog import MODELS, resolve_model
+from idlefleet.protocol.policy import (
+    DEFAULT_DATA_REGION,
+    DEFAULT_PURPOSE,
+    DataRegion,
+    OwnerPolicy,
+    PolicyUpdate,
+    Purpose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +66,46 @@ class CreateBatchBody(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    # Extensions (clients send them with the SDK's ``extra_body``); checked by BatchService,
+    # which names the allowed values.
+    purpose: str = DEFAULT_PURPOSE
+    data_region: str = DEFAULT_DATA_REGION
+
+
+Actor = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class SetPolicyBody(BaseModel):
+    """``PUT /fleet/vehicles/{id}/policy``: a whole policy, and who sets it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: OwnerPolicy
+    actor: Actor
+
+
+class ConsentBody(BaseModel):
+    """``POST /fleet/vehicles/{id}/consent``: opt in or out, optionally narrowing the scope."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opted_in: StrictBool  # consent is never inferred from 1, "yes" or "true"
+    actor: Actor
+    purposes: list[Purpose] | None = None
+    data_regions: list[DataRegion] | None = None
+
+
+PolicyPush = Callable[[str, PolicyUpdate], Awaitable[bool]]
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _parse_body(request: Request, model: type[_Body]) -> _Body:
+    """Parse the raw body ourselves, so a 400 names the field and the problem exactly."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
 
 
 def create_app(
@@ -50,8 +113,13 @@ def create_app(
     work: WorkService,
     online: Embedder | None = None,
     on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
+    push_policy: PolicyPush | None = None,
 ) -> FastAPI:
-    """Build the HTTP app. ``on_batch_created`` runs validation (and announces the new work)."""
+    """Build the HTTP app.
+
+    ``on_batch_created`` runs validation (and announces the new work); ``push_policy`` sends a
+    changed owner policy to its car (None: no push, the car catches up by heartbeat).
+    """
     app = FastAPI(
         title="idlefleet coordinator",
         version="0.1.0",
@@ -119,6 +187,8 @@ def create_app(
             body.endpoint,
             body.completion_window,
             body.metadata,
+            body.purpose,
+            body.data_region,
         )
         if on_batch_created is not None:
             task = asyncio.create_task(on_batch_created(batch.id))
@@ -173,10 +243,72 @@ def create_app(
     # -- fleet and health ----------------------------------------------------------------------
     @app.get("/fleet/vehicles", tags=["fleet"])
     async def list_vehicles() -> dict[str, Any]:
-        vehicles = await asyncio.to_thread(work.store.list_vehicles)
+        def read() -> list[tuple[VehicleRecord, PolicyVersion]]:
+            return [(v, work.owners.current(v.id)) for v in work.store.list_vehicles()]
+
+        vehicles = await asyncio.to_thread(read)
         now = time.time()
         live_after = now - 3 * work.heartbeat_interval_s
-        return {"object": "list", "data": [vehicle_json(v, now, live_after) for v in vehicles]}
+        return {
+            "object": "list",
+            "data": [vehicle_json(v, now, live_after, policy) for v, policy in vehicles],
+        }
+
+    # -- owners: policy and consent ------------------------------------------------------------
+    async def pushed(version: PolicyVersion) -> dict[str, Any]:
+        body = policy_json(version)
+        delivered = False
+        if push_policy is not None:
+            try:
+                delivered = await push_policy(version.vehicle_id, version.update())
+            except Exception:  # the change is stored; the heartbeat path will deliver it
+                log.exception("pushing policy %d to %s failed", version.version, version.vehicle_id)
+        body["pushed_to_vehicle"] = delivered
+        return body
+
+    @app.get("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
+    async def get_policy(vehicle_id: str) -> dict[str, Any]:
+        check_vehicle_id(vehicle_id)
+        return policy_json(await asyncio.to_thread(work.owners.current, vehicle_id))
+
+    @app.put("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
+    async def set_policy(vehicle_id: str, request: Request) -> dict[str, Any]:
+        check_vehicle_id(vehicle_id)
+        body = await _parse_body(request, SetPolicyBody)
+        version = await asyncio.to_thread(
+            work.owners.set_policy, vehicle_id, body.policy, body.actor
+        )
+        return await pushed(version)
+
+    @app.post("/fleet/vehicles/{vehicle_id}/consent", tags=["owners"])
+    async def set_consent(vehicle_id: str, request: Request) -> dict[str, Any]:
+        check_vehicle_id(vehicle_id)
+        body = await _parse_body(request, ConsentBody)
+        version = await asyncio.to_thread(
+            work.owners.set_consent,
+            vehicle_id,
+            body.opted_in,
+            body.actor,
+            body.purposes,
+            body.data_regions,
+        )
+        return await pushed(version)
+
+    @app.get("/fleet/vehicles/{vehicle_id}/consent", tags=["owners"])
+    async def consent_record(vehicle_id: str, limit: int = Query(1000)) -> dict[str, Any]:
+        check_vehicle_id(vehicle_id)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest(
+                f"Invalid 'limit': {limit}. Expected a value between 1 and 1000.",
+                param="limit",
+                code="invalid_value",
+            )
+        history = await asyncio.to_thread(work.owners.history, vehicle_id, limit)
+        return {
+            "object": "list",
+            "vehicle_id": vehicle_id,
+            "data": [consent_json(v) for v in history],
+        }
 
     @app.get("/fleet/batches/{batch_id}/vehicles", tags=["fleet"])
     async def batch_vehicles(batch_id: str) -> dict[str, Any]:
@@ -188,20 +320,7 @@ def create_app(
     async def list_leases(all: bool = Query(False)) -> dict[str, Any]:
         leases = await asyncio.to_thread(work.store.list_leases, not all)
         now = time.time()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": lease.id,
-                    "batch_id": lease.batch_id,
-                    "vehicle_id": lease.vehicle_id,
-                    "model": lease.model,
-                    "state": lease.state,
-                    "expires_in_s": round(lease.deadline - now, 3),
-                }
-                for lease in leases
-            ],
-        }
+        return {"object": "list", "data": [lease_json(lease, now) for lease in leases]}
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -1,10 +1,12 @@
-"""Our records in the JSON shapes of the OpenAI API (File, Batch, Model, list pages)."""
+"""Our records in the JSON shapes of the OpenAI API (File, Batch, Model, list pages) and of
+the fleet API (vehicles, leases, owner policies and the consent record)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from idlefleet.coordinator.store import BatchRecord, FileRecord, VehicleRecord
+from idlefleet.coordinator.owners import PolicyVersion
+from idlefleet.coordinator.store import BatchRecord, FileRecord, Lease, VehicleRecord
 from idlefleet.models.catalog import ModelInfo
 
 
@@ -49,6 +51,9 @@ def batch_json(batch: BatchRecord) -> dict[str, Any]:
             "failed": counts.failed,
         },
         "metadata": batch.metadata,
+        # Our extensions; the OpenAI SDK keeps unknown keys (``batch.model_extra``).
+        "purpose": batch.purpose,
+        "data_region": batch.data_region,
     }
 
 
@@ -66,14 +71,57 @@ def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     }
 
 
-def vehicle_json(vehicle: VehicleRecord, now: float, live_after: float) -> dict[str, Any]:
+def vehicle_json(
+    vehicle: VehicleRecord, now: float, live_after: float, policy: PolicyVersion
+) -> dict[str, Any]:
     return {
         "id": vehicle.id,
         "hardware": vehicle.hardware,
         "models": list(vehicle.models),
         "status": vehicle.status,
+        "status_reason": vehicle.status_reason,
+        "policy_version": policy.version,
+        "opted_in": policy.policy.opted_in,
         "online": vehicle.last_seen >= live_after,
         "last_seen_s_ago": round(now - vehicle.last_seen, 3),
         "registered_at": vehicle.registered_at,
         "completed_requests": vehicle.completed_requests,
+    }
+
+
+def lease_json(lease: Lease, now: float) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "batch_id": lease.batch_id,
+        "vehicle_id": lease.vehicle_id,
+        "model": lease.model,
+        "state": lease.state,
+        "expires_in_s": round(lease.deadline - now, 3),
+        "purpose": lease.purpose,
+        "data_region": lease.data_region,
+        "energy_j": lease.energy_j,
+        "end_reason": lease.end_reason,
+    }
+
+
+def policy_json(version: PolicyVersion) -> dict[str, Any]:
+    """A car's policy as the owner API shows it (version 0: never set, the defaults)."""
+    return {
+        "vehicle_id": version.vehicle_id,
+        "version": version.version,
+        "policy": version.policy.model_dump(mode="json"),
+        "updated_at": version.created_at,
+        "actor": version.actor,
+    }
+
+
+def consent_json(version: PolicyVersion) -> dict[str, Any]:
+    """One entry of the consent record: who, when, which version, what was allowed."""
+    return {
+        "version": version.version,
+        "opted_in": version.policy.opted_in,
+        "purposes": list(version.policy.purposes),
+        "data_regions": list(version.policy.data_regions),
+        "actor": version.actor,
+        "created_at": version.created_at,
     }

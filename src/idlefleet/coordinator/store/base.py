@@ -15,6 +15,11 @@ Guarantees (checked by the contract suite in ``tests/coordinator/store/``):
 * An expired or released lease returns its unfinished requests to the queue.
 * :meth:`Store.update_batch` is a compare-and-set on the batch status, so that exactly one
   replica performs each status transition.
+* :meth:`Store.lease_unit` leases only requests of batches whose purpose and data region the
+  caller allows (the owner's consent); nothing else about the order changes.
+* Owner policies are append-only: :meth:`Store.append_policy` adds version ``n + 1`` and never
+  changes or removes an earlier version, and concurrent appends for one vehicle get distinct,
+  consecutive versions. The history is the consent record (who, when, what).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from idlefleet.protocol.policy import DEFAULT_DATA_REGION, DEFAULT_PURPOSE
 
 RequestState = Literal["pending", "leased", "done", "failed"]
 
@@ -75,6 +82,10 @@ class BatchRecord:
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts = field(default_factory=RequestCounts)
+    purpose: str = DEFAULT_PURPOSE
+    """What the customer uses the results for (one of ``protocol.policy.PURPOSES``)."""
+    data_region: str = DEFAULT_DATA_REGION
+    """Where the batch's data may be processed (one of ``protocol.policy.DATA_REGIONS``)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,14 @@ class Lease:
     items: tuple[LeasedItem, ...]
     state: str = "active"
     """``active``, or how it ended: ``finished``, ``released``, ``expired``."""
+    purpose: str = DEFAULT_PURPOSE
+    """The batch's purpose (the unit carries it to the car's policy guard)."""
+    data_region: str = DEFAULT_DATA_REGION
+    """The batch's data region."""
+    energy_j: float = 0.0
+    """Energy the vehicle reported for this lease (result chunks plus release), joules."""
+    end_reason: str | None = None
+    """Why the vehicle released the lease (its ``Release.reason``); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +183,22 @@ class VehicleRecord:
     last_seen: float
     status: str = "idle"
     completed_requests: int = 0
+    status_reason: str | None = None
+    """Why the vehicle is in ``status`` (the agent's reasons for a pause), from its heartbeat."""
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """One version of an owner's policy for one vehicle, as appended (never changed)."""
+
+    vehicle_id: str
+    version: int
+    """1, 2, 3, ... per vehicle."""
+    policy_json: str
+    """The ``OwnerPolicy`` as JSON; the store keeps it verbatim and does not interpret it."""
+    actor: str
+    """Who set this version, e.g. ``owner:alice``."""
+    created_at: float
 
 
 class Store(ABC):
@@ -229,8 +264,15 @@ class Store(ABC):
         now: float,
         lease_seconds: float,
         unit_size: Callable[[int], int],
+        *,
+        purposes: Collection[str],
+        data_regions: Collection[str],
     ) -> Lease | None:
         """Lease pending requests of the oldest in-progress batch to ``vehicle_id``.
+
+        MUST consider only batches whose ``purpose`` is in ``purposes`` and whose
+        ``data_region`` is in ``data_regions`` (what the car's owner allows); an empty
+        collection allows nothing. The lease carries the batch's purpose and data region.
 
         Longest requests go first (by ``sort_key``, the input's length): a unit then holds
         inputs of similar length, which the model pads least, and the short ones are left for
@@ -248,11 +290,15 @@ class Store(ABC):
         results: Iterable[RequestResult],
         now: float,
         lease_seconds: float,
+        energy_j: float = 0.0,
     ) -> CommitOutcome:
         """Commit results of a lease held (now or before) by ``vehicle_id``; extend it if active.
 
         Results for requests that were not in this lease are ignored (not committed, not
         counted); an unknown lease or one of another vehicle gives ``unknown_lease=True``.
+        ``energy_j`` (>= 0, what the car spent on the chunk) MUST be added to the lease's
+        ``energy_j`` in the same transaction, also for a lease that has ended (a late chunk
+        still cost energy), and never for an unknown lease.
         """
 
     @abstractmethod
@@ -268,10 +314,20 @@ class Store(ABC):
         """Put unfinished requests of an active lease back in the queue (the rest stays leased)."""
 
     @abstractmethod
-    def release_lease(self, vehicle_id: str, lease_id: str, now: float) -> int | None:
+    def release_lease(
+        self,
+        vehicle_id: str,
+        lease_id: str,
+        now: float,
+        reason: str = "",
+        energy_j: float = 0.0,
+    ) -> int | None:
         """End an active lease and return its unfinished requests to the queue.
 
         Returns how many requests went back, or None if the lease is unknown to this vehicle.
+        The release that ends the lease records ``reason`` as its ``end_reason`` (empty: none);
+        a lease that had already ended keeps how it ended. ``energy_j`` (>= 0) is added to the
+        lease's energy either way, for any lease the vehicle holds or held.
         """
 
     @abstractmethod
@@ -298,14 +354,46 @@ class Store(ABC):
     def upsert_vehicle(self, record: VehicleRecord) -> None: ...
 
     @abstractmethod
-    def touch_vehicle(self, vehicle_id: str, now: float, status: str) -> bool:
-        """Record a heartbeat; False if the vehicle is not registered."""
+    def touch_vehicle(
+        self, vehicle_id: str, now: float, status: str, reason: str | None = None
+    ) -> bool:
+        """Record a heartbeat: ``last_seen``, ``status`` and ``status_reason`` (None clears it).
+
+        False (and no change) if the vehicle is not registered.
+        """
 
     @abstractmethod
     def get_vehicle(self, vehicle_id: str) -> VehicleRecord | None: ...
 
     @abstractmethod
     def list_vehicles(self) -> list[VehicleRecord]: ...
+
+    # -- owner policies (append-only consent record) -------------------------------------------
+    @abstractmethod
+    def append_policy(
+        self,
+        vehicle_id: str,
+        policy_json: str,
+        actor: str,
+        now: float,
+        expect_version: int | None = None,
+    ) -> PolicyRecord | None:
+        """Append the next version of ``vehicle_id``'s policy: 1 for the first, else latest + 1.
+
+        Atomic: concurrent appends get distinct, consecutive versions, and no earlier version
+        is ever changed. With ``expect_version`` it is a compare-and-set: the append happens
+        only if the latest version is ``expect_version`` (0: none yet), else None is returned
+        and nothing changes, so a read-modify-write (consent) cannot undo a concurrent change.
+        The vehicle need not be registered: an owner may set a policy before the car connects.
+        """
+
+    @abstractmethod
+    def current_policy(self, vehicle_id: str) -> PolicyRecord | None:
+        """The latest version of ``vehicle_id``'s policy, or None if none was ever set."""
+
+    @abstractmethod
+    def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:
+        """The latest ``limit`` versions of ``vehicle_id``'s policy, oldest first."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

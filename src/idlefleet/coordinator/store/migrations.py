@@ -105,4 +105,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "owner policy and consent: batch purpose and data region, lease energy and end reason, "
+        "vehicle status reason, append-only owner_policies",
+        # Existing batches had no purpose or region: they become ordinary work with no data
+        # restriction, the same as a new batch that names neither.
+        """
+        ALTER TABLE batches ADD COLUMN purpose TEXT NOT NULL DEFAULT 'general';
+        ALTER TABLE batches ADD COLUMN data_region TEXT NOT NULL DEFAULT 'global';
+        ALTER TABLE leases ADD COLUMN energy_j REAL NOT NULL DEFAULT 0;
+        ALTER TABLE leases ADD COLUMN end_reason TEXT;
+        ALTER TABLE vehicles ADD COLUMN status_reason TEXT;
+        CREATE TABLE owner_policies (
+            vehicle_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            policy TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (vehicle_id, version)
+        );
+        """,
+    ),
 )

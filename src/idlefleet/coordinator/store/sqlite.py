@@ -9,6 +9,7 @@ sharing the file, so no request is ever in two active leases.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from idlefleet.coordinator.store.base import (
     Lease,
     LeasedItem,
     NewRequest,
+    PolicyRecord,
     RequestCounts,
     RequestResult,
     Store,
@@ -36,7 +38,7 @@ FILE_CHUNK_BYTES = 4 * 1024 * 1024
 _BATCH_COLUMNS = (
     "id, input_file_id, endpoint, completion_window, status, created_at, expires_at, metadata, "
     "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at"
+    "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region"
 )
 _BATCH_FIELDS = tuple(name.strip() for name in _BATCH_COLUMNS.split(","))
 _UPDATABLE_BATCH_FIELDS = frozenset(
@@ -176,7 +178,7 @@ class SqliteStore(Store):
             (seq_no,) = db.execute("SELECT COALESCE(MAX(seq_no), 0) + 1 FROM batches").fetchone()
             db.execute(
                 f"INSERT INTO batches ({_BATCH_COLUMNS}, seq_no) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"VALUES ({', '.join('?' * (len(_BATCH_FIELDS) + 1))})",
                 (
                     batch.id,
                     batch.input_file_id,
@@ -196,6 +198,8 @@ class SqliteStore(Store):
                     batch.expired_at,
                     batch.cancelling_at,
                     batch.cancelled_at,
+                    batch.purpose,
+                    batch.data_region,
                     seq_no,
                 ),
             )
@@ -318,18 +322,28 @@ class SqliteStore(Store):
         now: float,
         lease_seconds: float,
         unit_size: Callable[[int], int],
+        *,
+        purposes: Collection[str],
+        data_regions: Collection[str],
     ) -> Lease | None:
+        models, purposes, data_regions = list(models), list(purposes), list(data_regions)
+        if not (models and purposes and data_regions):
+            return None  # nothing allowed (and ``IN ()`` is not SQL everywhere)
         model_marks = ",".join("?" * len(models))
+        purpose_marks = ",".join("?" * len(purposes))
+        region_marks = ",".join("?" * len(data_regions))
         with self._write() as db:
             row = db.execute(
-                "SELECT b.id FROM batches b WHERE b.status = 'in_progress' AND EXISTS ("
+                "SELECT b.id, b.purpose, b.data_region FROM batches b "
+                f"WHERE b.status = 'in_progress' AND b.purpose IN ({purpose_marks}) "
+                f"AND b.data_region IN ({region_marks}) AND EXISTS ("
                 "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
                 f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
-                tuple(models),
+                (*purposes, *data_regions, *models),
             ).fetchone()
             if row is None:
                 return None
-            batch_id = row[0]
+            batch_id, purpose, data_region = row
             (pending,) = db.execute(
                 "SELECT COUNT(*) FROM requests WHERE batch_id = ? AND state = 'pending'",
                 (batch_id,),
@@ -352,11 +366,21 @@ class SqliteStore(Store):
             )
             deadline = now + lease_seconds
             db.execute(
-                "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
+                "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, "
+                "deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
                 (lease_id, batch_id, vehicle_id, model, json.dumps(seqs), now, deadline),
             )
         items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
-        return Lease(lease_id, batch_id, vehicle_id, model, deadline, items)
+        return Lease(
+            lease_id,
+            batch_id,
+            vehicle_id,
+            model,
+            deadline,
+            items,
+            purpose=purpose,
+            data_region=data_region,
+        )
 
     def commit_results(
         self,
@@ -365,7 +389,9 @@ class SqliteStore(Store):
         results: Iterable[RequestResult],
         now: float,
         lease_seconds: float,
+        energy_j: float = 0.0,
     ) -> CommitOutcome:
+        _check_energy(energy_j)
         results = list(results)
         with self._write() as db:
             lease = db.execute(
@@ -376,6 +402,10 @@ class SqliteStore(Store):
             if lease is None:
                 return CommitOutcome(0, 0, False, None, unknown_lease=True)
             batch_id, seqs_json, state, deadline = lease
+            if energy_j:
+                db.execute(
+                    "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?", (energy_j, lease_id)
+                )
             leased = set(json.loads(seqs_json))
             mine = [r for r in results if r.seq in leased]
             committed = 0
@@ -439,25 +469,38 @@ class SqliteStore(Store):
         )
 
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT batch_id, model, deadline, state FROM leases "
-                "WHERE id = ? AND vehicle_id = ?",
-                (lease_id, vehicle_id),
-            ).fetchone()
-        if row is None:
-            return None
-        return Lease(lease_id, row[0], vehicle_id, row[1], row[2], (), row[3])
+        found = self._leases("WHERE l.id = ? AND l.vehicle_id = ?", (lease_id, vehicle_id))
+        return found[0] if found else None
 
     def list_leases(self, active_only: bool = True, limit: int = 1000) -> list[Lease]:
-        where = "WHERE state = 'active'" if active_only else ""
+        where = "WHERE l.state = 'active'" if active_only else ""
+        return self._leases(f"{where} ORDER BY l.created_at DESC LIMIT ?", (limit,))
+
+    def _leases(self, tail: str, args: tuple[Any, ...]) -> list[Lease]:
+        # Purpose and region are the batch's (fixed at creation), so they are read from it.
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, batch_id, vehicle_id, model, deadline, state FROM leases "
-                f"{where} ORDER BY created_at DESC LIMIT ?",
-                (limit,),
+                "SELECT l.id, l.batch_id, l.vehicle_id, l.model, l.deadline, l.state, "
+                "b.purpose, b.data_region, l.energy_j, l.end_reason "
+                f"FROM leases l JOIN batches b ON b.id = l.batch_id {tail}",
+                args,
             ).fetchall()
-        return [Lease(r[0], r[1], r[2], r[3], r[4], (), r[5]) for r in rows]
+        return [
+            Lease(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                (),
+                r[5],
+                purpose=r[6],
+                data_region=r[7],
+                energy_j=r[8],
+                end_reason=r[9],
+            )
+            for r in rows
+        ]
 
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:
         with self._write() as db:
@@ -477,16 +520,31 @@ class SqliteStore(Store):
             self._close_if_finished(db, lease_id)
         return returned
 
-    def release_lease(self, vehicle_id: str, lease_id: str, now: float) -> int | None:
+    def release_lease(
+        self,
+        vehicle_id: str,
+        lease_id: str,
+        now: float,
+        reason: str = "",
+        energy_j: float = 0.0,
+    ) -> int | None:
+        _check_energy(energy_j)
         with self._write() as db:
             lease = db.execute(
                 "SELECT state FROM leases WHERE id = ? AND vehicle_id = ?", (lease_id, vehicle_id)
             ).fetchone()
             if lease is None:
                 return None
+            if energy_j:
+                db.execute(
+                    "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?", (energy_j, lease_id)
+                )
             if lease[0] != "active":
                 return 0
-            db.execute("UPDATE leases SET state = 'released' WHERE id = ?", (lease_id,))
+            db.execute(
+                "UPDATE leases SET state = 'released', end_reason = ? WHERE id = ?",
+                (reason or None, lease_id),
+            )
             return db.execute(
                 "UPDATE requests SET state = 'pending', lease_id = NULL "
                 "WHERE lease_id = ? AND state = 'leased'",
@@ -563,9 +621,11 @@ class SqliteStore(Store):
     def upsert_vehicle(self, record: VehicleRecord) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO vehicles VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "INSERT INTO vehicles (id, hardware, models, registered_at, last_seen, status, "
+                "status_reason) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "hardware = excluded.hardware, models = excluded.models, "
-                "last_seen = excluded.last_seen, status = excluded.status",
+                "last_seen = excluded.last_seen, status = excluded.status, "
+                "status_reason = excluded.status_reason",
                 (
                     record.id,
                     json.dumps(record.hardware),
@@ -573,15 +633,18 @@ class SqliteStore(Store):
                     record.registered_at,
                     record.last_seen,
                     record.status,
+                    record.status_reason,
                 ),
             )
 
-    def touch_vehicle(self, vehicle_id: str, now: float, status: str) -> bool:
+    def touch_vehicle(
+        self, vehicle_id: str, now: float, status: str, reason: str | None = None
+    ) -> bool:
         with self._write() as db:
             return (
                 db.execute(
-                    "UPDATE vehicles SET last_seen = ?, status = ? WHERE id = ?",
-                    (now, status, vehicle_id),
+                    "UPDATE vehicles SET last_seen = ?, status = ?, status_reason = ? WHERE id = ?",
+                    (now, status, reason, vehicle_id),
                 ).rowcount
                 > 0
             )
@@ -590,7 +653,8 @@ class SqliteStore(Store):
         with self._lock:
             rows = self._db.execute(
                 "SELECT v.id, v.hardware, v.models, v.registered_at, v.last_seen, v.status, "
-                "(SELECT COUNT(*) FROM requests r WHERE r.vehicle_id = v.id AND r.state = 'done') "
+                "(SELECT COUNT(*) FROM requests r WHERE r.vehicle_id = v.id AND r.state = 'done'), "
+                "v.status_reason "
                 f"FROM vehicles v {where} ORDER BY v.id",
                 args,
             ).fetchall()
@@ -603,6 +667,7 @@ class SqliteStore(Store):
                 last_seen=r[4],
                 status=r[5],
                 completed_requests=r[6],
+                status_reason=r[7],
             )
             for r in rows
         ]
@@ -613,6 +678,56 @@ class SqliteStore(Store):
 
     def list_vehicles(self) -> list[VehicleRecord]:
         return self._vehicles("", ())
+
+    # -- owner policies ------------------------------------------------------------------------
+    _POLICY_COLUMNS = "vehicle_id, version, policy, actor, created_at"
+
+    def append_policy(
+        self,
+        vehicle_id: str,
+        policy_json: str,
+        actor: str,
+        now: float,
+        expect_version: int | None = None,
+    ) -> PolicyRecord | None:
+        # BEGIN IMMEDIATE makes read-latest-then-insert one step for every writer; the primary
+        # key would refuse a duplicate version even without it.
+        with self._write() as db:
+            (latest,) = db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM owner_policies WHERE vehicle_id = ?",
+                (vehicle_id,),
+            ).fetchone()
+            if expect_version is not None and latest != expect_version:
+                return None
+            record = PolicyRecord(vehicle_id, int(latest) + 1, policy_json, actor, now)
+            db.execute(
+                f"INSERT INTO owner_policies ({self._POLICY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (record.vehicle_id, record.version, record.policy_json, actor, now),
+            )
+        return record
+
+    def current_policy(self, vehicle_id: str) -> PolicyRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE vehicle_id = ? "
+                "ORDER BY version DESC LIMIT 1",
+                (vehicle_id,),
+            ).fetchone()
+        return PolicyRecord(*row) if row else None
+
+    def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE vehicle_id = ? "
+                "ORDER BY version DESC LIMIT ?",
+                (vehicle_id, limit),
+            ).fetchall()
+        return [PolicyRecord(*row) for row in reversed(rows)]
+
+
+def _check_energy(energy_j: float) -> None:
+    if not (math.isfinite(energy_j) and energy_j >= 0):
+        raise ValueError(f"energy_j must be a finite number >= 0, got {energy_j!r}")
 
 
 def _dump(value: Any) -> str | None:

@@ -1,0 +1,1 @@
+"""Vehicle-state sources: a replayed trace, or a KUKSA databroker (optional extra)."""

@@ -1,0 +1,188 @@
+"""``idlefleet owner`` against the real coordinator app over HTTP (see ``live.py``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from idlefleet.cli.main import main
+from idlefleet.cli.owner import DEFAULT_COORDINATOR
+from idlefleet.cli.up import DEFAULT_PORT
+from idlefleet.protocol.policy import OwnerPolicy
+from tests.coordinator.api.live import LiveCoordinator, live_coordinator
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCoordinator]:
+    with live_coordinator(tmp_path_factory.mktemp("owner-cli")) as running:
+        yield running
+
+
+@pytest.fixture
+def car(live: LiveCoordinator) -> str:
+    live.pushes.clear()
+    live.push_answer = True
+    return f"cli-car-{next(_ids)}"
+
+
+def owner(live: LiveCoordinator, *argv: str) -> int:
+    return main(["owner", *argv, "--coordinator", live.base_url])
+
+
+def test_the_default_coordinator_is_where_idlefleet_up_listens() -> None:
+    assert f"http://127.0.0.1:{DEFAULT_PORT}" == DEFAULT_COORDINATOR
+
+
+def test_show_of_a_new_car_says_it_is_opted_out(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = owner(live, "show", "--vehicle", car)
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "policy version    0 (never set" in out
+    assert "opted in          no" in out
+    assert "charge floor      50 %" in out
+
+
+def test_opt_in_with_purposes_and_regions_then_opt_out_are_recorded(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opted_in = owner(
+        live,
+        "opt-in",
+        "--vehicle",
+        car,
+        "--actor",
+        "owner:alice",
+        "--purposes",
+        "research,healthcare",
+        "--regions",
+        "eu,global",
+    )
+    in_out = capsys.readouterr().out
+    live.push_answer = False
+    opted_out = owner(live, "opt-out", "--vehicle", car, "--actor", "owner:bob")
+    out_out = capsys.readouterr().out
+    history = owner(live, "history", "--vehicle", car)
+    table = capsys.readouterr().out.splitlines()
+
+    assert (opted_in, opted_out, history) == (0, 0, 0)
+    assert "opted in (purposes: research, healthcare; data regions: eu, global)" in in_out
+    assert "policy version 1; pushed to the car" in in_out
+    assert "opted out, policy version 2; the car was not reached" in out_out
+    policy = live.work.owners.current(car).policy
+    assert (policy.opted_in, policy.purposes, policy.data_regions) == (
+        False,
+        ["research", "healthcare"],
+        ["eu", "global"],
+    )
+    assert len(table) == 3
+    assert table[1].split()[0] == "1" and "owner:alice" in table[1] and "opted in" in table[1]
+    assert table[2].split()[0] == "2" and "owner:bob" in table[2] and "opted out" in table[2]
+
+
+def test_set_policy_from_a_file_and_show_json_round_trips(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    policy_file = tmp_path / "policy.json"
+    policy = OwnerPolicy(opted_in=True, soc_floor_percent=65, allowed_hours=["22:00-06:00"])
+    policy_file.write_text(policy.model_dump_json())
+
+    set_code = owner(
+        live, "set-policy", "--vehicle", car, "--file", str(policy_file), "--actor", "owner:a"
+    )
+    set_out = capsys.readouterr().out
+    show_code = owner(live, "show", "--vehicle", car, "--json")
+    shown = capsys.readouterr().out
+    (tmp_path / "shown.json").write_text(shown)
+    again = owner(
+        live, "set-policy", "--vehicle", car, "--file", str(tmp_path / "shown.json"), "--actor", "a"
+    )
+    capsys.readouterr()
+
+    assert (set_code, show_code, again) == (0, 0, 0)
+    assert "policy set, policy version 1" in set_out
+    assert "allowed hours     22:00-06:00" in set_out
+    body = json.loads(shown)
+    assert (body["vehicle_id"], body["version"], body["actor"]) == (car, 1, "owner:a")
+    assert OwnerPolicy.model_validate(body["policy"]) == policy
+    assert live.work.owners.current(car).version == 2
+    assert live.work.owners.current(car).policy == policy
+
+
+def test_a_refused_policy_prints_the_coordinators_reason_and_exits_1(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"opted_in": True, "soc_floor_percent": 140}))
+
+    code = owner(live, "set-policy", "--vehicle", car, "--file", str(policy_file), "--actor", "a")
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "refused (400): policy.soc_floor_percent: Input should be less than or equal to 100" in (
+        err
+    )
+    assert live.work.owners.current(car).version == 0
+
+
+def test_an_unreachable_coordinator_is_a_clear_error_with_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nobody listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    code = main(
+        ["owner", "show", "--vehicle", "car-1", "--coordinator", f"http://127.0.0.1:{port}"]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot reach the coordinator at http://127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["show", "--vehicle", "bad id"], "vehicle id"),
+        (["show"], "--vehicle"),
+        (["opt-in", "--vehicle", "c"], "--actor"),
+        (["opt-in", "--vehicle", "c", "--actor", ""], "actor must be"),
+        (["opt-in", "--vehicle", "c", "--actor", "a", "--purposes", "mining"], "unknown purpose"),
+        (["opt-in", "--vehicle", "c", "--actor", "a", "--regions", "eu,mars"], "mars"),
+        (["opt-out", "--vehicle", "c", "--actor", "a", "--purposes", "research"], "unrecognized"),
+        (["set-policy", "--vehicle", "c", "--actor", "a", "--file", "/nope.json"], "cannot read"),
+        (["show", "--vehicle", "c", "--coordinator", "ftp://x"], "coordinator URL"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_request(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["owner", *argv])
+
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_policy_file_that_is_not_json_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "policy.json"
+    broken.write_text("{opted_in: yes")
+
+    with pytest.raises(SystemExit) as exited:
+        main(["owner", "set-policy", "--vehicle", "c", "--actor", "a", "--file", str(broken)])
+
+    assert exited.value.code == 2
+    assert "is not JSON" in capsys.readouterr().err

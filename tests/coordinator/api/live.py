@@ -1,0 +1,92 @@
+"""The real coordinator HTTP app on a free local port, in a thread, without NATS.
+
+The app, services and SQLite store are the production ones; only the NATS edge is left out.
+Policy pushes go to a recorder instead (``LiveCoordinator.pushes``), whose answer a test can
+set, so the owner API's push is observable. Shared by ``tests/coordinator/api`` and
+``tests/cli`` (the CLI talks to this server over real HTTP).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from idlefleet.coordinator.api import create_app
+from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.store import open_store, sqlite_url
+from idlefleet.coordinator.work import WorkService
+from idlefleet.protocol.policy import PolicyUpdate
+
+
+class LiveCoordinator:
+    def __init__(self, base_url: str, batches: BatchService, work: WorkService) -> None:
+        self.base_url = base_url
+        self.batches = batches
+        self.work = work
+        self.pushes: list[tuple[str, PolicyUpdate]] = []
+        self.push_answer: bool | Exception = True
+        """What the next pushes return (True: the car acknowledged), or raise."""
+
+    async def push(self, vehicle_id: str, update: PolicyUpdate) -> bool:
+        self.pushes.append((vehicle_id, update))
+        if isinstance(self.push_answer, Exception):
+            raise self.push_answer
+        return self.push_answer
+
+    def call(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
+        """One HTTP request; (status, decoded JSON body), also for error statuses."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"} if data is not None else {},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+@contextmanager
+def live_coordinator(directory: Path) -> Iterator[LiveCoordinator]:
+    store = open_store(sqlite_url(directory / "coordinator.db"))
+    batches = BatchService(store)
+    work = WorkService(store, batches)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    live = LiveCoordinator(f"http://127.0.0.1:{port}", batches, work)
+
+    async def validate(batch_id: str) -> None:
+        batches.validate(batch_id)
+
+    app = create_app(batches, work, None, validate, live.push)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:  # uvicorn offers no event; its flag flips once it listens
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the coordinator app did not start")
+        time.sleep(0.01)
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        store.close()
