@@ -7,6 +7,7 @@ import pytest
 from idlefleet.cli.main import main
 
 TRACE = ["--trace", "trace.jsonl"]  # an agent needs a state source; the file is never read
+AGENT = ["agent", "--nats-url", "nats://x:1", "--vehicle-id", "car-1"]
 
 
 @pytest.mark.parametrize(
@@ -18,6 +19,13 @@ TRACE = ["--trace", "trace.jsonl"]  # an agent needs a state source; the file is
         (["agent", "--nats-url", "http://x", "--vehicle-id", "car-1", *TRACE], "nats://"),
         (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "c", "--tops", "-1"], "positive"),
         (["coordinator", "--nats-url", "nats://x:1", "--store", "mysql://x"], "store URL"),
+        (["agent", "--nats-url", "nats://x:1", "--vehicle-id", "c"], "--trace --kuksa"),
+        ([*AGENT, *TRACE, "--kuksa", "h:1"], "not allowed with"),
+        ([*AGENT, "--kuksa", "no-port"], "HOST:PORT"),
+        ([*AGENT, "--kuksa", "host:99999"], "HOST:PORT"),
+        ([*AGENT, *TRACE, "--resume-after", "-1"], "number >= 0"),
+        ([*AGENT, *TRACE, "--trace-speed", "0"], "positive"),
+        ([*AGENT, "--trace", "/nonexistent/trace.jsonl"], "cannot read trace"),
         (["frobnicate"], "invalid choice"),
     ],
 )
