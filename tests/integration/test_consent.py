@@ -85,6 +85,7 @@ def test_opting_out_mid_batch_stops_the_car_and_it_gets_no_further_lease(
         assert time.monotonic() - opted_out < 3 * HEARTBEAT_S, _vehicle(fleet, "car-001")
         time.sleep(0.02)
     paused_after = time.monotonic() - opted_out
+    print(f"car-001 reported paused (opted_out) {paused_after * 1000:.0f} ms after the opt-out")
     leases_at_pause = {lease["id"] for lease in _leases_of(fleet, "car-001")}
     # Results of the run the opt-out stopped may still be in flight for a moment.
     time.sleep(0.5)
