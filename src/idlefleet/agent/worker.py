@@ -155,7 +155,6 @@ class VehicleAgent:
         )
         await self.register()
         units: asyncio.Queue[WorkGrant] = asyncio.Queue(maxsize=1 if self.config.prefetch else 0)
-        self._units = units
         tasks = [
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._fetch_units(units)),
