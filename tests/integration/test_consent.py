@@ -32,11 +32,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedFleet]:
         yield running
 
 
-@pytest.fixture
-def client(fleet: EmbeddedFleet) -> OpenAI:
-    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0)
-
-
 def _batch(client: OpenAI, n: int, **extra: str) -> Any:
     content = "\n".join(
         request_line(f"r-{i}", {"model": "all-MiniLM-L6-v2", "input": text})

@@ -51,9 +51,9 @@ def run_chunk(
     token_counts: Sequence[int] | None = None,
 ) -> ChunkOutcome:
     """Embed ``texts`` if and while the gate allows it (blocking; call on a compute thread)."""
-    empty = np.zeros((len(texts), 0), dtype=np.float32)
     step = gate.begin(lease_id)
     if step is None:
+        empty = np.zeros((len(texts), 0), dtype=np.float32)
         nothing = np.zeros(len(texts), dtype=bool)
         return ChunkOutcome(empty, nothing, [], 0.0, refused=True, ended_at=time.perf_counter())
     try:
