@@ -18,12 +18,13 @@ install: $(BIN)/idlefleet
 demo: install
 	$(BIN)/idlefleet up --demo
 
-# The tests also cover the optional KUKSA state source, so they install that extra as well.
-$(VENV)/.kuksa: $(BIN)/idlefleet
-	$(BIN)/pip install -q -e '.[dev,kuksa]'
-	touch $(VENV)/.kuksa
+# The tests also cover the optional KUKSA state source and the simulator's plots and Parquet
+# files, so they install those extras as well.
+$(VENV)/.extras: $(BIN)/idlefleet
+	$(BIN)/pip install -q -e '.[dev,kuksa,sim]'
+	touch $(VENV)/.extras
 
-test: install $(VENV)/.kuksa
+test: install $(VENV)/.extras
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -33,3 +34,4 @@ lint: install
 bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/preemption.py
+	$(BIN)/python bench/sim_scale.py

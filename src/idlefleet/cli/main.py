@@ -35,6 +35,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -66,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lease-seconds", type=_positive_float, default=30.0)
     up.add_argument("--demo", action="store_true", help="submit a demo batch, summarise, exit")
     up.add_argument("--demo-requests", type=_positive_int, default=1000)
+    up.add_argument(
+        "--fleet",
+        choices=("parked", "sim"),
+        default="parked",
+        help="parked: cars parked and charging for ever (default); sim: cars of the fleet model, "
+        "driving off and coming back as the model says",
+    )
+    up.add_argument(
+        "--sim-speed",
+        type=_positive_float,
+        default=720.0,
+        help="--fleet sim: simulated seconds per real second (default 720: a day in 2 minutes)",
+    )
+    up.add_argument(
+        "--sim-seed", type=_non_negative_int, help="--fleet sim: the model's seed (default 0)"
+    )
+    up.add_argument(
+        "--sim-params",
+        type=Path,
+        help="--fleet sim: fleet-model parameters (JSON; default: the model's defaults with "
+        "every owner opted in)",
+    )
 
     co = sub.add_parser("coordinator", help="run one coordinator replica")
     co.add_argument("--nats-url", required=True)
@@ -80,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--max-requests", type=_positive_int, default=50_000, help="per batch")
 
+    from idlefleet.cli.capacity import add_capacity_parser
     from idlefleet.cli.owner import add_owner_parser
+    from idlefleet.cli.sim import add_sim_parser
 
     add_owner_parser(sub)
+    add_sim_parser(sub)
+    add_capacity_parser(sub)
 
     ag = sub.add_parser("agent", help="run one vehicle agent")
     ag.add_argument("--nats-url", required=True)
@@ -134,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idlefleet.cli.owner import run_owner
 
             return run_owner(args)
+        if args.command == "sim":
+            from idlefleet.cli.sim import run_sim
+
+            return run_sim(args)
+        if args.command == "capacity":
+            from idlefleet.cli.capacity import run_capacity
+
+            return run_capacity(args)
         if args.command == "coordinator":
             return _coordinator(args)
         return _agent(args)

@@ -8,6 +8,7 @@ import socket
 import threading
 
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
+from idlefleet.sim.params import SimParams, load_params
 
 DEFAULT_PORT = 8000
 
@@ -19,6 +20,14 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _sim_params(args: argparse.Namespace) -> SimParams:
+    """The model behind ``--fleet sim``; a bad file raises ParamsError (exit 2 with the reason)."""
+    seed = {} if args.sim_seed is None else {"seed": args.sim_seed}
+    if args.sim_params is not None:
+        return load_params(args.sim_params, **seed)
+    return SimParams.build(opt_in_rate=1.0, **seed)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -35,6 +44,10 @@ def run_up(args: argparse.Namespace) -> int:
         port=port,
         lease_seconds=args.lease_seconds,
     )
+    if args.fleet == "sim":
+        options.fleet = "sim"
+        options.trace_speed = args.sim_speed
+        options.sim_params = _sim_params(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -45,6 +58,18 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"idlefleet: NATS        {fleet.nats_url}")
         print(f"idlefleet: OpenAI API  {fleet.base_url}/v1   (docs: {fleet.base_url}/docs)")
         print(f"idlefleet: vehicles    {', '.join(fleet.online_vehicles())}", flush=True)
+        days = options.sim_params.days if options.sim_params else 0
+        for car in fleet.sim_cars:
+            policy = car.policy
+            hours = ", ".join(policy.allowed_hours) or "any hour"
+            print(
+                f"idlefleet:   car {car.index + 1:03d}: {car.hardware.name} in {car.region.name}; "
+                f"{'charging only, ' if policy.charging_only else ''}"
+                f"floor {policy.soc_floor_percent:g} %, {hours}"
+                f"; the model: {len(car.trips)} trips, {len(car.sessions)} compute sessions "
+                f"in {days} days",
+                flush=True,
+            )
         if args.demo:
             return _demo(fleet, args.demo_requests)
         print("idlefleet: up; press Ctrl-C to stop", flush=True)

@@ -3,9 +3,14 @@
 Used by ``idlefleet up``, the integration tests and the benchmarks, so all three run exactly the
 production code path: separate processes talking over a real NATS server.
 
-Each agent reads its car from a replayed state trace (by default one where the car stays
-parked and charging), and the fleet opts each car in through the owner API as its owner would,
-so the consent record shows who switched the embedded cars on.
+Each agent reads its car from a replayed state trace, and the fleet sets each car's owner policy
+through the owner API as its owner would, so the consent record shows who switched the embedded
+cars on. Two kinds of fleet:
+
+* ``parked`` (default): every car stays parked and charging, opted in with the default policy;
+* ``sim``: every car is a car of the fleet model (`idlefleet.sim.trace`), time-compressed: it
+  drives off and comes back, plugs in or not, and has its model owner's policy (hours, floor,
+  energy cap) and hardware class, so churn follows the model instead of a script.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class FleetOptions:
     """The agents' hysteresis, in trace seconds (production default: 300)."""
     opt_in: bool = True
     """Opt every car in through the owner API at start (as the owner ``embedded-fleet``)."""
+    fleet: str = "parked"
+    """``parked``: cars parked and charging for ever; ``sim``: cars of the fleet model."""
+    sim_params: Any = None
+    """`SimParams` for ``fleet="sim"`` (None: the defaults with every owner opted in)."""
 
 
 class EmbeddedFleet:
@@ -67,6 +76,7 @@ class EmbeddedFleet:
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.port = options.port or free_port(options.host)
         self.log_dir = options.data_dir / "logs"
+        self.sim_cars: list[Any] = []
 
     @property
     def base_url(self) -> str:
@@ -131,9 +141,50 @@ class EmbeddedFleet:
         )
         deadline = time.monotonic() + timeout
         self._wait(lambda: self.get("/healthz") is not None, deadline, "coordinator")
-        for i in range(opts.agents):
-            self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
+        if opts.fleet == "sim":
+            self.start_sim_agents()
+        else:
+            for i in range(opts.agents):
+                self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
         self.wait_for_vehicles(opts.agents, deadline)
+
+    def start_sim_agents(self) -> None:
+        """One agent per car of the fleet model: its trace, owner policy and hardware."""
+        from idlefleet.sim.params import SimParams
+        from idlefleet.sim.trace import simulated_cars
+
+        opts = self.options
+        params = opts.sim_params or SimParams.build(opt_in_rate=1.0)
+        self.sim_cars = simulated_cars(params, opts.agents)
+        folder = opts.data_dir / "traces"
+        folder.mkdir(parents=True, exist_ok=True)
+        for car in self.sim_cars:
+            vehicle_id = f"{opts.vehicle_prefix}-{car.index + 1:03d}"
+            path = folder / f"sim-{vehicle_id}.jsonl"
+            car.trace.save(path)
+            self.put(
+                f"/fleet/vehicles/{vehicle_id}/policy",
+                {"policy": car.policy.model_dump(mode="json"), "actor": "embedded-fleet"},
+            )
+            self.add_agent(
+                vehicle_id,
+                trace=path,
+                resume_after_s=params.resume_after_min * 60,
+                set_policy=False,
+                extra_args=[
+                    "--trace-loop",
+                    "--accelerator",
+                    car.hardware.name,
+                    "--tops",
+                    str(car.hardware.int8_tops),
+                    "--power-w",
+                    str(car.hardware.compute_kw * 1000),
+                    "--memory-gb",
+                    str(car.hardware.memory_gib),
+                    "--battery-kwh",
+                    str(car.battery_kwh),
+                ],
+            )
 
     def default_trace(self) -> Path:
         """A trace of a car that stays parked, plugged in and charging, written once."""
@@ -151,21 +202,29 @@ class EmbeddedFleet:
         body = {"opted_in": opted_in, "actor": "embedded-fleet", **fields}
         return self.post(f"/fleet/vehicles/{vehicle_id}/consent", body)
 
-    def post(self, path: str, body: Any) -> Any:
+    def post(self, path: str, body: Any, method: str = "POST") -> Any:
         request = urllib.request.Request(
             self.base_url + path,
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
-            method="POST",
+            method=method,
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
+    def put(self, path: str, body: Any) -> Any:
+        return self.post(path, body, method="PUT")
+
     def add_agent(
-        self, vehicle_id: str, trace: Path | None = None, resume_after_s: float | None = None
+        self,
+        vehicle_id: str,
+        trace: Path | None = None,
+        resume_after_s: float | None = None,
+        set_policy: bool = True,
+        extra_args: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
         opts = self.options
-        if opts.opt_in:
+        if opts.opt_in and set_policy:
             self.set_consent(vehicle_id, True)
         trace = trace or opts.trace or self.default_trace()
         resume = opts.resume_after_s if resume_after_s is None else resume_after_s
@@ -189,6 +248,7 @@ class EmbeddedFleet:
                 str(opts.trace_speed),
                 "--resume-after",
                 str(resume),
+                *(extra_args or []),
             ],
         )
         self.agents[vehicle_id] = process
