@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idlefleet import __version__
+from idlefleet.cli.argtypes import whole
 
 if TYPE_CHECKING:
     from idlefleet.agent.sources.base import StateSource
@@ -32,16 +33,6 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535 (0 picks a free one), got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -89,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=720.0,
         help="--fleet sim: simulated seconds per real second (default 720: a day in 2 minutes)",
     )
-    up.add_argument(
-        "--sim-seed", type=_non_negative_int, help="--fleet sim: the model's seed (default 0)"
-    )
+    up.add_argument("--sim-seed", type=whole(0), help="--fleet sim: the model's seed (default 0)")
     up.add_argument(
         "--sim-params",
         type=Path,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from idlefleet.cli.argtypes import fraction, non_negative, whole
 
 if TYPE_CHECKING:
     from idlefleet.sim.params import SimParams
@@ -43,49 +44,6 @@ _TOP_LEVEL_FLAGS = {  # dest: SimParams field
 # -- argument types (a bad value exits 2 with argparse's message) --------------------------------
 
 
-def _whole(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)  # takes 1_000_000
-        except ValueError:
-            try:
-                number = float(text)  # takes 1e6
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-            if not number.is_integer():
-                raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-            value = int(number)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def _hardware_mix(text: str) -> dict[str, float]:
     """``HW3=0.35,HW4=0.55,AI5=0.1`` → {name: share}; whether the names exist and the shares
     add up is judged later, against the parameters in use."""
@@ -100,7 +58,7 @@ def _hardware_mix(text: str) -> dict[str, float]:
         if name in mix:
             raise argparse.ArgumentTypeError(f"{name} is given twice in {text!r}")
         try:
-            mix[name] = _fraction(share.strip())
+            mix[name] = fraction(share.strip())
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"share of {name} {exc}") from None
     return mix
@@ -115,13 +73,13 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
         "allowed to compute by their owners' policies, how much INT8 compute that makes over "
         "the week in UTC, and what owners earn. Writes summary.json, tables and plots.",
     )
-    count = _whole(1)
+    count = whole(1)
     fleet = sim.add_argument_group("fleet (default: the --params file, else the model defaults)")
     fleet.add_argument("--vehicles", type=count, metavar="N", help="cars (1e6 and 1_000_000 work)")
     fleet.add_argument("--days", type=count, metavar="N", help="simulated days (day 0 is Monday)")
-    fleet.add_argument("--seed", type=_whole(0), metavar="N", help="random seed")
+    fleet.add_argument("--seed", type=whole(0), metavar="N", help="random seed")
     fleet.add_argument(
-        "--opt-in", dest="opt_in", type=_fraction, metavar="0-1", help="share of owners opted in"
+        "--opt-in", dest="opt_in", type=fraction, metavar="0-1", help="share of owners opted in"
     )
     fleet.add_argument(
         "--params",
@@ -139,17 +97,17 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
     )
     money = sim.add_argument_group("economics")
     money.add_argument(
-        "--price", type=_non_negative, metavar="USD", help="USD per 1,000 INT8 TOPS-hour"
+        "--price", type=non_negative, metavar="USD", help="USD per 1,000 INT8 TOPS-hour"
     )
     money.add_argument(
-        "--revenue-share", type=_fraction, metavar="0-1", help="owner's share of the price"
+        "--revenue-share", type=fraction, metavar="0-1", help="owner's share of the price"
     )
     money.add_argument(
-        "--electricity-price", type=_non_negative, metavar="USD", help="owner's USD per kWh"
+        "--electricity-price", type=non_negative, metavar="USD", help="owner's USD per kWh"
     )
     money.add_argument(
         "--utilization",
-        type=_fraction,
+        type=fraction,
         metavar="0-1",
         help="fraction of allowed compute time that is sold",
     )
