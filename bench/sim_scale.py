@@ -11,15 +11,15 @@ and worker processes):
 3. 10,000,000 vehicles × 1 day (10 million vehicle-days, ten times the cars: memory must not
    grow with the fleet, since chunks bound it).
 
-For each it prints wall time and vehicle-days per second (wall time includes starting the worker
-processes, ~0.5 s). The projection for 100 million vehicle-days fits ``time = fixed + marginal ×
-vehicle-days`` through runs 1 and 2 (one run of 100 million pays the start-up once), and is
-printed next to the plain extrapolation of the slowest rate. Peak memory is the resident set of
-this process and of the largest worker; the workers run at once, so their sum is bounded by
-``self + workers × largest``. Because these
-machines are noisy, it also times a fixed NumPy yardstick (elementwise float32 work of a similar
-mix) in the same run and prints the simulation's rate relative to it, so runs on different days
-can be compared.
+For each it prints wall time and vehicle-days per second. Wall time includes starting the
+`spawn` worker processes (importing NumPy and the model, ~0.5-1 s), which a run of 100 million
+vehicle-days pays once, so the bench also times that start-up alone (a run of two one-car
+chunks) and projects 100 million vehicle-days as start-up + 10⁸ ÷ (the slowest run's rate
+without its start-up), next to the plain extrapolation of the slowest rate with it. Peak memory
+is the resident set of this process and of the largest worker; the workers run at once, so
+their sum is bounded by ``self + workers × largest``. Because these machines are noisy, it also
+times a fixed NumPy yardstick (elementwise float32 work of a similar mix) in the same run and
+prints the simulation's rate relative to it, so runs on different days can be compared.
 
 Usage: ``python bench/sim_scale.py [--workers 2] [--quick] [--json out.json]``
 """
@@ -120,16 +120,13 @@ def main() -> int:
         f"slowest rate = {rate / stick:,.0f} vehicle-days per M yardstick ops"
     )
     plain = TARGET_VEHICLE_DAYS / rate
-    projected = plain
-    if len(runs) >= 2:
-        (t1, v1), (t2, v2) = ((r["wall_s"], r["vehicle_days"]) for r in runs[:2])
-        marginal = (t2 - t1) / (v2 - v1)
-        fixed = t1 - marginal * v1
-        projected = fixed + marginal * TARGET_VEHICLE_DAYS
-        print(
-            f"fit through runs 1-2: {fixed:.2f} s fixed + {1 / marginal / 1e6:.2f} M "
-            f"vehicle-days/s marginal → 100 M vehicle-days (7-day runs) in {projected:.1f} s"
-        )
+    startup = simulate(SimParams.build(vehicles=2, days=1, chunk_vehicles=1), args.workers).wall_s
+    steady = min(r["vehicle_days"] / max(r["wall_s"] - startup, 1e-9) for r in runs)
+    projected = startup + TARGET_VEHICLE_DAYS / steady
+    print(
+        f"start-up of {args.workers} workers alone: {startup:.2f} s; slowest rate without it "
+        f"{steady / 1e6:.2f} M vehicle-days/s → 100 M vehicle-days in {projected:.1f} s"
+    )
     met = projected <= TARGET_S and bound <= MEMORY_LIMIT_GIB
     print(
         f"target: 100 M vehicle-days ≤ {TARGET_S:.0f} s and ≤ {MEMORY_LIMIT_GIB} GiB: "

@@ -79,18 +79,26 @@ def _add_intervals(
     base: np.ndarray,
     period: int,
 ) -> np.ndarray:
-    """Difference arrays (category, minute) of the non-empty intervals [start, end)."""
+    """Difference arrays (category, minute) of the non-empty intervals [start, end).
+
+    ``start`` and ``end`` are minutes of the local day (n, k), ``category`` and ``base`` (the
+    row's UTC minute of local midnight) are per row (n,). Times are non-negative, so casting to
+    an integer floors them.
+    """
     keep = end > start
-    s = np.floor(start[keep]).astype(np.int64) + base[keep]
-    e = np.floor(end[keep]).astype(np.int64) + base[keep]
-    cat = category[keep].astype(np.int64)
+    rows = np.broadcast_to(np.arange(start.shape[0])[:, None], start.shape)[keep]
+    offset = base[rows]
+    s = start[keep].astype(np.int64) + offset
+    e = end[keep].astype(np.int64) + offset
+    cat = category[rows].astype(np.int64)
     s_mod, e_mod = s % period, e % period
     wrapped = (e_mod < s_mod) | (e - s >= period)
     width = period + 1
-    diff = np.bincount(cat * width + s_mod, minlength=categories * width).astype(np.float64)
-    diff -= np.bincount(cat * width + e_mod, minlength=categories * width)
+    cat *= width
+    diff = np.bincount(cat + s_mod, minlength=categories * width).astype(np.float64)
+    diff -= np.bincount(cat + e_mod, minlength=categories * width)
     diff = diff.reshape(categories, width)
-    diff[:, 0] += np.bincount(cat[wrapped], minlength=categories)
+    diff[:, 0] += np.bincount(cat[wrapped] // width, minlength=categories)
     return diff
 
 
@@ -138,9 +146,14 @@ def simulate_chunk(
     settled = np.zeros(n, bool)  # computing at midnight: no new hysteresis at 00:00
     carry_session = np.zeros(n, np.float32)
     carry_parked = np.zeros(n, np.float32)
-    parked_cat_base = pop.hardware.astype(np.int64) * 4 + opted * 2
+    drive_cat = pop.hardware.astype(np.int64) * 2 + opted
+    no_category = np.zeros(n, np.int64)
     compute_cat = pop.hardware.astype(np.int64) * regions + pop.region
     hw_tops = ctx.tops
+    # Every car is parked unless driving: start the parked series at the whole chunk.
+    tally.series[0, 0] += n
+    tally.series[2, 0] += tops.sum()
+    tally.series[3, 0] += tops[opted].sum()
 
     for day in range(p.days):
         weekend = (p.start_weekday + day) % 7 >= 5
@@ -318,32 +331,42 @@ def simulate_chunk(
         settled, carry_session = next_settled, next_carry_session
 
         # Parked windows: lengths (joined across midnight at home) and time series.
-        length = w_end - w_start
+        own = w_end - w_start
+        length = own.copy()
         length[:, 0] += carry_parked
         ends_today = (w_end < DAY_MIN) & (length > 0)
         tally.parked_hist += np.bincount(
             length_bins(length[ends_today]), minlength=len(tally.parked_hist)
         )
-        at_midnight = (w_end >= DAY_MIN) & (w_end > w_start)
+        at_midnight = (w_end >= DAY_MIN) & (own > 0)
         carry_parked = (length * at_midnight).sum(axis=1)
 
-        span = (w_end - w_start).sum(axis=1)
+        driven = trip_min.sum(axis=1, dtype=np.float64)
+        span = 1440.0 - driven  # every minute of the day is spent parked or driving
         tally.parked_min += float(span.sum())
-        tally.plugged_min += float(((w_end - w_start) * plugged_w).sum())
+        tally.plugged_min += float((own * plugged_w).sum(dtype=np.float64))
         tally.parked_tops_min += float((tops * span).sum())
         tally.opted_parked_tops_min += float((tops * span)[opted].sum())
-        tally.drive_min += float(trip_min.sum())
+        tally.drive_min += float(driven.sum())
         tally.trips += np.count_nonzero(trip_min > 0)
 
-        parked_cat = (parked_cat_base[:, None] + plugged_w).ravel()
-        bases = np.repeat(base, WINDOWS)
-        diff = _add_intervals(
-            w_start.ravel(), w_end.ravel(), parked_cat, hw_n * 4, bases, period
-        ).reshape(hw_n, 2, 2, -1)
-        tally.series[0] += diff.sum(axis=(0, 1, 2))
-        tally.series[1] += diff[:, :, 1].sum(axis=(0, 1))
-        tally.series[2] += np.tensordot(hw_tops, diff.sum(axis=(1, 2)), axes=1)
-        tally.series[3] += np.tensordot(hw_tops, diff[:, 1].sum(axis=1), axes=1)
+        # Parked = the whole fleet minus the cars driving, so only the trips (about three a
+        # day) are binned for the parked series; the plugged series bins plugged windows only.
+        driving = _add_intervals(
+            plan.depart, plan.arrive, drive_cat, hw_n * 2, base, period
+        ).reshape(hw_n, 2, -1)
+        tally.series[0] -= driving.sum(axis=(0, 1))
+        tally.series[2] -= np.tensordot(hw_tops, driving.sum(axis=1), axes=1)
+        tally.series[3] -= np.tensordot(hw_tops, driving[:, 1], axes=1)
+        rows, cols = np.nonzero(plugged_w)
+        tally.series[1] += _add_intervals(
+            w_start[rows, cols][:, None],
+            w_end[rows, cols][:, None],
+            no_category[rows],
+            1,
+            base[rows],
+            period,
+        )[0]
 
         if sess_idx:
             who = np.concatenate(sess_idx)
@@ -354,7 +377,7 @@ def simulate_chunk(
             tally.computing_tops_min += float((tops[who] * run_min).sum())
             tally.sustained_tops_min += float((sustained[who] * run_min).sum())
             by_class = _add_intervals(
-                s_all, e_all, compute_cat[who], hw_n * regions, base[who], period
+                s_all[:, None], e_all[:, None], compute_cat[who], hw_n * regions, base[who], period
             ).reshape(hw_n, regions, -1)
             tally.series[4] += by_class.sum(axis=(0, 1))
             tally.series[5] += np.tensordot(hw_tops, by_class.sum(axis=1), axes=1)

@@ -40,9 +40,14 @@ class Population:
 
 def _choice(rng: np.random.Generator, shares: list[float], n: int) -> np.ndarray:
     """Indices drawn with probabilities ``shares`` (already validated to add up to 1)."""
-    edges = np.cumsum(shares)
-    edges[-1] = np.inf  # rounding must not leave a draw of 0.9999999 without a class
-    return np.searchsorted(edges, rng.random(n), side="right").astype(np.int8)
+    # Counting the cumulative edges below a uniform draw: for a handful of classes this is
+    # several times faster than a search.
+    edges = np.cumsum(shares, dtype=np.float64)[:-1].astype(np.float32)
+    u = rng.random(n, dtype=np.float32)
+    index = np.zeros(n, np.int8)
+    for edge in edges:
+        index += u >= edge
+    return index
 
 
 def sample_population(rng: np.random.Generator, n: int, params: SimParams) -> Population:
