@@ -27,7 +27,7 @@ from idlefleet.sim.energy import charge, compute
 from idlefleet.sim.population import Population, sample_population
 from idlefleet.sim.rules import DAY_MIN
 from idlefleet.sim.tally import EARNINGS_EDGES, Tally, length_bins
-from idlefleet.sim.trips import HOME, PUBLIC, WINDOWS, WORK, sample_day
+from idlefleet.sim.trips import PUBLIC, WINDOWS, WORK, sample_day
 
 __all__ = ["Accounts", "ChunkRecord", "simulate_chunk"]
 
@@ -81,16 +81,16 @@ def _add_intervals(
 ) -> np.ndarray:
     """Difference arrays (category, minute) of the non-empty intervals [start, end).
 
-    ``start`` and ``end`` are minutes of the local day (n, k), ``category`` and ``base`` (the
-    row's UTC minute of local midnight) are per row (n,). Times are non-negative, so casting to
-    an integer floors them.
+    ``start`` and ``end`` are minutes of the local day, (k, n): k intervals of each of n cars;
+    ``category`` and ``base`` (the car's UTC minute of local midnight) are per car (n,). Times
+    are non-negative, so casting to an integer floors them.
     """
     keep = end > start
-    rows = np.broadcast_to(np.arange(start.shape[0])[:, None], start.shape)[keep]
-    offset = base[rows]
+    cols = np.broadcast_to(np.arange(start.shape[1]), start.shape)[keep]
+    offset = base[cols]
     s = start[keep].astype(np.int64) + offset
     e = end[keep].astype(np.int64) + offset
-    cat = category[rows].astype(np.int64)
+    cat = category[cols].astype(np.int64)
     s_mod, e_mod = s % period, e % period
     wrapped = (e_mod < s_mod) | (e - s >= period)
     width = period + 1
@@ -159,30 +159,30 @@ def simulate_chunk(
         weekend = (p.start_weekday + day) % 7 >= 5
         plan = sample_day(rng, pop.commuter, weekend, p.travel)
         w_start, w_end = plan.window_start, plan.window_end
-        a_start = ctx.allowed_start[day][combo]
-        a_end = ctx.allowed_end[day][combo]
+        a_start = ctx.allowed_start[day].T[:, combo]  # (interval, vehicle)
+        a_end = ctx.allowed_end[day].T[:, combo]
         sustained = ctx.sustained[pop.hardware] * ctx.derate[day][pop.region]
         cap_left = ctx.cap_kwh[pop.profile].copy()
         base = day * 1440 - offset
-        plugged_w = np.zeros((n, WINDOWS), bool)
+        plugged_w = np.zeros((WINDOWS, n), bool)
         sess_idx: list[np.ndarray] = []
         sess_start: list[np.ndarray] = []
         sess_end: list[np.ndarray] = []
         trip_min = plan.trip_minutes
-        u_plug = rng.random((n, WINDOWS), dtype=np.float32)
-        u_fast = rng.random((n, WINDOWS), dtype=np.float32)
+        u_plug = rng.random((WINDOWS, n), dtype=np.float32)
+        u_fast = rng.random((WINDOWS, n), dtype=np.float32)
         next_settled = np.zeros(n, bool)
         next_carry_session = np.zeros(n, np.float32)
         continued = np.zeros(n, bool)
 
         for j in range(WINDOWS):
-            t0 = w_start[:, j]
-            t1 = w_end[:, j]
+            t0 = w_start[j]
+            t1 = w_end[j]
             if j:
                 # Only the cars that drive trip j-1 (later tours are often not taken).
-                drove = np.flatnonzero(trip_min[:, j - 1] > 0)
+                drove = np.flatnonzero(trip_min[j - 1] > 0)
                 de = e[drove]
-                trip_kwh = trip_min[drove, j - 1] * km_kwh
+                trip_kwh = trip_min[j - 1, drove] * km_kwh
                 need = trip_kwh + ch.reserve_soc * cap[drove] - de
                 fast = need > 0
                 top_up = np.where(fast, np.maximum(need, limit[drove] - de), 0.0)
@@ -195,44 +195,56 @@ def simulate_chunk(
                     _record_trips(
                         rec,
                         day,
-                        plan.depart[drove, j - 1],
-                        plan.arrive[drove, j - 1],
+                        plan.depart[j - 1, drove],
+                        plan.arrive[j - 1, drove],
                         de + top_up,
                         e[drove],
                         drove,
                     )
-            live = t1 > t0
+            # Window j > 0 exists only for cars that drove trip j-1; work on those alone.
+            idx = None if j == 0 else np.flatnonzero(t1 > t0)
+
+            def pick(a: Arr, idx: Arr | None = idx) -> Arr:
+                return a if idx is None else a[idx]
+
+            t0s, t1s, es, caps = pick(t0), pick(t1), pick(e), pick(cap)
             if j == 0 and day:
-                kw = plug_kw  # still standing at home, plugged in or not, since last night
+                kw = plug_kw.copy()  # still standing at home, plugged in or not, since last night
             elif j % 2 == 0:
-                want = has_home & ((e < ch.plug_below_soc * cap) | (u_plug[:, j] < ch.plug_habit))
-                kw = np.where(want, pop.home_kw, 0.0)
+                want = pick(has_home) & (
+                    (es < ch.plug_below_soc * caps) | (pick(u_plug[j]) < ch.plug_habit)
+                )
+                kw = np.where(want, pick(pop.home_kw), 0.0)
             else:
-                place = plan.place[:, j]
-                low = e < ch.fast_below_soc * cap
-                use_fast = low & (u_fast[:, j] < ch.fast_prob)
+                place = pick(plan.place[j])
+                u = pick(u_plug[j])
+                use_fast = (es < ch.fast_below_soc * caps) & (pick(u_fast[j]) < ch.fast_prob)
                 public = np.where(
                     use_fast,
                     ch.fast_charger_kw,
-                    np.where(u_plug[:, j] < ch.public_plug_prob, ch.public_charger_kw, 0.0),
+                    np.where(u < ch.public_plug_prob, ch.public_charger_kw, 0.0),
                 )
-                at_work = np.where(u_plug[:, j] < ch.work_plug_prob, pop.work_kw, 0.0)
+                at_work = np.where(u < ch.work_plug_prob, pick(pop.work_kw), 0.0)
                 kw = np.where(place == WORK, at_work, np.where(place == PUBLIC, public, 0.0))
-            plug_kw = np.where(live, kw, plug_kw)
+            if idx is None:
+                plug_kw = kw
+            else:
+                plug_kw[idx] = kw
             plugged = kw > 0
-            plugged_w[:, j] = plugged & live
+            plugged_w[j, slice(None) if idx is None else idx] = plugged
             r_kw = eta * kw
-            eligible = opted & (plugged | ~charging_only) & live
+            eligible = pick(opted) & (plugged | ~pick(charging_only)) & (t1s > t0s)
             e_window = e.copy() if rec is not None else e
-            t = t0.astype(np.float64)
+            t = t0s.astype(np.float64)
             # Only cars that may compute in this window at all are followed interval by interval.
-            cand = np.flatnonzero(eligible & (cap_left > 0))
+            local = np.flatnonzero(eligible & (pick(cap_left) > 0))
+            cand = local if idx is None else idx[local]
             if cand.size:
-                ce, ct, ccap = e[cand], t[cand], cap_left[cand]
+                ce, ct, ccap = e[cand], t[local], cap_left[cand]
                 ct0, ct1 = t0[cand], t1[cand]
                 ckw, cr, climit, cfloor, cc = (
-                    kw[cand],
-                    r_kw[cand],
+                    kw[local],
+                    r_kw[local],
                     limit[cand],
                     floor[cand],
                     c_kw[cand],
@@ -241,9 +253,9 @@ def simulate_chunk(
                 cgrid = np.zeros(cand.size)
                 cused = np.zeros(cand.size)
                 csust = np.zeros(cand.size)
-                for i in range(a_start.shape[1]):
-                    lo = np.maximum(ct0, a_start[cand, i])
-                    hi = np.minimum(ct1, a_end[cand, i])
+                for i in range(a_start.shape[0]):
+                    lo = np.maximum(ct0, a_start[i, cand])
+                    hi = np.minimum(ct1, a_end[i, cand])
                     if csettled is not None:
                         a = lo + np.where(csettled & (lo == 0), np.float32(0), resume)
                     else:
@@ -302,24 +314,24 @@ def simulate_chunk(
                     next_settled[cand[midnight]] = True
                     next_carry_session[cand[midnight]] = session_len[midnight]
                 e[cand] = ce
-                t[cand] = ct
+                t[local] = ct
                 cap_left[cand] = ccap
                 acc.grid_kwh[cand] += cgrid
                 acc.compute_kwh[cand] += cused
                 sustained_tops_min[cand] += sustained[cand] * csust
-            at_charger = np.flatnonzero(plugged & live)
+            at = np.flatnonzero(plugged & (t1s > t0s))
+            at_charger = at if idx is None else idx[at]
             e_end, g_end = charge(
-                e[at_charger],
-                t1[at_charger] - t[at_charger],
-                r_kw[at_charger],
-                limit[at_charger],
-                kw[at_charger],
+                e[at_charger], t1s[at] - t[at], r_kw[at], limit[at_charger], kw[at]
             )
             e[at_charger] = e_end
             acc.grid_kwh[at_charger] += g_end
             acc.max_kwh[at_charger] = np.maximum(acc.max_kwh[at_charger], e_end)
             if rec is not None:
-                _record_windows(rec, day, t0, t1, plan.place[:, j], kw, e_window, e)
+                who = np.arange(n) if idx is None else idx
+                _record_windows(
+                    rec, day, who, t0[who], t1[who], plan.place[j, who], kw, e_window[who], e[who]
+                )
 
         # A session carried into today that did not go on at 00:00 ended at midnight.
         carried_ended = settled & ~continued
@@ -333,15 +345,15 @@ def simulate_chunk(
         # Parked windows: lengths (joined across midnight at home) and time series.
         own = w_end - w_start
         length = own.copy()
-        length[:, 0] += carry_parked
+        length[0] += carry_parked
         ends_today = (w_end < DAY_MIN) & (length > 0)
         tally.parked_hist += np.bincount(
             length_bins(length[ends_today]), minlength=len(tally.parked_hist)
         )
         at_midnight = (w_end >= DAY_MIN) & (own > 0)
-        carry_parked = (length * at_midnight).sum(axis=1)
+        carry_parked = (length * at_midnight).sum(axis=0)
 
-        driven = trip_min.sum(axis=1, dtype=np.float64)
+        driven = trip_min.sum(axis=0, dtype=np.float64)
         span = 1440.0 - driven  # every minute of the day is spent parked or driving
         tally.parked_min += float(span.sum())
         tally.plugged_min += float((own * plugged_w).sum(dtype=np.float64))
@@ -360,11 +372,11 @@ def simulate_chunk(
         tally.series[3] -= np.tensordot(hw_tops, driving[:, 1], axes=1)
         rows, cols = np.nonzero(plugged_w)
         tally.series[1] += _add_intervals(
-            w_start[rows, cols][:, None],
-            w_end[rows, cols][:, None],
-            no_category[rows],
+            w_start[rows, cols][None, :],
+            w_end[rows, cols][None, :],
+            no_category[cols],
             1,
-            base[rows],
+            base[cols],
             period,
         )[0]
 
@@ -377,7 +389,7 @@ def simulate_chunk(
             tally.computing_tops_min += float((tops[who] * run_min).sum())
             tally.sustained_tops_min += float((sustained[who] * run_min).sum())
             by_class = _add_intervals(
-                s_all[:, None], e_all[:, None], compute_cat[who], hw_n * regions, base[who], period
+                s_all[None, :], e_all[None, :], compute_cat[who], hw_n * regions, base[who], period
             ).reshape(hw_n, regions, -1)
             tally.series[4] += by_class.sum(axis=(0, 1))
             tally.series[5] += np.tensordot(hw_tops, by_class.sum(axis=1), axes=1)
@@ -438,21 +450,26 @@ def _record_sessions(
 
 
 def _record_windows(
-    rec: ChunkRecord, day: int, t0: Arr, t1: Arr, place: Arr, kw: Arr, e0: Arr, e1: Arr
+    rec: ChunkRecord,
+    day: int,
+    who: Arr,
+    t0: Arr,
+    t1: Arr,
+    place: Arr,
+    kw: Arr,
+    e0: Arr,
+    e1: Arr,
 ) -> None:
-    for v in np.flatnonzero(t1 > t0):
+    for k in np.flatnonzero(t1 > t0):
         rec.windows.append(
             (
-                int(v),
+                int(who[k]),
                 day,
-                float(t0[v]),
-                float(t1[v]),
-                int(place[v]),
-                float(kw[v]),
-                float(e0[v]),
-                float(e1[v]),
+                float(t0[k]),
+                float(t1[k]),
+                int(place[k]),
+                float(kw[k]),
+                float(e0[k]),
+                float(e1[k]),
             )
         )
-
-
-__all__ += ["HOME"]

@@ -101,10 +101,11 @@ def standard_normals(rng: np.random.Generator, shape: tuple[int, ...]) -> np.nda
 
 @dataclass(frozen=True)
 class DayPlan:
-    """Trip ``k`` leaves at ``depart[:, k]`` and arrives at ``arrive[:, k]`` (minutes, float32).
+    """Trip ``k`` leaves at ``depart[k]`` and arrives at ``arrive[k]`` (minutes, float32).
 
-    Parked window ``j`` runs from ``arrive[:, j-1]`` (0 for j = 0) to ``depart[:, j]`` (1440 for
-    the last) at ``place[:, j]`` (HOME, WORK or PUBLIC).
+    Parked window ``j`` runs from ``arrive[j-1]`` (0 for j = 0) to ``depart[j]`` (1440 for the
+    last) at ``place[j]`` (HOME, WORK or PUBLIC). Arrays are (trip or window, vehicle), so one
+    window of every car is one contiguous row.
     """
 
     depart: np.ndarray
@@ -113,13 +114,13 @@ class DayPlan:
 
     @property
     def window_start(self) -> np.ndarray:
-        n = self.depart.shape[0]
-        return np.concatenate([np.zeros((n, 1), np.float32), self.arrive], axis=1)
+        n = self.depart.shape[1]
+        return np.concatenate([np.zeros((1, n), np.float32), self.arrive], axis=0)
 
     @property
     def window_end(self) -> np.ndarray:
-        n = self.depart.shape[0]
-        return np.concatenate([self.depart, np.full((n, 1), _END, np.float32)], axis=1)
+        n = self.depart.shape[1]
+        return np.concatenate([self.depart, np.full((1, n), _END, np.float32)], axis=0)
 
     @property
     def trip_minutes(self) -> np.ndarray:
@@ -133,24 +134,25 @@ def sample_day(
     n = commuter.shape[0]
     f32 = np.float32
     # One block of each kind of random number per day (draws dominate the cost): normals for
-    # six trips, three dwells and the first departure; uniforms for the day's choices.
-    z = standard_normals(rng, (n, 2 * MAX_TOURS + MAX_TOURS + 1))
-    u = rng.random((n, 3), dtype=f32)
+    # six trips, three dwells and the first departure; uniforms for the day's choices. Rows are
+    # variables and columns cars, so each row is contiguous.
+    z = standard_normals(rng, (2 * MAX_TOURS + MAX_TOURS + 1, n))
+    u = rng.random((3, n), dtype=f32)
     work_prob = travel.weekend_work_prob if weekend else travel.work_day_prob
-    works = commuter & (u[:, 0] < work_prob)
+    works = commuter & (u[0] < work_prob)
     stay_prob = travel.stay_home_weekend if weekend else travel.stay_home_weekday
     p1, p2, _ = travel.tours_1_2_3
     s = f32(stay_prob)
-    day = u[:, 1]
+    day = u[1]
     errand_tours = np.where(
         day < s,
         0,
         np.where(day < s + (1 - s) * f32(p1), 1, np.where(day < s + (1 - s) * f32(p1 + p2), 2, 3)),
     )
-    evening = u[:, 2] < travel.evening_tour_prob
+    evening = u[2] < travel.evening_tour_prob
     tours = np.where(works, 1 + evening, errand_tours)
 
-    z_first = z[:, -1]
+    z_first = z[-1]
     first = np.where(
         works,
         np.clip(
@@ -167,43 +169,41 @@ def sample_day(
     # Log-normal trips; a working day's first two trips are the commute.
     log_trip = (
         f32(np.log(travel.errand_trip_median_min))
-        + f32(travel.errand_trip_sigma) * z[:, : 2 * MAX_TOURS]
+        + f32(travel.errand_trip_sigma) * z[: 2 * MAX_TOURS]
     )
-    commute = (
-        f32(np.log(travel.commute_trip_median_min)) + f32(travel.commute_trip_sigma) * z[:, :2]
-    )
-    log_trip[:, :2] = np.where(works[:, None], commute, log_trip[:, :2])
+    commute = f32(np.log(travel.commute_trip_median_min)) + f32(travel.commute_trip_sigma) * z[:2]
+    log_trip[:2] = np.where(works, commute, log_trip[:2])
     trip = np.clip(np.exp(log_trip), 2, 180)
-    z_dwell = z[:, 2 * MAX_TOURS : 3 * MAX_TOURS]
+    z_dwell = z[2 * MAX_TOURS : 3 * MAX_TOURS]
     dwell = np.clip(
         f32(travel.errand_dwell_median_min) * np.exp(f32(travel.errand_dwell_sigma) * z_dwell),
         5,
         600,
     )
     work_dwell = np.clip(
-        f32(travel.work_dwell_h * 60) + f32(travel.work_dwell_sd_h * 60) * z_dwell[:, 0], 120, 720
+        f32(travel.work_dwell_h * 60) + f32(travel.work_dwell_sd_h * 60) * z_dwell[0], 120, 720
     )
-    dwell[:, 0] = np.where(works, work_dwell, dwell[:, 0])
+    dwell[0] = np.where(works, work_dwell, dwell[0])
     gap = f32(30) + f32(travel.home_gap_mean_min - 30 if travel.home_gap_mean_min > 30 else 0) * (
-        rng.standard_exponential((n, MAX_TOURS - 1), dtype=f32)
+        rng.standard_exponential((MAX_TOURS - 1, n), dtype=f32)
     )
 
-    depart = np.empty((n, 2 * MAX_TOURS), f32)
-    arrive = np.empty((n, 2 * MAX_TOURS), f32)
-    place = np.zeros((n, WINDOWS), np.int8)
+    depart = np.empty((2 * MAX_TOURS, n), f32)
+    arrive = np.empty((2 * MAX_TOURS, n), f32)
+    place = np.zeros((WINDOWS, n), np.int8)
     valid = np.ones(n, bool)
     leave = first
     for k in range(MAX_TOURS):
         out, back = 2 * k, 2 * k + 1
-        reach = leave + trip[:, out]
-        leave_back = reach + dwell[:, k]
-        home = leave_back + trip[:, back]
+        reach = leave + trip[out]
+        leave_back = reach + dwell[k]
+        home = leave_back + trip[back]
         valid &= (tours > k) & (home <= _LATEST_RETURN)
-        depart[:, out] = np.where(valid, leave, _END)
-        arrive[:, out] = np.where(valid, reach, _END)
-        depart[:, back] = np.where(valid, leave_back, _END)
-        arrive[:, back] = np.where(valid, home, _END)
-        place[:, out + 1] = PUBLIC if k else np.where(works, WORK, PUBLIC)
+        depart[out] = np.where(valid, leave, _END)
+        arrive[out] = np.where(valid, reach, _END)
+        depart[back] = np.where(valid, leave_back, _END)
+        arrive[back] = np.where(valid, home, _END)
+        place[out + 1] = PUBLIC if k else np.where(works, WORK, PUBLIC)
         if k + 1 < MAX_TOURS:
-            leave = home + gap[:, k]
+            leave = home + gap[k]
     return DayPlan(depart=depart, arrive=arrive, place=place)
