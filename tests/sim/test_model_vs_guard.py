@@ -9,6 +9,8 @@ seconds, and the minutes the guard allows are compared with the model's compute 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,10 @@ def test_trips_in_the_trace_are_the_model_trips(replayed) -> None:
         for depart, arrive in car.trips:
             inside = slice(int(np.ceil(depart / STEP_S)), int(np.floor(arrive / STEP_S)))
             assert not guard[inside].any(), f"car {car.index} computed while driving"
+
+
+def test_a_trace_starts_on_the_model_weekday_at_local_midnight() -> None:
+    params = SimParams.build(start_weekday=5, days=1, opt_in_rate=1.0)
+    (car,) = simulated_cars(params, 1)
+    local = datetime.fromtimestamp(car.trace.start, car.policy.zone())
+    assert (local.weekday(), local.hour, local.minute) == (5, 0, 0)

@@ -34,7 +34,7 @@ from idlefleet.sim.rules import DAY_MIN, ambient_c
 __all__ = ["SimulatedCar", "region_zone", "simulated_cars"]
 
 FIRST_MONDAY = datetime(2026, 11, 23)
-"""Day 0 of a trace (a Monday, to match the model's default ``start_weekday``)."""
+"""A Monday: day 0 of a trace is this date plus the model's ``start_weekday``."""
 SAMPLE_MIN = 10.0
 """How often a parked car's trace reports its state of charge and temperatures."""
 _JUST_AFTER = 0.05
@@ -99,7 +99,8 @@ def _car(ctx: FleetContext, rec: ChunkRecord, v: int) -> SimulatedCar:
     limit = p.charging.charge_limit_soc * cap
     eta = p.charging.efficiency
     zone = timezone(timedelta(hours=region.utc_offset_h))
-    start = FIRST_MONDAY.replace(tzinfo=zone) + timedelta(days=0)
+    # Day 0 of the trace is the model's day 0: a Monday plus ``start_weekday`` days.
+    start = FIRST_MONDAY.replace(tzinfo=zone) + timedelta(days=p.start_weekday)
 
     windows = sorted(w for w in rec.windows if w[0] == v)
     trips = sorted(t for t in rec.trips if t[0] == v)
