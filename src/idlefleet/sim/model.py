@@ -159,8 +159,7 @@ def simulate_chunk(
         weekend = (p.start_weekday + day) % 7 >= 5
         plan = sample_day(rng, pop.commuter, weekend, p.travel)
         w_start, w_end = plan.window_start, plan.window_end
-        a_start = ctx.allowed_start[day].T[:, combo]  # (interval, vehicle)
-        a_end = ctx.allowed_end[day].T[:, combo]
+        day_start, day_end = ctx.allowed_start[day], ctx.allowed_end[day]
         sustained = ctx.sustained[pop.hardware] * ctx.derate[day][pop.region]
         cap_left = ctx.cap_kwh[pop.profile].copy()
         base = day * 1440 - offset
@@ -253,9 +252,11 @@ def simulate_chunk(
                 cgrid = np.zeros(cand.size)
                 cused = np.zeros(cand.size)
                 csust = np.zeros(cand.size)
-                for i in range(a_start.shape[0]):
-                    lo = np.maximum(ct0, a_start[i, cand])
-                    hi = np.minimum(ct1, a_end[i, cand])
+                # The allowed intervals of these cars only (most cars never get here).
+                c_start, c_end = day_start[combo[cand]], day_end[combo[cand]]
+                for i in range(c_start.shape[1]):
+                    lo = np.maximum(ct0, c_start[:, i])
+                    hi = np.minimum(ct1, c_end[:, i])
                     if csettled is not None:
                         a = lo + np.where(csettled & (lo == 0), np.float32(0), resume)
                     else:
