@@ -30,12 +30,16 @@ from idlefleet.coordinator.store import (
     CommitOutcome,
     FileRecord,
     Lease,
+    LeaseAsk,
     NewRequest,
     RequestCounts,
     RequestResult,
+    ResultCommit,
     Store,
     StoredRequest,
+    VehicleLiveness,
     VehicleRecord,
+    VehicleSeen,
     open_store,
     sqlite_url,
 )
@@ -1663,7 +1667,7 @@ def _sqlite_v1_with_rows(url: str) -> None:
         "CREATE TABLE schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
-    for statement in MIGRATIONS[0].sql.split(";"):
+    for statement in MIGRATIONS[0].sql("sqlite").split(";"):
         if statement.strip():
             db.execute(statement)
     db.execute("INSERT INTO schema_migrations VALUES (1, ?, ?)", (MIGRATIONS[0].name, NOW))
@@ -1713,7 +1717,339 @@ def test_migration_2_upgrades_a_schema_1_database_with_defaults(
         assert (old_lease.energy_j, old_lease.end_reason) == (0.0, None)
         assert car is not None and (car.status, car.status_reason) == ("working", None)
         assert upgraded.current_policy("car-1") is None
+        assert upgraded.request_counts("batch-old") == RequestCounts(total=3, pending=2, leased=1)
         # The old rows work with the new code: a general/global consent leases the rest.
         relet = must_lease(upgraded, "car-2", purposes=["general"], data_regions=["global"])
         assert (relet.batch_id, seqs_of(relet)) == ("batch-old", [1, 2])
         assert upgraded.release_lease("car-1", "lease-old", NOW + 1, "shutdown", 2.0) == 1
+
+
+# -- batch operations: many leases or commits in one transaction ---------------------------------
+
+
+def ask(
+    vehicle_id: str,
+    size: int = 100,
+    *,
+    lease_id: str | None = None,
+    unit_size: Callable[[int], int] | None = None,
+    purposes: Iterable[str] = PURPOSES,
+) -> LeaseAsk:
+    return LeaseAsk(
+        vehicle_id,
+        lease_id or f"lease-{next(_lease_numbers)}",
+        (MODEL,),
+        tuple(purposes),
+        tuple(DATA_REGIONS),
+        unit_size or take(size),
+    )
+
+
+def test_lease_units_serves_the_asks_in_order_as_if_one_after_the_other(store: Store) -> None:
+    add_batch(store, n=7)
+    seen: list[int] = []
+
+    def two(pending: int) -> int:
+        seen.append(pending)
+        return 2
+
+    got = store.lease_units(
+        [ask("car-1", unit_size=two), ask("car-2", unit_size=two), ask("car-3", 100)],
+        NOW,
+        LEASE_SECONDS,
+    )
+
+    assert all(isinstance(g, Lease) for g in got)
+    leases = [g for g in got if isinstance(g, Lease)]
+    assert [seqs_of(g) for g in leases] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [g.vehicle_id for g in leases] == ["car-1", "car-2", "car-3"]
+    assert seen == [7, 5]
+    assert store.request_counts("batch-1") == RequestCounts(total=7, leased=7)
+    assert store.active_lease_count("batch-1") == 3
+
+
+def test_lease_units_answers_none_once_the_work_runs_out(store: Store) -> None:
+    add_batch(store, n=3)
+
+    got = store.lease_units([ask("car-1", 2), ask("car-2", 2), ask("car-3", 2)], NOW, 30)
+
+    assert [seqs_of(g) if isinstance(g, Lease) else g for g in got] == [[0, 1], [2], None]
+
+
+def test_an_ask_that_raises_gets_its_error_and_the_others_their_units(store: Store) -> None:
+    add_batch(store, n=4)
+
+    def broken(pending: int) -> int:
+        raise RuntimeError("planner bug")
+
+    got = store.lease_units(
+        [ask("car-1", 1), ask("car-2", unit_size=broken), ask("car-3", 1)], NOW, 30
+    )
+
+    assert isinstance(got[0], Lease) and seqs_of(got[0]) == [0]
+    assert isinstance(got[1], RuntimeError) and str(got[1]) == "planner bug"
+    assert isinstance(got[2], Lease) and seqs_of(got[2]) == [1]
+    assert store.request_counts("batch-1") == RequestCounts(total=4, pending=2, leased=2)
+    assert store.active_lease_count("batch-1") == 2
+
+
+def test_an_ask_the_owner_does_not_allow_does_not_stop_the_next_ones(store: Store) -> None:
+    add_tagged_batch(store, "batch-r", "research", "global")
+
+    got = store.lease_units(
+        [ask("car-1", purposes=["general"]), ask("car-2", 2, purposes=["research"])], NOW, 30
+    )
+
+    assert got[0] is None
+    assert isinstance(got[1], Lease) and got[1].batch_id == "batch-r"
+
+
+def test_commit_many_commits_each_chunk_in_order_and_the_first_result_wins(store: Store) -> None:
+    add_batch(store, n=4)
+    first = must_lease(store, "car-1", size=2)
+    second = must_lease(store, "car-2", size=2)
+
+    outcomes = store.commit_many(
+        [
+            ResultCommit("car-1", first.id, (result(0, tag=1),), 1.5),
+            ResultCommit("car-2", second.id, (result(2, tag=2), result(3, tag=2))),
+            ResultCommit("car-1", first.id, (result(0, tag=3), result(1, tag=3))),
+            ResultCommit("car-9", first.id, (result(1, tag=4),)),
+        ],
+        NOW + 1,
+        LEASE_SECONDS,
+    )
+
+    assert [(o.committed, o.duplicates) for o in outcomes if isinstance(o, CommitOutcome)] == [
+        (1, 0),
+        (2, 0),
+        (1, 1),
+        (0, 0),
+    ]
+    assert isinstance(outcomes[3], CommitOutcome) and outcomes[3].unknown_lease
+    assert isinstance(outcomes[1], CommitOutcome) and outcomes[1].lease_finished
+    assert isinstance(outcomes[2], CommitOutcome) and outcomes[2].lease_finished
+    rows = stored(store)
+    assert [rows[s].vectors for s in range(4)] == [
+        result(0, 1).vectors,
+        result(1, 3).vectors,
+        result(2, 2).vectors,
+        result(3, 2).vectors,
+    ]
+    held = store.get_lease("car-1", first.id)
+    assert held is not None and (held.energy_j, held.state) == (1.5, "finished")
+
+
+def test_a_chunk_that_raises_changes_nothing_and_the_others_commit(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1", size=2)
+
+    outcomes = store.commit_many(
+        [
+            ResultCommit("car-1", leased.id, (result(0),), float("nan")),
+            ResultCommit("car-1", leased.id, (result(1),), 2.0),
+        ],
+        NOW,
+        LEASE_SECONDS,
+    )
+
+    assert isinstance(outcomes[0], ValueError)
+    assert isinstance(outcomes[1], CommitOutcome) and outcomes[1].committed == 1
+    assert store.request_counts("batch-1") == RequestCounts(
+        total=2, completed=1, leased=1, pending=0
+    )
+    held = store.get_lease("car-1", leased.id)
+    assert held is not None and held.energy_j == 2.0
+
+
+# -- batch claims: singleton duties under concurrency --------------------------------------------
+
+
+def test_only_one_owner_can_claim_a_batch_until_the_claim_runs_out(store: Store) -> None:
+    add_batch(store, n=1, status="validating")
+
+    mine = store.claim_batch("batch-1", ["validating"], "replica-a", NOW, 60)
+    theirs = store.claim_batch("batch-1", ["validating"], "replica-b", NOW + 59, 60)
+    again = store.claim_batch("batch-1", ["validating"], "replica-a", NOW + 59, 60)
+    taken_over = store.claim_batch("batch-1", ["validating"], "replica-b", NOW + 120, 60)
+
+    assert mine is not None and mine.status == "validating"
+    assert theirs is None
+    assert again is not None
+    assert taken_over is not None
+
+
+def test_a_claim_applies_its_changes_only_when_it_succeeds(store: Store) -> None:
+    add_batch(store, n=1)
+
+    won = store.claim_batch(
+        "batch-1", ["in_progress"], "a", NOW, 60, status="finalizing", finalizing_at=int(NOW)
+    )
+    lost = store.claim_batch(
+        "batch-1", ["in_progress", "finalizing"], "b", NOW, 60, status="cancelling"
+    )
+    wrong_status = store.claim_batch("batch-1", ["validating"], "a", NOW, 60, status="failed")
+
+    assert won is not None and (won.status, won.finalizing_at) == ("finalizing", int(NOW))
+    assert lost is None and wrong_status is None
+    assert store.get_batch("batch-1").status == "finalizing"  # type: ignore[union-attr]
+
+
+def test_a_claim_refuses_fields_that_are_not_updatable(store: Store) -> None:
+    add_batch(store, n=1)
+
+    with pytest.raises(ValueError, match="cannot update"):
+        store.claim_batch("batch-1", ["in_progress"], "a", NOW, 60, claim_owner="b")
+    with pytest.raises(ValueError, match="cannot update"):
+        store.update_batch("batch-1", ["in_progress"], claim_until=0)
+
+
+def test_concurrent_claims_from_threads_have_exactly_one_winner(store: Store) -> None:
+    add_batch(store, n=1)
+    start = threading.Barrier(8)
+    wins: list[str] = []
+
+    def replica(i: int) -> None:
+        start.wait(timeout=10)
+        if store.claim_batch("batch-1", ["in_progress"], f"r{i}", NOW, 60, status="finalizing"):
+            wins.append(f"r{i}")
+
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert len(wins) == 1
+
+
+def _output_file(store: Store, file_id: str, batch_id: str = "batch-1") -> str:
+    record = replace(file_record(file_id, size=3), purpose="batch_output", batch_id=batch_id)
+    store.put_file(record, [b"out"])
+    return file_id
+
+
+def test_finish_batch_is_only_for_the_claims_holder(store: Store) -> None:
+    add_batch(store, n=1)
+    store.claim_batch("batch-1", ["in_progress"], "a", NOW, 60, status="finalizing")
+
+    stranger = store.finish_batch("batch-1", ["finalizing"], "b", status="completed")
+    holder = store.finish_batch(
+        "batch-1", ["finalizing"], "a", status="completed", completed_at=int(NOW)
+    )
+    twice = store.finish_batch("batch-1", ["finalizing"], "a", status="completed")
+
+    assert stranger is None and twice is None
+    assert holder is not None and (holder.status, holder.completed_at) == ("completed", int(NOW))
+
+
+def test_finish_batch_keeps_exactly_the_output_files_it_names(store: Store) -> None:
+    add_batch(store, n=1)
+    add_batch(store, "batch-2", n=1, created_at=int(NOW) + 1)
+    store.claim_batch("batch-1", ["in_progress"], "a", NOW, 60, status="finalizing")
+    orphan = _output_file(store, "file-dead-attempt")  # a replica died after writing this
+    other_batch = _output_file(store, "file-of-batch-2", batch_id="batch-2")
+    output = _output_file(store, "file-out")
+    errors = _output_file(store, "file-err")
+    store.put_file(file_record("file-input"), [b"{}"])  # a customer's file: no batch
+
+    done = store.finish_batch(
+        "batch-1",
+        ["finalizing"],
+        "a",
+        status="completed",
+        output_file_id=output,
+        error_file_id=errors,
+    )
+
+    assert done is not None
+    assert store.get_file(orphan) is None
+    assert {f for f in (output, errors, other_batch, "file-input") if store.get_file(f)} == {
+        output,
+        errors,
+        other_batch,
+        "file-input",
+    }
+    assert b"".join(store.read_file(output)) == b"out"
+
+
+def test_a_files_batch_id_round_trips(store: Store) -> None:
+    _output_file(store, "file-out")
+
+    got = store.get_file("file-out")
+
+    assert got is not None and (got.batch_id, got.purpose) == ("batch-1", "batch_output")
+
+
+# -- liveness in batches -------------------------------------------------------------------------
+
+
+def test_record_liveness_writes_a_batch_of_heartbeats_newest_wins(store: Store) -> None:
+    store.upsert_vehicles([vehicle_record("car-1"), vehicle_record("car-2")])
+
+    changed = store.record_liveness(
+        [
+            VehicleSeen("car-1", NOW + 10, "working"),
+            VehicleSeen("car-2", NOW + 10, "paused", "not_charging"),
+            VehicleSeen("car-1", NOW + 5, "idle"),  # an older heartbeat flushed late
+            VehicleSeen("car-ghost", NOW + 10, "idle"),  # never registered
+        ]
+    )
+
+    assert changed == 2
+    one, two = store.get_vehicle("car-1"), store.get_vehicle("car-2")
+    assert one is not None and (one.last_seen, one.status) == (NOW + 10, "working")
+    assert two is not None and (two.status, two.status_reason) == ("paused", "not_charging")
+    assert store.get_vehicle("car-ghost") is None
+
+
+def test_live_vehicles_are_those_seen_since(store: Store) -> None:
+    store.upsert_vehicles(
+        [
+            vehicle_record("car-old", now=NOW - 100),
+            vehicle_record("car-new", models=("m1", "m2"), now=NOW),
+            vehicle_record("car-edge", now=NOW - 15),
+        ]
+    )
+
+    live = store.live_vehicles(NOW - 15)
+
+    assert store.count_live_vehicles(NOW - 15) == 2
+    assert store.count_live_vehicles(NOW + 1) == 0
+    assert [v.id for v in live] == ["car-edge", "car-new"]
+    assert live[1] == VehicleLiveness("car-new", ("m1", "m2"), NOW, "idle", None)
+
+
+def test_vehicle_liveness_finds_the_registered_ones(store: Store) -> None:
+    store.upsert_vehicles([vehicle_record(f"car-{i}") for i in range(600)])
+
+    found = store.vehicle_liveness([f"car-{i}" for i in range(0, 1200, 2)])
+
+    assert sorted(found) == sorted(f"car-{i}" for i in range(0, 600, 2))
+    assert found["car-2"].models == (MODEL,)
+
+
+# -- policies read in bulk -----------------------------------------------------------------------
+
+
+def test_current_policies_are_the_latest_version_of_each(store: Store) -> None:
+    store.append_policy("car-1", '{"v": 1}', "owner:a", NOW)
+    store.append_policy("car-1", '{"v": 2}', "owner:a", NOW + 1)
+    store.append_policy("car-2", '{"v": 1}', "owner:b", NOW + 2)
+
+    current = store.current_policies(["car-1", "car-2", "car-3"])
+
+    assert {vid: (r.version, r.policy_json) for vid, r in current.items()} == {
+        "car-1": (2, '{"v": 2}'),
+        "car-2": (1, '{"v": 1}'),
+    }
+
+
+def test_policies_since_lists_the_versions_appended_since(store: Store) -> None:
+    store.append_policy("car-1", "{}", "owner:a", NOW)
+    store.append_policy("car-2", "{}", "owner:b", NOW + 5)
+    store.append_policy("car-1", "{}", "owner:a", NOW + 10)
+
+    recent = store.policies_since(NOW + 5)
+
+    assert [(r.vehicle_id, r.version) for r in recent] == [("car-2", 1), ("car-1", 2)]

@@ -1,8 +1,8 @@
 """Persistent state of the coordinator behind one interface (:class:`Store`).
 
 ``open_store(url)`` picks the backend: ``sqlite:///path/to/file.db`` (the default, one file
-in the data directory; ``factory.py`` lists the URL forms). A PostgreSQL backend will sit
-behind the same interface and pass the same contract tests
+in the data directory) or ``postgresql://…`` (scale-out: coordinator replicas share it);
+``factory.py`` lists the URL forms. Both pass the same contract suite
 (``tests/coordinator/store/test_store_contract.py``).
 """
 
@@ -11,14 +11,18 @@ from idlefleet.coordinator.store.base import (
     CommitOutcome,
     FileRecord,
     Lease,
+    LeaseAsk,
     LeasedItem,
     NewRequest,
     PolicyRecord,
     RequestCounts,
     RequestResult,
+    ResultCommit,
     Store,
     StoredRequest,
+    VehicleLiveness,
     VehicleRecord,
+    VehicleSeen,
 )
 from idlefleet.coordinator.store.factory import open_store, sqlite_url
 
@@ -27,14 +31,18 @@ __all__ = [
     "CommitOutcome",
     "FileRecord",
     "Lease",
+    "LeaseAsk",
     "LeasedItem",
     "NewRequest",
     "PolicyRecord",
     "RequestCounts",
     "RequestResult",
+    "ResultCommit",
     "Store",
     "StoredRequest",
+    "VehicleLiveness",
     "VehicleRecord",
+    "VehicleSeen",
     "open_store",
     "sqlite_url",
 ]

@@ -20,12 +20,25 @@ Guarantees (checked by the contract suite in ``tests/coordinator/store/``):
 * Owner policies are append-only: :meth:`Store.append_policy` adds version ``n + 1`` and never
   changes or removes an earlier version, and concurrent appends for one vehicle get distinct,
   consecutive versions. The history is the consent record (who, when, what).
+* The batch operations (:meth:`Store.lease_units`, :meth:`Store.commit_many`) are one
+  transaction for the whole batch, with each item atomic on its own: an item that raises gets
+  its exception in its place in the answer and changes nothing, and the other items take effect
+  as if they had been called one after the other in order. They exist so that a coordinator
+  pays one durable commit (one fsync) for many cars' leases or results.
+* Every hot path costs O(size of the unit), never O(size of the batch or of the fleet):
+  leasing, committing and reading a batch's request counts.
+* A batch *claim* (:meth:`Store.claim_batch`) is a compare-and-set with a deadline, so that a
+  singleton duty on a batch (validation, finalisation, cancellation, expiry) is done by one
+  replica at a time, and taken over by another when the holder dies. :meth:`Store.finish_batch`
+  ends a batch only for the claim's holder, and leaves exactly one set of output files.
+* Liveness (heartbeats) reaches the store in batches (:meth:`Store.record_liveness`), newest
+  wins: a late flush of an older heartbeat never overwrites a newer one.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +57,8 @@ class FileRecord:
     bytes: int
     created_at: int
     status: str = "processed"
+    batch_id: str | None = None
+    """For a batch's output and error files: the batch they belong to (not shown to clients)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,34 @@ class RequestResult:
 
 
 @dataclass(frozen=True)
+class LeaseAsk:
+    """One car's request for a unit, as :meth:`Store.lease_units` takes it."""
+
+    vehicle_id: str
+    lease_id: str
+    """Id of the lease to create (the caller makes it unique)."""
+    models: tuple[str, ...]
+    """Models the car can run; the unit carries one of them."""
+    purposes: tuple[str, ...]
+    """Batch purposes the car's owner allows (empty: nothing)."""
+    data_regions: tuple[str, ...]
+    """Batch data regions the car's owner allows (empty: nothing)."""
+    unit_size: Callable[[int], int]
+    """Given the chosen batch's pending count, how many requests to take."""
+
+
+@dataclass(frozen=True)
+class ResultCommit:
+    """One result chunk of a car, as :meth:`Store.commit_many` takes it."""
+
+    vehicle_id: str
+    lease_id: str
+    results: tuple[RequestResult, ...]
+    energy_j: float = 0.0
+    """What the car spent on the chunk (finite, >= 0)."""
+
+
+@dataclass(frozen=True)
 class CommitOutcome:
     committed: int
     duplicates: int
@@ -185,6 +228,27 @@ class VehicleRecord:
     completed_requests: int = 0
     status_reason: str | None = None
     """Why the vehicle is in ``status`` (the agent's reasons for a pause), from its heartbeat."""
+
+
+@dataclass(frozen=True)
+class VehicleSeen:
+    """What one heartbeat (or work request) said about a car; flushed in batches."""
+
+    vehicle_id: str
+    last_seen: float
+    status: str
+    status_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class VehicleLiveness:
+    """The part of a vehicle's record that says whether it can take work now (cheap to read)."""
+
+    id: str
+    models: tuple[str, ...]
+    last_seen: float
+    status: str
+    status_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +299,35 @@ class Store(ABC):
     def batches_with_status(self, statuses: Collection[str]) -> list[BatchRecord]: ...
 
     @abstractmethod
+    def claim_batch(
+        self,
+        batch_id: str,
+        expect_status: Collection[str],
+        owner: str,
+        now: float,
+        claim_seconds: float,
+        **changes: Any,
+    ) -> BatchRecord | None:
+        """Claim a batch for a singleton duty, applying ``changes`` (e.g. a new status) with it.
+
+        A compare-and-set: succeeds only if the status is in ``expect_status`` and the batch is
+        unclaimed, already claimed by ``owner``, or its claim ran out (deadline < ``now``).
+        The claim then lasts until ``now + claim_seconds``. Returns the updated batch or None.
+        """
+
+    @abstractmethod
+    def finish_batch(
+        self, batch_id: str, expect_status: Collection[str], owner: str, **changes: Any
+    ) -> BatchRecord | None:
+        """End a claimed duty: apply ``changes`` only while ``owner`` holds the claim.
+
+        The claim is cleared. Every other output or error file of the batch (a file whose
+        ``batch_id`` is this batch, from an attempt that died half-way) is deleted in the same
+        transaction, so the batch keeps exactly the files ``changes`` names. Returns the
+        updated batch, or None (status differs, or the claim is someone else's).
+        """
+
+    @abstractmethod
     def update_batch(
         self, batch_id: str, expect_status: Collection[str], **changes: Any
     ) -> BatchRecord | None:
@@ -256,6 +349,16 @@ class Store(ABC):
         """(model, encoding_format) of the given requests, by seq."""
 
     @abstractmethod
+    def lease_units(
+        self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
+    ) -> list[Lease | Exception | None]:
+        """Lease a unit to each ask, in order, in one transaction; see :meth:`lease_unit`.
+
+        The answer has one entry per ask: the lease, None when there is nothing for it, or the
+        exception its ``unit_size`` (or anything else about it) raised, in which case that ask
+        changed nothing. Later asks never receive requests an earlier one got.
+        """
+
     def lease_unit(
         self,
         vehicle_id: str,
@@ -274,15 +377,32 @@ class Store(ABC):
         ``data_region`` is in ``data_regions`` (what the car's owner allows); an empty
         collection allows nothing. The lease carries the batch's purpose and data region.
 
-        Longest requests go first (by ``sort_key``, the input's length): a unit then holds
-        inputs of similar length, which the model pads least, and the short ones are left for
-        the end, where they even out the last cars' finishing times (LPT scheduling).
+        Longest requests go first (by ``sort_key``, the input's length, then by ``seq``): a
+        unit then holds inputs of similar length, which the model pads least, and the short
+        ones are left for the end, where they even out the last cars' finishing times (LPT
+        scheduling).
 
         ``unit_size(pending)`` gets the number of pending requests of the chosen batch and says
         how many to take. Returns None when there is nothing to lease for these models.
         """
+        ask = LeaseAsk(
+            vehicle_id, lease_id, tuple(models), tuple(purposes), tuple(data_regions), unit_size
+        )
+        (outcome,) = self.lease_units([ask], now, lease_seconds)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     @abstractmethod
+    def commit_many(
+        self, commits: Sequence[ResultCommit], now: float, lease_seconds: float
+    ) -> list[CommitOutcome | Exception]:
+        """Commit each chunk, in order, in one transaction; see :meth:`commit_results`.
+
+        One entry per chunk in the answer: its outcome, or the exception it raised (a bad
+        ``energy_j``: ``ValueError``), in which case that chunk changed nothing.
+        """
+
     def commit_results(
         self,
         vehicle_id: str,
@@ -300,6 +420,11 @@ class Store(ABC):
         ``energy_j`` in the same transaction, also for a lease that has ended (a late chunk
         still cost energy), and never for an unknown lease.
         """
+        chunk = ResultCommit(vehicle_id, lease_id, tuple(results), energy_j)
+        (outcome,) = self.commit_many([chunk], now, lease_seconds)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     @abstractmethod
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
@@ -351,7 +476,32 @@ class Store(ABC):
 
     # -- vehicles ------------------------------------------------------------------------------
     @abstractmethod
-    def upsert_vehicle(self, record: VehicleRecord) -> None: ...
+    def upsert_vehicles(self, records: Sequence[VehicleRecord]) -> None:
+        """Register (or re-register) vehicles, all in one transaction."""
+
+    def upsert_vehicle(self, record: VehicleRecord) -> None:
+        self.upsert_vehicles([record])
+
+    @abstractmethod
+    def record_liveness(self, seen: Sequence[VehicleSeen]) -> int:
+        """Write a batch of heartbeats: ``last_seen``, ``status``, ``status_reason``.
+
+        Newest wins: a row is changed only if its ``last_seen`` is not newer than the one
+        given, so replicas flushing out of order never move a car back in time. Unregistered
+        vehicles are ignored. Returns how many rows changed.
+        """
+
+    @abstractmethod
+    def count_live_vehicles(self, since: float) -> int:
+        """How many vehicles were seen at or after ``since`` (O(live), not O(fleet))."""
+
+    @abstractmethod
+    def live_vehicles(self, since: float) -> list[VehicleLiveness]:
+        """Vehicles seen at or after ``since``."""
+
+    @abstractmethod
+    def vehicle_liveness(self, vehicle_ids: Collection[str]) -> dict[str, VehicleLiveness]:
+        """The registered vehicles among ``vehicle_ids``, by id."""
 
     @abstractmethod
     def touch_vehicle(
@@ -390,6 +540,14 @@ class Store(ABC):
     @abstractmethod
     def current_policy(self, vehicle_id: str) -> PolicyRecord | None:
         """The latest version of ``vehicle_id``'s policy, or None if none was ever set."""
+
+    @abstractmethod
+    def current_policies(self, vehicle_ids: Collection[str]) -> dict[str, PolicyRecord]:
+        """The latest version of each vehicle's policy that has one, by vehicle id."""
+
+    @abstractmethod
+    def policies_since(self, since: float) -> list[PolicyRecord]:
+        """Every version appended at or after ``since`` (``created_at``), oldest first."""
 
     @abstractmethod
     def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:

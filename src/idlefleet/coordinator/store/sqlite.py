@@ -9,11 +9,10 @@ sharing the file, so no request is ever in two active leases.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,39 +21,29 @@ from idlefleet.coordinator.store.base import (
     CommitOutcome,
     FileRecord,
     Lease,
+    LeaseAsk,
     LeasedItem,
     NewRequest,
     PolicyRecord,
     RequestCounts,
-    RequestResult,
+    ResultCommit,
     Store,
     StoredRequest,
+    VehicleLiveness,
     VehicleRecord,
+    VehicleSeen,
 )
 from idlefleet.coordinator.store.migrations import MIGRATIONS
-
-FILE_CHUNK_BYTES = 4 * 1024 * 1024
-
-_BATCH_COLUMNS = (
-    "id, input_file_id, endpoint, completion_window, status, created_at, expires_at, metadata, "
-    "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region"
-)
-_BATCH_FIELDS = tuple(name.strip() for name in _BATCH_COLUMNS.split(","))
-_UPDATABLE_BATCH_FIELDS = frozenset(
-    {
-        "status",
-        "errors",
-        "output_file_id",
-        "error_file_id",
-        "in_progress_at",
-        "finalizing_at",
-        "completed_at",
-        "failed_at",
-        "expired_at",
-        "cancelling_at",
-        "cancelled_at",
-    }
+from idlefleet.coordinator.store.sql_common import (
+    BATCH_COLUMNS,
+    BATCH_FIELDS,
+    FILE_CHUNK_BYTES,
+    check_batch_changes,
+    check_energy,
+    dump_json,
+    liveness_from_row,
+    load_json,
+    rechunk,
 )
 
 
@@ -104,9 +93,8 @@ class SqliteStore(Store):
             for migration in MIGRATIONS:
                 if migration.version in done:
                     continue
-                for statement in migration.sql.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(migration.sql("sqlite")):
+                    db.execute(statement)
                 db.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, ?)",
                     (migration.version, migration.name, time.time()),
@@ -125,7 +113,8 @@ class SqliteStore(Store):
     def put_file(self, record: FileRecord, chunks: Iterable[bytes]) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (id, purpose, filename, bytes, created_at, status, batch_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.purpose,
@@ -133,15 +122,17 @@ class SqliteStore(Store):
                     record.bytes,
                     record.created_at,
                     record.status,
+                    record.batch_id,
                 ),
             )
-            for part, chunk in enumerate(_rechunk(chunks, FILE_CHUNK_BYTES)):
+            for part, chunk in enumerate(rechunk(chunks, FILE_CHUNK_BYTES)):
                 db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)", (record.id, part, chunk))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, purpose, filename, bytes, created_at, status FROM files WHERE id = ?",
+                "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+                "WHERE id = ?",
                 (file_id,),
             ).fetchone()
         return FileRecord(*row) if row else None
@@ -177,8 +168,8 @@ class SqliteStore(Store):
         with self._write() as db:
             (seq_no,) = db.execute("SELECT COALESCE(MAX(seq_no), 0) + 1 FROM batches").fetchone()
             db.execute(
-                f"INSERT INTO batches ({_BATCH_COLUMNS}, seq_no) "
-                f"VALUES ({', '.join('?' * (len(_BATCH_FIELDS) + 1))})",
+                f"INSERT INTO batches ({BATCH_COLUMNS}, seq_no) "
+                f"VALUES ({', '.join('?' * (len(BATCH_FIELDS) + 1))})",
                 (
                     batch.id,
                     batch.input_file_id,
@@ -187,8 +178,8 @@ class SqliteStore(Store):
                     batch.status,
                     batch.created_at,
                     batch.expires_at,
-                    _dump(batch.metadata),
-                    _dump(batch.errors),
+                    dump_json(batch.metadata),
+                    dump_json(batch.errors),
                     batch.output_file_id,
                     batch.error_file_id,
                     batch.in_progress_at,
@@ -205,15 +196,15 @@ class SqliteStore(Store):
             )
 
     def _batch_from_row(self, row: tuple[Any, ...]) -> BatchRecord:
-        fields = dict(zip(_BATCH_FIELDS, row, strict=True))
-        fields["metadata"] = _load(fields["metadata"])
-        fields["errors"] = _load(fields["errors"])
+        fields = dict(zip(BATCH_FIELDS, row, strict=True))
+        fields["metadata"] = load_json(fields["metadata"])
+        fields["errors"] = load_json(fields["errors"])
         return BatchRecord(**fields, request_counts=self._counts(fields["id"]))
 
     def get_batch(self, batch_id: str) -> BatchRecord | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
             ).fetchone()
             return self._batch_from_row(row) if row else None
 
@@ -221,11 +212,11 @@ class SqliteStore(Store):
         with self._lock:
             if after is None:
                 rows = self._db.execute(
-                    f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq_no DESC LIMIT ?", (limit,)
+                    f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY seq_no DESC LIMIT ?", (limit,)
                 ).fetchall()
             else:
                 rows = self._db.execute(
-                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq_no < "
+                    f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq_no < "
                     "(SELECT seq_no FROM batches WHERE id = ?) ORDER BY seq_no DESC LIMIT ?",
                     (after, limit),
                 ).fetchall()
@@ -235,7 +226,7 @@ class SqliteStore(Store):
         marks = ",".join("?" * len(statuses))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE status IN ({marks}) ORDER BY seq_no",
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE status IN ({marks}) ORDER BY seq_no",
                 tuple(statuses),
             ).fetchall()
             return [self._batch_from_row(row) for row in rows]
@@ -243,22 +234,68 @@ class SqliteStore(Store):
     def update_batch(
         self, batch_id: str, expect_status: Collection[str], **changes: Any
     ) -> BatchRecord | None:
-        unknown = set(changes) - _UPDATABLE_BATCH_FIELDS
-        if unknown:
-            raise ValueError(f"cannot update batch fields {sorted(unknown)}")
-        if not changes:
-            raise ValueError("update_batch needs at least one change")
+        check_batch_changes(changes)
+        with self._write() as db:
+            return self._update_batch(db, batch_id, expect_status, "", (), changes)
+
+    def claim_batch(
+        self,
+        batch_id: str,
+        expect_status: Collection[str],
+        owner: str,
+        now: float,
+        claim_seconds: float,
+        **changes: Any,
+    ) -> BatchRecord | None:
+        check_batch_changes(changes, allow_none=True)
+        changes = {**changes, "claim_owner": owner, "claim_until": now + claim_seconds}
+        with self._write() as db:
+            return self._update_batch(
+                db,
+                batch_id,
+                expect_status,
+                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)",
+                (owner, now),
+                changes,
+            )
+
+    def finish_batch(
+        self, batch_id: str, expect_status: Collection[str], owner: str, **changes: Any
+    ) -> BatchRecord | None:
+        check_batch_changes(changes, allow_none=True)
+        changes = {**changes, "claim_owner": None, "claim_until": None}
+        with self._write() as db:
+            finished = self._update_batch(
+                db, batch_id, expect_status, " AND claim_owner = ?", (owner,), changes
+            )
+            if finished is not None:
+                keep = [f for f in (finished.output_file_id, finished.error_file_id) if f]
+                marks = ",".join("?" * len(keep)) or "NULL"
+                db.execute(
+                    f"DELETE FROM files WHERE batch_id = ? AND id NOT IN ({marks})",
+                    (batch_id, *keep),
+                )
+            return finished
+
+    def _update_batch(
+        self,
+        db: sqlite3.Connection,
+        batch_id: str,
+        expect_status: Collection[str],
+        condition: str,
+        condition_args: tuple[Any, ...],
+        changes: dict[str, Any],
+    ) -> BatchRecord | None:
         if "errors" in changes:
-            changes["errors"] = _dump(changes["errors"])
+            changes["errors"] = dump_json(changes["errors"])
         assignments = ", ".join(f"{name} = ?" for name in changes)
         marks = ",".join("?" * len(expect_status))
-        with self._write() as db:
-            updated = db.execute(
-                f"UPDATE batches SET {assignments} WHERE id = ? AND status IN ({marks})",
-                (*changes.values(), batch_id, *expect_status),
-            ).rowcount
-            # Read back inside the transaction: the record is this update's, not a later one's.
-            return self.get_batch(batch_id) if updated else None
+        updated = db.execute(
+            f"UPDATE batches SET {assignments} WHERE id = ? AND status IN ({marks}){condition}",
+            (*changes.values(), batch_id, *expect_status, *condition_args),
+        ).rowcount
+        # Read back inside the transaction: the record is this update's, not a later one's.
+        return self.get_batch(batch_id) if updated else None
 
     # -- requests and leases -------------------------------------------------------------------
     def add_requests(self, batch_id: str, requests: Iterable[NewRequest]) -> int:
@@ -273,31 +310,39 @@ class SqliteStore(Store):
                 sum(len(t) for t in r.texts),
                 "pending" if r.error_status is None else "failed",
                 r.error_status,
-                _dump(r.error_body),
+                dump_json(r.error_body),
             )
             for r in requests
         ]
+        failed = sum(1 for row in rows if row[7] == "failed")
         with self._write() as db:
             db.executemany(
                 "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
                 "sort_key, state, error_status, error_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            # The trigger keeps the counts from here on; new rows are counted once, here.
+            db.execute(
+                "INSERT INTO batch_counts (batch_id, shard, pending, failed) VALUES (?, 0, ?, ?) "
+                "ON CONFLICT (batch_id, shard) DO UPDATE SET "
+                "pending = pending + excluded.pending, failed = failed + excluded.failed",
+                (batch_id, len(rows) - failed, failed),
+            )
         return len(rows)
 
     def _counts(self, batch_id: str) -> RequestCounts:
-        by_state = dict(
-            self._db.execute(
-                "SELECT state, COUNT(*) FROM requests WHERE batch_id = ? GROUP BY state",
-                (batch_id,),
-            ).fetchall()
-        )
+        row = self._db.execute(
+            "SELECT SUM(pending), SUM(leased), SUM(done), SUM(failed) FROM batch_counts "
+            "WHERE batch_id = ?",
+            (batch_id,),
+        ).fetchone()
+        pending, leased, done, failed = (int(n or 0) for n in row)
         return RequestCounts(
-            total=sum(by_state.values()),
-            completed=by_state.get("done", 0),
-            failed=by_state.get("failed", 0),
-            pending=by_state.get("pending", 0),
-            leased=by_state.get("leased", 0),
+            total=pending + leased + done + failed,
+            completed=done,
+            failed=failed,
+            pending=pending,
+            leased=leased,
         )
 
     def request_counts(self, batch_id: str) -> RequestCounts:
@@ -314,67 +359,81 @@ class SqliteStore(Store):
             ).fetchall()
         return {seq: (model, fmt) for seq, model, fmt in rows}
 
-    def lease_unit(
-        self,
-        vehicle_id: str,
-        lease_id: str,
-        models: Collection[str],
-        now: float,
-        lease_seconds: float,
-        unit_size: Callable[[int], int],
-        *,
-        purposes: Collection[str],
-        data_regions: Collection[str],
+    def lease_units(
+        self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
+    ) -> list[Lease | Exception | None]:
+        outcomes: list[Lease | Exception | None] = []
+        nothing_for: set[tuple[Any, ...]] = set()  # filters that found no batch in this call
+        with self._write() as db:
+            for ask in asks:
+                key = (ask.models, ask.purposes, ask.data_regions)
+                if key in nothing_for:
+                    outcomes.append(None)  # leasing only ever takes work away
+                    continue
+                outcome = self._isolated(db, self._lease_one, ask, now, lease_seconds)
+                if outcome is None:
+                    nothing_for.add(key)
+                outcomes.append(outcome)
+        return outcomes
+
+    @staticmethod
+    def _isolated(db: sqlite3.Connection, step: Any, *args: Any) -> Any:
+        """Run one item of a batch operation in a savepoint: on error, undo it alone."""
+        db.execute("SAVEPOINT item")
+        try:
+            outcome = step(db, *args)
+        except Exception as exc:
+            db.execute("ROLLBACK TO item")
+            db.execute("RELEASE item")
+            return exc
+        db.execute("RELEASE item")
+        return outcome
+
+    def _lease_one(
+        self, db: sqlite3.Connection, ask: LeaseAsk, now: float, lease_seconds: float
     ) -> Lease | None:
-        models, purposes, data_regions = list(models), list(purposes), list(data_regions)
-        if not (models and purposes and data_regions):
+        models, purposes, regions = ask.models, ask.purposes, ask.data_regions
+        if not (models and purposes and regions):
             return None  # nothing allowed (and ``IN ()`` is not SQL everywhere)
         model_marks = ",".join("?" * len(models))
-        purpose_marks = ",".join("?" * len(purposes))
-        region_marks = ",".join("?" * len(data_regions))
-        with self._write() as db:
-            row = db.execute(
-                "SELECT b.id, b.purpose, b.data_region FROM batches b "
-                f"WHERE b.status = 'in_progress' AND b.purpose IN ({purpose_marks}) "
-                f"AND b.data_region IN ({region_marks}) AND EXISTS ("
-                "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
-                f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
-                (*purposes, *data_regions, *models),
-            ).fetchone()
-            if row is None:
-                return None
-            batch_id, purpose, data_region = row
-            (pending,) = db.execute(
-                "SELECT COUNT(*) FROM requests WHERE batch_id = ? AND state = 'pending'",
-                (batch_id,),
-            ).fetchone()
-            size = max(1, unit_size(pending))
-            picked = db.execute(
-                "SELECT seq, custom_id, texts, model FROM requests "
-                f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
-                "ORDER BY sort_key DESC, seq LIMIT ?",
-                (batch_id, *models, size),
-            ).fetchall()
-            # One lease carries one model: keep the picked requests of the first one's model.
-            model = picked[0][3]
-            picked = [p for p in picked if p[3] == model]
-            seqs = [p[0] for p in picked]
-            db.executemany(
-                "UPDATE requests SET state = 'leased', lease_id = ?, attempts = attempts + 1 "
-                "WHERE batch_id = ? AND seq = ?",
-                [(lease_id, batch_id, seq) for seq in seqs],
-            )
-            deadline = now + lease_seconds
-            db.execute(
-                "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, "
-                "deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
-                (lease_id, batch_id, vehicle_id, model, json.dumps(seqs), now, deadline),
-            )
+        row = db.execute(
+            "SELECT b.id, b.purpose, b.data_region FROM batches b "
+            f"WHERE b.status = 'in_progress' AND b.purpose IN ({','.join('?' * len(purposes))}) "
+            f"AND b.data_region IN ({','.join('?' * len(regions))}) AND EXISTS ("
+            "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
+            f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
+            (*purposes, *regions, *models),
+        ).fetchone()
+        if row is None:
+            return None
+        batch_id, purpose, data_region = row
+        size = max(1, ask.unit_size(self._counts(batch_id).pending))
+        picked = db.execute(
+            "SELECT seq, custom_id, texts, model FROM requests "
+            f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
+            "ORDER BY sort_key DESC, seq LIMIT ?",
+            (batch_id, *models, size),
+        ).fetchall()
+        # One lease carries one model: keep the picked requests of the first one's model.
+        model = picked[0][3]
+        picked = [p for p in picked if p[3] == model]
+        seqs = [p[0] for p in picked]
+        db.execute(
+            "UPDATE requests SET state = 'leased', lease_id = ? "
+            f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
+            (ask.lease_id, batch_id, *seqs),
+        )
+        deadline = now + lease_seconds
+        db.execute(
+            "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, "
+            "deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
+            (ask.lease_id, batch_id, ask.vehicle_id, model, json.dumps(seqs), now, deadline),
+        )
         items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
         return Lease(
-            lease_id,
+            ask.lease_id,
             batch_id,
-            vehicle_id,
+            ask.vehicle_id,
             model,
             deadline,
             items,
@@ -382,69 +441,76 @@ class SqliteStore(Store):
             data_region=data_region,
         )
 
-    def commit_results(
-        self,
-        vehicle_id: str,
-        lease_id: str,
-        results: Iterable[RequestResult],
-        now: float,
-        lease_seconds: float,
-        energy_j: float = 0.0,
-    ) -> CommitOutcome:
-        _check_energy(energy_j)
-        results = list(results)
+    def commit_many(
+        self, commits: Sequence[ResultCommit], now: float, lease_seconds: float
+    ) -> list[CommitOutcome | Exception]:
         with self._write() as db:
-            lease = db.execute(
-                "SELECT batch_id, seqs, state, deadline FROM leases "
-                "WHERE id = ? AND vehicle_id = ?",
-                (lease_id, vehicle_id),
-            ).fetchone()
-            if lease is None:
-                return CommitOutcome(0, 0, False, None, unknown_lease=True)
-            batch_id, seqs_json, state, deadline = lease
-            if energy_j:
-                db.execute(
-                    "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?", (energy_j, lease_id)
+            return [
+                self._isolated(db, self._commit_one, chunk, now, lease_seconds) for chunk in commits
+            ]
+
+    def _commit_one(
+        self, db: sqlite3.Connection, chunk: ResultCommit, now: float, lease_seconds: float
+    ) -> CommitOutcome:
+        check_energy(chunk.energy_j)
+        lease = db.execute(
+            "SELECT batch_id, seqs, state, deadline FROM leases WHERE id = ? AND vehicle_id = ?",
+            (chunk.lease_id, chunk.vehicle_id),
+        ).fetchone()
+        if lease is None:
+            return CommitOutcome(0, 0, False, None, unknown_lease=True)
+        batch_id, seqs_json, state, deadline = lease
+        if chunk.energy_j:
+            db.execute(
+                "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?",
+                (chunk.energy_j, chunk.lease_id),
+            )
+        leased = set(json.loads(seqs_json))
+        mine = [r for r in chunk.results if r.seq in leased]
+        # A late answer may finish requests another car's lease holds now: remember those
+        # leases so they can close once nothing in them is left open.
+        # Looked up by primary key and filtered here: a condition on ``state`` would make
+        # SQLite walk every leased request of the batch instead.
+        seq_marks = ",".join("?" * len(mine))
+        rows = (
+            db.execute(
+                f"SELECT state, lease_id FROM requests WHERE batch_id = ? AND seq IN ({seq_marks})",
+                (batch_id, *(r.seq for r in mine)),
+            ).fetchall()
+            if mine
+            else []
+        )
+        other_leases = {
+            holder for state_, holder in rows if state_ == "leased" and holder != chunk.lease_id
+        }
+        # The first result of a request wins; a repeat (here or later) changes no row.
+        committed = db.executemany(
+            "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
+            "body = ?, vehicle_id = ?, lease_id = ? "
+            "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
+            [
+                (
+                    r.vectors,
+                    r.dim,
+                    r.token_count,
+                    r.body,
+                    chunk.vehicle_id,
+                    chunk.lease_id,
+                    batch_id,
+                    r.seq,
                 )
-            leased = set(json.loads(seqs_json))
-            mine = [r for r in results if r.seq in leased]
-            committed = 0
-            # A late answer may finish requests another car's lease holds now: remember those
-            # leases so they can close once nothing in them is left open.
-            other_leases: set[str] = set()
-            for r in mine:
-                holder = db.execute(
-                    "SELECT lease_id FROM requests WHERE batch_id = ? AND seq = ? "
-                    "AND state = 'leased'",
-                    (batch_id, r.seq),
-                ).fetchone()
-                done = db.execute(
-                    "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
-                    "body = ?, vehicle_id = ?, lease_id = ?, finished_at = ? "
-                    "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
-                    (
-                        r.vectors,
-                        r.dim,
-                        r.token_count,
-                        r.body,
-                        vehicle_id,
-                        lease_id,
-                        now,
-                        batch_id,
-                        r.seq,
-                    ),
-                ).rowcount
-                committed += done
-                if done and holder and holder[0] != lease_id:
-                    other_leases.add(holder[0])
-            for other in other_leases:
-                self._close_if_finished(db, other)
-            active = state == "active"
-            finished = False
-            if active:
-                deadline = now + lease_seconds
-                db.execute("UPDATE leases SET deadline = ? WHERE id = ?", (deadline, lease_id))
-                finished = self._close_if_finished(db, lease_id)
+                for r in mine
+            ],
+        ).rowcount
+        committed = max(0, committed)
+        for other in other_leases:
+            self._close_if_finished(db, other)
+        active = state == "active"
+        finished = False
+        if active:
+            deadline = now + lease_seconds
+            db.execute("UPDATE leases SET deadline = ? WHERE id = ?", (deadline, chunk.lease_id))
+            finished = self._close_if_finished(db, chunk.lease_id)
         return CommitOutcome(
             committed,
             len(mine) - committed,
@@ -528,7 +594,7 @@ class SqliteStore(Store):
         reason: str = "",
         energy_j: float = 0.0,
     ) -> int | None:
-        _check_energy(energy_j)
+        check_energy(energy_j)
         with self._write() as db:
             lease = db.execute(
                 "SELECT state FROM leases WHERE id = ? AND vehicle_id = ?", (lease_id, vehicle_id)
@@ -585,7 +651,7 @@ class SqliteStore(Store):
             return db.execute(
                 "UPDATE requests SET state = 'failed', error_status = ?, error_body = ?, "
                 "lease_id = NULL WHERE batch_id = ? AND state IN ('pending', 'leased')",
-                (status, _dump(error_body), batch_id),
+                (status, dump_json(error_body), batch_id),
             ).rowcount
 
     def iter_requests(self, batch_id: str) -> Iterator[StoredRequest]:
@@ -603,7 +669,7 @@ class SqliteStore(Store):
             for row in rows:
                 values = list(row)
                 values[5] = bytes(values[5]) if values[5] is not None else None
-                values[9] = _load(values[9])
+                values[9] = load_json(values[9])
                 values[10] = bytes(values[10]) if values[10] is not None else None
                 yield StoredRequest(*values)
             last = rows[-1][0]
@@ -618,24 +684,67 @@ class SqliteStore(Store):
         return {vid: n for vid, n in rows}
 
     # -- vehicles ------------------------------------------------------------------------------
-    def upsert_vehicle(self, record: VehicleRecord) -> None:
+    def upsert_vehicles(self, records: Sequence[VehicleRecord]) -> None:
         with self._write() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO vehicles (id, hardware, models, registered_at, last_seen, status, "
                 "status_reason) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "hardware = excluded.hardware, models = excluded.models, "
                 "last_seen = excluded.last_seen, status = excluded.status, "
                 "status_reason = excluded.status_reason",
-                (
-                    record.id,
-                    json.dumps(record.hardware),
-                    json.dumps(list(record.models)),
-                    record.registered_at,
-                    record.last_seen,
-                    record.status,
-                    record.status_reason,
-                ),
+                [
+                    (
+                        r.id,
+                        json.dumps(r.hardware),
+                        json.dumps(list(r.models)),
+                        r.registered_at,
+                        r.last_seen,
+                        r.status,
+                        r.status_reason,
+                    )
+                    for r in records
+                ],
             )
+
+    def record_liveness(self, seen: Sequence[VehicleSeen]) -> int:
+        with self._write() as db:
+            changed = db.executemany(
+                "UPDATE vehicles SET last_seen = ?, status = ?, status_reason = ? "
+                "WHERE id = ? AND last_seen <= ?",
+                [(s.last_seen, s.status, s.status_reason, s.vehicle_id, s.last_seen) for s in seen],
+            ).rowcount
+        return max(0, changed)
+
+    def count_live_vehicles(self, since: float) -> int:
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM vehicles WHERE last_seen >= ?", (since,)
+            ).fetchone()
+        return int(n)
+
+    _LIVENESS_COLUMNS = "id, models, last_seen, status, status_reason"
+
+    def live_vehicles(self, since: float) -> list[VehicleLiveness]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._LIVENESS_COLUMNS} FROM vehicles WHERE last_seen >= ? ORDER BY id",
+                (since,),
+            ).fetchall()
+        return [liveness_from_row(row) for row in rows]
+
+    def vehicle_liveness(self, vehicle_ids: Collection[str]) -> dict[str, VehicleLiveness]:
+        ids = list(vehicle_ids)
+        found: dict[str, VehicleLiveness] = {}
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            part = ids[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {self._LIVENESS_COLUMNS} FROM vehicles "
+                    f"WHERE id IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+            found.update((row[0], liveness_from_row(row)) for row in rows)
+        return found
 
     def touch_vehicle(
         self, vehicle_id: str, now: float, status: str, reason: str | None = None
@@ -715,6 +824,30 @@ class SqliteStore(Store):
             ).fetchone()
         return PolicyRecord(*row) if row else None
 
+    def current_policies(self, vehicle_ids: Collection[str]) -> dict[str, PolicyRecord]:
+        ids = list(vehicle_ids)
+        found: dict[str, PolicyRecord] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {self._POLICY_COLUMNS} FROM owner_policies p WHERE vehicle_id IN "
+                    f"({','.join('?' * len(part))}) AND version = (SELECT MAX(version) FROM "
+                    "owner_policies q WHERE q.vehicle_id = p.vehicle_id)",
+                    part,
+                ).fetchall()
+            found.update((row[0], PolicyRecord(*row)) for row in rows)
+        return found
+
+    def policies_since(self, since: float) -> list[PolicyRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE created_at >= ? "
+                "ORDER BY created_at, vehicle_id, version",
+                (since,),
+            ).fetchall()
+        return [PolicyRecord(*row) for row in rows]
+
     def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:
         with self._lock:
             rows = self._db.execute(
@@ -725,26 +858,14 @@ class SqliteStore(Store):
         return [PolicyRecord(*row) for row in reversed(rows)]
 
 
-def _check_energy(energy_j: float) -> None:
-    if not (math.isfinite(energy_j) and energy_j >= 0):
-        raise ValueError(f"energy_j must be a finite number >= 0, got {energy_j!r}")
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
-
-
-def _load(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """Regroup arbitrary chunks into pieces of ``size`` bytes (the last may be shorter)."""
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements; a trigger's body holds ``;`` of its own."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            if statement.strip():
+                yield statement
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete statement at the end of a migration: {statement!r}")

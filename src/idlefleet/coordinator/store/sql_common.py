@@ -1,0 +1,77 @@
+"""What the SQL backends share: column lists, checks on arguments, JSON and chunking helpers.
+
+Pure functions and constants only; each backend keeps its own SQL (the dialects differ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from idlefleet.coordinator.store.base import VehicleLiveness
+
+FILE_CHUNK_BYTES = 4 * 1024 * 1024
+"""Files are stored in pieces of this size, so a large one streams in and out."""
+
+BATCH_COLUMNS = (
+    "id, input_file_id, endpoint, completion_window, status, created_at, expires_at, metadata, "
+    "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
+    "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region"
+)
+BATCH_FIELDS = tuple(name.strip() for name in BATCH_COLUMNS.split(","))
+UPDATABLE_BATCH_FIELDS = frozenset(
+    {
+        "status",
+        "errors",
+        "output_file_id",
+        "error_file_id",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    }
+)
+
+
+def check_batch_changes(changes: dict[str, Any], allow_none: bool = False) -> None:
+    """Refuse changes to fields that are not updatable (and, unless allowed, no change)."""
+    unknown = set(changes) - UPDATABLE_BATCH_FIELDS
+    if unknown:
+        raise ValueError(f"cannot update batch fields {sorted(unknown)}")
+    if not changes and not allow_none:
+        raise ValueError("update_batch needs at least one change")
+
+
+def check_energy(energy_j: float) -> None:
+    if not (math.isfinite(energy_j) and energy_j >= 0):
+        raise ValueError(f"energy_j must be a finite number >= 0, got {energy_j!r}")
+
+
+def dump_json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def liveness_from_row(row: tuple[Any, ...]) -> VehicleLiveness:
+    """A ``(id, models JSON, last_seen, status, status_reason)`` row."""
+    return VehicleLiveness(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4])
+
+
+def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Regroup arbitrary chunks into pieces of ``size`` bytes (the last may be shorter)."""
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
