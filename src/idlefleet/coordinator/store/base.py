@@ -47,6 +47,14 @@ from idlefleet.protocol.policy import DEFAULT_DATA_REGION, DEFAULT_PURPOSE
 RequestState = Literal["pending", "leased", "done", "failed"]
 
 
+class StoreUnavailable(RuntimeError):
+    """The database could not be reached (a server restarting, a lost connection).
+
+    Nothing of the failed call took effect; the same call may succeed when retried. Backends
+    translate their drivers' connection errors into this, so callers need not know them.
+    """
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """Metadata of an uploaded or generated file (OpenAI File object)."""
