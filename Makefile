@@ -18,10 +18,10 @@ install: $(BIN)/idlefleet
 demo: install
 	$(BIN)/idlefleet up --demo
 
-# The tests also cover the optional KUKSA state source and the simulator's plots and Parquet
-# files, so they install those extras as well.
-$(VENV)/.extras: $(BIN)/idlefleet
-	$(BIN)/pip install -q -e '.[dev,kuksa,sim]'
+# The tests also cover the optional KUKSA state source, the simulator's plots and Parquet files
+# and the PostgreSQL store, so they install those extras as well.
+$(VENV)/.extras: $(BIN)/idlefleet pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,kuksa,sim,postgresql]'
 	touch $(VENV)/.extras
 
 test: install $(VENV)/.extras
