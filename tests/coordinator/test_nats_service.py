@@ -1,4 +1,5 @@
-"""The NATS edge's policy paths (uplink ``policy`` and the downlink push), without a server.
+"""The NATS edge without a server: admission (budgets, garbage, unknown cars), the heartbeat
+from memory, and the policy paths (uplink ``policy`` and the downlink push).
 
 A stand-in for the nats client records what the edge sends and answers as a car would; the
 real-server paths are covered by the integration tests.
@@ -16,12 +17,20 @@ import nats
 import pytest
 
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.nats_service import CoordinatorNats
+from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
+from idlefleet.coordinator.ratelimit import RateLimit
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import decode, encode
-from idlefleet.protocol.messages import Ack, WireError
+from idlefleet.protocol.messages import (
+    Ack,
+    Hardware,
+    Heartbeat,
+    RegisterRequest,
+    WireError,
+    WorkRequest,
+)
 from idlefleet.protocol.policy import OwnerPolicy, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
 
@@ -67,11 +76,42 @@ def edge(work: WorkService, nc: FakeNats) -> CoordinatorNats:
     return CoordinatorNats(nc, work)  # type: ignore[arg-type]
 
 
+def serve(coordinator: CoordinatorNats, *msgs: UplinkMsg) -> None:
+    """Deliver uplink messages as the subscriptions would, and wait until all are answered."""
+
+    async def run() -> None:
+        coordinator._loop = asyncio.get_running_loop()
+        handlers = {
+            Uplink.REGISTER: coordinator._on_register,
+            Uplink.HEARTBEAT: coordinator._on_heartbeat,
+            Uplink.WORK: coordinator._on_work,
+            Uplink.RESULTS: coordinator._on_results,
+            Uplink.RELEASE: coordinator._on_release,
+            Uplink.POLICY: coordinator._on_policy,
+        }
+        runners = [
+            asyncio.create_task(coordinator.dispatcher.run()),
+            asyncio.create_task(coordinator.results.run()),
+            asyncio.create_task(coordinator.registrations.run()),
+        ]
+        for msg in msgs:
+            await handlers[Uplink(msg.subject.rsplit(".", 1)[1])](msg)  # type: ignore[arg-type]
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(not m.responses for m in msgs if m.reply):
+            assert asyncio.get_running_loop().time() < deadline, "a message was never answered"
+            await asyncio.sleep(0.005)
+        for task in runners:
+            task.cancel()
+        await asyncio.gather(*runners, *coordinator._tasks, return_exceptions=True)
+
+    asyncio.run(run())
+
+
 def test_the_uplink_policy_request_answers_the_current_policy(work: WorkService) -> None:
     work.owners.set_consent("car-1", True, "owner:a", purposes=["research"])
     msg = UplinkMsg(subjects.uplink("car-1", Uplink.POLICY), b"{}")
 
-    asyncio.run(edge(work, FakeNats())._handle(msg))  # type: ignore[arg-type]
+    serve(edge(work, FakeNats()), msg)
 
     (reply,) = msg.responses
     update = decode(PolicyUpdate, reply)
@@ -85,7 +125,7 @@ def test_the_uplink_policy_request_answers_the_current_policy(work: WorkService)
 def test_a_bad_policy_request_gets_an_error_and_no_policy(work: WorkService) -> None:
     msg = UplinkMsg(subjects.uplink("car-1", Uplink.POLICY), b'{"give": "me"}')
 
-    asyncio.run(edge(work, FakeNats())._handle(msg))  # type: ignore[arg-type]
+    serve(edge(work, FakeNats()), msg)
 
     (reply,) = msg.responses
     error = WireError.model_validate(json.loads(reply)["error"])
@@ -132,3 +172,112 @@ def test_no_push_is_tried_without_a_connection(work: WorkService) -> None:
 
     assert asyncio.run(edge(work, nc).push_policy("car-1", UPDATE)) is False
     assert nc.sent == []
+
+
+# -- admission: every message is checked before it costs anything -------------------------------
+
+
+def _register(work: WorkService, vehicle_id: str = "car-1") -> None:
+    work.register(
+        vehicle_id,
+        RegisterRequest(
+            protocol_version=1,
+            agent_version="t",
+            hardware=Hardware(accelerator="cpu", tops=1, memory_gb=1, power_w=1),
+            models=["all-MiniLM-L6-v2"],
+        ),
+    )
+
+
+def _error_code(reply: bytes) -> str | None:
+    error = json.loads(reply).get("error")
+    return None if error is None else str(error["code"])
+
+
+def test_a_flooding_car_is_refused_and_counted_and_others_are_not_slowed(
+    work: WorkService,
+) -> None:
+    _register(work, "flooder")
+    _register(work, "quiet")
+    coordinator = CoordinatorNats(
+        FakeNats(),  # type: ignore[arg-type]
+        work,
+        EdgeLimits(per_car=RateLimit(per_second=1, burst=5)),
+    )
+    beat = Heartbeat(seq=1, status="idle").model_dump_json().encode()
+    flood = [UplinkMsg(subjects.uplink("flooder", Uplink.HEARTBEAT), beat) for _ in range(50)]
+    quiet = UplinkMsg(subjects.uplink("quiet", Uplink.HEARTBEAT), beat)
+
+    serve(coordinator, *flood, quiet)
+
+    codes = [_error_code(m.responses[0]) for m in flood]
+    assert codes.count(None) == 5 and codes.count("rate_limited") == 45
+    assert _error_code(quiet.responses[0]) is None
+    assert coordinator.stats.refused["rate_limited"] == 45
+
+
+@pytest.mark.parametrize(
+    ("verb", "payload"),
+    [
+        (Uplink.HEARTBEAT, b"\xff\xfe not json"),
+        (Uplink.WORK, b'{"max_requests": -1, "models": []}'),
+        (Uplink.RESULTS, b'{"lease_id": "x"}'),
+        (Uplink.REGISTER, b"[]"),
+        (Uplink.RELEASE, b"{}" * 10),
+    ],
+)
+def test_garbage_on_an_uplink_subject_is_refused_with_the_reason(
+    work: WorkService, verb: Uplink, payload: bytes
+) -> None:
+    msg = UplinkMsg(subjects.uplink("car-1", verb), payload)
+    coordinator = edge(work, FakeNats())
+
+    serve(coordinator, msg)
+
+    (reply,) = msg.responses
+    assert _error_code(reply) == "bad_message"
+    assert coordinator.stats.refused["bad_message"] == 1
+
+
+def test_a_subject_with_an_impossible_car_id_is_refused(work: WorkService) -> None:
+    msg = UplinkMsg("idlefleet.v1.uplink.car*1.heartbeat", b"{}")
+    coordinator = edge(work, FakeNats())
+
+    serve(coordinator, msg)
+
+    assert _error_code(msg.responses[0]) == "bad_subject"
+    assert coordinator.stats.refused["bad_subject"] == 1
+
+
+@pytest.mark.parametrize("verb", [Uplink.HEARTBEAT, Uplink.WORK])
+def test_a_car_that_never_registered_is_told_so(work: WorkService, verb: Uplink) -> None:
+    payload = {
+        Uplink.HEARTBEAT: Heartbeat(seq=1, status="idle"),
+        Uplink.WORK: WorkRequest(max_requests=1, models=["all-MiniLM-L6-v2"]),
+    }[verb]
+    msgs = [
+        UplinkMsg(subjects.uplink("ghost", verb), payload.model_dump_json().encode())
+        for _ in range(3)
+    ]
+    coordinator = edge(work, FakeNats())
+
+    serve(coordinator, *msgs)
+
+    assert [_error_code(m.responses[0]) for m in msgs] == ["not_registered"] * 3
+
+
+def test_a_known_cars_heartbeat_is_answered_from_memory(work: WorkService) -> None:
+    _register(work)
+    work.owners.set_consent("car-1", True, "owner:a")
+    msg = UplinkMsg(
+        subjects.uplink("car-1", Uplink.HEARTBEAT),
+        Heartbeat(seq=1, status="paused", reason="not_charging").model_dump_json().encode(),
+    )
+    work.store.close()  # any store read from here on would fail
+
+    serve(edge(work, FakeNats()), msg)
+
+    ack = decode(Ack, msg.responses[0])
+    assert ack.ok and ack.policy_version == 1
+    car = work.registry.get("car-1")
+    assert car is not None and (car.status, car.status_reason) == ("paused", "not_charging")

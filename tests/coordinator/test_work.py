@@ -227,6 +227,7 @@ def test_a_car_whose_owner_never_opted_in_gets_no_lease(
     assert grant.error is not None and grant.error.code == "not_opted_in"
     assert grant.retry_after_s == 5
     assert batches.get_batch(batch_id).request_counts.pending == 4
+    work.flush_liveness()  # liveness reaches the store in the coordinator's next flush
     car = work.store.get_vehicle("car-1")
     assert car is not None and (car.status, car.status_reason) == ("paused", "not_opted_in")
 
@@ -304,6 +305,7 @@ def test_register_and_heartbeat_tell_the_car_its_policy_version(
         True,
         ["research"],
     )
+    work.flush_liveness()  # liveness reaches the store in the coordinator's next flush
     car = work.store.get_vehicle("car-1")
     assert car is not None and (car.status, car.status_reason) == ("paused", "not_charging")
 

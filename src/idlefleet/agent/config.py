@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from idlefleet.protocol.messages import Hardware
+from idlefleet.protocol.seeds import nats_servers
 from idlefleet.protocol.subjects import is_valid_vehicle_id
 
 
@@ -15,6 +16,8 @@ class AgentConfig:
 
     vehicle_id: str
     nats_url: str
+    """One NATS URL or a comma-separated seed list (every node of a cluster: the agent fails
+    over between them)."""
     cache_dir: Path
     hardware: Hardware = field(
         default_factory=lambda: Hardware(accelerator="cpu", tops=1.0, memory_gb=4.0, power_w=65.0)
@@ -37,8 +40,7 @@ class AgentConfig:
             raise ValueError(
                 f"vehicle id {self.vehicle_id!r} must be 1-64 letters, digits, '_' or '-'"
             )
-        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ValueError(f"NATS URL {self.nats_url!r} must start with nats:// or tls://")
+        nats_servers(self.nats_url)  # raises ValueError naming the bad entry
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
         if not 1 <= self.chunk_requests <= self.max_unit_requests <= 10_000:

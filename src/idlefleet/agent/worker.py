@@ -59,6 +59,7 @@ from idlefleet.protocol.messages import (
     pack_vectors,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest, PolicyUpdate
+from idlefleet.protocol.seeds import nats_servers
 from idlefleet.protocol.subjects import Downlink, Uplink
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class VehicleAgent:
             task.add_done_callback(self._background.discard)
 
         self.nc = await nats.connect(
-            self.config.nats_url,
+            servers=nats_servers(self.config.nats_url),
             name=f"idlefleet-agent-{self.config.vehicle_id}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,

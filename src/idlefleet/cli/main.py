@@ -50,6 +50,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _nats_seeds(text: str) -> str:
+    from idlefleet.protocol.seeds import nats_servers
+
+    try:
+        nats_servers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idlefleet", description="Parked electric vehicles as an AI inference cloud."
@@ -82,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--sim-seed", type=whole(0), help="--fleet sim: the model's seed (default 0)")
     up.add_argument(
+        "--store",
+        help="the coordinators' store (default: SQLite in --data-dir); a postgresql:// URL lets "
+        "several replicas share it",
+    )
+    up.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        help="coordinator processes in one queue group (more than 1 needs --store postgresql://…)",
+    )
+    up.add_argument(
+        "--nats-cluster",
+        type=_positive_int,
+        default=1,
+        metavar="NODES",
+        help="nats-server nodes: 1 (default) or a routed cluster of 3 with clustered JetStream",
+    )
+    up.add_argument(
         "--sim-params",
         type=Path,
         help="--fleet sim: fleet-model parameters (JSON; default: the model's defaults with "
@@ -89,8 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     co = sub.add_parser("coordinator", help="run one coordinator replica")
-    co.add_argument("--nats-url", required=True)
-    co.add_argument("--store", default="sqlite:///.idlefleet/coordinator.db", help="store URL")
+    co.add_argument(
+        "--nats-url",
+        required=True,
+        type=_nats_seeds,
+        help="NATS URL, or every node of a cluster: nats://a:4222,nats://b:4222",
+    )
+    co.add_argument(
+        "--store",
+        default="sqlite:///.idlefleet/coordinator.db",
+        help="store URL: sqlite:///file.db (default) or postgresql://user@host/db (replicas)",
+    )
+    co.add_argument("--replica", default="", help="name of this replica (default: host-pid)")
     co.add_argument("--host", default="127.0.0.1")
     co.add_argument("--port", type=_port, default=8000)
     co.add_argument("--lease-seconds", type=_positive_float, default=30.0)
@@ -100,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-file-bytes", type=_positive_int, default=200 * 1024 * 1024, help="upload limit"
     )
     co.add_argument("--max-requests", type=_positive_int, default=50_000, help="per batch")
+    co.add_argument(
+        "--claim-seconds",
+        type=_positive_float,
+        default=30.0,
+        help="how long a replica's claim on a batch duty lasts unless renewed (default 30)",
+    )
 
     from idlefleet.cli.capacity import add_capacity_parser
     from idlefleet.cli.owner import add_owner_parser
@@ -110,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_capacity_parser(sub)
 
     ag = sub.add_parser("agent", help="run one vehicle agent")
-    ag.add_argument("--nats-url", required=True)
+    ag.add_argument(
+        "--nats-url",
+        required=True,
+        type=_nats_seeds,
+        help="NATS URL, or every node of a cluster (the agent fails over between them)",
+    )
     ag.add_argument("--vehicle-id", required=True)
     ag.add_argument("--cache-dir", type=Path, default=Path(".idlefleet/models"))
     ag.add_argument("--threads", type=_positive_int, default=1)
@@ -187,7 +236,12 @@ def _coordinator(args: argparse.Namespace) -> int:
         port=args.port,
         units=UnitPolicy(max_requests=args.max_unit, lease_seconds=args.lease_seconds),
         heartbeat_interval_s=args.heartbeat_seconds,
-        limits=BatchLimits(max_file_bytes=args.max_file_bytes, max_requests=args.max_requests),
+        limits=BatchLimits(
+            max_file_bytes=args.max_file_bytes,
+            max_requests=args.max_requests,
+            claim_seconds=args.claim_seconds,
+        ),
+        replica=args.replica,
     )
     asyncio.run(run_coordinator(config))
     return 0

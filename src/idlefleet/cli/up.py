@@ -36,6 +36,9 @@ def run_up(args: argparse.Namespace) -> int:
         port = 0 if args.demo else DEFAULT_PORT
     if port and not _port_free(args.host, port):
         raise ValueError(f"port {port} on {args.host} is in use; pick another with --port")
+    store = _checked_store(args.store, args.replicas)
+    if args.nats_cluster == 2:
+        raise ValueError("--nats-cluster 2 cannot survive losing a node; use 1 or 3 (or more)")
     options = FleetOptions(
         data_dir=args.data_dir.resolve(),
         agents=args.agents,
@@ -43,6 +46,9 @@ def run_up(args: argparse.Namespace) -> int:
         host=args.host,
         port=port,
         lease_seconds=args.lease_seconds,
+        store_url=store,
+        replicas=args.replicas,
+        nats_nodes=args.nats_cluster,
     )
     if args.fleet == "sim":
         options.fleet = "sim"
@@ -52,11 +58,18 @@ def run_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     fleet = EmbeddedFleet(options)
-    print(f"idlefleet: starting nats-server, coordinator and {args.agents} agents …", flush=True)
+    print(
+        f"idlefleet: starting {_plural(args.nats_cluster, 'nats-server')}, "
+        f"{_plural(args.replicas, 'coordinator')} and {args.agents} agents …",
+        flush=True,
+    )
     try:
         fleet.start()
         print(f"idlefleet: NATS        {fleet.nats_url}")
-        print(f"idlefleet: OpenAI API  {fleet.base_url}/v1   (docs: {fleet.base_url}/docs)")
+        print(f"idlefleet: store       {_redacted(fleet.store_url)}")
+        for index in range(args.replicas):
+            url = fleet.replica_url(index)
+            print(f"idlefleet: OpenAI API  {url}/v1   (docs: {url}/docs)")
         print(f"idlefleet: vehicles    {', '.join(fleet.online_vehicles())}", flush=True)
         days = options.sim_params.days if options.sim_params else 0
         for car in fleet.sim_cars:
@@ -79,6 +92,34 @@ def run_up(args: argparse.Namespace) -> int:
         print("idlefleet: stopping agents, coordinator, nats-server …", flush=True)
         fleet.stop()
         print("idlefleet: stopped", flush=True)
+
+
+def _checked_store(url: str | None, replicas: int) -> str | None:
+    """The ``--store`` URL, refused before anything starts if replicas could not share it."""
+    if url is None:
+        if replicas > 1:
+            raise ValueError(
+                "--replicas above 1 needs a shared store: --store postgresql://user@host/db"
+            )
+        return None
+    from idlefleet.coordinator.store import open_store
+
+    open_store(url).close()  # fails now, with the reason, rather than in N child processes
+    return url
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for printing."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def _plural(n: int, thing: str) -> str:
+    return f"{n} {thing}s" if n != 1 else f"1 {thing}"
 
 
 def _demo(fleet: EmbeddedFleet, n: int) -> int:

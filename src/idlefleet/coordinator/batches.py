@@ -2,18 +2,24 @@
 
 Status machine (as OpenAI's): ``validating`` → ``in_progress`` → ``finalizing`` → ``completed``;
 ``validating`` → ``failed`` when the input file itself is bad; ``in_progress`` → ``cancelling``
-→ ``cancelled``; past the completion window → ``expired``. Every transition is a
-compare-and-set in the store, so with several coordinator replicas exactly one performs it, and
-every step can be re-run after a crash (:meth:`BatchService.recover`), so a restart loses no
-accepted batch.
+→ ``cancelled``; past the completion window → ``expired``.
+
+Several coordinator replicas run this code on one store. Every transition is a compare-and-set
+in the store, and every duty that takes more than one step (validating a file, writing the
+output files of a finished, cancelled or expired batch) is done under a batch *claim*
+(:meth:`Store.claim_batch`): one attempt at a time holds it, renews it while it works, and ends
+it with :meth:`Store.finish_batch`, which succeeds only for the holder and keeps exactly the
+output files it names. If the holder dies, its claim runs out (``claim_seconds``) and the
+sweeper of any replica takes the duty over from the start (:meth:`BatchService.sweep`), so
+neither a crash nor a race loses a batch or leaves it with two sets of output files.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
@@ -46,6 +52,9 @@ class BatchLimits:
     max_file_bytes: int = 200 * 1024 * 1024
     max_requests: int = 50_000
     max_metadata_pairs: int = 16
+    claim_seconds: float = 30.0
+    """How long a claim on a batch duty lasts unless renewed; a dead replica's duty is taken
+    over this long after its last renewal."""
 
 
 class BatchService:
@@ -56,10 +65,21 @@ class BatchService:
         store: Store,
         limits: BatchLimits | None = None,
         clock: Callable[[], float] = time.time,
+        replica: str = "coordinator",
     ) -> None:
         self.store = store
         self.limits = limits or BatchLimits()
         self.clock = clock
+        self.replica = replica
+        """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
+
+    def _claim(self, batch_id: str, expect: list[str], **changes: Any) -> str | None:
+        """Claim a duty on the batch for a new attempt; its owner id, or None if taken."""
+        owner = f"{self.replica}/{uuid.uuid4().hex[:12]}"
+        claimed = self.store.claim_batch(
+            batch_id, expect, owner, self.clock(), self.limits.claim_seconds, **changes
+        )
+        return owner if claimed is not None else None
 
     # -- files ---------------------------------------------------------------------------------
     def check_upload(self, purpose: str, size: int) -> None:
@@ -179,9 +199,17 @@ class BatchService:
         return page[:limit], len(page) > limit
 
     def validate(self, batch_id: str) -> BatchRecord:
-        """Parse the input file: requests go to the queue, or the batch fails with ``errors``."""
+        """Parse the input file: requests go to the queue, or the batch fails with ``errors``.
+
+        Under a claim, so that of several replicas only one validates a batch; one that finds
+        it claimed returns the batch as it is (the claim's holder, or after it dies the
+        sweeper, finishes the job).
+        """
         batch = self.get_batch(batch_id)
         if batch.status != "validating":
+            return batch
+        owner = self._claim(batch_id, ["validating"])
+        if owner is None:
             return batch
         data = b"".join(self.store.read_file(batch.input_file_id))
         try:
@@ -199,20 +227,22 @@ class BatchService:
             ]
         now = int(self.clock())
         if errors:
-            updated = self.store.update_batch(
+            updated = self.store.finish_batch(
                 batch_id,
                 ["validating"],
+                owner,
                 status="failed",
                 failed_at=now,
                 errors={"object": "list", "data": errors},
             )
             return updated or self.get_batch(batch_id)
+        # An attempt that died after this step left the requests in place (it is atomic).
         if self.store.request_counts(batch_id).total == 0:
             self.store.add_requests(
                 batch_id, (_new_request(i, r) for i, r in enumerate(parsed.requests))
             )
-        updated = self.store.update_batch(
-            batch_id, ["validating"], status="in_progress", in_progress_at=now
+        updated = self.store.finish_batch(
+            batch_id, ["validating"], owner, status="in_progress", in_progress_at=now
         )
         batch = updated or self.get_batch(batch_id)
         self.maybe_finalize(batch_id)
@@ -244,34 +274,40 @@ class BatchService:
             return
         now = int(self.clock())
         if batch.status == "in_progress" and batch.request_counts.unfinished == 0:
-            if self.store.update_batch(
-                batch_id, ["in_progress"], status="finalizing", finalizing_at=now
-            ):
-                self._write_results(batch_id, "completed", completed_at=int(self.clock()))
+            owner = self._claim(batch_id, ["in_progress"], status="finalizing", finalizing_at=now)
+            if owner is not None:
+                self._write_results(batch_id, owner, "completed", completed_at=int(self.clock()))
         elif batch.status == "cancelling" and self.store.active_lease_count(batch_id) == 0:
-            self.store.abandon_unfinished(
-                batch_id,
-                400,
-                _error_body("batch_cancelled", "This request was cancelled with its batch."),
-            )
-            self._write_results(batch_id, "cancelled", cancelled_at=now)
+            owner = self._claim(batch_id, ["cancelling"])
+            if owner is not None:
+                self.store.abandon_unfinished(
+                    batch_id,
+                    400,
+                    _error_body("batch_cancelled", "This request was cancelled with its batch."),
+                )
+                self._write_results(batch_id, owner, "cancelled", cancelled_at=now)
 
     def expire(self, batch_id: str) -> None:
         """Close a batch whose completion window has passed; unfinished requests are errors."""
-        now = int(self.clock())
-        if self.store.update_batch(batch_id, ["in_progress", "validating"], status="finalizing"):
-            self.store.abandon_unfinished(
-                batch_id,
-                400,
-                _error_body(
-                    "batch_expired",
-                    "This request could not be executed before the completion window expired.",
-                ),
-            )
-            self._write_results(batch_id, "expired", expired_at=now)
+        owner = self._claim(batch_id, ["in_progress", "validating"], status="finalizing")
+        if owner is not None:
+            self._expire_claimed(batch_id, owner)
+
+    def _expire_claimed(self, batch_id: str, owner: str) -> None:
+        self.store.abandon_unfinished(
+            batch_id,
+            400,
+            _error_body(
+                "batch_expired",
+                "This request could not be executed before the completion window expired.",
+            ),
+        )
+        self._write_results(batch_id, owner, "expired", expired_at=int(self.clock()))
 
     def sweep(self) -> int:
-        """Periodic upkeep: expire leases, expire overdue batches, resume interrupted steps.
+        """Periodic upkeep, safe on every replica at once: expire leases and overdue batches,
+        finish batches whose work is over, and take over duties whose claim ran out (a replica
+        died validating or finalising; at start-up this is the recovery after a crash).
 
         Returns how many requests expired leases put back in the queue.
         """
@@ -279,56 +315,77 @@ class BatchService:
         returned = self.store.expire_leases(now)
         for batch in self.store.batches_with_status(["in_progress", "validating"]):
             if batch.expires_at <= now:
-                self.expire(batch.id)
+                self._safely(batch.id, self.expire)
         for batch in self.store.batches_with_status(["cancelling", "in_progress"]):
-            self.maybe_finalize(batch.id)
+            self._safely(batch.id, self.maybe_finalize)
+        for batch in self.store.batches_with_status(["validating"]):
+            self._safely(batch.id, self.validate)
+        for batch in self.store.batches_with_status(["finalizing"]):
+            self._safely(batch.id, self._resume_finalizing)
         return returned
 
     def recover(self) -> None:
-        """After a restart: redo validation and finalisation that a crash interrupted."""
-        for batch in self.store.batches_with_status(["validating"]):
-            self._safely(batch.id, functools.partial(self.validate, batch.id))
-        for batch in self.store.batches_with_status(["finalizing"]):
-            if batch.expired_at or batch.expires_at <= self.clock():
-                stamps = {"expired_at": int(self.clock())}
-                end = "expired"
-            else:
-                stamps = {"completed_at": int(self.clock())}
-                end = "completed"
-            self._safely(batch.id, functools.partial(self._write_results, batch.id, end, **stamps))
+        """After a restart: redo what a crash interrupted, once the dead attempt's claim is out."""
+        self.sweep()
+
+    def _resume_finalizing(self, batch_id: str) -> None:
+        owner = self._claim(batch_id, ["finalizing"])
+        if owner is None:
+            return  # a live attempt holds it
+        batch = self.get_batch(batch_id)
+        if batch.expires_at <= self.clock() and batch.request_counts.unfinished:
+            self._expire_claimed(batch_id, owner)
+        else:
+            self._write_results(batch_id, owner, "completed", completed_at=int(self.clock()))
 
     @staticmethod
-    def _safely(batch_id: str, step: Callable[[], Any]) -> None:
+    def _safely(batch_id: str, step: Callable[[str], Any]) -> None:
         try:
-            step()
-        except Exception:  # one broken batch must not stop recovery of the others
-            log.exception("recovery of batch %s failed", batch_id)
+            step(batch_id)
+        except Exception:  # one broken batch must not stop the upkeep of the others
+            log.exception("upkeep of batch %s failed", batch_id)
 
-    def _write_results(self, batch_id: str, final_status: str, **stamps: int) -> None:
-        """Write the output and error files, then set the final status (idempotent)."""
-        batch = self.get_batch(batch_id)
-        for old in (batch.output_file_id, batch.error_file_id):
-            if old:
-                self.store.delete_file(old)
+    def _write_results(self, batch_id: str, owner: str, final_status: str, **stamps: int) -> None:
+        """Write the output and error files, then set the final status, under ``owner``'s claim.
+
+        If the claim was lost meanwhile (this attempt stalled past ``claim_seconds`` and
+        another took over), the files written here are deleted again and nothing changes.
+        """
         output_id = error_id = None
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            n_out, n_err = self._render(batch_id, out, err)
+            n_out, n_err = self._render(batch_id, out, err, owner)
             if n_out:
-                output_id = self._store_spool(out, f"{batch_id}_output.jsonl")
+                output_id = self._store_spool(out, f"{batch_id}_output.jsonl", batch_id)
             if n_err:
-                error_id = self._store_spool(err, f"{batch_id}_error.jsonl")
-        self.store.update_batch(
+                error_id = self._store_spool(err, f"{batch_id}_error.jsonl", batch_id)
+        done = self.store.finish_batch(
             batch_id,
             ["finalizing", "cancelling"],
+            owner,
             status=final_status,
             output_file_id=output_id,
             error_file_id=error_id,
             **stamps,
         )
+        if done is None:
+            log.warning("lost the claim on %s while writing its results; discarding", batch_id)
+            for file_id in (output_id, error_id):
+                if file_id:
+                    self.store.delete_file(file_id)
 
-    def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO) -> tuple[int, int]:
+    def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str) -> tuple[int, int]:
         n_out = n_err = 0
+        renew_at = time.monotonic() + self.limits.claim_seconds / 3
         for req in self.store.iter_requests(batch_id):
+            if time.monotonic() >= renew_at:  # a long batch: keep the claim alive
+                self.store.claim_batch(
+                    batch_id,
+                    ["finalizing", "cancelling"],
+                    owner,
+                    self.clock(),
+                    self.limits.claim_seconds,
+                )
+                renew_at = time.monotonic() + self.limits.claim_seconds / 3
             request_id = derived_id("batch_req_", batch_id, req.seq)
             if req.state == "done" and req.body is not None:
                 response_id = derived_id("", batch_id, req.seq, "response")
@@ -355,7 +412,7 @@ class BatchService:
                 n_err += 1
         return n_out, n_err
 
-    def _store_spool(self, spool: BinaryIO, filename: str) -> str:
+    def _store_spool(self, spool: BinaryIO, filename: str, batch_id: str) -> str:
         size = spool.tell()
         spool.seek(0)
         record = FileRecord(
@@ -364,6 +421,7 @@ class BatchService:
             filename=filename,
             bytes=size,
             created_at=int(self.clock()),
+            batch_id=batch_id,
         )
         self.store.put_file(record, iter(lambda: spool.read(1024 * 1024), b""))
         return record.id

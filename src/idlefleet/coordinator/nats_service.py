@@ -1,10 +1,22 @@
-"""The coordinator's NATS edge: uplink subscriptions, long-polled work, online requests.
+"""The coordinator's NATS edge: uplink subscriptions, dispatch, online requests, policy pushes.
 
-Decodes every message from a vehicle with :func:`idlefleet.protocol.codec.decode` (untrusted
-input: a bad message gets an error reply and changes nothing), runs the matching
-:class:`~idlefleet.coordinator.work.WorkService` method in a worker thread (the store blocks),
-and replies. Replicas share the uplink subjects through one queue group. It also pushes a
-changed owner policy to its car (:meth:`CoordinatorNats.push_policy`).
+One subscription per uplink verb (all replicas in one queue group), so a slow kind of message
+never queues another kind behind it. Every message is admitted in the same order: its subject
+names a valid car id, the car is within its message budget (:mod:`ratelimit`), the payload
+decodes into exactly the expected message (:func:`idlefleet.protocol.codec.decode`); a message
+that fails any step is answered with an error that says why, counted (:class:`EdgeStats`), and
+changes nothing. Then, by verb:
+
+* heartbeat: answered from memory (:meth:`WorkService.heartbeat_cached`), in the callback;
+  only the first message of a car this replica has not seen reads the store.
+* work: handed to the :class:`~idlefleet.coordinator.dispatch.Dispatcher` (parked or leased
+  in a round); the callback returns at once.
+* results, register: queued for a :class:`~idlefleet.coordinator.batching.BatchRunner`, one
+  transaction for everything that arrived meanwhile.
+* release, policy: rare; each runs in a worker thread.
+
+Nothing a car sends can make the coordinator block its event loop or retry for ever: store
+work happens in threads, slow paths are bounded (``max_slow``) and refused beyond that.
 """
 
 from __future__ import annotations
@@ -14,16 +26,22 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import nats
 import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from idlefleet.coordinator.batching import BatchRunner
+from idlefleet.coordinator.dispatch import Dispatcher
 from idlefleet.coordinator.errors import ServiceUnavailable
+from idlefleet.coordinator.ratelimit import RateLimit, TokenBuckets
 from idlefleet.coordinator.work import WorkService
+from idlefleet.models.catalog import MODELS
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
@@ -34,7 +52,6 @@ from idlefleet.protocol.messages import (
     RegisterReply,
     RegisterRequest,
     Release,
-    ReleaseAck,
     ResultAck,
     ResultChunk,
     WireError,
@@ -47,45 +64,313 @@ from idlefleet.protocol.subjects import Downlink, Uplink
 
 log = logging.getLogger(__name__)
 
-_MAX_CONCURRENT = 64
 POLICY_PUSH_TIMEOUT_S = 1.0
 """How long a policy push waits for the car's answer; a car that misses it catches up through
 the policy version in its next heartbeat's ack."""
+
+M = TypeVar("M", bound=WireModel)
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one car may send, and how much slow-path work may be in flight."""
+
+    per_car: RateLimit = field(default_factory=RateLimit)
+    max_slow: int = 256
+    """Store reads for cars not yet seen here, plus releases and policy fetches, in flight."""
+    round_size: int = 128
+    """Work requests leased in one store transaction."""
+    recheck_s: float = 2.0
+    """How long a kind of car found without work is parked without asking the store again."""
+
+
+class EdgeStats:
+    """Counters of what this replica's edge received and refused (``/fleet/dispatch``)."""
+
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"received": dict(self.received), "refused": dict(self.refused)}
 
 
 class CoordinatorNats:
     """Serves the work protocol for one coordinator replica."""
 
-    def __init__(self, nc: Client, work: WorkService) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        work: WorkService,
+        limits: EdgeLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.nc = nc
         self.work = work
-        self._work_available = asyncio.Event()
-        self._slots = asyncio.Semaphore(_MAX_CONCURRENT)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._routes: dict[Uplink, tuple[type[WireModel], type[WireModel], Callable[..., Any]]] = {
-            Uplink.REGISTER: (RegisterRequest, RegisterReply, work.register),
-            Uplink.HEARTBEAT: (Heartbeat, Ack, work.heartbeat),
-            Uplink.WORK: (WorkRequest, WorkGrant, work.work),
-            Uplink.RESULTS: (ResultChunk, ResultAck, work.results),
-            Uplink.RELEASE: (Release, ReleaseAck, self._release),
-            Uplink.POLICY: (PolicyRequest, PolicyUpdate, work.policy),
-        }
+        self.limits = limits or EdgeLimits()
+        self.clock = clock
+        self.stats = EdgeStats()
+        self._buckets = TokenBuckets(self.limits.per_car)
+        self._slow = 0
+        self.dispatcher = Dispatcher(
+            work.lease_for,
+            self._kind_of,
+            round_size=self.limits.round_size,
+            recheck_s=self.limits.recheck_s,
+        )
+        self.results = BatchRunner[tuple[str, ResultChunk], ResultAck](
+            "results", self._commit, lambda _, exc: _error(ResultAck, "internal", _failure(exc))
+        )
+        self.registrations = BatchRunner[tuple[str, RegisterRequest], RegisterReply](
+            "register",
+            work.register_many,
+            lambda _, exc: RegisterReply(
+                accepted=False, error=WireError(code="internal", message=_failure(exc))
+            ),
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._finalizing: set[str] = set()
+        self.on_work_returned: Callable[[], Awaitable[None]] | None = None
 
+    # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for verb in self._routes:
+        handlers: dict[Uplink, Callable[[Msg], Awaitable[None]]] = {
+            Uplink.REGISTER: self._on_register,
+            Uplink.HEARTBEAT: self._on_heartbeat,
+            Uplink.WORK: self._on_work,
+            Uplink.RESULTS: self._on_results,
+            Uplink.RELEASE: self._on_release,
+            Uplink.POLICY: self._on_policy,
+        }
+        for verb, handler in handlers.items():
             await self.nc.subscribe(
-                subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=self._spawn
+                subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=handler
             )
         await self.nc.subscribe(subjects.WORK_AVAILABLE, cb=self._on_work_available)
+        for runner in (self.dispatcher.run(), self.results.run(), self.registrations.run()):
+            self._spawn(runner)
 
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the edge is doing now, for operators."""
+        return {
+            **self.stats.as_dict(),
+            "parked_work_requests": self.dispatcher.parked,
+            "dispatch_rounds": self.dispatcher.rounds,
+            "dispatch_asks": self.dispatcher.asked,
+            "dispatch_busy_s": round(self.dispatcher.busy_s, 3),
+            "leases": self.dispatcher.leased,
+            "result_batches": self.results.batches,
+            "result_chunks": self.results.items,
+            "result_busy_s": round(self.results.busy_s, 3),
+            "registrations": self.registrations.items,
+            "cars_known": len(self.work.registry),
+            "slow_in_flight": self._slow,
+        }
+
+    def forget_idle_budgets(self) -> None:
+        self._buckets.forget_idle(self.clock())
+
+    # -- announcements -------------------------------------------------------------------------
     async def announce_work(self) -> None:
-        """Tell every replica (and so every long-polling vehicle) that work entered the queue."""
-        await self.nc.publish(subjects.WORK_AVAILABLE, b"")
+        """Tell every replica (and so every long-polling car) that work entered the queue."""
+        try:
+            await self.nc.publish(subjects.WORK_AVAILABLE, b"")
+        except nats.errors.Error as exc:  # the replicas' recheck covers a lost announcement
+            log.warning("announcing work failed: %s", exc)
 
     async def _on_work_available(self, _msg: Msg) -> None:
-        self._work_available.set()
+        self.dispatcher.work_available()
 
+    def work_returned(self) -> None:
+        """Thread-safe: requests went back to the queue, wake the long polls of every replica."""
+        self._loop.call_soon_threadsafe(lambda: self._spawn(self.announce_work()))
+
+    # -- admission -----------------------------------------------------------------------------
+    async def _admit(self, msg: Msg, verb: Uplink, kind: type[M]) -> tuple[str, M] | None:
+        """The car and its message, or None after answering why not."""
+        self.stats.received[verb.value] += 1
+        try:
+            vehicle_id, _ = subjects.parse_uplink(msg.subject)
+        except ValueError as exc:
+            await self._refuse(msg, "bad_subject", str(exc))
+            return None
+        if not self._buckets.allow(vehicle_id, self.clock()):
+            await self._refuse(
+                msg,
+                "rate_limited",
+                f"vehicle {vehicle_id} sends more than {self.limits.per_car.per_second:g} "
+                "messages/s; slow down",
+            )
+            return None
+        try:
+            return vehicle_id, decode(kind, msg.data)
+        except ProtocolError as exc:
+            await self._refuse(msg, "bad_message", str(exc))
+            return None
+
+    async def _refuse(self, msg: Msg, code: str, message: str) -> None:
+        self.stats.refused[code] += 1
+        if msg.reply:
+            await self._reply(msg, _error_bytes(code, message))
+
+    def _slow_path(self, msg: Msg, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` as a task, unless too many already run (then refuse: overloaded)."""
+        if self._slow >= self.limits.max_slow:
+            self._spawn(self._refuse(msg, "overloaded", "the coordinator is busy; retry"))
+            return
+
+        async def bounded() -> None:
+            self._slow += 1
+            try:
+                await work()
+            except Exception as exc:
+                log.exception("handling %s failed", msg.subject)
+                await self._refuse(msg, "internal", _failure(exc))
+            finally:
+                self._slow -= 1
+
+        self._spawn(bounded())
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.HEARTBEAT, Heartbeat)
+        if admitted is None:
+            return
+        vehicle_id, beat = admitted
+        ack = self.work.heartbeat_cached(vehicle_id, beat)
+        if ack is not None:
+            await self._answer(msg, ack)
+            return
+
+        async def slow() -> None:
+            await self._answer(msg, await asyncio.to_thread(self.work.heartbeat, vehicle_id, beat))
+
+        self._slow_path(msg, slow)
+
+    async def _on_work(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.WORK, WorkRequest)
+        if admitted is None:
+            return
+        vehicle_id, request = admitted
+
+        async def answer(grant: WorkGrant) -> None:
+            if grant.error is not None:
+                self.stats.refused[grant.error.code] += 1
+            await self._answer(msg, grant)
+
+        registered = self.work.known_state(vehicle_id)
+        if registered:
+            self.dispatcher.submit(vehicle_id, request, answer)
+            return
+        if registered is False:
+            await answer(WorkGrant(error=_not_registered(vehicle_id)))
+            return
+
+        async def look_up() -> None:
+            if await asyncio.to_thread(self.work.is_registered, vehicle_id):
+                self.dispatcher.submit(vehicle_id, request, answer)
+            else:
+                await answer(WorkGrant(error=_not_registered(vehicle_id)))
+
+        self._slow_path(msg, look_up)
+
+    async def _on_results(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.RESULTS, ResultChunk)
+        if admitted is not None:
+            self.results.submit(admitted, self._answerer(msg))
+
+    async def _on_register(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.REGISTER, RegisterRequest)
+        if admitted is not None:
+            self.registrations.submit(admitted, self._answerer(msg))
+
+    async def _on_release(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.RELEASE, Release)
+        if admitted is None:
+            return
+        vehicle_id, release = admitted
+
+        async def slow() -> None:
+            ack = await asyncio.to_thread(self.work.release, vehicle_id, release)
+            await self._answer(msg, ack)
+            if ack.released:
+                await self.announce_work()
+
+        self._slow_path(msg, slow)
+
+    async def _on_policy(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.POLICY, PolicyRequest)
+        if admitted is None:
+            return
+        vehicle_id, request = admitted
+
+        async def slow() -> None:
+            await self._answer(msg, await asyncio.to_thread(self.work.policy, vehicle_id, request))
+
+        self._slow_path(msg, slow)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _kind_of(self, vehicle_id: str, request: WorkRequest) -> Hashable:
+        """Cars of one kind get the same answer from the store: same models, same consent."""
+        known = self.work.owners.cached(vehicle_id)
+        if known is None or not known.policy.opted_in:
+            return ("car", vehicle_id)  # unknown or refused: never grouped, always asked
+        policy = known.policy
+        models = tuple(sorted(m for m in request.models if m in MODELS))
+        return (models, tuple(sorted(policy.purposes)), tuple(sorted(policy.data_regions)))
+
+    def _commit(self, chunks: list[tuple[str, ResultChunk]]) -> Sequence[ResultAck]:
+        """Worker thread: commit a batch of chunks; finalisation checks go off this path."""
+        acks, ended = self.work.results_many(chunks)
+        if ended:
+            self._loop.call_soon_threadsafe(self.finalize_soon, ended)
+        if any(msg.failed_seqs for _, msg in chunks):
+            self.work_returned()
+        return acks
+
+    def finalize_soon(self, batch_ids: set[str]) -> None:
+        """Check these batches for their end, each once at a time, in worker threads."""
+        for batch_id in batch_ids - self._finalizing:
+            self._finalizing.add(batch_id)
+
+            async def check(batch_id: str = batch_id) -> None:
+                try:
+                    await asyncio.to_thread(self.work.batches.maybe_finalize, batch_id)
+                except Exception:  # the sweeper retries every second
+                    log.exception("finalising %s failed", batch_id)
+                finally:
+                    self._finalizing.discard(batch_id)
+
+            self._spawn(check())
+
+    def _answerer(self, msg: Msg) -> Callable[[Any], Awaitable[None]]:
+        async def answer(reply: WireModel) -> None:
+            await self._answer(msg, reply)
+
+        return answer
+
+    async def _answer(self, msg: Msg, reply: WireModel) -> None:
+        if msg.reply:
+            await self._reply(msg, encode(reply))
+
+    async def _reply(self, msg: Msg, data: bytes) -> None:
+        try:
+            await msg.respond(data)
+        except nats.errors.Error as exc:  # the car retries; nothing here can do better
+            log.info("reply on %s lost: %s", msg.subject, exc)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- downlink ------------------------------------------------------------------------------
     async def push_policy(self, vehicle_id: str, update: PolicyUpdate) -> bool:
         """Send the car its owner's new policy at once; True if the car acknowledged it.
 
@@ -114,65 +399,25 @@ class CoordinatorNats:
             log.warning("car %s refused policy %d: %s", vehicle_id, update.version, ack.error)
         return ack.ok
 
-    def work_returned(self) -> None:
-        """Thread-safe: requests went back to the queue, wake the long polls of every replica."""
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.announce_work()))
 
-    def _release(self, vehicle_id: str, msg: Release) -> ReleaseAck:
-        ack = self.work.release(vehicle_id, msg)
-        if ack.released:
-            self.work_returned()
-        return ack
-
-    async def _spawn(self, msg: Msg) -> None:
-        # One task per message, so a long-polled work request does not hold up the others.
-        task = asyncio.create_task(self._handle(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, msg: Msg) -> None:
-        async with self._slots:
-            try:
-                vehicle_id, verb = subjects.parse_uplink(msg.subject)
-            except ValueError:
-                return  # a subject outside the protocol: nothing to answer to
-            request_type, reply_type, handler = self._routes[verb]
-            reply: WireModel | bytes
-            try:
-                request = decode(request_type, msg.data)
-                if isinstance(request, WorkRequest):
-                    reply = await self._long_poll(vehicle_id, request)
-                else:
-                    reply = await asyncio.to_thread(handler, vehicle_id, request)
-            except ProtocolError as exc:
-                reply = _error_reply(reply_type, "bad_message", str(exc))
-            except Exception:
-                log.exception("%s from %s failed", verb.value, vehicle_id)
-                reply = _error_reply(reply_type, "internal", "the coordinator failed; retry")
-            if msg.reply:
-                await msg.respond(reply if isinstance(reply, bytes) else encode(reply))
-
-    async def _long_poll(self, vehicle_id: str, request: WorkRequest) -> WorkGrant:
-        deadline = time.monotonic() + request.wait_s
-        while True:
-            self._work_available.clear()
-            grant = await asyncio.to_thread(self.work.work, vehicle_id, request)
-            remaining = deadline - time.monotonic()
-            if grant.lease_id is not None or grant.error is not None or remaining <= 0:
-                return grant
-            try:
-                await asyncio.wait_for(self._work_available.wait(), timeout=remaining)
-            except TimeoutError:
-                return await asyncio.to_thread(self.work.work, vehicle_id, request)
+def _failure(exc: BaseException) -> str:
+    return f"the coordinator failed ({type(exc).__name__}); retry"
 
 
-def _error_reply(reply_type: type[WireModel], code: str, message: str) -> WireModel | bytes:
+def _error(reply_type: type[M], code: str, message: str) -> M:
+    return reply_type.model_validate({"error": WireError(code=code, message=message[:2000])})
+
+
+def _error_bytes(code: str, message: str) -> bytes:
+    # Every reply type has an optional ``error`` but PolicyUpdate, whose version and policy are
+    # required; ``{"error": …}`` alone is therefore a valid error reply to any request, and a
+    # car cannot mistake it for a policy.
     error = WireError(code=code, message=message[:2000])
-    if "error" in reply_type.model_fields:
-        return reply_type.model_validate({"error": error})
-    # PolicyUpdate has no ``error`` field (its version and policy are required), so the error
-    # goes out in the same ``{"error": ...}`` shape; the car cannot mistake it for a policy.
     return b'{"error":' + error.model_dump_json().encode() + b"}"
+
+
+def _not_registered(vehicle_id: str) -> WireError:
+    return WireError(code="not_registered", message=f"vehicle {vehicle_id} must register first")
 
 
 class OnlineRouter:
@@ -185,9 +430,8 @@ class OnlineRouter:
         self._rr = itertools.count()
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        vehicles = await asyncio.to_thread(self.work.active_vehicles)
         # A paused car (driving, opted out, battery low) would only refuse: ask it never.
-        candidates = [v.id for v in vehicles if model in v.models and v.status != "paused"]
+        candidates = self.work.online(model)
         if not candidates:
             raise ServiceUnavailable(
                 f"No vehicle serving model '{model}' is available right now; retry later.",

@@ -170,16 +170,22 @@ def embedding_response(
         raise ValueError(
             f"vectors of shape {matrix.shape} do not match {len(token_counts)} token counts"
         )
+    rows = _encoded_rows(matrix, encoding_format)
+    return _embedding_body(job_model, rows, int(sum(token_counts)))
+
+
+def _encoded_rows(matrix: npt.NDArray[np.float32], encoding_format: str) -> list[Any]:
     if encoding_format == "float":
-        rows: list[Any] = shortest_float32(matrix).tolist()
-    elif encoding_format == "base64":
+        return list(shortest_float32(matrix).tolist())
+    if encoding_format == "base64":
         if not np.isfinite(matrix).all():
             raise ValueError("embedding contains NaN or infinity")
         little = np.ascontiguousarray(matrix, dtype="<f4")
-        rows = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
-    else:
-        raise ValueError(f"unknown encoding_format {encoding_format!r}")
-    tokens = int(sum(token_counts))
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+    raise ValueError(f"unknown encoding_format {encoding_format!r}")
+
+
+def _embedding_body(job_model: str, rows: Sequence[Any], tokens: int) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
@@ -199,6 +205,33 @@ def embedding_body_json(
 ) -> bytes:
     """:func:`embedding_response` as compact UTF-8 JSON, ready for :func:`output_line_json`."""
     return _jsonl(embedding_response(job_model, vectors, token_counts, encoding_format))[:-1]
+
+
+def embedding_bodies_json(
+    job_model: str,
+    vectors: npt.NDArray[np.float32],
+    vector_counts: Sequence[int],
+    token_counts: Sequence[int],
+    encoding_formats: Sequence[str],
+) -> list[bytes]:
+    """The response bodies of several requests whose vectors lie one after another in
+    ``vectors`` (request ``i`` has ``vector_counts[i]`` rows and ``token_counts[i]`` tokens).
+
+    Each body is what :func:`embedding_body_json` gives for its rows; the rows of every
+    encoding are converted in one numpy pass for the whole chunk, which is most of the cost.
+    """
+    if len(vector_counts) != len(token_counts) or len(vector_counts) != len(encoding_formats):
+        raise ValueError("vector_counts, token_counts and encoding_formats differ in length")
+    if sum(vector_counts) != len(vectors):
+        raise ValueError(f"{len(vectors)} vectors for {sum(vector_counts)} counted")
+    encoded = {fmt: _encoded_rows(vectors, fmt) for fmt in set(encoding_formats)}
+    bodies = []
+    row = 0
+    for n, tokens, fmt in zip(vector_counts, token_counts, encoding_formats, strict=True):
+        body = _embedding_body(job_model, encoded[fmt][row : row + n], int(tokens))
+        bodies.append(_jsonl(body)[:-1])
+        row += n
+    return bodies
 
 
 def output_line_json(

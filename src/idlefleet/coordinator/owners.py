@@ -8,7 +8,11 @@ policy (charging, state-of-charge floor, hours, ...) is enforced by the car's po
 which gets every new version pushed to it (see ``nats_service.push_policy``).
 
 No I/O but the store. Parsed policies are cached per vehicle by version: a version never
-changes once written, so the cache cannot go stale, only behind (and a store read tells).
+changes once written, so the cache cannot go stale, only behind. Where being behind for a
+moment is harmless (the version a heartbeat's ack carries) the cache answers alone
+(:meth:`OwnerService.cached_version`); it is kept up with the store by :meth:`catch_up`, which
+the coordinator calls every second for the versions other replicas appended. Where it matters
+(leasing) the store is read (:meth:`OwnerService.refresh`, one query for many cars).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
 
 MAX_ACTOR_CHARS = 128
 _CAS_ATTEMPTS = 5
+_DEFAULT = OwnerPolicy()
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,39 @@ class OwnerService:
         return self._parse(self.store.current_policy(vehicle_id), vehicle_id)
 
     def current_version(self, vehicle_id: str) -> int:
-        record = self.store.current_policy(vehicle_id)
-        return record.version if record else 0
+        return self.current(vehicle_id).version
+
+    def cached(self, vehicle_id: str) -> PolicyVersion | None:
+        """The newest policy this replica knows for the car, without a store read."""
+        with self._lock:
+            return self._parsed.get(vehicle_id)
+
+    def cached_version(self, vehicle_id: str) -> int | None:
+        """The newest version this replica knows of, without a store read (None: none known)."""
+        with self._lock:
+            cached = self._parsed.get(vehicle_id)
+        return None if cached is None else cached.version
+
+    def refresh(self, vehicle_ids: Sequence[str]) -> dict[str, PolicyVersion]:
+        """The current policies of these cars, read from the store in one query."""
+        records = self.store.current_policies(set(vehicle_ids))
+        return {vid: self._parse(records.get(vid), vid) for vid in vehicle_ids}
+
+    def versions(self, vehicle_ids: Sequence[str]) -> dict[str, int]:
+        """Current version per car (0: none), read from the store in one query."""
+        return {vid: p.version for vid, p in self.refresh(vehicle_ids).items()}
+
+    def catch_up(self, since: float) -> float:
+        """Take in the versions appended since ``since`` (by any replica).
+
+        Returns the newest ``created_at`` seen (or ``since``), for the next call; callers pass
+        a little less than that, since replicas' clocks and commits interleave.
+        """
+        newest = since
+        for record in self.store.policies_since(since):
+            self._parse(record, record.vehicle_id)
+            newest = max(newest, record.created_at)
+        return newest
 
     def history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyVersion]:
         """The consent record, oldest first (the latest ``limit`` versions)."""
@@ -99,7 +135,10 @@ class OwnerService:
 
     def _parse(self, record: PolicyRecord | None, vehicle_id: str) -> PolicyVersion:
         if record is None:
-            return PolicyVersion(vehicle_id, 0, OwnerPolicy())
+            with self._lock:
+                known = self._parsed.setdefault(vehicle_id, PolicyVersion(vehicle_id, 0, _DEFAULT))
+            # A version appended meanwhile (this replica's own) is newer than the store's answer.
+            return known
         with self._lock:
             cached = self._parsed.get(vehicle_id)
         if cached is not None and cached.version == record.version:

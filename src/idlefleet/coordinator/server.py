@@ -1,10 +1,26 @@
-"""Runs one coordinator replica: store, NATS edge, HTTP API and the periodic sweeper."""
+"""Runs one coordinator replica: store, NATS edge, HTTP API and the housekeeping loops.
+
+Any number of replicas may run on one store (PostgreSQL; SQLite for replicas on one machine)
+and one NATS cluster: they share the uplink subjects in one queue group, tell each other about
+new work over NATS, and take their singleton duties under claims in the store (see
+:mod:`idlefleet.coordinator.batches`), so any replica answers any request and none of them is
+special. Housekeeping, every replica, on its own clock:
+
+* flush liveness (heartbeats kept in memory) to the store, one transaction a second;
+* pull the cars other replicas heard from, and the live count that sizes units;
+* catch up with policy versions other replicas appended (heartbeat acks carry the version);
+* sweep: expire leases and batches, finish batches whose work is over, take over duties
+  whose claim ran out (this is also the recovery after a crash).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats
@@ -12,12 +28,17 @@ import uvicorn
 
 from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.batches import BatchLimits, BatchService
-from idlefleet.coordinator.nats_service import CoordinatorNats, OnlineRouter
+from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits, OnlineRouter
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
+from idlefleet.protocol.seeds import nats_servers
 
 log = logging.getLogger(__name__)
+
+POLICY_CATCH_UP_MARGIN_S = 10.0
+"""Policy versions are re-read this far back on each catch-up: replicas' clocks differ a little
+and a version committed late may carry an earlier ``created_at``."""
 
 
 @dataclass(frozen=True)
@@ -25,25 +46,33 @@ class CoordinatorConfig:
     """Settings of one coordinator replica."""
 
     nats_url: str
+    """One NATS URL or a comma-separated seed list of a cluster."""
     store_url: str
     host: str = "127.0.0.1"
     port: int = 8000
     units: UnitPolicy = field(default_factory=UnitPolicy)
     limits: BatchLimits = field(default_factory=BatchLimits)
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
     heartbeat_interval_s: float = 5.0
     sweep_interval_s: float = 1.0
+    flush_interval_s: float = 1.0
+    replica: str = ""
+    """This replica's name in claims and logs (default: host-pid)."""
 
 
 async def run_coordinator(config: CoordinatorConfig) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers end ``serve``)."""
+    replica = config.replica or f"{socket.gethostname()}-{os.getpid()}"
     store = open_store(config.store_url)
-    batches = BatchService(store, config.limits)
+    batches = BatchService(store, config.limits, replica=replica)
     work = WorkService(store, batches, config.units, config.heartbeat_interval_s)
-    await asyncio.to_thread(batches.recover)
     nc = await nats.connect(
-        config.nats_url, name="idlefleet-coordinator", max_reconnect_attempts=-1
+        servers=nats_servers(config.nats_url),
+        name=f"idlefleet-coordinator-{replica}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
     )
-    edge = CoordinatorNats(nc, work)
+    edge = CoordinatorNats(nc, work, config.edge)
     await edge.start()
 
     async def validate_and_announce(batch_id: str) -> None:
@@ -54,30 +83,68 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             return
         await edge.announce_work()
 
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(config.sweep_interval_s)
-            try:
-                returned = await asyncio.to_thread(batches.sweep)
-                # Validation normally starts with the request that created the batch; this
-                # catches one that failed half-way and was not retried.
-                stuck = await asyncio.to_thread(store.batches_with_status, ["validating"])
-                for batch in stuck:
-                    if batch.created_at < time.time() - 60:
-                        await validate_and_announce(batch.id)
-                if returned:
-                    await edge.announce_work()
-            except Exception:
-                log.exception("sweep failed")
+    async def sweep() -> None:
+        if await asyncio.to_thread(batches.sweep):
+            await edge.announce_work()
 
-    app = create_app(batches, work, OnlineRouter(nc, work), validate_and_announce, edge.push_policy)
+    policy_mark = time.time() - POLICY_CATCH_UP_MARGIN_S
+
+    async def catch_up_policies() -> None:
+        nonlocal policy_mark
+        newest = await asyncio.to_thread(work.owners.catch_up, policy_mark)
+        policy_mark = max(policy_mark, newest - POLICY_CATCH_UP_MARGIN_S)
+
+    async def flush() -> None:
+        await asyncio.to_thread(work.flush_liveness)
+        edge.forget_idle_budgets()
+
+    loops = [
+        _every(config.flush_interval_s, "liveness flush", flush),
+        _every(
+            config.heartbeat_interval_s / 2, "liveness refresh", _threaded(work.refresh_liveness)
+        ),
+        _every(1.0, "policy catch-up", catch_up_policies),
+        _every(config.sweep_interval_s, "sweep", sweep),
+    ]
+
+    def status() -> dict[str, object]:
+        return {"replica": replica, "nats": nc.connected_url.netloc if nc.connected_url else None}
+
+    app = create_app(
+        batches,
+        work,
+        OnlineRouter(nc, work),
+        validate_and_announce,
+        edge.push_policy,
+        dispatch_status=lambda: status() | edge.snapshot(),
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
     )
-    sweeper = asyncio.create_task(sweep_forever())
+    housekeeping = [asyncio.create_task(loop) for loop in loops]
     try:
         await server.serve()
     finally:
-        sweeper.cancel()
+        for task in housekeeping:
+            task.cancel()
+        await edge.stop()
+        await asyncio.to_thread(work.flush_liveness)
         await nc.drain()
         store.close()
+
+
+def _threaded(call: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    async def run() -> object:
+        return await asyncio.to_thread(call)
+
+    return run
+
+
+async def _every(interval_s: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run ``step`` every ``interval_s``; a failure (a store restarting) is logged, not fatal."""
+    while True:
+        try:
+            await step()
+        except Exception as exc:
+            log.warning("%s failed: %s", name, exc)
+        await asyncio.sleep(interval_s)

@@ -1,28 +1,50 @@
-"""The coordinator's side of the work protocol: one method per uplink message.
+"""The coordinator's side of the work protocol: what each uplink message does.
 
 Each method takes the vehicle id (from the NATS subject, which per-vehicle permissions will
-bind to the car's credentials) and a decoded message, and returns the reply message. No I/O
-but the store; the NATS adapter (:mod:`idlefleet.coordinator.nats_service`) does the wire.
+bind to the car's credentials) and a decoded message, and returns the reply message. No I/O but
+the store; the NATS edge (:mod:`idlefleet.coordinator.nats_service`) does the wire, and calls
+the batched forms (:meth:`WorkService.lease_for`, :meth:`WorkService.results_many`,
+:meth:`WorkService.register_many`) so that one store transaction serves many cars.
+
+What each message costs: a heartbeat touches memory only (:class:`VehicleRegistry`; the
+coordinator flushes liveness in batches); registration, leases, result commits and releases are
+durable writes; a work request for which there is nothing costs nothing here (the dispatcher
+parks it). Every method is safe to call from several threads at once.
 
 Consent gates leasing here: a car whose owner has not opted in gets no lease at all, and an
-opted-in car only units whose purpose and data region its owner allows (the store filters).
-The car's policy guard checks again; the coordinator never relies on it alone.
+opted-in car only units whose purpose and data region its owner allows (the store filters),
+read fresh from the store in the same round as the lease. The car's policy guard checks again;
+the coordinator never relies on it alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Literal
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.openai_format import embedding_body_json
+from idlefleet.coordinator.liveness import VehicleRegistry
+from idlefleet.coordinator.openai_format import embedding_bodies_json
 from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
-from idlefleet.coordinator.store import RequestResult, Store, VehicleRecord
+from idlefleet.coordinator.store import (
+    CommitOutcome,
+    Lease,
+    LeaseAsk,
+    RequestResult,
+    ResultCommit,
+    Store,
+    VehicleRecord,
+)
 from idlefleet.models.catalog import MODELS
 from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
@@ -41,8 +63,12 @@ from idlefleet.protocol.messages import (
 )
 from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
 
+log = logging.getLogger(__name__)
+
 NOT_OPTED_IN_RETRY_S = 5.0
 """How long a car that is not opted in waits before asking for work again."""
+NO_WORK_RETRY_S = 0.5
+"""How long a car that asked without waiting (``wait_s`` 0) waits before asking again."""
 
 
 class WorkService:
@@ -54,6 +80,7 @@ class WorkService:
         heartbeat_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         owners: OwnerService | None = None,
+        registry: VehicleRegistry | None = None,
     ) -> None:
         self.store = store
         self.batches = batches
@@ -61,102 +88,303 @@ class WorkService:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.clock = clock
         self.owners = owners or OwnerService(store, clock)
+        self.registry = registry or VehicleRegistry(write_every_s=heartbeat_interval_s)
+        self._registry_lock = threading.Lock()
+        self._lease_infos = _LeaseInfos()
+        self.live_vehicles = 1
+        """Cars seen within the liveness horizon, fleet-wide (refreshed by the coordinator's
+        housekeeping from the store; sizes units by guided self-scheduling)."""
 
-    def active_vehicles(self) -> list[VehicleRecord]:
-        """Vehicles heard from within three heartbeat intervals."""
-        horizon = self.clock() - 3 * self.heartbeat_interval_s
-        return [v for v in self.store.list_vehicles() if v.last_seen >= horizon]
+    @property
+    def live_horizon_s(self) -> float:
+        """A car is live if heard from within three heartbeat intervals."""
+        return 3 * self.heartbeat_interval_s
 
-    def register(self, vehicle_id: str, msg: RegisterRequest) -> RegisterReply:
-        if msg.protocol_version != PROTOCOL_VERSION:
-            return RegisterReply(
-                accepted=False,
-                error=WireError(
-                    code="protocol_version",
-                    message=f"coordinator speaks protocol {PROTOCOL_VERSION}, "
-                    f"agent sent {msg.protocol_version}",
-                ),
-            )
+    # -- liveness ------------------------------------------------------------------------------
+    def is_registered(self, vehicle_id: str) -> bool:
+        """Whether the car registered (with any replica); memory first, then the store."""
         now = self.clock()
-        existing = self.store.get_vehicle(vehicle_id)
-        self.store.upsert_vehicle(
-            VehicleRecord(
-                id=vehicle_id,
-                hardware=msg.hardware.model_dump(),
-                models=tuple(msg.models),
-                registered_at=existing.registered_at if existing else now,
-                last_seen=now,
-                status="idle",
-            )
-        )
-        return RegisterReply(
-            accepted=True,
-            heartbeat_interval_s=self.heartbeat_interval_s,
-            policy_version=self.owners.current_version(vehicle_id),
-        )
+        with self._registry_lock:
+            if self.registry.get(vehicle_id) is not None:
+                return True
+            if self.registry.is_unknown(vehicle_id, now):
+                return False
+        found = self.store.vehicle_liveness([vehicle_id])
+        with self._registry_lock:
+            if found:
+                self.registry.merge(found.values())
+                return True
+            self.registry.mark_unknown(vehicle_id, now)
+            return False
 
-    def heartbeat(self, vehicle_id: str, msg: Heartbeat) -> Ack:
-        if not self.store.touch_vehicle(vehicle_id, self.clock(), msg.status, msg.reason):
-            return Ack(ok=False, error=_not_registered(vehicle_id))
+    def known_state(self, vehicle_id: str) -> bool | None:
+        """Registered (True), known not to be (False), or unknown without a store read (None)."""
+        with self._registry_lock:
+            if self.registry.get(vehicle_id) is not None:
+                return True
+            return False if self.registry.is_unknown(vehicle_id, self.clock()) else None
+
+    def saw(self, vehicle_id: str, status: str | None = None, reason: str | None = None) -> None:
+        with self._registry_lock:
+            self.registry.seen(vehicle_id, self.clock(), status, reason)
+
+    def flush_liveness(self) -> int:
+        """Write the liveness that changed since the last flush (one transaction)."""
+        with self._registry_lock:
+            rows = self.registry.take_unwritten()
+        if not rows:
+            return 0
+        try:
+            self.store.record_liveness(rows)
+        except Exception:
+            with self._registry_lock:
+                self.registry.unwrite(rows)
+            raise
+        return len(rows)
+
+    def refresh_liveness(self) -> int:
+        """Pull what other replicas heard (cars seen lately) and count the live fleet."""
+        since = self.clock() - self.live_horizon_s
+        rows = self.store.live_vehicles(since)
+        with self._registry_lock:
+            self.registry.merge(rows)
+        self.live_vehicles = max(1, len(rows))
+        return len(rows)
+
+    def latest(self, record: VehicleRecord) -> VehicleRecord:
+        """``record`` with this replica's newer liveness, if it has any."""
+        with self._registry_lock:
+            car = self.registry.get(record.id)
+            if car is None or car.last_seen < record.last_seen:
+                return record
+            return dataclasses.replace(
+                record, last_seen=car.last_seen, status=car.status, status_reason=car.status_reason
+            )
+
+    def online(self, model: str) -> list[str]:
+        """Live cars serving ``model`` that are not paused (candidates for online requests)."""
+        since = self.clock() - self.live_horizon_s
+        with self._registry_lock:
+            live = self.registry.live(since)
+        return sorted(c.id for c in live if model in c.models and c.status != "paused")
+
+    # -- registration --------------------------------------------------------------------------
+    def register(self, vehicle_id: str, msg: RegisterRequest) -> RegisterReply:
+        return self.register_many([(vehicle_id, msg)])[0]
+
+    def register_many(self, asks: Sequence[tuple[str, RegisterRequest]]) -> list[RegisterReply]:
+        """Register cars in one durable write; each reply carries the car's policy version."""
+        now = self.clock()
+        replies: list[RegisterReply | None] = []
+        records: list[VehicleRecord] = []
+        for vehicle_id, msg in asks:
+            if msg.protocol_version != PROTOCOL_VERSION:
+                replies.append(
+                    RegisterReply(
+                        accepted=False,
+                        error=WireError(
+                            code="protocol_version",
+                            message=f"coordinator speaks protocol {PROTOCOL_VERSION}, "
+                            f"agent sent {msg.protocol_version}",
+                        ),
+                    )
+                )
+                continue
+            replies.append(None)
+            records.append(
+                VehicleRecord(
+                    id=vehicle_id,
+                    hardware=msg.hardware.model_dump(),
+                    models=tuple(msg.models),
+                    registered_at=now,
+                    last_seen=now,
+                    status="idle",
+                )
+            )
+        # The store keeps the first registration time: re-registering only updates the rest.
+        self.store.upsert_vehicles(records)
+        with self._registry_lock:
+            for record in records:
+                self.registry.registered(record)
+        versions = self.owners.versions([r.id for r in records])
+        done = iter(records)
+        return [
+            reply
+            or RegisterReply(
+                accepted=True,
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                policy_version=versions[next(done).id],
+            )
+            for reply in replies
+        ]
+
+    # -- heartbeats and policy -----------------------------------------------------------------
+    def heartbeat_cached(self, vehicle_id: str, msg: Heartbeat) -> Ack | None:
+        """The heartbeat's answer from memory alone, or None if it needs a store read."""
+        now = self.clock()
+        with self._registry_lock:
+            if not self.registry.seen(vehicle_id, now, msg.status, msg.reason):
+                if self.registry.is_unknown(vehicle_id, now):
+                    return Ack(ok=False, error=_not_registered(vehicle_id))
+                return None
+        version = self.owners.cached_version(vehicle_id)
         # The car compares this with the version it enforces and fetches a newer one: the
         # catch-up path when a push (on a policy change) did not reach it.
+        return None if version is None else Ack(policy_version=version)
+
+    def heartbeat(self, vehicle_id: str, msg: Heartbeat) -> Ack:
+        cached = self.heartbeat_cached(vehicle_id, msg)
+        if cached is not None:
+            return cached
+        if not self.is_registered(vehicle_id):
+            return Ack(ok=False, error=_not_registered(vehicle_id))
+        self.saw(vehicle_id, msg.status, msg.reason)
         return Ack(policy_version=self.owners.current_version(vehicle_id))
 
     def policy(self, vehicle_id: str, msg: PolicyRequest) -> PolicyUpdate:
         """The owner's current policy for the car (version 0, opted out, if none was set)."""
         return self.owners.current(vehicle_id).update()
 
+    # -- work ----------------------------------------------------------------------------------
     def work(self, vehicle_id: str, msg: WorkRequest) -> WorkGrant:
-        owner = self.owners.current(vehicle_id).policy
-        if not owner.opted_in:
-            if not self.store.touch_vehicle(vehicle_id, self.clock(), "paused", "not_opted_in"):
-                return WorkGrant(error=_not_registered(vehicle_id))
-            return WorkGrant(
-                error=WireError(
-                    code="not_opted_in",
-                    message=f"the owner of {vehicle_id} has not opted in to computing; "
-                    "no work is leased until they do",
-                ),
-                retry_after_s=NOT_OPTED_IN_RETRY_S,
-            )
-        if not self.store.touch_vehicle(vehicle_id, self.clock(), "working"):
+        """Answer one work request at once (no long poll): a unit, or when to ask again."""
+        if not self.is_registered(vehicle_id):
             return WorkGrant(error=_not_registered(vehicle_id))
-        models = [m for m in msg.models if m in MODELS]
-        if not models:
-            return WorkGrant(retry_after_s=5.0)
-        active = max(1, len(self.active_vehicles()))
-        lease = self.store.lease_unit(
-            vehicle_id,
-            f"lease_{uuid.uuid4().hex}",
-            models,
-            self.clock(),
-            self.units.lease_seconds,
-            lambda pending: unit_size(pending, active, msg.max_requests, self.units),
-            purposes=owner.purposes,
-            data_regions=owner.data_regions,
+        (grant,) = self.lease_for([(vehicle_id, msg)])
+        return grant or WorkGrant(retry_after_s=NO_WORK_RETRY_S)
+
+    def lease_for(self, asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
+        """One dispatch round: a unit for each registered car that may have one, in order.
+
+        Each answer is a grant with a lease, a grant with an error (``not_opted_in``, or
+        ``internal`` for an ask the store failed on), or None: nothing for this car now. The
+        owners' policies are read fresh from the store first (one query for the round), so a
+        withdrawn consent is honoured at once whatever any cache says. One store transaction
+        leases the whole round.
+        """
+        now = self.clock()
+        policies = self.owners.refresh([vehicle_id for vehicle_id, _ in asks])
+        answers: list[WorkGrant | None] = [None] * len(asks)
+        store_asks: list[LeaseAsk] = []
+        placed: list[int] = []
+        for i, (vehicle_id, msg) in enumerate(asks):
+            owner = policies[vehicle_id].policy
+            if not owner.opted_in:
+                self.saw(vehicle_id, "paused", "not_opted_in")
+                answers[i] = WorkGrant(
+                    error=WireError(
+                        code="not_opted_in",
+                        message=f"the owner of {vehicle_id} has not opted in to computing; "
+                        "no work is leased until they do",
+                    ),
+                    retry_after_s=NOT_OPTED_IN_RETRY_S,
+                )
+                continue
+            self.saw(vehicle_id)
+            models = tuple(m for m in msg.models if m in MODELS)
+            if not models:
+                continue
+            sizer = functools.partial(
+                unit_size,
+                active_vehicles=self.live_vehicles,
+                vehicle_max=msg.max_requests,
+                policy=self.units,
+            )
+            store_asks.append(
+                LeaseAsk(
+                    vehicle_id,
+                    f"lease_{uuid.uuid4().hex}",
+                    models,
+                    tuple(owner.purposes),
+                    tuple(owner.data_regions),
+                    sizer,
+                )
+            )
+            placed.append(i)
+        if store_asks:
+            outcomes = self.store.lease_units(store_asks, now, self.units.lease_seconds)
+            for i, outcome in zip(placed, outcomes, strict=True):
+                answers[i] = self._grant(outcome)
+        return answers
+
+    def _grant(self, outcome: Lease | Exception | None) -> WorkGrant | None:
+        if outcome is None:
+            return None
+        if isinstance(outcome, Exception):
+            log.error("leasing failed: %r", outcome)
+            return WorkGrant(
+                error=WireError(code="internal", message="the coordinator failed; retry")
+            )
+        self._lease_infos.put(
+            outcome.id,
+            _LeaseInfo(
+                outcome.vehicle_id,
+                outcome.batch_id,
+                outcome.model,
+                {item.seq: item.encoding_format for item in outcome.items},
+            ),
         )
-        if lease is None:
-            return WorkGrant(retry_after_s=0.5)
         return WorkGrant(
-            lease_id=lease.id,
-            batch_id=lease.batch_id,
-            model=lease.model,
-            purpose=lease.purpose,
-            data_region=lease.data_region,
+            lease_id=outcome.id,
+            batch_id=outcome.batch_id,
+            model=outcome.model,
+            purpose=outcome.purpose,
+            data_region=outcome.data_region,
             lease_seconds=self.units.lease_seconds,
-            items=[WorkItem(seq=i.seq, texts=list(i.texts)) for i in lease.items],
+            items=[WorkItem(seq=i.seq, texts=list(i.texts)) for i in outcome.items],
         )
 
+    # -- results -------------------------------------------------------------------------------
     def results(self, vehicle_id: str, msg: ResultChunk) -> ResultAck:
-        lease = self.store.get_lease(vehicle_id, msg.lease_id)
+        (ack,), ended = self.results_many([(vehicle_id, msg)])
+        for batch_id in ended:
+            self.batches.maybe_finalize(batch_id)
+        return ack
+
+    def results_many(
+        self, chunks: Sequence[tuple[str, ResultChunk]]
+    ) -> tuple[list[ResultAck], set[str]]:
+        """Check, render and commit result chunks in one transaction.
+
+        Returns an ack per chunk and the batches whose work may have ended (a unit finished or
+        a late answer came in): the caller checks those for finalisation, off this path.
+        """
+        acks: list[ResultAck | None] = [None] * len(chunks)
+        commits: list[ResultCommit] = []
+        pending: list[tuple[int, str, ResultChunk, str]] = []  # (index, vehicle, chunk, batch)
+        for i, (vehicle_id, msg) in enumerate(chunks):
+            prepared = self._prepare(vehicle_id, msg)
+            if isinstance(prepared, ResultAck):
+                acks[i] = prepared
+                continue
+            commit, batch_id = prepared
+            commits.append(commit)
+            pending.append((i, vehicle_id, msg, batch_id))
+        now = self.clock()
+        outcomes = self.store.commit_many(commits, now, self.units.lease_seconds)
+        ended: set[str] = set()
+        for (i, vehicle_id, msg, batch_id), outcome in zip(pending, outcomes, strict=True):
+            acks[i] = self._ack(vehicle_id, msg, outcome, now)
+            if isinstance(outcome, CommitOutcome) and (
+                outcome.lease_finished or not outcome.lease_active
+            ):
+                self._lease_infos.pop(msg.lease_id)
+                # A batch can only run out of work when a unit ends (or a late answer
+                # arrives); the sweeper checks every batch each second as well.
+                ended.add(batch_id)
+        return [ack or ResultAck() for ack in acks], ended
+
+    def _prepare(self, vehicle_id: str, msg: ResultChunk) -> tuple[ResultCommit, str] | ResultAck:
+        """Validate a chunk against its lease and render each response body."""
+        lease = self._lease_info(vehicle_id, msg)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
-        if msg.dim != MODELS[lease.model].dim:
+        dim = MODELS[lease.model].dim
+        if msg.dim != dim:
             return ResultAck(
                 error=WireError(
                     code="bad_results",
-                    message=f"model {lease.model} has dimension {MODELS[lease.model].dim}, "
-                    f"results have {msg.dim}",
+                    message=f"model {lease.model} has dimension {dim}, results have {msg.dim}",
                 )
             )
         vectors = msg.vectors()
@@ -165,33 +393,55 @@ class WorkService:
             return ResultAck(error=WireError(code="bad_results", message=problem))
         # Render each response body now, while the cars compute, rather than all at once in
         # finalisation when the batch is otherwise done (that used to be ~8% of a batch's time).
-        formats = self.store.request_formats(lease.batch_id, msg.seqs)
-        results = []
+        # Results for requests not in this lease are dropped here (commit_many would ignore
+        # them anyway).
+        spans: list[tuple[int, int, int, int]] = []  # (seq, first row, rows, tokens)
         row = 0
         for seq, n, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
-            rows = vectors[row : row + n]
+            if seq in lease.formats:
+                spans.append((seq, row, n, tokens))
             row += n
-            if seq not in formats:
-                continue  # not a request of this batch: commit_results would ignore it anyway
-            model, fmt = formats[seq]
-            # Usage is per request: the total goes on the first vector, the sum is what counts.
-            per_vector_tokens = [tokens] + [0] * (n - 1)
-            encoding: Literal["float", "base64"] = "base64" if fmt == "base64" else "float"
-            body = embedding_body_json(model, rows, per_vector_tokens, encoding)
-            results.append(RequestResult(seq, rows.tobytes(), msg.dim, tokens, body))
-        now = self.clock()
-        outcome = self.store.commit_results(
-            vehicle_id, msg.lease_id, results, now, self.units.lease_seconds, msg.energy_j
+        rows = [vectors[first : first + n] for _, first, n, _ in spans]
+        kept = np.concatenate(rows) if rows else vectors[:0]
+        bodies = embedding_bodies_json(
+            lease.model,
+            kept,
+            [n for _, _, n, _ in spans],
+            [tokens for *_, tokens in spans],
+            [lease.formats[seq] for seq, *_ in spans],
         )
+        results = tuple(
+            RequestResult(seq, part.tobytes(), msg.dim, tokens, body)
+            for (seq, _, _, tokens), part, body in zip(spans, rows, bodies, strict=True)
+        )
+        return ResultCommit(vehicle_id, msg.lease_id, results, msg.energy_j), lease.batch_id
+
+    def _lease_info(self, vehicle_id: str, msg: ResultChunk) -> _LeaseInfo | None:
+        """What a result chunk needs of its lease: remembered from the grant when this replica
+        made it, else read from the store (two small reads)."""
+        info = self._lease_infos.get(msg.lease_id)
+        if info is not None and info.vehicle_id == vehicle_id:
+            return info
+        lease = self.store.get_lease(vehicle_id, msg.lease_id)
+        if lease is None:
+            return None
+        formats = self.store.request_formats(lease.batch_id, msg.seqs)
+        return _LeaseInfo(
+            vehicle_id, lease.batch_id, lease.model, {seq: fmt for seq, (_, fmt) in formats.items()}
+        )
+
+    def _ack(
+        self, vehicle_id: str, msg: ResultChunk, outcome: CommitOutcome | Exception, now: float
+    ) -> ResultAck:
+        if isinstance(outcome, Exception):
+            log.error("committing results of %s failed: %r", msg.lease_id, outcome)
+            return ResultAck(
+                error=WireError(code="internal", message="the coordinator failed; retry")
+            )
         if outcome.unknown_lease:
             return ResultAck(error=_unknown_lease(msg.lease_id))
         if msg.failed_seqs:
             self.store.return_requests(vehicle_id, msg.lease_id, msg.failed_seqs)
-        # A batch can only have run out of work when a unit ends (or a late answer arrives);
-        # checking after every chunk would count the whole batch each time. The sweeper
-        # checks every batch each second as well, so nothing waits on this shortcut.
-        if outcome.lease_finished or not outcome.lease_active:
-            self.batches.maybe_finalize(lease.batch_id)
         return ResultAck(
             committed=outcome.committed,
             duplicates=outcome.duplicates,
@@ -199,16 +449,52 @@ class WorkService:
             lease_seconds=(outcome.deadline - now) if outcome.deadline else 0.0,
         )
 
+    # -- release -------------------------------------------------------------------------------
     def release(self, vehicle_id: str, msg: Release) -> ReleaseAck:
         released = self.store.release_lease(
             vehicle_id, msg.lease_id, self.clock(), msg.reason, msg.energy_j
         )
         if released is None:
             return ReleaseAck(error=_unknown_lease(msg.lease_id))
+        self._lease_infos.pop(msg.lease_id)
         lease = self.store.get_lease(vehicle_id, msg.lease_id)
         if lease is not None:
             self.batches.maybe_finalize(lease.batch_id)
         return ReleaseAck(released=released)
+
+
+@dataclass(frozen=True)
+class _LeaseInfo:
+    """What committing results needs of a lease; fixed once the lease is made."""
+
+    vehicle_id: str
+    batch_id: str
+    model: str
+    formats: dict[int, str]
+    """Each request's ``encoding_format``, by seq."""
+
+
+class _LeaseInfos:
+    """The leases this replica granted lately (bounded, oldest forgotten first; thread-safe)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._infos: OrderedDict[str, _LeaseInfo] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, lease_id: str, info: _LeaseInfo) -> None:
+        with self._lock:
+            self._infos[lease_id] = info
+            if len(self._infos) > self._limit:
+                self._infos.popitem(last=False)
+
+    def get(self, lease_id: str) -> _LeaseInfo | None:
+        with self._lock:
+            return self._infos.get(lease_id)
+
+    def pop(self, lease_id: str) -> None:
+        with self._lock:
+            self._infos.pop(lease_id, None)
 
 
 def _check_vectors(vectors: np.ndarray, dim: int) -> str | None:

@@ -1,7 +1,14 @@
-"""An embedded fleet: one nats-server, one coordinator and N agent processes, supervised.
+"""An embedded fleet: nats-server(s), coordinator replica(s) and N agent processes, supervised.
 
 Used by ``idlefleet up``, the integration tests and the benchmarks, so all three run exactly the
 production code path: separate processes talking over a real NATS server.
+
+Two shapes. The default is one nats-server, one coordinator on SQLite in the data directory.
+The scaled-out shape (``store_url`` of a PostgreSQL database, ``replicas`` > 1, ``nats_nodes``
+3) runs a routed nats-server cluster with clustered JetStream, and coordinator replicas in one
+queue group on the shared store, each with its own HTTP port; every agent and replica gets the
+whole seed list and fails over between the nodes. :meth:`EmbeddedFleet.kill_coordinator` and
+:meth:`EmbeddedFleet.kill_nats_node` are there for fault drills.
 
 Each agent reads its car from a replayed state trace, and the fleet sets each car's owner policy
 through the owner API as its owner would, so the consent record shows who switched the embedded
@@ -15,10 +22,10 @@ cars on. Two kinds of fleet:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from idlefleet.coordinator.store.factory import sqlite_url
+from idlefleet.embedded.nats_cluster import NatsCluster, start_nats_cluster
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from idlefleet.embedded.ports import free_port
 
 
 @dataclass
@@ -64,28 +67,60 @@ class FleetOptions:
     """``parked``: cars parked and charging for ever; ``sim``: cars of the fleet model."""
     sim_params: Any = None
     """`SimParams` for ``fleet="sim"`` (None: the defaults with every owner opted in)."""
+    store_url: str | None = None
+    """The coordinators' store (None: SQLite in the data directory)."""
+    replicas: int = 1
+    """Coordinator processes, each on its own HTTP port (``port``, ``port + 1``, ...)."""
+    nats_nodes: int = 1
+    """1: one nats-server; 3 (or 2+): a routed cluster with clustered JetStream."""
+    claim_seconds: float = 30.0
+    """How soon a replica takes over a batch duty of one that died."""
 
 
 class EmbeddedFleet:
     """Start with :meth:`start`, stop with :meth:`stop` (or use as a context manager)."""
 
     def __init__(self, options: FleetOptions) -> None:
+        if options.replicas < 1 or options.nats_nodes < 1:
+            raise ValueError("a fleet needs at least one coordinator and one NATS node")
         self.options = options
         self.nats: NatsServer | None = None
-        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.cluster: NatsCluster | None = None
+        self.coordinators: list[subprocess.Popen[bytes]] = []
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
-        self.port = options.port or free_port(options.host)
+        first = options.port or free_port(options.host)
+        self.ports = [first] + [free_port(options.host) for _ in range(options.replicas - 1)]
+        self.port = first
         self.log_dir = options.data_dir / "logs"
         self.sim_cars: list[Any] = []
+        self._killed: set[int] = set()
+        """Processes killed on purpose (fault drills): their exit is not a failure."""
+
+    @property
+    def coordinator(self) -> subprocess.Popen[bytes] | None:
+        """The first coordinator replica (the one ``base_url`` names)."""
+        return self.coordinators[0] if self.coordinators else None
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.options.host}:{self.port}"
+        return self.replica_url(0)
+
+    def replica_url(self, index: int) -> str:
+        return f"http://{self.options.host}:{self.ports[index]}"
 
     @property
     def nats_url(self) -> str:
+        """The seed list agents and coordinators get (one URL, or every node of the cluster)."""
+        if self.cluster is not None:
+            return self.cluster.url
         assert self.nats is not None
         return self.nats.url
+
+    @property
+    def store_url(self) -> str:
+        if self.options.store_url:
+            return self.options.store_url
+        return sqlite_url((self.options.data_dir / "coordinator.db").resolve())
 
     def __enter__(self) -> EmbeddedFleet:
         self.start()
@@ -114,19 +149,38 @@ class EmbeddedFleet:
         from idlefleet.models.cache import ensure_minilm
 
         ensure_minilm(opts.data_dir / "models")
-        self.nats = start_nats_server(opts.data_dir / "nats")
-        self.coordinator = self._spawn(
-            "coordinator",
+        if opts.nats_nodes > 1:
+            self.cluster = start_nats_cluster(opts.data_dir / "nats", nodes=opts.nats_nodes)
+        else:
+            self.nats = start_nats_server(opts.data_dir / "nats")
+        for index in range(opts.replicas):
+            self.coordinators.append(self._start_coordinator(index))
+        deadline = time.monotonic() + timeout
+        for index in range(opts.replicas):
+            self._wait(functools.partial(self._healthy, index), deadline, f"coordinator {index}")
+        if opts.fleet == "sim":
+            self.start_sim_agents()
+        else:
+            for i in range(opts.agents):
+                self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
+        self.wait_for_vehicles(opts.agents, deadline)
+
+    def _start_coordinator(self, index: int) -> subprocess.Popen[bytes]:
+        opts = self.options
+        return self._spawn(
+            "coordinator" if index == 0 else f"coordinator-{index}",
             [
                 "coordinator",
                 "--nats-url",
-                self.nats.url,
+                self.nats_url,
                 "--store",
-                sqlite_url((opts.data_dir / "coordinator.db").resolve()),
+                self.store_url,
                 "--host",
                 opts.host,
                 "--port",
-                str(self.port),
+                str(self.ports[index]),
+                "--replica",
+                f"replica-{index}",
                 "--lease-seconds",
                 str(opts.lease_seconds),
                 "--heartbeat-seconds",
@@ -137,16 +191,34 @@ class EmbeddedFleet:
                 str(opts.max_file_bytes),
                 "--max-requests",
                 str(opts.max_requests),
+                "--claim-seconds",
+                str(opts.claim_seconds),
             ],
         )
-        deadline = time.monotonic() + timeout
-        self._wait(lambda: self.get("/healthz") is not None, deadline, "coordinator")
-        if opts.fleet == "sim":
-            self.start_sim_agents()
-        else:
-            for i in range(opts.agents):
-                self.add_agent(f"{opts.vehicle_prefix}-{i + 1:03d}")
-        self.wait_for_vehicles(opts.agents, deadline)
+
+    def _healthy(self, index: int) -> bool:
+        return self.get("/healthz", index) is not None
+
+    def kill_coordinator(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Kill one replica (a crash: no clean shutdown); the others carry on."""
+        process = self.coordinators[index]
+        self._killed.add(process.pid)
+        process.send_signal(sig)
+        process.wait(10)
+
+    def restart_coordinator(self, index: int, timeout: float = 60.0) -> None:
+        self.coordinators[index] = self._start_coordinator(index)
+        self._wait(
+            lambda: self.get("/healthz", index) is not None,
+            time.monotonic() + timeout,
+            f"coordinator {index}",
+        )
+
+    def kill_nats_node(self, index: int) -> None:
+        """SIGKILL one node of the NATS cluster; clients fail over to the others."""
+        if self.cluster is None:
+            raise RuntimeError("this fleet runs one nats-server, not a cluster")
+        self.cluster.kill(index)
 
     def start_sim_agents(self) -> None:
         """One agent per car of the fleet model: its trace, owner policy and hardware."""
@@ -266,7 +338,7 @@ class EmbeddedFleet:
     def _wait(self, ready: Any, deadline: float, what: str) -> None:
         while time.monotonic() < deadline:
             for name, process in self._children():
-                if process.poll() is not None:
+                if process.poll() is not None and process.pid not in self._killed:
                     raise RuntimeError(
                         f"{name} exited with {process.returncode} while waiting for {what}; "
                         f"see {self.log_dir / (name + '.log')}"
@@ -278,25 +350,26 @@ class EmbeddedFleet:
 
     def _children(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
         children = [(f"agent-{vid}", p) for vid, p in self.agents.items()]
-        if self.coordinator is not None:
-            children.append(("coordinator", self.coordinator))
+        for index, process in enumerate(self.coordinators):
+            children.append(("coordinator" if index == 0 else f"coordinator-{index}", process))
         return children
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str, replica: int = 0) -> Any:
         try:
-            with urllib.request.urlopen(self.base_url + path, timeout=5) as response:
+            with urllib.request.urlopen(self.replica_url(replica) + path, timeout=5) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
 
     def kill_agent(self, vehicle_id: str, sig: int = signal.SIGKILL) -> None:
         process = self.agents[vehicle_id]
+        self._killed.add(process.pid)
         process.send_signal(sig)
         process.wait(10)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop agents first (they release their leases), then the coordinator, then NATS."""
-        for group in (list(self.agents.values()), [self.coordinator] if self.coordinator else []):
+        """Stop agents first (they release their leases), then the coordinators, then NATS."""
+        for group in (list(self.agents.values()), self.coordinators):
             for process in group:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
@@ -308,3 +381,5 @@ class EmbeddedFleet:
                     process.wait()
         if self.nats is not None:
             self.nats.stop()
+        if self.cluster is not None:
+            self.cluster.stop()

@@ -114,11 +114,13 @@ def create_app(
     online: Embedder | None = None,
     on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     push_policy: PolicyPush | None = None,
+    dispatch_status: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """Build the HTTP app.
 
     ``on_batch_created`` runs validation (and announces the new work); ``push_policy`` sends a
-    changed owner policy to its car (None: no push, the car catches up by heartbeat).
+    changed owner policy to its car (None: no push, the car catches up by heartbeat);
+    ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``).
     """
     app = FastAPI(
         title="idlefleet coordinator",
@@ -244,7 +246,10 @@ def create_app(
     @app.get("/fleet/vehicles", tags=["fleet"])
     async def list_vehicles() -> dict[str, Any]:
         def read() -> list[tuple[VehicleRecord, PolicyVersion]]:
-            return [(v, work.owners.current(v.id)) for v in work.store.list_vehicles()]
+            # The store is up to a flush behind this replica's memory: show the newer of both.
+            vehicles = [work.latest(v) for v in work.store.list_vehicles()]
+            policies = work.owners.refresh([v.id for v in vehicles])
+            return [(v, policies[v.id]) for v in vehicles]
 
         vehicles = await asyncio.to_thread(read)
         now = time.time()
@@ -321,6 +326,12 @@ def create_app(
         leases = await asyncio.to_thread(work.store.list_leases, not all)
         now = time.time()
         return {"object": "list", "data": [lease_json(lease, now) for lease in leases]}
+
+    @app.get("/fleet/dispatch", tags=["fleet"])
+    async def dispatch() -> dict[str, Any]:
+        """This replica's NATS edge: messages received and refused (by reason), work requests
+        parked, dispatch rounds, result batches, cars known."""
+        return dispatch_status() if dispatch_status is not None else {}
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -21,10 +21,12 @@ Guarantees (checked by the contract suite in ``tests/coordinator/store/``):
   changes or removes an earlier version, and concurrent appends for one vehicle get distinct,
   consecutive versions. The history is the consent record (who, when, what).
 * The batch operations (:meth:`Store.lease_units`, :meth:`Store.commit_many`) are one
-  transaction for the whole batch, with each item atomic on its own: an item that raises gets
-  its exception in its place in the answer and changes nothing, and the other items take effect
-  as if they had been called one after the other in order. They exist so that a coordinator
-  pays one durable commit (one fsync) for many cars' leases or results.
+  transaction for the whole batch, and take effect as if their items had been called one after
+  the other in order. An item refused for its own sake (its ``unit_size`` raised, its energy is
+  not a finite number >= 0) gets the exception in its place in the answer and changes nothing;
+  the others go ahead. A failure of the database itself fails the whole call, which then
+  changes nothing. They exist so that a coordinator pays one durable commit (one fsync) for
+  many cars' leases or results.
 * Every hot path costs O(size of the unit), never O(size of the batch or of the fleet):
   leasing, committing and reading a batch's request counts.
 * A batch *claim* (:meth:`Store.claim_batch`) is a compare-and-set with a deadline, so that a
@@ -133,6 +135,8 @@ class LeasedItem:
     seq: int
     custom_id: str
     texts: tuple[str, ...]
+    encoding_format: str = "float"
+    """How the request's response renders its vectors (``float`` or ``base64``)."""
 
 
 @dataclass(frozen=True)
@@ -329,10 +333,12 @@ class Store(ABC):
     ) -> BatchRecord | None:
         """End a claimed duty: apply ``changes`` only while ``owner`` holds the claim.
 
-        The claim is cleared. Every other output or error file of the batch (a file whose
-        ``batch_id`` is this batch, from an attempt that died half-way) is deleted in the same
-        transaction, so the batch keeps exactly the files ``changes`` names. Returns the
-        updated batch, or None (status differs, or the claim is someone else's).
+        The claim is cleared, also when the status no longer matches (say a cancel came in
+        during validation), so that the next duty on the batch need not wait for it to run
+        out. Every other output or error file of the batch (a file whose ``batch_id`` is this
+        batch, from an attempt that died half-way) is deleted in the same transaction, so the
+        batch keeps exactly the files ``changes`` names. Returns the updated batch, or None
+        (status differs, or the claim is someone else's).
         """
 
     @abstractmethod
@@ -363,8 +369,8 @@ class Store(ABC):
         """Lease a unit to each ask, in order, in one transaction; see :meth:`lease_unit`.
 
         The answer has one entry per ask: the lease, None when there is nothing for it, or the
-        exception its ``unit_size`` (or anything else about it) raised, in which case that ask
-        changed nothing. Later asks never receive requests an earlier one got.
+        exception its ``unit_size`` raised, in which case that ask changed nothing. Later asks
+        never receive requests an earlier one got.
         """
 
     def lease_unit(
@@ -407,8 +413,8 @@ class Store(ABC):
     ) -> list[CommitOutcome | Exception]:
         """Commit each chunk, in order, in one transaction; see :meth:`commit_results`.
 
-        One entry per chunk in the answer: its outcome, or the exception it raised (a bad
-        ``energy_j``: ``ValueError``), in which case that chunk changed nothing.
+        One entry per chunk in the answer: its outcome, or ``ValueError`` for an ``energy_j``
+        that is not a finite number >= 0, in which case that chunk changed nothing.
         """
 
     def commit_results(

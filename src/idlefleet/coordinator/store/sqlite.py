@@ -26,6 +26,7 @@ from idlefleet.coordinator.store.base import (
     NewRequest,
     PolicyRecord,
     RequestCounts,
+    RequestResult,
     ResultCommit,
     Store,
     StoredRequest,
@@ -50,11 +51,14 @@ from idlefleet.coordinator.store.sql_common import (
 class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self._path = path
+        self._memory = path == ":memory:" or path.startswith("file::memory:")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._enable_wal()
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._migrate()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -83,6 +87,24 @@ class SqliteStore(Store):
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A connection for reading, this thread's own: readers never wait for a writer's
+        fsync (WAL lets them read the last commit meanwhile). Each statement sees every
+        transaction committed before it began."""
+        if self._memory:  # an in-memory database lives in one connection only
+            with self._lock:
+                yield self._db
+            return
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA query_only=ON")
+            self._local.db = db
+            with self._lock:
+                self._readers.append(db)
+        yield db
+
     def _migrate(self) -> None:
         with self._write() as db:
             db.execute(
@@ -107,6 +129,8 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            for reader in self._readers:
+                reader.close()
             self._db.close()
 
     # -- files ---------------------------------------------------------------------------------
@@ -129,8 +153,8 @@ class SqliteStore(Store):
                 db.execute("INSERT INTO file_chunks VALUES (?, ?, ?)", (record.id, part, chunk))
 
     def get_file(self, file_id: str) -> FileRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
                 "WHERE id = ?",
                 (file_id,),
@@ -138,10 +162,10 @@ class SqliteStore(Store):
         return FileRecord(*row) if row else None
 
     def read_file(self, file_id: str) -> Iterator[bytes]:
-        with self._lock:
+        with self._read() as db:
             if self.get_file(file_id) is None:
                 raise KeyError(file_id)
-            (parts,) = self._db.execute(
+            (parts,) = db.execute(
                 "SELECT COUNT(*) FROM file_chunks WHERE file_id = ?", (file_id,)
             ).fetchone()
         return self._chunks(file_id, parts)
@@ -150,8 +174,8 @@ class SqliteStore(Store):
         # Chunk by chunk, so a large file streams; a file deleted meanwhile is an error, never
         # a silently shorter file.
         for part in range(parts):
-            with self._lock:
-                row = self._db.execute(
+            with self._read() as db:
+                row = db.execute(
                     "SELECT data FROM file_chunks WHERE file_id = ? AND part = ?", (file_id, part)
                 ).fetchone()
             if row is None:
@@ -195,41 +219,44 @@ class SqliteStore(Store):
                 ),
             )
 
-    def _batch_from_row(self, row: tuple[Any, ...]) -> BatchRecord:
+    def _batch_from_row(self, db: sqlite3.Connection, row: tuple[Any, ...]) -> BatchRecord:
         fields = dict(zip(BATCH_FIELDS, row, strict=True))
         fields["metadata"] = load_json(fields["metadata"])
         fields["errors"] = load_json(fields["errors"])
-        return BatchRecord(**fields, request_counts=self._counts(fields["id"]))
+        return BatchRecord(**fields, request_counts=self._counts(db, fields["id"]))
 
     def get_batch(self, batch_id: str) -> BatchRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
-            ).fetchone()
-            return self._batch_from_row(row) if row else None
+        with self._read() as db:
+            return self._get_batch(db, batch_id)
+
+    def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
+        row = db.execute(
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
+        ).fetchone()
+        return self._batch_from_row(db, row) if row else None
 
     def list_batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
-        with self._lock:
+        with self._read() as db:
             if after is None:
-                rows = self._db.execute(
+                rows = db.execute(
                     f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY seq_no DESC LIMIT ?", (limit,)
                 ).fetchall()
             else:
-                rows = self._db.execute(
+                rows = db.execute(
                     f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq_no < "
                     "(SELECT seq_no FROM batches WHERE id = ?) ORDER BY seq_no DESC LIMIT ?",
                     (after, limit),
                 ).fetchall()
-            return [self._batch_from_row(row) for row in rows]
+            return [self._batch_from_row(db, row) for row in rows]
 
     def batches_with_status(self, statuses: Collection[str]) -> list[BatchRecord]:
         marks = ",".join("?" * len(statuses))
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {BATCH_COLUMNS} FROM batches WHERE status IN ({marks}) ORDER BY seq_no",
                 tuple(statuses),
             ).fetchall()
-            return [self._batch_from_row(row) for row in rows]
+            return [self._batch_from_row(db, row) for row in rows]
 
     def update_batch(
         self, batch_id: str, expect_status: Collection[str], **changes: Any
@@ -268,13 +295,19 @@ class SqliteStore(Store):
             finished = self._update_batch(
                 db, batch_id, expect_status, " AND claim_owner = ?", (owner,), changes
             )
-            if finished is not None:
-                keep = [f for f in (finished.output_file_id, finished.error_file_id) if f]
-                marks = ",".join("?" * len(keep)) or "NULL"
+            if finished is None:  # the status moved on (a cancel): let the claim go anyway
                 db.execute(
-                    f"DELETE FROM files WHERE batch_id = ? AND id NOT IN ({marks})",
-                    (batch_id, *keep),
+                    "UPDATE batches SET claim_owner = NULL, claim_until = NULL "
+                    "WHERE id = ? AND claim_owner = ?",
+                    (batch_id, owner),
                 )
+                return None
+            keep = [f for f in (finished.output_file_id, finished.error_file_id) if f]
+            marks = ",".join("?" * len(keep)) or "NULL"
+            db.execute(
+                f"DELETE FROM files WHERE batch_id = ? AND id NOT IN ({marks})",
+                (batch_id, *keep),
+            )
             return finished
 
     def _update_batch(
@@ -295,7 +328,7 @@ class SqliteStore(Store):
             (*changes.values(), batch_id, *expect_status, *condition_args),
         ).rowcount
         # Read back inside the transaction: the record is this update's, not a later one's.
-        return self.get_batch(batch_id) if updated else None
+        return self._get_batch(db, batch_id) if updated else None
 
     # -- requests and leases -------------------------------------------------------------------
     def add_requests(self, batch_id: str, requests: Iterable[NewRequest]) -> int:
@@ -330,8 +363,9 @@ class SqliteStore(Store):
             )
         return len(rows)
 
-    def _counts(self, batch_id: str) -> RequestCounts:
-        row = self._db.execute(
+    @staticmethod
+    def _counts(db: sqlite3.Connection, batch_id: str) -> RequestCounts:
+        row = db.execute(
             "SELECT SUM(pending), SUM(leased), SUM(done), SUM(failed) FROM batch_counts "
             "WHERE batch_id = ?",
             (batch_id,),
@@ -346,13 +380,13 @@ class SqliteStore(Store):
         )
 
     def request_counts(self, batch_id: str) -> RequestCounts:
-        with self._lock:
-            return self._counts(batch_id)
+        with self._read() as db:
+            return self._counts(db, batch_id)
 
     def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
         marks = ",".join("?" * len(seqs))
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT seq, model, encoding_format FROM requests "
                 f"WHERE batch_id = ? AND seq IN ({marks})",
                 (batch_id, *seqs),
@@ -363,73 +397,81 @@ class SqliteStore(Store):
         self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
     ) -> list[Lease | Exception | None]:
         outcomes: list[Lease | Exception | None] = []
-        nothing_for: set[tuple[Any, ...]] = set()  # filters that found no batch in this call
+        # Within one call only leasing happens, which only takes work away: the batch chosen
+        # for a kind of ask stays the right one until it runs dry for it, a kind that found
+        # nothing finds nothing again, and a batch's pending count only falls by what we take.
+        chosen: dict[tuple[Any, ...], tuple[str, str, str] | None] = {}
+        pending: dict[str, int] = {}
         with self._write() as db:
             for ask in asks:
-                key = (ask.models, ask.purposes, ask.data_regions)
-                if key in nothing_for:
-                    outcomes.append(None)  # leasing only ever takes work away
+                try:
+                    outcome = self._lease_one(db, ask, now, lease_seconds, chosen, pending)
+                except _AskFailed as failed:  # raised before this ask wrote anything
+                    outcomes.append(failed.cause)
                     continue
-                outcome = self._isolated(db, self._lease_one, ask, now, lease_seconds)
-                if outcome is None:
-                    nothing_for.add(key)
                 outcomes.append(outcome)
         return outcomes
 
-    @staticmethod
-    def _isolated(db: sqlite3.Connection, step: Any, *args: Any) -> Any:
-        """Run one item of a batch operation in a savepoint: on error, undo it alone."""
-        db.execute("SAVEPOINT item")
-        try:
-            outcome = step(db, *args)
-        except Exception as exc:
-            db.execute("ROLLBACK TO item")
-            db.execute("RELEASE item")
-            return exc
-        db.execute("RELEASE item")
-        return outcome
-
     def _lease_one(
-        self, db: sqlite3.Connection, ask: LeaseAsk, now: float, lease_seconds: float
+        self,
+        db: sqlite3.Connection,
+        ask: LeaseAsk,
+        now: float,
+        lease_seconds: float,
+        chosen: dict[tuple[Any, ...], tuple[str, str, str] | None],
+        pending: dict[str, int],
     ) -> Lease | None:
         models, purposes, regions = ask.models, ask.purposes, ask.data_regions
         if not (models and purposes and regions):
             return None  # nothing allowed (and ``IN ()`` is not SQL everywhere)
+        key = (models, purposes, regions)
         model_marks = ",".join("?" * len(models))
-        row = db.execute(
-            "SELECT b.id, b.purpose, b.data_region FROM batches b "
-            f"WHERE b.status = 'in_progress' AND b.purpose IN ({','.join('?' * len(purposes))}) "
-            f"AND b.data_region IN ({','.join('?' * len(regions))}) AND EXISTS ("
-            "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
-            f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
-            (*purposes, *regions, *models),
-        ).fetchone()
-        if row is None:
-            return None
-        batch_id, purpose, data_region = row
-        size = max(1, ask.unit_size(self._counts(batch_id).pending))
-        picked = db.execute(
-            "SELECT seq, custom_id, texts, model FROM requests "
-            f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
-            "ORDER BY sort_key DESC, seq LIMIT ?",
-            (batch_id, *models, size),
-        ).fetchall()
+        while True:
+            if key not in chosen:
+                chosen[key] = db.execute(
+                    "SELECT b.id, b.purpose, b.data_region FROM batches b WHERE "
+                    f"b.status = 'in_progress' AND b.purpose IN ({','.join('?' * len(purposes))}) "
+                    f"AND b.data_region IN ({','.join('?' * len(regions))}) AND EXISTS ("
+                    "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
+                    f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
+                    (*purposes, *regions, *models),
+                ).fetchone()
+            found = chosen[key]
+            if found is None:
+                return None
+            batch_id, purpose, data_region = found
+            if batch_id not in pending:
+                pending[batch_id] = self._counts(db, batch_id).pending
+            try:
+                size = max(1, ask.unit_size(pending[batch_id]))
+            except Exception as exc:
+                raise _AskFailed(exc) from exc
+            picked = db.execute(
+                "SELECT seq, custom_id, texts, model, encoding_format FROM requests "
+                f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
+                "ORDER BY sort_key DESC, seq LIMIT ?",
+                (batch_id, *models, size),
+            ).fetchall()
+            if picked:
+                break
+            del chosen[key]  # this batch ran dry for these models in this call: choose again
         # One lease carries one model: keep the picked requests of the first one's model.
         model = picked[0][3]
         picked = [p for p in picked if p[3] == model]
         seqs = [p[0] for p in picked]
-        db.execute(
-            "UPDATE requests SET state = 'leased', lease_id = ? "
-            f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
-            (ask.lease_id, batch_id, *seqs),
-        )
+        pending[batch_id] -= len(seqs)
         deadline = now + lease_seconds
         db.execute(
             "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, "
             "deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
             (ask.lease_id, batch_id, ask.vehicle_id, model, json.dumps(seqs), now, deadline),
         )
-        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
+        db.execute(
+            "UPDATE requests SET state = 'leased', lease_id = ? "
+            f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
+            (ask.lease_id, batch_id, *seqs),
+        )
+        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2])), p[4]) for p in picked)
         return Lease(
             ask.lease_id,
             batch_id,
@@ -444,15 +486,20 @@ class SqliteStore(Store):
     def commit_many(
         self, commits: Sequence[ResultCommit], now: float, lease_seconds: float
     ) -> list[CommitOutcome | Exception]:
+        outcomes: list[CommitOutcome | Exception] = []
         with self._write() as db:
-            return [
-                self._isolated(db, self._commit_one, chunk, now, lease_seconds) for chunk in commits
-            ]
+            for chunk in commits:
+                try:
+                    check_energy(chunk.energy_j)  # refused before anything is written
+                except ValueError as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(self._commit_one(db, chunk, now, lease_seconds))
+        return outcomes
 
     def _commit_one(
         self, db: sqlite3.Connection, chunk: ResultCommit, now: float, lease_seconds: float
     ) -> CommitOutcome:
-        check_energy(chunk.energy_j)
         lease = db.execute(
             "SELECT batch_id, seqs, state, deadline FROM leases WHERE id = ? AND vehicle_id = ?",
             (chunk.lease_id, chunk.vehicle_id),
@@ -460,60 +507,68 @@ class SqliteStore(Store):
         if lease is None:
             return CommitOutcome(0, 0, False, None, unknown_lease=True)
         batch_id, seqs_json, state, deadline = lease
-        if chunk.energy_j:
-            db.execute(
-                "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?",
-                (chunk.energy_j, chunk.lease_id),
+        leased: list[int] = json.loads(seqs_json)
+        # Where every request of the lease stands, by primary key (a condition on ``state``
+        # would make SQLite walk every leased request of the batch instead).
+        now_in = {
+            seq: (state_, holder)
+            for seq, state_, holder in db.execute(
+                "SELECT seq, state, lease_id FROM requests "
+                f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(leased))})",
+                (batch_id, *leased),
             )
-        leased = set(json.loads(seqs_json))
-        mine = [r for r in chunk.results if r.seq in leased]
-        # A late answer may finish requests another car's lease holds now: remember those
-        # leases so they can close once nothing in them is left open.
-        # Looked up by primary key and filtered here: a condition on ``state`` would make
-        # SQLite walk every leased request of the batch instead.
-        seq_marks = ",".join("?" * len(mine))
-        rows = (
-            db.execute(
-                f"SELECT state, lease_id FROM requests WHERE batch_id = ? AND seq IN ({seq_marks})",
-                (batch_id, *(r.seq for r in mine)),
-            ).fetchall()
-            if mine
-            else []
-        )
-        other_leases = {
-            holder for state_, holder in rows if state_ == "leased" and holder != chunk.lease_id
         }
-        # The first result of a request wins; a repeat (here or later) changes no row.
-        committed = db.executemany(
-            "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
-            "body = ?, vehicle_id = ?, lease_id = ? "
-            "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
-            [
-                (
-                    r.vectors,
-                    r.dim,
-                    r.token_count,
-                    r.body,
-                    chunk.vehicle_id,
-                    chunk.lease_id,
-                    batch_id,
-                    r.seq,
-                )
-                for r in mine
-            ],
-        ).rowcount
-        committed = max(0, committed)
-        for other in other_leases:
+        mine = [r for r in chunk.results if r.seq in now_in]
+        first: dict[int, RequestResult] = {}  # the first result of a request wins
+        for r in mine:
+            if r.seq not in first and now_in[r.seq][0] in ("pending", "leased"):
+                first[r.seq] = r
+        if first:
+            db.executemany(
+                "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
+                "body = ?, vehicle_id = ?, lease_id = ? "
+                "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
+                [
+                    (
+                        r.vectors,
+                        r.dim,
+                        r.token_count,
+                        r.body,
+                        chunk.vehicle_id,
+                        chunk.lease_id,
+                        batch_id,
+                        r.seq,
+                    )
+                    for r in first.values()
+                ],
+            )
+        # A late answer may finish requests another car's lease holds now: close those leases
+        # too once nothing in them is left open.
+        for other in {
+            now_in[seq][1]
+            for seq in first
+            if now_in[seq][0] == "leased" and now_in[seq][1] != chunk.lease_id
+        }:
             self._close_if_finished(db, other)
         active = state == "active"
         finished = False
         if active:
             deadline = now + lease_seconds
-            db.execute("UPDATE leases SET deadline = ? WHERE id = ?", (deadline, chunk.lease_id))
-            finished = self._close_if_finished(db, chunk.lease_id)
+            finished = not any(
+                now_in[seq] == ("leased", chunk.lease_id) and seq not in first for seq in leased
+            )
+            db.execute(
+                "UPDATE leases SET deadline = ?, energy_j = energy_j + ?, state = ? WHERE id = ?",
+                (deadline, chunk.energy_j, "finished" if finished else "active", chunk.lease_id),
+            )
+        elif chunk.energy_j:
+            db.execute(
+                "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?",
+                (chunk.energy_j, chunk.lease_id),
+            )
         return CommitOutcome(
-            committed,
-            len(mine) - committed,
+            len(first),
+            len(mine) - len(first),
             active,
             deadline if active else None,
             lease_finished=finished,
@@ -544,8 +599,8 @@ class SqliteStore(Store):
 
     def _leases(self, tail: str, args: tuple[Any, ...]) -> list[Lease]:
         # Purpose and region are the batch's (fixed at creation), so they are read from it.
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT l.id, l.batch_id, l.vehicle_id, l.model, l.deadline, l.state, "
                 "b.purpose, b.data_region, l.energy_j, l.end_reason "
                 f"FROM leases l JOIN batches b ON b.id = l.batch_id {tail}",
@@ -636,8 +691,8 @@ class SqliteStore(Store):
         return returned
 
     def active_lease_count(self, batch_id: str) -> int:
-        with self._lock:
-            (n,) = self._db.execute(
+        with self._read() as db:
+            (n,) = db.execute(
                 "SELECT COUNT(*) FROM leases WHERE batch_id = ? AND state = 'active'", (batch_id,)
             ).fetchone()
         return int(n)
@@ -657,8 +712,8 @@ class SqliteStore(Store):
     def iter_requests(self, batch_id: str) -> Iterator[StoredRequest]:
         last = -1
         while True:
-            with self._lock:
-                rows = self._db.execute(
+            with self._read() as db:
+                rows = db.execute(
                     "SELECT seq, custom_id, state, encoding_format, model, vectors, dim, "
                     "token_count, error_status, error_body, body FROM requests "
                     "WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT 1000",
@@ -675,8 +730,8 @@ class SqliteStore(Store):
             last = rows[-1][0]
 
     def vehicle_usage(self, batch_id: str) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT vehicle_id, COUNT(*) FROM requests WHERE batch_id = ? AND state = 'done' "
                 "GROUP BY vehicle_id",
                 (batch_id,),
@@ -716,8 +771,8 @@ class SqliteStore(Store):
         return max(0, changed)
 
     def count_live_vehicles(self, since: float) -> int:
-        with self._lock:
-            (n,) = self._db.execute(
+        with self._read() as db:
+            (n,) = db.execute(
                 "SELECT COUNT(*) FROM vehicles WHERE last_seen >= ?", (since,)
             ).fetchone()
         return int(n)
@@ -725,8 +780,8 @@ class SqliteStore(Store):
     _LIVENESS_COLUMNS = "id, models, last_seen, status, status_reason"
 
     def live_vehicles(self, since: float) -> list[VehicleLiveness]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {self._LIVENESS_COLUMNS} FROM vehicles WHERE last_seen >= ? ORDER BY id",
                 (since,),
             ).fetchall()
@@ -737,8 +792,8 @@ class SqliteStore(Store):
         found: dict[str, VehicleLiveness] = {}
         for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
             part = ids[start : start + 500]
-            with self._lock:
-                rows = self._db.execute(
+            with self._read() as db:
+                rows = db.execute(
                     f"SELECT {self._LIVENESS_COLUMNS} FROM vehicles "
                     f"WHERE id IN ({','.join('?' * len(part))})",
                     part,
@@ -759,8 +814,8 @@ class SqliteStore(Store):
             )
 
     def _vehicles(self, where: str, args: tuple[Any, ...]) -> list[VehicleRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT v.id, v.hardware, v.models, v.registered_at, v.last_seen, v.status, "
                 "(SELECT COUNT(*) FROM requests r WHERE r.vehicle_id = v.id AND r.state = 'done'), "
                 "v.status_reason "
@@ -816,8 +871,8 @@ class SqliteStore(Store):
         return record
 
     def current_policy(self, vehicle_id: str) -> PolicyRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE vehicle_id = ? "
                 "ORDER BY version DESC LIMIT 1",
                 (vehicle_id,),
@@ -829,8 +884,8 @@ class SqliteStore(Store):
         found: dict[str, PolicyRecord] = {}
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
-            with self._lock:
-                rows = self._db.execute(
+            with self._read() as db:
+                rows = db.execute(
                     f"SELECT {self._POLICY_COLUMNS} FROM owner_policies p WHERE vehicle_id IN "
                     f"({','.join('?' * len(part))}) AND version = (SELECT MAX(version) FROM "
                     "owner_policies q WHERE q.vehicle_id = p.vehicle_id)",
@@ -840,8 +895,8 @@ class SqliteStore(Store):
         return found
 
     def policies_since(self, since: float) -> list[PolicyRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE created_at >= ? "
                 "ORDER BY created_at, vehicle_id, version",
                 (since,),
@@ -849,13 +904,21 @@ class SqliteStore(Store):
         return [PolicyRecord(*row) for row in rows]
 
     def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {self._POLICY_COLUMNS} FROM owner_policies WHERE vehicle_id = ? "
                 "ORDER BY version DESC LIMIT ?",
                 (vehicle_id, limit),
             ).fetchall()
         return [PolicyRecord(*row) for row in reversed(rows)]
+
+
+class _AskFailed(Exception):
+    """An ask's own code (its ``unit_size``) raised before the ask wrote anything."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -1,0 +1,237 @@
+"""Long-polled work requests: parked while there is nothing to do, leased in rounds.
+
+A car with nothing to do asks for work and waits up to ``wait_s`` for an answer. Here such a
+request costs an entry in a dict and a timer, never a task, a thread or a store query: the
+dispatcher remembers, per kind of car (its models and its owner's purposes and regions), that
+the store had nothing for that kind, and parks every request of that kind without asking again
+until work is announced (a new batch, returned requests: :meth:`Dispatcher.work_available`,
+which every replica hears over NATS) or ``recheck_s`` has passed (in case an announcement was
+lost). When there may be work, the dispatcher takes up to ``round_size`` waiting requests and
+leases units to all of them in ONE store transaction (``lease``, run in a worker thread), so a
+lease costs the same with 10 or 10,000 cars waiting, and a crowd of cars asking at once shares
+one fsync. Requests that arrive meanwhile queue for the next round.
+
+Answers go out through each request's ``answer`` coroutine (the NATS edge publishes the reply).
+A car that asks again while its earlier request waits (an agent restarted) gets its earlier
+request answered empty at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from idlefleet.protocol.messages import WireError, WorkGrant, WorkRequest
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+Answer = Callable[[WorkGrant], Awaitable[None]]
+LeaseRound = Callable[[Sequence[tuple[str, WorkRequest]]], Sequence[WorkGrant | None]]
+KeyOf = Callable[[str, WorkRequest], Hashable]
+
+NO_WORK_RETRY_S = 0.5
+"""Retry hint for a car that asked without waiting and got nothing."""
+
+
+@dataclass(eq=False)
+class _Ask:
+    vehicle_id: str
+    request: WorkRequest
+    answer: Answer
+    deadline: float
+    key: Hashable
+    timer: asyncio.TimerHandle | None = None
+    in_round: bool = False
+    expired: bool = False
+    replaced: bool = False
+
+
+class Dispatcher:
+    """See the module docstring. Use from one event loop; ``run`` serves until cancelled."""
+
+    def __init__(
+        self,
+        lease: LeaseRound,
+        key_of: KeyOf,
+        round_size: int = 128,
+        recheck_s: float = 2.0,
+    ) -> None:
+        self._lease = lease
+        self._key_of = key_of
+        self.round_size = round_size
+        self.recheck_s = recheck_s
+        self._waiting: dict[Hashable, OrderedDict[str, _Ask]] = {}
+        self._by_vehicle: dict[str, _Ask] = {}
+        self._empty: dict[Hashable, tuple[int, float]] = {}  # key -> (epoch, when) found empty
+        self._epoch = 0
+        self._expired: list[_Ask] = []
+        self._wake = asyncio.Event()
+        self.rounds = 0
+        self.leased = 0
+        self.asked = 0
+        self.busy_s = 0.0
+        """Time spent leasing (worker thread), summed over rounds."""
+
+    @property
+    def parked(self) -> int:
+        """Requests waiting for work now."""
+        return len(self._by_vehicle)
+
+    # -- called by the NATS edge ---------------------------------------------------------------
+    def submit(self, vehicle_id: str, request: WorkRequest, answer: Answer) -> None:
+        """Take a work request; ``answer`` is awaited with the grant (or an empty one)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earlier = self._by_vehicle.get(vehicle_id)
+        if earlier is not None:
+            self._drop(earlier)
+            earlier.replaced = True
+            if not earlier.in_round:
+                self._expired.append(earlier)
+        ask = _Ask(
+            vehicle_id, request, answer, now + request.wait_s, self._key_of(vehicle_id, request)
+        )
+        if request.wait_s <= 0 and self._known_empty(ask.key, now):
+            self._expired.append(ask)  # asked without waiting, and there is nothing: say so
+            self._wake.set()
+            return
+        self._by_vehicle[vehicle_id] = ask
+        if request.wait_s > 0:
+            ask.timer = loop.call_at(ask.deadline, self._timed_out, ask)
+        self._park(ask)
+        if self._expired or not self._known_empty(ask.key, now):
+            self._wake.set()
+
+    def work_available(self) -> None:
+        """Work may have entered the queue: forget what was found empty, look again."""
+        self._epoch += 1
+        self._empty.clear()
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.recheck_s)
+            self._wake.clear()
+            await self._answer_expired()
+            while taken := self._take_round(loop.time()):
+                epoch = self._epoch
+                asks = [(a.vehicle_id, a.request) for a in taken]
+                started = time.perf_counter()
+                try:
+                    grants = list(await asyncio.to_thread(self._lease, asks))
+                except Exception as exc:
+                    log.warning("a dispatch round of %d failed: %s", len(taken), exc)
+                    grants = [_failed(exc)] * len(taken)
+                self.busy_s += time.perf_counter() - started
+                self.rounds += 1
+                self.asked += len(taken)
+                await self._settle(taken, grants, epoch, loop.time())
+                await self._answer_expired()
+
+    def _take_round(self, now: float) -> list[_Ask]:
+        taken: list[_Ask] = []
+        for key in list(self._waiting):
+            if self._known_empty(key, now):
+                continue
+            queue = self._waiting[key]
+            while queue and len(taken) < self.round_size:
+                _, ask = queue.popitem(last=False)
+                ask.in_round = True
+                taken.append(ask)
+            if not queue:
+                del self._waiting[key]
+            if len(taken) >= self.round_size:
+                break
+        return taken
+
+    async def _settle(
+        self, taken: list[_Ask], grants: list[WorkGrant | None], epoch: int, now: float
+    ) -> None:
+        for ask, grant in zip(taken, grants, strict=True):
+            ask.in_round = False
+            if grant is None:
+                # Nothing for this kind of car as of the round's start; a later announcement
+                # (a newer epoch) makes it worth asking again.
+                ask.key = self._key_of(ask.vehicle_id, ask.request)
+                if epoch == self._epoch:
+                    self._empty[ask.key] = (epoch, now)
+                if ask.replaced:
+                    await self._send(ask, _empty_grant(ask))
+                elif ask.expired or ask.request.wait_s <= 0 or now >= ask.deadline:
+                    self._forget(ask)
+                    await self._send(ask, _empty_grant(ask))
+                else:
+                    self._park(ask)
+                continue
+            if grant.lease_id is not None:
+                self.leased += 1
+            if not ask.replaced:
+                self._forget(ask)
+            await self._send(ask, grant)
+
+    async def _answer_expired(self) -> None:
+        while self._expired:
+            expired, self._expired = self._expired, []
+            for ask in expired:
+                await self._send(ask, _empty_grant(ask))
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _timed_out(self, ask: _Ask) -> None:
+        ask.timer = None
+        ask.expired = True
+        if ask.in_round or ask.replaced:
+            return  # the round answers it
+        self._forget(ask)
+        self._expired.append(ask)
+        self._wake.set()
+
+    def _park(self, ask: _Ask) -> None:
+        self._waiting.setdefault(ask.key, OrderedDict())[ask.vehicle_id] = ask
+
+    def _drop(self, ask: _Ask) -> None:
+        """Take ``ask`` out of the waiting queues and cancel its timer (not its answer)."""
+        queue = self._waiting.get(ask.key)
+        if queue is not None and queue.get(ask.vehicle_id) is ask:
+            del queue[ask.vehicle_id]
+            if not queue:
+                del self._waiting[ask.key]
+        if ask.timer is not None:
+            ask.timer.cancel()
+            ask.timer = None
+
+    def _forget(self, ask: _Ask) -> None:
+        self._drop(ask)
+        if self._by_vehicle.get(ask.vehicle_id) is ask:
+            del self._by_vehicle[ask.vehicle_id]
+
+    def _known_empty(self, key: Hashable, now: float) -> bool:
+        found = self._empty.get(key)
+        return found is not None and found[0] == self._epoch and now - found[1] < self.recheck_s
+
+    @staticmethod
+    async def _send(ask: _Ask, grant: WorkGrant) -> None:
+        try:
+            await ask.answer(grant)
+        except Exception:  # a car that went away must not stop the others' answers
+            log.exception("answering %s failed", ask.vehicle_id)
+
+
+def _empty_grant(ask: _Ask) -> WorkGrant:
+    # After a long poll the car may ask again at once; without one it should pause a little.
+    return WorkGrant(retry_after_s=0.0 if ask.request.wait_s > 0 else NO_WORK_RETRY_S)
+
+
+def _failed(exc: BaseException) -> WorkGrant:
+    return WorkGrant(
+        error=WireError(code="internal", message=f"the coordinator failed ({type(exc).__name__})")
+    )
