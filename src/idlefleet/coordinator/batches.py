@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,18 +31,20 @@ from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, Pay
 from idlefleet.coordinator.openai_format import (
     batch_errors_object,
     derived_id,
-    embedding_response,
+    embedding_bodies_json,
     error_line,
     new_id,
     output_line,
     output_line_json,
 )
-from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store
+from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store, StoredRequest
 from idlefleet.protocol.policy import DATA_REGIONS, DEFAULT_DATA_REGION, DEFAULT_PURPOSE, PURPOSES
 
 log = logging.getLogger(__name__)
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+RENDER_BLOCK = 1024
+"""Requests whose response bodies finalisation renders in one numpy pass."""
 FILE_PURPOSES = ("batch",)
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -374,8 +376,9 @@ class BatchService:
                     self.store.delete_file(file_id)
 
     def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str) -> tuple[int, int]:
-        n_out = n_err = 0
+        counts = [0, 0]  # output lines, error lines
         renew_at = time.monotonic() + self.limits.claim_seconds / 3
+        block: list[StoredRequest] = []
         for req in self.store.iter_requests(batch_id):
             if time.monotonic() >= renew_at:  # a long batch: keep the claim alive
                 self.store.claim_batch(
@@ -386,31 +389,12 @@ class BatchService:
                     self.limits.claim_seconds,
                 )
                 renew_at = time.monotonic() + self.limits.claim_seconds / 3
-            request_id = derived_id("batch_req_", batch_id, req.seq)
-            if req.state == "done" and req.body is not None:
-                response_id = derived_id("", batch_id, req.seq, "response")
-                out.write(output_line_json(request_id, req.custom_id, 200, req.body, response_id))
-                n_out += 1
-            elif req.state == "done" and req.vectors is not None and req.dim:
-                vectors = np.frombuffer(req.vectors, dtype="<f4").reshape(-1, req.dim)
-                fmt: Literal["float", "base64"] = (
-                    "base64" if req.encoding_format == "base64" else "float"
-                )
-                body = embedding_response(req.model, vectors, [req.token_count or 0], fmt)
-                out.write(output_line(request_id, req.custom_id, 200, body))
-                n_out += 1
-            elif req.error_body is not None and req.error_status is not None:
-                error = req.error_body.get("error", {})
-                if error.get("code") in ("batch_cancelled", "batch_expired"):
-                    err.write(
-                        error_line(request_id, req.custom_id, error["code"], error["message"])
-                    )
-                else:
-                    err.write(
-                        output_line(request_id, req.custom_id, req.error_status, req.error_body)
-                    )
-                n_err += 1
-        return n_out, n_err
+            block.append(req)
+            if len(block) >= RENDER_BLOCK:
+                _render_block(batch_id, block, out, err, counts)
+                block = []
+        _render_block(batch_id, block, out, err, counts)
+        return counts[0], counts[1]
 
     def _store_spool(self, spool: BinaryIO, filename: str, batch_id: str) -> str:
         size = spool.tell()
@@ -425,6 +409,43 @@ class BatchService:
         )
         self.store.put_file(record, iter(lambda: spool.read(1024 * 1024), b""))
         return record.id
+
+
+def _render_block(
+    batch_id: str, block: list[StoredRequest], out: BinaryIO, err: BinaryIO, counts: list[int]
+) -> None:
+    """Write the lines of consecutive requests; every stored vector of the block is turned into
+    its response body in one numpy pass (per dimension), which is most of the cost."""
+    bodies: dict[int, bytes] = {}
+    by_dim: dict[int, list[StoredRequest]] = {}
+    for req in block:
+        if req.state == "done" and req.body is None and req.vectors is not None and req.dim:
+            by_dim.setdefault(req.dim, []).append(req)
+    for dim, group in by_dim.items():
+        matrices = [np.frombuffer(r.vectors or b"", dtype="<f4").reshape(-1, dim) for r in group]
+        rendered = embedding_bodies_json(
+            [r.model for r in group],
+            np.concatenate(matrices),
+            [len(m) for m in matrices],
+            [r.token_count or 0 for r in group],
+            ["base64" if r.encoding_format == "base64" else "float" for r in group],
+        )
+        bodies.update((r.seq, body) for r, body in zip(group, rendered, strict=True))
+    for req in block:
+        request_id = derived_id("batch_req_", batch_id, req.seq)
+        # Rows committed before vectors were rendered at finalisation carry their body.
+        body = req.body if req.body is not None else bodies.get(req.seq)
+        if req.state == "done" and body is not None:
+            response_id = derived_id("", batch_id, req.seq, "response")
+            out.write(output_line_json(request_id, req.custom_id, 200, body, response_id))
+            counts[0] += 1
+        elif req.error_body is not None and req.error_status is not None:
+            error = req.error_body.get("error", {})
+            if error.get("code") in ("batch_cancelled", "batch_expired"):
+                err.write(error_line(request_id, req.custom_id, error["code"], error["message"]))
+            else:
+                err.write(output_line(request_id, req.custom_id, req.error_status, req.error_body))
+            counts[1] += 1
 
 
 def _new_request(seq: int, spec: Any) -> NewRequest:

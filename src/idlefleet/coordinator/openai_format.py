@@ -208,29 +208,33 @@ def embedding_body_json(
 
 
 def embedding_bodies_json(
-    job_model: str,
+    models: Sequence[str],
     vectors: npt.NDArray[np.float32],
     vector_counts: Sequence[int],
     token_counts: Sequence[int],
     encoding_formats: Sequence[str],
 ) -> list[bytes]:
     """The response bodies of several requests whose vectors lie one after another in
-    ``vectors`` (request ``i`` has ``vector_counts[i]`` rows and ``token_counts[i]`` tokens).
+    ``vectors`` (request ``i`` of ``models[i]`` has ``vector_counts[i]`` rows and
+    ``token_counts[i]`` tokens).
 
     Each body is what :func:`embedding_body_json` gives for its rows; the rows of every
-    encoding are converted in one numpy pass for the whole chunk, which is most of the cost.
+    encoding are converted in one numpy pass for them all, which is most of the cost.
     """
-    if len(vector_counts) != len(token_counts) or len(vector_counts) != len(encoding_formats):
-        raise ValueError("vector_counts, token_counts and encoding_formats differ in length")
+    n = len(models)
+    if not len(vector_counts) == len(token_counts) == len(encoding_formats) == n:
+        raise ValueError("models, counts and encoding_formats differ in length")
     if sum(vector_counts) != len(vectors):
         raise ValueError(f"{len(vectors)} vectors for {sum(vector_counts)} counted")
     encoded = {fmt: _encoded_rows(vectors, fmt) for fmt in set(encoding_formats)}
     bodies = []
     row = 0
-    for n, tokens, fmt in zip(vector_counts, token_counts, encoding_formats, strict=True):
-        body = _embedding_body(job_model, encoded[fmt][row : row + n], int(tokens))
+    for model, count, tokens, fmt in zip(
+        models, vector_counts, token_counts, encoding_formats, strict=True
+    ):
+        body = _embedding_body(model, encoded[fmt][row : row + count], int(tokens))
         bodies.append(_jsonl(body)[:-1])
-        row += n
+        row += count
     return bodies
 
 

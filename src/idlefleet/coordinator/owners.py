@@ -117,17 +117,12 @@ class OwnerService:
         """Current version per car (0: none), read from the store in one query."""
         return {vid: p.version for vid, p in self.refresh(vehicle_ids).items()}
 
-    def catch_up(self, since: float) -> float:
-        """Take in the versions appended since ``since`` (by any replica).
-
-        Returns the newest ``created_at`` seen (or ``since``), for the next call; callers pass
-        a little less than that, since replicas' clocks and commits interleave.
-        """
-        newest = since
-        for record in self.store.policies_since(since):
+    def catch_up(self, since: float) -> int:
+        """Take in the versions appended at or after ``since`` (by any replica); how many."""
+        records = self.store.policies_since(since)
+        for record in records:
             self._parse(record, record.vehicle_id)
-            newest = max(newest, record.created_at)
-        return newest
+        return len(records)
 
     def history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyVersion]:
         """The consent record, oldest first (the latest ``limit`` versions)."""

@@ -1,9 +1,11 @@
 """The contract every :class:`~idlefleet.coordinator.store.base.Store` backend must honour.
 
-One suite, run against every backend in ``BACKENDS`` (Flower's ``linkstate_test.py`` pattern): the
-tests talk only to the abstract interface, so a new backend (PostgreSQL) joins by adding one
-factory. The MUST-guarantees of ``store/base.py`` each have a test here; time is always passed
-as an explicit ``now`` so nothing depends on the wall clock.
+One suite, run against every backend in ``BACKENDS`` (Flower's ``linkstate_test.py`` pattern),
+SQLite and PostgreSQL: the tests talk only to the abstract interface, so a backend joins by
+adding one factory. The MUST-guarantees of ``store/base.py`` each have a test here; time is
+always passed as an explicit ``now`` so nothing depends on the wall clock. PostgreSQL stores
+live in schemas of one database made for the session, on the server ``postgres_admin_dsn``
+names (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ import random
 import struct
 import tempfile
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from idlefleet.coordinator.store import (
     BatchRecord,
@@ -44,25 +51,74 @@ from idlefleet.coordinator.store import (
     sqlite_url,
 )
 from idlefleet.coordinator.store.migrations import MIGRATIONS
+from idlefleet.embedded.postgres import create_database, drop_database
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 
 # -- backends ------------------------------------------------------------------------------------
 
 
-def _sqlite_url(directory: Path) -> str:
-    return sqlite_url(directory / "store.db")
+def _sqlite_url(request: pytest.FixtureRequest) -> str:
+    """A database file in a new directory under pytest's temp root."""
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    return sqlite_url(Path(tempfile.mkdtemp(dir=base)) / "store.db")
 
 
-# name -> factory: given an empty directory of its own, return the URL of a fresh, empty store.
-# A URL (not an open store) so that tests can reopen it and hand it to other processes.
-BACKENDS: dict[str, Callable[[Path], str]] = {
+def _postgresql_url(request: pytest.FixtureRequest) -> str:
+    """A new, empty schema in the session's test database."""
+    new_schema: Callable[[], str] = request.getfixturevalue("postgres_store_schemas")
+    return new_schema()
+
+
+# name -> factory: given the asking test's fixture request (through which it reaches the
+# fixtures it needs), return the URL of a fresh, empty store. A URL (not an open store) so that
+# tests can reopen it and hand it to other processes. Session-scoped fixtures only: the property
+# tests call the factory once per example.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], str]] = {
+    "postgresql": _postgresql_url,
     "sqlite": _sqlite_url,
 }
 
 
+def postgres_url(dsn: str, schema: str | None = None) -> str:
+    """The ``postgresql://`` store URL of libpq DSN ``dsn``, its tables in ``schema`` if given."""
+    parts = conninfo_to_dict(dsn)
+    host = str(parts.get("host", ""))
+    host = f"[{host}]" if ":" in host else quote(host, safe="")
+    user = quote(str(parts.get("user", "")), safe="")
+    if "password" in parts:
+        user += ":" + quote(str(parts["password"]), safe="")
+    port = f":{parts['port']}" if "port" in parts else ""
+    url = f"postgresql://{user}@{host}{port}/{quote(str(parts.get('dbname', '')), safe='')}"
+    return f"{url}?options=-csearch_path%3D{schema}" if schema else url
+
+
+@pytest.fixture(scope="session")
+def postgres_store_schemas(postgres_admin_dsn: str) -> Iterator[Callable[[], str]]:
+    """A factory of store URLs, each a new schema in one database made for the session.
+
+    A database per store would cost a CREATE DATABASE per test and per property example; a
+    schema costs a millisecond, and the store's ``search_path`` keeps its tables (and its
+    migrations) inside it.
+    """
+    name = f"idlefleet_test_store_{uuid.uuid4().hex[:12]}"
+    dsn = create_database(postgres_admin_dsn, name)
+    admin = psycopg.connect(dsn, autocommit=True)
+
+    def new_schema() -> str:
+        schema = f"t_{uuid.uuid4().hex}"
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        return postgres_url(dsn, schema)
+
+    try:
+        yield new_schema
+    finally:
+        admin.close()
+        drop_database(postgres_admin_dsn, name)
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return BACKENDS[request.param](tmp_path)
+def store_url(request: pytest.FixtureRequest) -> str:
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture
@@ -1337,10 +1393,9 @@ class _Reference:
 @settings(max_examples=150, deadline=None, database=None)
 @given(ops=st.lists(_op, min_size=5, max_size=40))
 def test_random_lease_histories_commit_every_request_exactly_once(
-    backend: str, ops: list[tuple[Any, ...]], tmp_path_factory: pytest.TempPathFactory
+    backend: str, ops: list[tuple[Any, ...]], request: pytest.FixtureRequest
 ) -> None:
-    directory = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
-    with opened(BACKENDS[backend](directory)) as s:
+    with opened(BACKENDS[backend](request)) as s:
         reference = _Reference(s)
 
         for op in ops:
@@ -1443,10 +1498,9 @@ def test_lease_unit_never_leases_a_batch_the_owner_does_not_allow(
     purposes: set[str],
     regions: set[str],
     order: list[tuple[str, str]],
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
-    directory = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
-    with opened(BACKENDS[backend](directory)) as s:
+    with opened(BACKENDS[backend](request)) as s:
         for i, (purpose, region) in enumerate(order):
             add_tagged_batch(s, f"b-{purpose}-{region}", purpose, region, 2, int(NOW) + i)
 
@@ -1695,15 +1749,51 @@ def _sqlite_v1_with_rows(url: str) -> None:
     db.close()
 
 
-# name -> builder of a schema-1 database with rows at the URL BACKENDS gives for a directory.
-SCHEMA_1_BUILDERS: dict[str, Callable[[str], None]] = {"sqlite": _sqlite_v1_with_rows}
+def _postgresql_v1_with_rows(url: str) -> None:
+    """The same rows as ``_sqlite_v1_with_rows``, in a PostgreSQL schema of migration 1."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        db.execute(MIGRATIONS[0].sql("postgresql"))
+        db.execute("INSERT INTO schema_migrations VALUES (1, %s, %s)", (MIGRATIONS[0].name, NOW))
+        db.execute(
+            "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, "
+            "created_at, expires_at, seq_no) VALUES "
+            "('batch-old', 'file-1', '/v1/embeddings', '24h', 'in_progress', %s, %s, 1)",
+            (int(NOW), int(NOW) + 86_400),
+        )
+        for seq in range(3):
+            db.execute(
+                "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+                "sort_key, state) VALUES ('batch-old', %s, %s, %s, 'float', '[\"x\"]', 1, %s)",
+                (seq, f"req-{seq}", MODEL, "leased" if seq == 0 else "pending"),
+            )
+        db.execute("UPDATE requests SET lease_id = 'lease-old' WHERE seq = 0")
+        db.execute(
+            "INSERT INTO leases VALUES "
+            "('lease-old', 'batch-old', 'car-1', %s, '[0]', %s, %s, 'active')",
+            (MODEL, NOW, NOW + LEASE_SECONDS),
+        )
+        db.execute(
+            "INSERT INTO vehicles VALUES ('car-1', '{}', %s, %s, %s, 'working')",
+            (f'["{MODEL}"]', NOW, NOW),
+        )
+
+
+# name -> builder of a schema-1 database with rows at a URL that BACKENDS gave.
+SCHEMA_1_BUILDERS: dict[str, Callable[[str], None]] = {
+    "postgresql": _postgresql_v1_with_rows,
+    "sqlite": _sqlite_v1_with_rows,
+}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_migration_2_upgrades_a_schema_1_database_with_defaults(
-    backend: str, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest
 ) -> None:
-    url = BACKENDS[backend](tmp_path)
+    url = BACKENDS[backend](request)
     SCHEMA_1_BUILDERS[backend](url)
 
     with opened(url) as upgraded:
@@ -1943,6 +2033,18 @@ def test_finish_batch_is_only_for_the_claims_holder(store: Store) -> None:
     assert holder is not None and (holder.status, holder.completed_at) == ("completed", int(NOW))
 
 
+def test_finish_batch_lets_the_claim_go_when_the_status_moved_on(store: Store) -> None:
+    add_batch(store, n=1, status="validating")
+    store.claim_batch("batch-1", ["validating"], "a", NOW, 60)
+    store.update_batch("batch-1", ["validating"], status="cancelling")  # a cancel came in
+
+    finished = store.finish_batch("batch-1", ["validating"], "a", status="in_progress")
+    cancel = store.claim_batch("batch-1", ["cancelling"], "b", NOW + 1, 60)
+
+    assert finished is None
+    assert cancel is not None and cancel.status == "cancelling"  # no waiting for a's claim
+
+
 def test_finish_batch_keeps_exactly_the_output_files_it_names(store: Store) -> None:
     add_batch(store, n=1)
     add_batch(store, "batch-2", n=1, created_at=int(NOW) + 1)
@@ -1971,6 +2073,19 @@ def test_finish_batch_keeps_exactly_the_output_files_it_names(store: Store) -> N
         "file-input",
     }
     assert b"".join(store.read_file(output)) == b"out"
+
+
+def test_batch_files_are_the_output_and_error_files_of_that_batch(store: Store) -> None:
+    _output_file(store, "file-out-b")
+    _output_file(store, "file-out-a")
+    _output_file(store, "file-of-batch-2", batch_id="batch-2")
+    store.put_file(file_record("file-input"), [b"{}"])  # a customer's file: no batch
+
+    files = store.batch_files("batch-1")
+
+    assert [f.id for f in files] == ["file-out-a", "file-out-b"]
+    assert files[0] == store.get_file("file-out-a")
+    assert store.batch_files("batch-missing") == []
 
 
 def test_a_files_batch_id_round_trips(store: Store) -> None:

@@ -135,8 +135,6 @@ class LeasedItem:
     seq: int
     custom_id: str
     texts: tuple[str, ...]
-    encoding_format: str = "float"
-    """How the request's response renders its vectors (``float`` or ``base64``)."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +292,10 @@ class Store(ABC):
 
     @abstractmethod
     def delete_file(self, file_id: str) -> bool: ...
+
+    @abstractmethod
+    def batch_files(self, batch_id: str) -> list[FileRecord]:
+        """The output and error files stored for a batch (``batch_id`` set), by id."""
 
     # -- batches -------------------------------------------------------------------------------
     @abstractmethod

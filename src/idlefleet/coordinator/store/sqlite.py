@@ -182,6 +182,15 @@ class SqliteStore(Store):
                 raise KeyError(file_id)
             yield bytes(row[0])
 
+    def batch_files(self, batch_id: str) -> list[FileRecord]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+                "WHERE batch_id = ? ORDER BY id",
+                (batch_id,),
+            ).fetchall()
+        return [FileRecord(*row) for row in rows]
+
     def delete_file(self, file_id: str) -> bool:
         with self._write() as db:
             db.execute("DELETE FROM file_chunks WHERE file_id = ?", (file_id,))
@@ -447,7 +456,7 @@ class SqliteStore(Store):
             except Exception as exc:
                 raise _AskFailed(exc) from exc
             picked = db.execute(
-                "SELECT seq, custom_id, texts, model, encoding_format FROM requests "
+                "SELECT seq, custom_id, texts, model FROM requests "
                 f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
                 "ORDER BY sort_key DESC, seq LIMIT ?",
                 (batch_id, *models, size),
@@ -471,7 +480,7 @@ class SqliteStore(Store):
             f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
             (ask.lease_id, batch_id, *seqs),
         )
-        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2])), p[4]) for p in picked)
+        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
         return Lease(
             ask.lease_id,
             batch_id,
@@ -542,6 +551,11 @@ class SqliteStore(Store):
                     for r in first.values()
                 ],
             )
+        if first:
+            db.execute(
+                "UPDATE vehicles SET completed = completed + ? WHERE id = ?",
+                (len(first), chunk.vehicle_id),
+            )
         # A late answer may finish requests another car's lease holds now: close those leases
         # too once nothing in them is left open.
         for other in {
@@ -575,9 +589,20 @@ class SqliteStore(Store):
         )
 
     @staticmethod
-    def _close_if_finished(db: sqlite3.Connection, lease_id: str) -> bool:
+    def _lease_rows(db: sqlite3.Connection, lease_id: str) -> tuple[str, list[int]]:
+        """The batch and the requests (seqs) a lease was given."""
+        batch_id, seqs = db.execute(
+            "SELECT batch_id, seqs FROM leases WHERE id = ?", (lease_id,)
+        ).fetchone()
+        return batch_id, json.loads(seqs)
+
+    def _close_if_finished(self, db: sqlite3.Connection, lease_id: str) -> bool:
+        # By primary key over the lease's own requests: O(unit), no index on lease_id needed.
+        batch_id, seqs = self._lease_rows(db, lease_id)
         (open_items,) = db.execute(
-            "SELECT COUNT(*) FROM requests WHERE lease_id = ? AND state = 'leased'", (lease_id,)
+            f"SELECT COUNT(*) FROM requests WHERE batch_id = ? AND seq IN ({_marks(seqs)}) "
+            "AND lease_id = ? AND state = 'leased'",
+            (batch_id, *seqs, lease_id),
         ).fetchone()
         if open_items:
             return False
@@ -587,6 +612,18 @@ class SqliteStore(Store):
                 (lease_id,),
             ).rowcount
             > 0
+        )
+
+    def _requeue(self, db: sqlite3.Connection, lease_id: str) -> int:
+        """Put the requests a lease still holds back in the queue; how many went back."""
+        batch_id, seqs = self._lease_rows(db, lease_id)
+        return int(
+            db.execute(
+                "UPDATE requests SET state = 'pending', lease_id = NULL "
+                f"WHERE batch_id = ? AND seq IN ({_marks(seqs)}) AND lease_id = ? "
+                "AND state = 'leased'",
+                (batch_id, *seqs, lease_id),
+            ).rowcount
         )
 
     def get_lease(self, vehicle_id: str, lease_id: str) -> Lease | None:
@@ -666,11 +703,7 @@ class SqliteStore(Store):
                 "UPDATE leases SET state = 'released', end_reason = ? WHERE id = ?",
                 (reason or None, lease_id),
             )
-            return db.execute(
-                "UPDATE requests SET state = 'pending', lease_id = NULL "
-                "WHERE lease_id = ? AND state = 'leased'",
-                (lease_id,),
-            ).rowcount
+            return self._requeue(db, lease_id)
 
     def expire_leases(self, now: float) -> int:
         with self._write() as db:
@@ -683,11 +716,7 @@ class SqliteStore(Store):
             returned = 0
             for lease_id in expired:
                 db.execute("UPDATE leases SET state = 'expired' WHERE id = ?", (lease_id,))
-                returned += db.execute(
-                    "UPDATE requests SET state = 'pending', lease_id = NULL "
-                    "WHERE lease_id = ? AND state = 'leased'",
-                    (lease_id,),
-                ).rowcount
+                returned += self._requeue(db, lease_id)
         return returned
 
     def active_lease_count(self, batch_id: str) -> int:
@@ -817,7 +846,7 @@ class SqliteStore(Store):
         with self._read() as db:
             rows = db.execute(
                 "SELECT v.id, v.hardware, v.models, v.registered_at, v.last_seen, v.status, "
-                "(SELECT COUNT(*) FROM requests r WHERE r.vehicle_id = v.id AND r.state = 'done'), "
+                "v.completed, "
                 "v.status_reason "
                 f"FROM vehicles v {where} ORDER BY v.id",
                 args,
@@ -911,6 +940,10 @@ class SqliteStore(Store):
                 (vehicle_id, limit),
             ).fetchall()
         return [PolicyRecord(*row) for row in reversed(rows)]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
 
 
 class _AskFailed(Exception):

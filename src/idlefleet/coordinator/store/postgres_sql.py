@@ -1,0 +1,157 @@
+"""The PostgreSQL backend's hot-path statements, kept apart from the code that runs them.
+
+Each is planned to touch only the rows of one unit: by primary key, or through
+``requests_ready`` in lease order; ``tests/coordinator/store/test_postgres_store.py`` holds them
+to that with EXPLAIN, also as generic plans (psycopg prepares a statement after five runs).
+"""
+
+from __future__ import annotations
+
+from idlefleet.coordinator.store.sql_common import BATCH_COLUMNS
+
+BATCH_SELECT = (
+    f"SELECT {BATCH_COLUMNS}, n.pending, n.leased, n.done, n.failed FROM batches b "
+    "CROSS JOIN LATERAL (SELECT COALESCE(SUM(c.pending), 0)::bigint, "
+    "COALESCE(SUM(c.leased), 0)::bigint, COALESCE(SUM(c.done), 0)::bigint, "
+    "COALESCE(SUM(c.failed), 0)::bigint FROM batch_counts c WHERE c.batch_id = b.id) "
+    "AS n(pending, leased, done, failed)"
+)
+"""A batch with its request counts: the trigger's shards summed (at most 16 rows per batch)."""
+
+CHOOSE_BATCH_SQL = """
+SELECT b.id, b.purpose, b.data_region,
+    (SELECT COALESCE(SUM(c.pending), 0)::bigint FROM batch_counts c WHERE c.batch_id = b.id)
+FROM batches b
+WHERE b.status = 'in_progress' AND b.purpose = ANY(%(purposes)s::text[])
+    AND b.data_region = ANY(%(regions)s::text[]) AND b.id <> ALL(%(skip)s::text[])
+    AND (SELECT r.seq FROM requests r
+         WHERE r.batch_id = b.id AND r.state = 'pending' AND r.model = ANY(%(models)s::text[])
+         ORDER BY r.sort_key DESC, r.seq LIMIT 1) IS NOT NULL
+ORDER BY b.seq_no LIMIT 1
+"""
+"""The oldest in-progress batch the ask may work on, with its pending count for unit_size.
+
+Whether a batch has pending work is asked in lease order, which only ``requests_ready``
+answers without a sort, so it is always that index: an ``EXISTS`` may be planned as a walk
+along the primary key that passes every finished request of the batch first.
+"""
+
+PICK_UNIT_SQL = """
+WITH picked AS MATERIALIZED (
+    SELECT seq, custom_id, texts, model, sort_key FROM requests
+    WHERE batch_id = %(batch)s AND state = 'pending' AND model = ANY(%(models)s::text[])
+    ORDER BY sort_key DESC, seq LIMIT %(size)s
+    FOR UPDATE SKIP LOCKED
+), unit AS MATERIALIZED (
+    SELECT * FROM picked
+    WHERE model = (SELECT model FROM picked ORDER BY sort_key DESC, seq LIMIT 1)
+), leased AS (
+    UPDATE requests r SET state = 'leased', lease_id = %(lease)s
+    FROM unit u WHERE r.batch_id = %(batch)s AND r.seq = u.seq
+), lease AS (
+    INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, deadline, state)
+    SELECT %(lease)s::text, %(batch)s::text, %(vehicle)s::text, min(model),
+        json_agg(seq ORDER BY sort_key DESC, seq)::text, %(now)s::float8, %(deadline)s::float8,
+        'active'
+    FROM unit HAVING count(*) > 0
+)
+SELECT seq, custom_id, texts, model FROM unit ORDER BY sort_key DESC, seq
+"""
+"""Cut a unit off the batch, lease it and record the lease: one statement, one round trip.
+
+``requests_ready`` (batch_id, state, sort_key DESC, seq) yields the pending requests in lease
+order, so the scan stops after ``size`` rows (no sort of the batch). SKIP LOCKED passes over
+requests another transaction is leasing or committing right now. One lease carries one model:
+of the picked requests, those of the first one's model are leased; the others stay pending.
+"""
+
+FIND_LEASE_SQL = """
+UPDATE leases l SET energy_j = l.energy_j + %(energy)s::float8,
+    deadline = CASE WHEN l.state = 'active' THEN %(deadline)s::float8 ELSE l.deadline END
+WHERE l.id = %(lease)s AND l.vehicle_id = %(vehicle)s
+RETURNING l.batch_id, l.seqs, l.state,
+    ARRAY(SELECT DISTINCT x.lease_id
+          FROM (SELECT r.seq, r.state, r.lease_id FROM requests r
+                WHERE r.batch_id = l.batch_id AND r.seq = ANY(%(seqs)s::bigint[]) OFFSET 0) x
+          WHERE x.state = 'leased' AND x.lease_id <> l.id
+              AND x.seq IN (SELECT value::bigint FROM json_array_elements_text(l.seqs::json)))
+"""
+"""Find a vehicle's lease, add the chunk's energy and extend it if active; locks its row.
+
+Also names the other leases that hold requests of this lease now (a late answer), so that they
+can be locked before the requests: every transaction locks lease rows before request rows.
+The other way round, a late answer holding the requests would wait for the new holder's lease
+row while the new holder's own commit, holding that row, waits for the requests: a deadlock.
+The requests are looked up by primary key alone and filtered on state after (``OFFSET 0``
+keeps the planner from pushing the state into the scan), since the index on state would walk
+every leased request of the batch.
+"""
+
+COMMIT_RESULTS_SQL = """
+WITH incoming (seq, vectors, dim, token_count, body) AS (
+    SELECT * FROM unnest(%(seqs)b::bigint[], %(vectors)b::bytea[], %(dims)b::bigint[],
+                         %(tokens)b::bigint[], %(bodies)b::bytea[])
+), locked AS MATERIALIZED (
+    SELECT seq, state, lease_id FROM requests
+    WHERE batch_id = %(batch)s AND seq = ANY(%(seqs)b::bigint[])
+    ORDER BY seq
+    FOR UPDATE
+), open AS (
+    SELECT * FROM locked WHERE state IN ('pending', 'leased')
+), done AS (
+    UPDATE requests r SET state = 'done', vectors = i.vectors, dim = i.dim,
+        token_count = i.token_count, body = i.body, vehicle_id = %(vehicle)s,
+        lease_id = %(lease)s
+    FROM incoming i JOIN open o ON o.seq = i.seq
+    WHERE r.batch_id = %(batch)s AND r.seq = i.seq
+    RETURNING o.state AS was, o.lease_id AS held_by
+), closed AS (
+    UPDATE leases SET state = 'finished' WHERE id = %(lease)s AND state = 'active'
+        AND (SELECT count(*) FROM (SELECT state, lease_id FROM requests
+                                   WHERE batch_id = %(batch)s
+                                       AND seq = ANY(%(lease_seqs)b::bigint[]) OFFSET 0) own
+             WHERE own.lease_id = %(lease)s AND own.state = 'leased')
+            = (SELECT count(*) FROM done WHERE was = 'leased' AND held_by = %(lease)s)
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM done),
+    (SELECT array_agg(DISTINCT held_by) FROM done WHERE was = 'leased' AND held_by <> %(lease)s),
+    EXISTS (SELECT 1 FROM closed)
+"""
+"""Commit a chunk's results (first result wins) and finish the own lease if that was its last.
+
+Answers how many were committed, which other leases held requests this late answer finished,
+and whether the own lease finished: it does when every request it has open (in the
+statement's snapshot) is among those this chunk finished. ``locked`` locks the chunk's
+requests in seq order, by primary key alone (a condition on state could make the planner walk
+a whole state of the batch), waiting for a concurrent committer and then reading the row as it
+left it, so a request finished meanwhile is not ``open`` and counts as a duplicate.
+
+The snapshot is exact about the own lease because its row is locked (see
+:data:`FIND_LEASE_SQL`), and whatever finishes or returns a lease's requests locks that lease's
+row first: a concurrent late answer commits after us and finishes the lease itself if it
+finished its last request. The lease's requests are looked up by primary key, from the seqs
+the lease was given, and only then filtered on holder and state (``OFFSET 0`` keeps those out
+of the scan, which an index on state would otherwise walk).
+"""
+
+LEASE_SEQS = "ARRAY(SELECT value::bigint FROM json_array_elements_text({}.seqs::json))"
+"""The seqs of the requests a lease was given (``leases.seqs``), as an array for ``= ANY``."""
+
+CLOSE_IF_FINISHED_SQL = f"""
+UPDATE leases l SET state = 'finished'
+WHERE l.id = ANY(%s::text[]) AND l.state = 'active'
+    AND NOT EXISTS (SELECT 1 FROM (SELECT r.state, r.lease_id FROM requests r
+                                   WHERE r.batch_id = l.batch_id
+                                       AND r.seq = ANY({LEASE_SEQS.format("l")}) OFFSET 0) x
+                    WHERE x.lease_id = l.id AND x.state = 'leased')
+"""
+"""Finish the given active leases that have no request open left (looked up by primary key)."""
+
+REQUEUE_SQL = f"""
+UPDATE requests r SET state = 'pending', lease_id = NULL
+FROM ended e
+WHERE r.batch_id = e.batch_id AND r.seq = ANY({LEASE_SEQS.format("e")})
+    AND r.lease_id = e.id AND r.state = 'leased'
+"""
+"""Put back in the queue what the leases of CTE ``ended`` (id, batch_id, seqs) still hold."""
