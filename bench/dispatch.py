@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import numpy as np
@@ -162,6 +163,26 @@ class Profiler:
             self._process.send_signal(2)
             self._process.wait(30)
             self._process = None
+
+
+def _thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's main thread and of all its other threads together."""
+    main = others = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        seconds = _cpu_seconds_of(task / "stat")
+        if int(task.name) == pid:
+            main += seconds
+        else:
+            others += seconds
+    return {"main": main, "threads": others}
+
+
+def _cpu_seconds_of(stat: Path) -> float:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
@@ -554,7 +575,8 @@ async def run_config(
         from idlefleet.embedded.postgres import create_database
 
         database = f"idlefleet_bench_{uuid.uuid4().hex[:12]}"
-        store_url = create_database(args.pg_dsn, database)
+        create_database(args.pg_dsn, database)
+        store_url = urlunsplit(urlsplit(args.pg_dsn)._replace(path=f"/{database}"))
     result: dict[str, Any] = {"config": name, "backend": backend, "replicas": replicas}
     coordinators: Coordinators | None = None
     try:
@@ -611,6 +633,8 @@ async def run_config(
                 == "validating"
             ):
                 await asyncio.sleep(0.05)
+            coordinator_pid = coordinators.processes[0].pid
+            threads_before = _thread_cpu_seconds(coordinator_pid)
             meter.start()
             profiler.start(f"{name}-leases")
             run = await lease_and_commit(
@@ -618,9 +642,16 @@ async def run_config(
             )
             profiler.stop()
             cpu = meter.stop()
+            threads_after = _thread_cpu_seconds(coordinator_pid)
+            result["leases_coordinator_cpu_s"] = {
+                k: round(threads_after[k] - threads_before[k], 2) for k in threads_after
+            }
+            _say(f"   coordinator 0 cpu-s in the lease phase: {result['leases_coordinator_cpu_s']}")
             result["leases"] = run.leases.summary() | {"cpu": cpu}
             result["commits"] = run.commits.summary() | {"committed_requests": run.committed}
-            _say(f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}")
+            per_cycle = {k: round(v / max(1e-9, run.leases.summary()["per_s"]) * 1e3, 3) for k, v in cpu.items()}
+            result["leases"]["cpu_ms_per_lease"] = per_cycle
+            _say(f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}  cpu ms per lease {per_cycle}")
             _say(f"   commits: {_fmt(run.commits.summary())}  ({run.committed:,} requests)")
             stop_idle.set()
             final = await _wait_for_batch(coordinators.url(), batch["id"], 120)

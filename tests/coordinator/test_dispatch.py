@@ -22,7 +22,7 @@ class Queue:
         self.units = units
         self.rounds: list[list[str]] = []
 
-    def lease(self, asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
+    async def lease(self, asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
         self.rounds.append([vehicle for vehicle, _ in asks])
         grants: list[WorkGrant | None] = []
         for vehicle, _ in asks:
@@ -196,7 +196,7 @@ def test_the_memo_runs_out_so_a_lost_announcement_only_delays_work() -> None:
 
 
 def test_a_failing_round_answers_every_car_with_an_error() -> None:
-    def broken(asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
+    async def broken(asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
         raise RuntimeError("store down")
 
     async def scenario() -> Answers:
@@ -222,7 +222,7 @@ def test_kinds_with_work_are_not_held_up_by_kinds_without() -> None:
         return vehicle_id.split("-")[0]  # "idle-…" and "busy-…"
 
     class Selective(Queue):
-        def lease(self, asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
+        async def lease(self, asks: Sequence[tuple[str, WorkRequest]]) -> list[WorkGrant | None]:
             self.rounds.append([v for v, _ in asks])
             return [
                 WorkGrant(lease_id=f"lease-{v}") if v.startswith("busy") else None for v, _ in asks

@@ -91,7 +91,7 @@ def serve(coordinator: CoordinatorNats, *msgs: UplinkMsg) -> None:
         }
         runners = [
             asyncio.create_task(coordinator.dispatcher.run()),
-            asyncio.create_task(coordinator.results.run()),
+            asyncio.create_task(coordinator.turns.run()),
             asyncio.create_task(coordinator.registrations.run()),
         ]
         for msg in msgs:

@@ -3,9 +3,9 @@
 Two coordinator replicas in one queue group on PostgreSQL, a 3-node nats-server cluster, two
 agents running MiniLM. Two batches run (one submitted to each replica); mid-way, in turn, one
 replica is SIGKILLed, one NATS node is SIGKILLed, and PostgreSQL (a private server this test
-started) is stopped for 3 s and started again. Every batch must complete with every ``custom_id`` exactly once, and the
-store must hold exactly one output file per batch (no second set from a finalisation that a
-dying replica started).
+started) is stopped for 3 s and started again. Every batch must complete with every
+``custom_id`` exactly once, and the store must hold exactly one output file per batch (no
+second set from a finalisation that a dying replica started).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 __all__ = ["BatchRunner"]
@@ -31,7 +32,8 @@ class BatchRunner(Generic[T, R]):
     """Runs ``call(items) -> results`` (blocking, one result per item) on queued items.
 
     ``failed(item, exc)`` makes the answer for every item of a call that raised, so a store
-    outage answers each car with an error instead of silence.
+    outage answers each car with an error instead of silence. ``executor`` runs the calls (the
+    coordinator's store thread; None: asyncio's default pool).
     """
 
     def __init__(
@@ -40,8 +42,10 @@ class BatchRunner(Generic[T, R]):
         call: Callable[[list[T]], Sequence[R]],
         failed: Callable[[T, BaseException], R],
         max_batch: int = 256,
+        executor: Executor | None = None,
     ) -> None:
         self.name = name
+        self._executor = executor
         self._call = call
         self._failed = failed
         self._max_batch = max_batch
@@ -72,7 +76,8 @@ class BatchRunner(Generic[T, R]):
                 items = [item for item, _ in taken]
                 started = time.perf_counter()
                 try:
-                    results = list(await asyncio.to_thread(self._call, items))
+                    loop = asyncio.get_running_loop()
+                    results = list(await loop.run_in_executor(self._executor, self._call, items))
                     if len(results) != len(items):
                         raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)}")
                 except Exception as exc:

@@ -7,9 +7,9 @@ the store had nothing for that kind, and parks every request of that kind withou
 until work is announced (a new batch, returned requests: :meth:`Dispatcher.work_available`,
 which every replica hears over NATS) or ``recheck_s`` has passed (in case an announcement was
 lost). When there may be work, the dispatcher takes up to ``round_size`` waiting requests and
-leases units to all of them in ONE store transaction (``lease``, run in a worker thread), so a
-lease costs the same with 10 or 10,000 cars waiting, and a crowd of cars asking at once shares
-one fsync. Requests that arrive meanwhile queue for the next round.
+leases units to all of them in ONE store transaction (``lease``: the replica's next store
+turn), so a lease costs the same with 10 or 10,000 cars waiting, and a crowd of cars asking at
+once shares one fsync. Requests that arrive meanwhile queue for the next round.
 
 Answers go out through each request's ``answer`` coroutine (the NATS edge publishes the reply).
 A car that asks again while its earlier request waits (an agent restarted) gets its earlier
@@ -33,7 +33,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger(__name__)
 
 Answer = Callable[[WorkGrant], Awaitable[None]]
-LeaseRound = Callable[[Sequence[tuple[str, WorkRequest]]], Sequence[WorkGrant | None]]
+LeaseRound = Callable[[Sequence[tuple[str, WorkRequest]]], Awaitable[Sequence[WorkGrant | None]]]
 KeyOf = Callable[[str, WorkRequest], Hashable]
 
 NO_WORK_RETRY_S = 0.5
@@ -128,7 +128,7 @@ class Dispatcher:
                 asks = [(a.vehicle_id, a.request) for a in taken]
                 started = time.perf_counter()
                 try:
-                    grants = list(await asyncio.to_thread(self._lease, asks))
+                    grants = list(await self._lease(asks))
                 except Exception as exc:
                     log.warning("a dispatch round of %d failed: %s", len(taken), exc)
                     grants = [_failed(exc)] * len(taken)

@@ -9,10 +9,11 @@ changes nothing. Then, by verb:
 
 * heartbeat: answered from memory (:meth:`WorkService.heartbeat_cached`), in the callback;
   only the first message of a car this replica has not seen reads the store.
-* work: handed to the :class:`~idlefleet.coordinator.dispatch.Dispatcher` (parked or leased
-  in a round); the callback returns at once.
-* results, register: queued for a :class:`~idlefleet.coordinator.batching.BatchRunner`, one
-  transaction for everything that arrived meanwhile.
+* work: handed to the :class:`~idlefleet.coordinator.dispatch.Dispatcher` (parked, or leased
+  in a round in the next store turn); the callback returns at once.
+* results: queued for the next store turn (:class:`~idlefleet.coordinator.turns.StoreTurns`),
+  which commits every chunk that arrived meanwhile and leases the dispatcher's round in one
+  transaction; register: queued for a :class:`~idlefleet.coordinator.batching.BatchRunner`.
 * release, policy: rare; each runs in a worker thread.
 
 Nothing a car sends can make the coordinator block its event loop or retry for ever: store
@@ -27,7 +28,8 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,6 +42,7 @@ from idlefleet.coordinator.batching import BatchRunner
 from idlefleet.coordinator.dispatch import Dispatcher
 from idlefleet.coordinator.errors import ServiceUnavailable
 from idlefleet.coordinator.ratelimit import RateLimit, TokenBuckets
+from idlefleet.coordinator.turns import StoreTurns
 from idlefleet.coordinator.work import WorkService
 from idlefleet.models.catalog import MODELS
 from idlefleet.protocol import subjects
@@ -52,7 +55,6 @@ from idlefleet.protocol.messages import (
     RegisterReply,
     RegisterRequest,
     Release,
-    ResultAck,
     ResultChunk,
     WireError,
     WireModel,
@@ -82,6 +84,10 @@ class EdgeLimits:
     """Work requests leased in one store transaction."""
     recheck_s: float = 2.0
     """How long a kind of car found without work is parked without asking the store again."""
+    store_threads: int = 1
+    """Threads for the hot store calls (dispatch rounds, result and registration batches).
+    One suits SQLite, whose writes take turns anyway, and saves the threads from fighting over
+    the GIL; PostgreSQL overlaps its round trips with a few."""
 
 
 class EdgeStats:
@@ -112,14 +118,15 @@ class CoordinatorNats:
         self.stats = EdgeStats()
         self._buckets = TokenBuckets(self.limits.per_car)
         self._slow = 0
+        self._store_thread = ThreadPoolExecutor(
+            self.limits.store_threads, thread_name_prefix="store"
+        )
+        self.turns = StoreTurns(work.turn, self._store_thread, self.finalize_soon)
         self.dispatcher = Dispatcher(
-            work.lease_for,
+            self.turns.lease,
             self._kind_of,
             round_size=self.limits.round_size,
             recheck_s=self.limits.recheck_s,
-        )
-        self.results = BatchRunner[tuple[str, ResultChunk], ResultAck](
-            "results", self._commit, lambda _, exc: _error(ResultAck, "internal", _failure(exc))
         )
         self.registrations = BatchRunner[tuple[str, RegisterRequest], RegisterReply](
             "register",
@@ -127,6 +134,7 @@ class CoordinatorNats:
             lambda _, exc: RegisterReply(
                 accepted=False, error=WireError(code="internal", message=_failure(exc))
             ),
+            executor=self._store_thread,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._finalizing: set[str] = set()
@@ -148,13 +156,14 @@ class CoordinatorNats:
                 subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=handler
             )
         await self.nc.subscribe(subjects.WORK_AVAILABLE, cb=self._on_work_available)
-        for runner in (self.dispatcher.run(), self.results.run(), self.registrations.run()):
+        for runner in (self.dispatcher.run(), self.turns.run(), self.registrations.run()):
             self._spawn(runner)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._store_thread.shutdown(wait=True, cancel_futures=True)
 
     def snapshot(self) -> dict[str, Any]:
         """What the edge is doing now, for operators."""
@@ -163,11 +172,10 @@ class CoordinatorNats:
             "parked_work_requests": self.dispatcher.parked,
             "dispatch_rounds": self.dispatcher.rounds,
             "dispatch_asks": self.dispatcher.asked,
-            "dispatch_busy_s": round(self.dispatcher.busy_s, 3),
             "leases": self.dispatcher.leased,
-            "result_batches": self.results.batches,
-            "result_chunks": self.results.items,
-            "result_busy_s": round(self.results.busy_s, 3),
+            "store_turns": self.turns.turns,
+            "store_turn_busy_s": round(self.turns.busy_s, 3),
+            "result_chunks": self.turns.chunks,
             "registrations": self.registrations.items,
             "cars_known": len(self.work.registry),
             "slow_in_flight": self._slow,
@@ -282,8 +290,11 @@ class CoordinatorNats:
 
     async def _on_results(self, msg: Msg) -> None:
         admitted = await self._admit(msg, Uplink.RESULTS, ResultChunk)
-        if admitted is not None:
-            self.results.submit(admitted, self._answerer(msg))
+        if admitted is None:
+            return
+        self.turns.submit_results(admitted, self._answerer(msg))
+        if admitted[1].failed_seqs:
+            self._spawn(self.announce_work())  # they go back to the queue in the turn
 
     async def _on_register(self, msg: Msg) -> None:
         admitted = await self._admit(msg, Uplink.REGISTER, RegisterRequest)
@@ -324,15 +335,6 @@ class CoordinatorNats:
         policy = known.policy
         models = tuple(sorted(m for m in request.models if m in MODELS))
         return (models, tuple(sorted(policy.purposes)), tuple(sorted(policy.data_regions)))
-
-    def _commit(self, chunks: list[tuple[str, ResultChunk]]) -> Sequence[ResultAck]:
-        """Worker thread: commit a batch of chunks; finalisation checks go off this path."""
-        acks, ended = self.work.results_many(chunks)
-        if ended:
-            self._loop.call_soon_threadsafe(self.finalize_soon, ended)
-        if any(msg.failed_seqs for _, msg in chunks):
-            self.work_returned()
-        return acks
 
     def finalize_soon(self, batch_ids: set[str]) -> None:
         """Check these batches for their end, each once at a time, in worker threads."""

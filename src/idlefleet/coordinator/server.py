@@ -7,7 +7,7 @@ new work over NATS, and take their singleton duties under claims in the store (s
 special. Housekeeping, every replica, on its own clock:
 
 * flush liveness (heartbeats kept in memory) to the store, one transaction a second;
-* pull the cars other replicas heard from, and the live count that sizes units;
+* count the live fleet (all replicas' cars) from the store: the count sizes units;
 * catch up with policy versions other replicas appended (heartbeat acks carry the version);
 * sweep: expire leases and batches, finish batches whose work is over, take over duties
   whose claim ran out (this is also the recovery after a crash).
@@ -16,6 +16,7 @@ special. Housekeeping, every replica, on its own clock:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -72,7 +73,10 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
     )
-    edge = CoordinatorNats(nc, work, config.edge)
+    edge_limits = config.edge
+    if not config.store_url.startswith("sqlite"):
+        edge_limits = dataclasses.replace(edge_limits, store_threads=4)
+    edge = CoordinatorNats(nc, work, edge_limits)
     await edge.start()
 
     async def validate_and_announce(batch_id: str) -> None:
@@ -98,9 +102,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 
     loops = [
         _every(config.flush_interval_s, "liveness flush", flush),
-        _every(
-            config.heartbeat_interval_s / 2, "liveness refresh", _threaded(work.refresh_liveness)
-        ),
+        _every(config.heartbeat_interval_s / 2, "live count", _threaded(work.refresh_liveness)),
         _every(1.0, "policy catch-up", catch_up_policies),
         _every(config.sweep_interval_s, "sweep", sweep),
     ]

@@ -142,13 +142,12 @@ class WorkService:
         return len(rows)
 
     def refresh_liveness(self) -> int:
-        """Pull in the cars seen lately by any replica (this replica routes online requests to
-        them too) and count them (the count sizes units). O(live cars); every few seconds."""
-        rows = self.store.live_vehicles(self.clock() - self.live_horizon_s)
-        with self._registry_lock:
-            self.registry.merge(rows)
-        self.live_vehicles = max(1, len(rows))
-        return len(rows)
+        """Count the cars seen lately by any replica (the count sizes units): an index range
+        count, so it costs little with a million cars. Cars other replicas heard from are
+        learnt one by one, when they first message this replica."""
+        live = self.store.count_live_vehicles(self.clock() - self.live_horizon_s)
+        self.live_vehicles = max(1, live)
+        return live
 
     def latest(self, record: VehicleRecord) -> VehicleRecord:
         """``record`` with this replica's newer liveness, if it has any."""
@@ -161,7 +160,11 @@ class WorkService:
             )
 
     def online(self, model: str) -> list[str]:
-        """Live cars serving ``model`` that are not paused (candidates for online requests)."""
+        """Live cars serving ``model`` that are not paused (candidates for online requests).
+
+        The cars this replica heard from within the liveness horizon: with replicas in one
+        queue group each gets a share of every car's heartbeats, so each knows most live cars;
+        an online request needs only a few of them."""
         since = self.clock() - self.live_horizon_s
         with self._registry_lock:
             live = self.registry.live(since)
@@ -261,7 +264,36 @@ class WorkService:
         withdrawn consent is honoured at once whatever any cache says. One store transaction
         leases the whole round.
         """
+        _, _, grants = self.turn([], asks)
+        return grants
+
+    def turn(
+        self,
+        chunks: Sequence[tuple[str, ResultChunk]],
+        asks: Sequence[tuple[str, WorkRequest]],
+    ) -> tuple[list[ResultAck], set[str], list[WorkGrant | None]]:
+        """The coordinator's turn on the store: commit the result chunks that came in, then
+        lease units to the cars waiting for work, in ONE transaction (one fsync).
+
+        Returns an ack per chunk, the batches whose work may have ended (for finalisation,
+        off this path), and an answer per ask (see :meth:`lease_for`).
+        """
+        acks, checked = self._check_all(chunks)
+        answers, store_asks, placed = self._asks(asks) if asks else ([], [], [])
         now = self.clock()
+        outcomes, leases = self.store.commit_and_lease(
+            [commit for *_, commit in checked], store_asks, now, self.units.lease_seconds
+        )
+        ended = self._acknowledge(acks, checked, outcomes, now)
+        for i, lease in zip(placed, leases, strict=True):
+            answers[i] = self._grant(lease)
+        return [ack or ResultAck() for ack in acks], ended, answers
+
+    def _asks(
+        self, asks: Sequence[tuple[str, WorkRequest]]
+    ) -> tuple[list[WorkGrant | None], list[LeaseAsk], list[int]]:
+        """What to ask the store for: a ``LeaseAsk`` per car that may have work, and the
+        answers already known (not opted in)."""
         policies = self.owners.refresh([vehicle_id for vehicle_id, _ in asks])
         answers: list[WorkGrant | None] = [None] * len(asks)
         store_asks: list[LeaseAsk] = []
@@ -300,11 +332,7 @@ class WorkService:
                 )
             )
             placed.append(i)
-        if store_asks:
-            outcomes = self.store.lease_units(store_asks, now, self.units.lease_seconds)
-            for i, outcome in zip(placed, outcomes, strict=True):
-                answers[i] = self._grant(outcome)
-        return answers
+        return answers, store_asks, placed
 
     def _grant(self, outcome: Lease | Exception | None) -> WorkGrant | None:
         if outcome is None:
@@ -346,18 +374,30 @@ class WorkService:
         Returns an ack per chunk and the batches whose work may have ended (a unit finished or
         a late answer came in): the caller checks those for finalisation, off this path.
         """
+        acks, ended, _ = self.turn(chunks, [])
+        return acks, ended
+
+    def _check_all(
+        self, chunks: Sequence[tuple[str, ResultChunk]]
+    ) -> tuple[list[ResultAck | None], list[_Checked]]:
         acks: list[ResultAck | None] = [None] * len(chunks)
-        checked: list[tuple[int, str, ResultChunk, _LeaseInfo, ResultCommit]] = []
+        checked: list[_Checked] = []
         for i, (vehicle_id, msg) in enumerate(chunks):
             prepared = self._check(vehicle_id, msg)
             if isinstance(prepared, ResultAck):
                 acks[i] = prepared
             else:
                 checked.append((i, vehicle_id, msg, *prepared))
-        now = self.clock()
-        outcomes = self.store.commit_many(
-            [commit for *_, commit in checked], now, self.units.lease_seconds
-        )
+        return acks, checked
+
+    def _acknowledge(
+        self,
+        acks: list[ResultAck | None],
+        checked: list[_Checked],
+        outcomes: Sequence[CommitOutcome | Exception],
+        now: float,
+    ) -> set[str]:
+        """Fill in the acks of committed chunks; the batches whose work may have ended."""
         ended: set[str] = set()
         for (i, vehicle_id, msg, lease, _), outcome in zip(checked, outcomes, strict=True):
             acks[i] = self._ack(vehicle_id, msg, outcome, now)
@@ -368,7 +408,7 @@ class WorkService:
                 # A batch can only run out of work when a unit ends (or a late answer
                 # arrives); the sweeper checks every batch each second as well.
                 ended.add(lease.batch_id)
-        return [ack or ResultAck() for ack in acks], ended
+        return ended
 
     def _check(
         self, vehicle_id: str, msg: ResultChunk
@@ -445,6 +485,10 @@ class _LeaseInfo:
     vehicle_id: str
     batch_id: str
     model: str
+
+
+_Checked = tuple[int, str, ResultChunk, _LeaseInfo, ResultCommit]
+"""A chunk that passed its checks: (index in the call, vehicle, chunk, its lease, to commit)."""
 
 
 class _LeaseInfos:

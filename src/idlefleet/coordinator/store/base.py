@@ -419,6 +419,23 @@ class Store(ABC):
         that is not a finite number >= 0, in which case that chunk changed nothing.
         """
 
+    def commit_and_lease(
+        self,
+        commits: Sequence[ResultCommit],
+        asks: Sequence[LeaseAsk],
+        now: float,
+        lease_seconds: float,
+    ) -> tuple[list[CommitOutcome | Exception], list[Lease | Exception | None]]:
+        """:meth:`commit_many` then :meth:`lease_units`, as ONE transaction.
+
+        The coordinator's turn on the store: the results that came in and the cars waiting for
+        work share one durable commit (one fsync), which is most of a turn's time on SQLite.
+        This default runs them as two transactions; backends override it.
+        """
+        outcomes = self.commit_many(commits, now, lease_seconds) if commits else []
+        leases = self.lease_units(asks, now, lease_seconds) if asks else []
+        return outcomes, leases
+
     def commit_results(
         self,
         vehicle_id: str,

@@ -454,24 +454,40 @@ class PostgresStore(Store):
     def lease_units(
         self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
     ) -> list[Lease | Exception | None]:
-        def work(conn: Conn) -> list[Lease | Exception | None]:
-            # Within one call this transaction only takes work away: the batch chosen for a
-            # kind of ask stays the right one until it runs dry for it, a kind that found
-            # nothing finds nothing again, and a batch's pending count falls by what we take
-            # (other replicas' leases make it a little high, which is fine for sizing).
-            # So a batch is chosen once per kind of ask, and every further ask of that kind
-            # costs one round trip, its pick.
-            chosen: dict[tuple[Any, ...], _Chosen | None] = {}
-            pending: dict[str, int] = {}
-            outcomes: list[Lease | Exception | None] = []
-            for ask in asks:
-                try:
-                    outcomes.append(self._lease_one(conn, ask, now, lease_seconds, chosen, pending))
-                except _AskFailed as failed:  # raised before this ask wrote anything
-                    outcomes.append(failed.cause)
-            return outcomes
+        return self._run(lambda conn: self._lease_all(conn, asks, now, lease_seconds), write=True)
+
+    def commit_and_lease(
+        self,
+        commits: Sequence[ResultCommit],
+        asks: Sequence[LeaseAsk],
+        now: float,
+        lease_seconds: float,
+    ) -> tuple[list[CommitOutcome | Exception], list[Lease | Exception | None]]:
+        def work(
+            conn: Conn,
+        ) -> tuple[list[CommitOutcome | Exception], list[Lease | Exception | None]]:
+            outcomes = self._commit_all(conn, commits, now, lease_seconds)
+            return outcomes, self._lease_all(conn, asks, now, lease_seconds)
 
         return self._run(work, write=True)
+
+    def _lease_all(
+        self, conn: Conn, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
+    ) -> list[Lease | Exception | None]:
+        # Within one call this transaction only takes work away: the batch chosen for a kind
+        # of ask stays the right one until it runs dry for it, a kind that found nothing finds
+        # nothing again, and a batch's pending count falls by what we take (other replicas'
+        # leases make it a little high, which is fine for sizing). So a batch is chosen once
+        # per kind of ask, and every further ask of that kind costs one round trip, its pick.
+        chosen: dict[tuple[Any, ...], _Chosen | None] = {}
+        pending: dict[str, int] = {}
+        outcomes: list[Lease | Exception | None] = []
+        for ask in asks:
+            try:
+                outcomes.append(self._lease_one(conn, ask, now, lease_seconds, chosen, pending))
+            except _AskFailed as failed:  # raised before this ask wrote anything
+                outcomes.append(failed.cause)
+        return outcomes
 
     @staticmethod
     def _lease_one(
@@ -544,31 +560,35 @@ class PostgresStore(Store):
     def commit_many(
         self, commits: Sequence[ResultCommit], now: float, lease_seconds: float
     ) -> list[CommitOutcome | Exception]:
-        def work(conn: Conn) -> list[CommitOutcome | Exception]:
-            outcomes: list[CommitOutcome | Exception] = []
-            completed: Counter[str] = Counter()
-            for chunk in commits:
-                try:
-                    check_energy(chunk.energy_j)
-                except ValueError as exc:  # refused before anything was written
-                    outcomes.append(exc)
-                    continue
-                outcome = self._commit_one(conn, chunk, now, lease_seconds)
-                completed[chunk.vehicle_id] += outcome.committed
-                outcomes.append(outcome)
-            # Each vehicle's count of completed requests, once per call and last, in id order:
-            # a commit never holds one car's row while it waits for another's, which a
-            # liveness flush (also in id order) might hold.
-            ids = sorted(vid for vid, n in completed.items() if n)
-            if ids:
-                conn.execute(
-                    "UPDATE vehicles v SET completed = v.completed + d.n "
-                    "FROM unnest(%s::text[], %s::bigint[]) AS d(id, n) WHERE v.id = d.id",
-                    (ids, [completed[vid] for vid in ids]),
-                )
-            return outcomes
+        return self._run(
+            lambda conn: self._commit_all(conn, commits, now, lease_seconds), write=True
+        )
 
-        return self._run(work, write=True)
+    def _commit_all(
+        self, conn: Conn, commits: Sequence[ResultCommit], now: float, lease_seconds: float
+    ) -> list[CommitOutcome | Exception]:
+        outcomes: list[CommitOutcome | Exception] = []
+        completed: Counter[str] = Counter()
+        for chunk in commits:
+            try:
+                check_energy(chunk.energy_j)
+            except ValueError as exc:  # refused before anything was written
+                outcomes.append(exc)
+                continue
+            outcome = self._commit_one(conn, chunk, now, lease_seconds)
+            completed[chunk.vehicle_id] += outcome.committed
+            outcomes.append(outcome)
+        # Each vehicle's count of completed requests, once per call and last, in id order: a
+        # commit never holds one car's row while it waits for another's, which a liveness
+        # flush (also in id order) might hold.
+        ids = sorted(vid for vid, n in completed.items() if n)
+        if ids:
+            conn.execute(
+                "UPDATE vehicles v SET completed = v.completed + d.n "
+                "FROM unnest(%s::text[], %s::bigint[]) AS d(id, n) WHERE v.id = d.id",
+                (ids, [completed[vid] for vid in ids]),
+            )
+        return outcomes
 
     def _commit_one(
         self, conn: Conn, chunk: ResultCommit, now: float, lease_seconds: float

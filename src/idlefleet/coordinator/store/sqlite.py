@@ -59,7 +59,13 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA foreign_keys=ON")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._checkpointer: _Checkpointer | None = None
         self._migrate()
+        if not self._memory:
+            self._checkpointer = _Checkpointer(path)
+            # Checkpoints (WAL pages copied into the database file, and its fsync) run on a
+            # thread of their own, so writers never pay for one: ~10% of a lease and commit.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
 
     # -- plumbing ------------------------------------------------------------------------------
     def _enable_wal(self, timeout: float = 30.0) -> None:
@@ -86,6 +92,8 @@ class SqliteStore(Store):
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -128,6 +136,8 @@ class SqliteStore(Store):
         return int(row[0] or 0)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._lock:
             for reader in self._readers:
                 reader.close()
@@ -405,20 +415,36 @@ class SqliteStore(Store):
     def lease_units(
         self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
     ) -> list[Lease | Exception | None]:
+        with self._write() as db:
+            return self._lease_all(db, asks, now, lease_seconds)
+
+    def commit_and_lease(
+        self,
+        commits: Sequence[ResultCommit],
+        asks: Sequence[LeaseAsk],
+        now: float,
+        lease_seconds: float,
+    ) -> tuple[list[CommitOutcome | Exception], list[Lease | Exception | None]]:
+        with self._write() as db:
+            outcomes = self._commit_all(db, commits, now, lease_seconds)
+            return outcomes, self._lease_all(db, asks, now, lease_seconds)
+
+    def _lease_all(
+        self, db: sqlite3.Connection, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
+    ) -> list[Lease | Exception | None]:
         outcomes: list[Lease | Exception | None] = []
         # Within one call only leasing happens, which only takes work away: the batch chosen
         # for a kind of ask stays the right one until it runs dry for it, a kind that found
         # nothing finds nothing again, and a batch's pending count only falls by what we take.
         chosen: dict[tuple[Any, ...], tuple[str, str, str] | None] = {}
         pending: dict[str, int] = {}
-        with self._write() as db:
-            for ask in asks:
-                try:
-                    outcome = self._lease_one(db, ask, now, lease_seconds, chosen, pending)
-                except _AskFailed as failed:  # raised before this ask wrote anything
-                    outcomes.append(failed.cause)
-                    continue
-                outcomes.append(outcome)
+        for ask in asks:
+            try:
+                outcome = self._lease_one(db, ask, now, lease_seconds, chosen, pending)
+            except _AskFailed as failed:  # raised before this ask wrote anything
+                outcomes.append(failed.cause)
+                continue
+            outcomes.append(outcome)
         return outcomes
 
     def _lease_one(
@@ -495,15 +521,24 @@ class SqliteStore(Store):
     def commit_many(
         self, commits: Sequence[ResultCommit], now: float, lease_seconds: float
     ) -> list[CommitOutcome | Exception]:
-        outcomes: list[CommitOutcome | Exception] = []
         with self._write() as db:
-            for chunk in commits:
-                try:
-                    check_energy(chunk.energy_j)  # refused before anything is written
-                except ValueError as exc:
-                    outcomes.append(exc)
-                    continue
-                outcomes.append(self._commit_one(db, chunk, now, lease_seconds))
+            return self._commit_all(db, commits, now, lease_seconds)
+
+    def _commit_all(
+        self,
+        db: sqlite3.Connection,
+        commits: Sequence[ResultCommit],
+        now: float,
+        lease_seconds: float,
+    ) -> list[CommitOutcome | Exception]:
+        outcomes: list[CommitOutcome | Exception] = []
+        for chunk in commits:
+            try:
+                check_energy(chunk.energy_j)  # refused before anything is written
+            except ValueError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(self._commit_one(db, chunk, now, lease_seconds))
         return outcomes
 
     def _commit_one(
@@ -940,6 +975,47 @@ class SqliteStore(Store):
                 (vehicle_id, limit),
             ).fetchall()
         return [PolicyRecord(*row) for row in reversed(rows)]
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file from a connection and thread of its own.
+
+    A PASSIVE checkpoint never blocks writers or readers; it copies what no reader still
+    needs, and the next writer starts the WAL over once everything was copied. Runs at most
+    every ``interval_s``, and only after writes.
+    """
+
+    def __init__(self, path: str, interval_s: float = 0.5) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._written = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wrote(self) -> None:
+        self._written.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._written.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stopping.is_set():
+                self._written.wait()
+                self._written.clear()
+                if self._stopping.wait(self._interval_s):
+                    break
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:  # busy or closing: the next write tries again
+                    self._written.set()
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # leave a short WAL behind
+        finally:
+            db.close()
 
 
 def _marks(values: Sequence[object]) -> str:
