@@ -93,6 +93,7 @@ def serve(coordinator: CoordinatorNats, *msgs: UplinkMsg) -> None:
             asyncio.create_task(coordinator.dispatcher.run()),
             asyncio.create_task(coordinator.turns.run()),
             asyncio.create_task(coordinator.registrations.run()),
+            asyncio.create_task(coordinator.lookups.run()),
         ]
         for msg in msgs:
             await handlers[Uplink(msg.subject.rsplit(".", 1)[1])](msg)  # type: ignore[arg-type]

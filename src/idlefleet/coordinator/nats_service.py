@@ -8,7 +8,8 @@ that fails any step is answered with an error that says why, counted (:class:`Ed
 changes nothing. Then, by verb:
 
 * heartbeat: answered from memory (:meth:`WorkService.heartbeat_cached`), in the callback;
-  only the first message of a car this replica has not seen reads the store.
+  the first message of a car this replica has not seen waits for a store read, shared with
+  every other such car that queued meanwhile (:meth:`WorkService.look_up_many`).
 * work: handed to the :class:`~idlefleet.coordinator.dispatch.Dispatcher` (parked, or leased
   in a round in the next store turn); the callback returns at once.
 * results: queued for the next store turn (:class:`~idlefleet.coordinator.turns.StoreTurns`),
@@ -79,7 +80,7 @@ class EdgeLimits:
 
     per_car: RateLimit = field(default_factory=RateLimit)
     max_slow: int = 256
-    """Store reads for cars not yet seen here, plus releases and policy fetches, in flight."""
+    """Releases and policy fetches in flight (each a task and a store call)."""
     round_size: int = 128
     """Work requests leased in one store transaction."""
     recheck_s: float = 2.0
@@ -121,12 +122,19 @@ class CoordinatorNats:
         self._store_thread = ThreadPoolExecutor(
             self.limits.store_threads, thread_name_prefix="store"
         )
-        self.turns = StoreTurns(work.turn, self._store_thread, self.finalize_soon)
+        self.turns = StoreTurns(
+            work.turn, self._store_thread, self.finalize_soon, parallel=self.limits.store_threads
+        )
         self.dispatcher = Dispatcher(
             self.turns.lease,
             self._kind_of,
             round_size=self.limits.round_size,
             recheck_s=self.limits.recheck_s,
+        )
+        # Cars this replica has not heard from yet (a replica that just started hears from
+        # thousands at once) are looked up together, one store read for all that queued.
+        self.lookups = BatchRunner[str, bool](
+            "lookup", work.look_up_many, lambda _, exc: False, max_batch=1000
         )
         self.registrations = BatchRunner[tuple[str, RegisterRequest], RegisterReply](
             "register",
@@ -156,8 +164,8 @@ class CoordinatorNats:
                 subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=handler
             )
         await self.nc.subscribe(subjects.WORK_AVAILABLE, cb=self._on_work_available)
-        for runner in (self.dispatcher.run(), self.turns.run(), self.registrations.run()):
-            self._spawn(runner)
+        for runner in (self.dispatcher, self.turns, self.registrations, self.lookups):
+            self._spawn(runner.run())
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -177,6 +185,7 @@ class CoordinatorNats:
             "store_turn_busy_s": round(self.turns.busy_s, 3),
             "result_chunks": self.turns.chunks,
             "registrations": self.registrations.items,
+            "lookups": self.lookups.items,
             "cars_known": len(self.work.registry),
             "slow_in_flight": self._slow,
         }
@@ -256,10 +265,11 @@ class CoordinatorNats:
             await self._answer(msg, ack)
             return
 
-        async def slow() -> None:
-            await self._answer(msg, await asyncio.to_thread(self.work.heartbeat, vehicle_id, beat))
+        async def looked_up(registered: bool) -> None:
+            known = self.work.heartbeat_cached(vehicle_id, beat) if registered else None
+            await self._answer(msg, known or Ack(ok=False, error=_not_registered(vehicle_id)))
 
-        self._slow_path(msg, slow)
+        self.lookups.submit(vehicle_id, looked_up)
 
     async def _on_work(self, msg: Msg) -> None:
         admitted = await self._admit(msg, Uplink.WORK, WorkRequest)
@@ -272,21 +282,17 @@ class CoordinatorNats:
                 self.stats.refused[grant.error.code] += 1
             await self._answer(msg, grant)
 
-        registered = self.work.known_state(vehicle_id)
-        if registered:
-            self.dispatcher.submit(vehicle_id, request, answer)
-            return
-        if registered is False:
-            await answer(WorkGrant(error=_not_registered(vehicle_id)))
-            return
-
-        async def look_up() -> None:
-            if await asyncio.to_thread(self.work.is_registered, vehicle_id):
+        async def looked_up(registered: bool) -> None:
+            if registered:
                 self.dispatcher.submit(vehicle_id, request, answer)
             else:
                 await answer(WorkGrant(error=_not_registered(vehicle_id)))
 
-        self._slow_path(msg, look_up)
+        registered = self.work.known_state(vehicle_id)
+        if registered is None:
+            self.lookups.submit(vehicle_id, looked_up)
+        else:
+            await looked_up(registered)
 
     async def _on_results(self, msg: Msg) -> None:
         admitted = await self._admit(msg, Uplink.RESULTS, ResultChunk)

@@ -43,11 +43,16 @@ class StoreTurns:
         executor: Executor | None,
         ended: Callable[[set[str]], None],
         max_chunks: int = 256,
+        parallel: int = 1,
     ) -> None:
         self._turn = turn
         self._executor = executor
         self._ended = ended
         self._max_chunks = max_chunks
+        self._parallel = parallel
+        """Turns in flight at once: 1 for SQLite (its writes take turns anyway); a few for
+        PostgreSQL, whose turns spend most of their time waiting on round trips."""
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._chunks: list[tuple[Chunk, Callable[[ResultAck], Awaitable[None]]]] = []
         self._round: tuple[Sequence[Ask], asyncio.Future[list[WorkGrant | None]]] | None = None
         self._wake = asyncio.Event()
@@ -77,39 +82,59 @@ class StoreTurns:
 
     async def run(self) -> None:
         """Serve until cancelled."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while (self._chunks or self._round is not None) and len(
+                    self._in_flight
+                ) < self._parallel:
+                    taken = self._chunks[: self._max_chunks]
+                    del self._chunks[: len(taken)]
+                    round_, self._round = self._round, None
+                    task = asyncio.ensure_future(self._take_turn(taken, round_))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._turn_done)
+        finally:
+            for task in self._in_flight:
+                task.cancel()
+
+    def _turn_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
+
+    async def _take_turn(
+        self,
+        taken: list[tuple[Chunk, Callable[[ResultAck], Awaitable[None]]]],
+        round_: tuple[Sequence[Ask], asyncio.Future[list[WorkGrant | None]]] | None,
+    ) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._chunks or self._round is not None:
-                taken = self._chunks[: self._max_chunks]
-                del self._chunks[: len(taken)]
-                chunks = [chunk for chunk, _ in taken]
-                asks, future = self._round if self._round is not None else ((), None)
-                self._round = None
-                started = time.perf_counter()
-                try:
-                    acks, ended, grants = await loop.run_in_executor(
-                        self._executor, self._turn, chunks, asks
-                    )
-                except Exception as exc:
-                    log.warning(
-                        "a store turn (%d results, %d asks) failed: %s", len(chunks), len(asks), exc
-                    )
-                    message = f"the coordinator failed ({type(exc).__name__}); retry"
-                    error = WireError(code="internal", message=message)
-                    acks, ended = [ResultAck(error=error) for _ in chunks], set()
-                    grants = [WorkGrant(error=error) for _ in asks]
-                self.busy_s += time.perf_counter() - started
-                self.turns += 1
-                self.chunks += len(chunks)
-                self.asks += len(asks)
-                if future is not None and not future.done():
-                    future.set_result(grants)
-                if ended:
-                    self._ended(ended)
-                for (_, answer), ack in zip(taken, acks, strict=True):
-                    try:
-                        await answer(ack)
-                    except Exception:  # one lost reply must not stop the others
-                        log.exception("answering a result chunk failed")
+        chunks = [chunk for chunk, _ in taken]
+        asks, future = round_ if round_ is not None else ((), None)
+        started = time.perf_counter()
+        try:
+            acks, ended, grants = await loop.run_in_executor(
+                self._executor, self._turn, chunks, asks
+            )
+        except Exception as exc:
+            log.warning(
+                "a store turn (%d results, %d asks) failed: %s", len(chunks), len(asks), exc
+            )
+            error = WireError(
+                code="internal", message=f"the coordinator failed ({type(exc).__name__}); retry"
+            )
+            acks, ended = [ResultAck(error=error) for _ in chunks], set()
+            grants = [WorkGrant(error=error) for _ in asks]
+        self.busy_s += time.perf_counter() - started
+        self.turns += 1
+        self.chunks += len(chunks)
+        self.asks += len(asks)
+        if future is not None and not future.done():
+            future.set_result(grants)
+        if ended:
+            self._ended(ended)
+        for (_, answer), ack in zip(taken, acks, strict=True):
+            try:
+                await answer(ack)
+            except Exception:  # one lost reply must not stop the others
+                log.exception("answering a result chunk failed")

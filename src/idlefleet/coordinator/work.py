@@ -116,6 +116,19 @@ class WorkService:
             self.registry.mark_unknown(vehicle_id, now)
             return False
 
+    def look_up_many(self, vehicle_ids: Sequence[str]) -> list[bool]:
+        """Which of these cars registered (with any replica): one store read for them all,
+        which also brings their liveness and policy versions into this replica's memory."""
+        found = self.store.vehicle_liveness(set(vehicle_ids))
+        now = self.clock()
+        with self._registry_lock:
+            self.registry.merge(found.values())
+            for vehicle_id in set(vehicle_ids) - found.keys():
+                self.registry.mark_unknown(vehicle_id, now)
+        if found:
+            self.owners.refresh(list(found))
+        return [vehicle_id in found for vehicle_id in vehicle_ids]
+
     def known_state(self, vehicle_id: str) -> bool | None:
         """Registered (True), known not to be (False), or unknown without a store read (None)."""
         with self._registry_lock:
