@@ -27,6 +27,14 @@ AGENT = ["agent", "--nats-url", "nats://x:1", "--vehicle-id", "car-1"]
         ([*AGENT, *TRACE, "--trace-speed", "0"], "positive"),
         ([*AGENT, "--trace", "/nonexistent/trace.jsonl"], "cannot read trace"),
         (["frobnicate"], "invalid choice"),
+        (["coordinator", "--nats-url", "nats://a:1,,nats://b:2"], "empty (a stray comma?)"),
+        (["coordinator", "--nats-url", "nats://a:1,nats://b"], "needs a host and a port"),
+        (["coordinator", "--nats-url", "nats://a:1", "--claim-seconds", "0"], "positive"),
+        (["agent", "--nats-url", "nats://a:1,redis://b:2", "--vehicle-id", "c", *TRACE], "nats://"),
+        (["up", "--replicas", "2"], "needs a shared store"),
+        (["up", "--nats-cluster", "2"], "cannot survive losing a node"),
+        (["up", "--store", "mysql://x/y"], "store URL"),
+        (["up", "--replicas", "0"], "positive integer"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_reason(

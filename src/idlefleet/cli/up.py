@@ -89,7 +89,7 @@ def run_up(args: argparse.Namespace) -> int:
         stop.wait()
         return 0
     finally:
-        print("idlefleet: stopping agents, coordinator, nats-server …", flush=True)
+        print("idlefleet: stopping agents, coordinators, NATS …", flush=True)
         fleet.stop()
         print("idlefleet: stopped", flush=True)
 

@@ -1,0 +1,56 @@
+"""``idlefleet up`` in the scaled-out shape: PostgreSQL, two replicas, a 3-node NATS cluster.
+
+The command a reader of docs/DEPLOY.md tries first, run as a user would (a subprocess), with the
+demo batch going through it end to end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+
+@pytest.mark.integration
+def test_up_runs_the_demo_on_postgresql_with_two_replicas_and_a_nats_cluster(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    parts = conninfo_to_dict(postgres_database)
+    store = urlunsplit(
+        urlsplit(f"postgresql://{parts['user']}@{parts['host']}:{parts['port']}/")._replace(
+            path=f"/{parts['dbname']}"
+        )
+    )
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idlefleet",
+            "up",
+            "--store",
+            store,
+            "--replicas",
+            "2",
+            "--nats-cluster",
+            "3",
+            "--demo",
+            "--demo-requests",
+            "200",
+            "--data-dir",
+            str(tmp_path / "fleet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert out.count("idlefleet: OpenAI API") == 2
+    assert out.count("nats://") >= 3
+    assert "completed" in out and "200 (200 completed, 0 failed)" in out
