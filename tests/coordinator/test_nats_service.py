@@ -29,6 +29,7 @@ from idlefleet.protocol.messages import (
     Heartbeat,
     RegisterRequest,
     WireError,
+    WorkGrant,
     WorkRequest,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyUpdate
@@ -47,6 +48,9 @@ class FakeNats:
     answer: bytes | Exception = b""
     is_connected: bool = True
     sent: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+    async def flush(self, timeout: float) -> None:
+        return None
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> Reply:
         self.sent.append((subject, payload, timeout))
@@ -282,3 +286,35 @@ def test_a_known_cars_heartbeat_is_answered_from_memory(work: WorkService) -> No
     assert ack.ok and ack.policy_version == 1
     car = work.registry.get("car-1")
     assert car is not None and (car.status, car.status_reason) == ("paused", "not_charging")
+
+
+def test_a_replica_stopping_answers_its_parked_work_requests(work: WorkService) -> None:
+    _register(work)
+    work.owners.set_consent("car-1", True, "owner:a")
+    poll = WorkRequest(max_requests=1, models=["all-MiniLM-L6-v2"], wait_s=30)
+    msg = UplinkMsg(subjects.uplink("car-1", Uplink.WORK), poll.model_dump_json().encode())
+    coordinator = edge(work, FakeNats())
+
+    async def scenario() -> int:
+        coordinator._loop = asyncio.get_running_loop()
+        runners = [
+            asyncio.create_task(coordinator.dispatcher.run()),
+            asyncio.create_task(coordinator.turns.run()),
+        ]
+        await coordinator._on_work(msg)
+        for _ in range(200):  # the round finds no work; the request is parked for 30 s
+            if coordinator.dispatcher.parked and coordinator.turns.turns != 0:
+                break
+            await asyncio.sleep(0.01)
+        parked = coordinator.dispatcher.parked
+        await coordinator.stop()
+        for task in runners:
+            task.cancel()
+        return parked
+
+    parked = asyncio.run(scenario())
+
+    assert parked == 1
+    (reply,) = msg.responses
+    grant = WorkGrant.model_validate_json(reply)
+    assert grant.lease_id is None and grant.error is None and grant.retry_after_s == 0

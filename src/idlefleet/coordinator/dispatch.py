@@ -115,6 +115,15 @@ class Dispatcher:
         self._empty.clear()
         self._wake.set()
 
+    async def release_all(self) -> int:
+        """Answer every parked request empty (a replica shutting down: the cars ask again, and
+        another replica gets it). Returns how many were answered."""
+        parked = [a for a in self._by_vehicle.values() if not a.in_round]
+        for ask in parked:
+            self._forget(ask)
+            await self._send(ask, _empty_grant(ask))
+        return len(parked)
+
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ work happens in threads, slow paths are bounded (``max_slow``) and refused beyon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -38,6 +39,7 @@ import nats
 import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from idlefleet.coordinator.batching import BatchRunner
 from idlefleet.coordinator.dispatch import Dispatcher
@@ -145,6 +147,7 @@ class CoordinatorNats:
             executor=self._store_thread,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscriptions: list[Subscription] = []
         self._finalizing: set[str] = set()
         self.on_work_returned: Callable[[], Awaitable[None]] | None = None
 
@@ -160,14 +163,24 @@ class CoordinatorNats:
             Uplink.POLICY: self._on_policy,
         }
         for verb, handler in handlers.items():
-            await self.nc.subscribe(
-                subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=handler
+            self._subscriptions.append(
+                await self.nc.subscribe(
+                    subjects.uplink_wildcard(verb), queue=subjects.COORDINATOR_QUEUE, cb=handler
+                )
             )
         await self.nc.subscribe(subjects.WORK_AVAILABLE, cb=self._on_work_available)
         for runner in (self.dispatcher, self.turns, self.registrations, self.lookups):
             self._spawn(runner.run())
 
     async def stop(self) -> None:
+        """Answer the parked work requests (their cars ask again, at another replica), then
+        stop the edge's tasks and its store thread."""
+        for subscription in self._subscriptions:  # new messages go to the other replicas
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        await self.dispatcher.release_all()
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.flush(timeout=2)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -16,12 +16,13 @@ special. Housekeeping, every replica, on its own clock:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats
@@ -110,6 +111,25 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     def status() -> dict[str, object]:
         return {"replica": replica, "nats": nc.connected_url.netloc if nc.connected_url else None}
 
+    housekeeping: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        # Shutdown runs here, inside uvicorn's serve(): after serve() returns, uvicorn raises
+        # the SIGTERM it caught again, which ends the process before any code after it.
+        housekeeping.extend(asyncio.create_task(loop) for loop in loops)
+        try:
+            yield
+        finally:
+            for task in housekeeping:
+                task.cancel()
+            await edge.stop()  # parked work requests are answered: the cars ask elsewhere
+            await asyncio.to_thread(work.flush_liveness)
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            store.close()
+            log.info("replica %s stopped", replica)
+
     app = create_app(
         batches,
         work,
@@ -117,20 +137,12 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         validate_and_announce,
         edge.push_policy,
         dispatch_status=lambda: status() | edge.snapshot(),
+        lifespan=lifespan,
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
     )
-    housekeeping = [asyncio.create_task(loop) for loop in loops]
-    try:
-        await server.serve()
-    finally:
-        for task in housekeeping:
-            task.cancel()
-        await edge.stop()
-        await asyncio.to_thread(work.flush_liveness)
-        await nc.drain()
-        store.close()
+    await server.serve()
 
 
 def _threaded(call: Callable[[], object]) -> Callable[[], Awaitable[object]]:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol, TypeVar
 
 import numpy as np
@@ -115,18 +116,21 @@ def create_app(
     on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     push_policy: PolicyPush | None = None,
     dispatch_status: Callable[[], dict[str, Any]] | None = None,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
     """Build the HTTP app.
 
     ``on_batch_created`` runs validation (and announces the new work); ``push_policy`` sends a
     changed owner policy to its car (None: no push, the car catches up by heartbeat);
-    ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``).
+    ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``);
+    ``lifespan`` starts and stops the replica's own work around the server's.
     """
     app = FastAPI(
         title="idlefleet coordinator",
         version="0.1.0",
         description="OpenAI-compatible Files, Batches, Embeddings and Models API served by a "
         "fleet of parked vehicles, plus the fleet API.",
+        lifespan=lifespan,
     )
     background: set[asyncio.Task[None]] = set()
 
