@@ -350,3 +350,23 @@ def test_energy_from_results_and_release_is_recorded_on_the_lease(
         "preempted: not_parked",
         42.5,
     )
+
+
+def test_garbage_results_are_refused_alone_and_the_rest_of_the_turn_commits(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _register(work, "car-2")
+    batch_id = _batch(batches, 8)
+    first = work.work("car-1", WorkRequest(max_requests=2, models=[MODEL]))
+    second = work.work("car-2", WorkRequest(max_requests=2, models=[MODEL]))
+    good = _results(second)
+    wrong_chars = "!" * len(_results(first).vectors_b64)  # the right length, not base64
+    bad = ResultChunk.model_validate(_results(first).model_dump() | {"vectors_b64": wrong_chars})
+
+    (bad_ack, good_ack), _ = work.results_many([("car-1", bad), ("car-2", good)])
+
+    assert bad_ack.error is not None and bad_ack.error.code == "bad_results"
+    assert good_ack.error is None and good_ack.committed == len(second.items)
+    assert batches.get_batch(batch_id).request_counts.completed == len(second.items)

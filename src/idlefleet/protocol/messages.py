@@ -9,6 +9,7 @@ little-endian float32 rows, which is ~4x smaller than JSON numbers and exact.
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Annotated, Literal
 
 import numpy as np
@@ -173,8 +174,11 @@ class ResultChunk(WireModel):
         return self
 
     def vectors(self) -> np.ndarray:
-        """Decode the vectors as a float32 array of shape (rows, dim)."""
-        raw = base64.b64decode(self.vectors_b64, validate=True)
+        """Decode the vectors as a float32 array of shape (rows, dim).
+
+        ``binascii.Error`` (a ``ValueError``) if ``vectors_b64`` is not strict base64.
+        """
+        raw = binascii.a2b_base64(self.vectors_b64, strict_mode=True)
         return np.frombuffer(raw, dtype="<f4").reshape(-1, self.dim)
 
 

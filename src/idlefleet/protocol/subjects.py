@@ -9,6 +9,7 @@ subjects are requests from the cloud to one car (the car answers on its one outb
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import StrEnum
 
@@ -70,8 +71,11 @@ def uplink_wildcard(verb: Uplink) -> str:
     return f"{PREFIX}.uplink.*.{verb.value}"
 
 
+@functools.lru_cache(maxsize=131_072)
 def parse_uplink(subject: str) -> tuple[str, Uplink]:
-    """Split an uplink subject into (vehicle id, verb); ``ValueError`` if it is not one."""
+    """Split an uplink subject into (vehicle id, verb); ``ValueError`` if it is not one.
+
+    Cached: a car's subjects repeat with every message, and this runs for each one."""
     parts = subject.split(".")
     if len(parts) != 5 or ".".join(parts[:3]) != f"{PREFIX}.uplink":
         raise ValueError(f"not an uplink subject: {subject!r}")

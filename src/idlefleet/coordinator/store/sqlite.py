@@ -506,7 +506,9 @@ class SqliteStore(Store):
             f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
             (ask.lease_id, batch_id, *seqs),
         )
-        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
+        # One JSON parse for every request's texts (they are stored as JSON arrays).
+        texts = json.loads("[" + ",".join(p[2] for p in picked) + "]")
+        items = tuple(LeasedItem(p[0], p[1], tuple(t)) for p, t in zip(picked, texts, strict=True))
         return Lease(
             ask.lease_id,
             batch_id,
