@@ -484,6 +484,8 @@ class LeaseRun:
     commits: Timings
     committed: int = 0
     empty_polls: int = 0
+    lease_times: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds into the phase, latency) of every lease, to see when the slow ones came."""
 
 
 async def lease_and_commit(
@@ -516,6 +518,7 @@ async def lease_and_commit(
                 run.empty_polls += 1
                 continue
             run.leases.latencies.append(time.perf_counter() - t0)
+            run.lease_times.append((t0 - run.leases.started, time.perf_counter() - t0))
             items = grant["items"]
             chunk = ResultChunk(
                 lease_id=grant["lease_id"],
@@ -649,10 +652,20 @@ async def run_config(
             _say(f"   coordinator 0 cpu-s in the lease phase: {result['leases_coordinator_cpu_s']}")
             result["leases"] = run.leases.summary() | {"cpu": cpu}
             result["commits"] = run.commits.summary() | {"committed_requests": run.committed}
-            per_cycle = {k: round(v / max(1e-9, run.leases.summary()["per_s"]) * 1e3, 3) for k, v in cpu.items()}
+            per_cycle = {
+                k: round(v / max(1e-9, run.leases.summary()["per_s"]) * 1e3, 3)
+                for k, v in cpu.items()
+            }
             result["leases"]["cpu_ms_per_lease"] = per_cycle
-            _say(f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}  cpu ms per lease {per_cycle}")
+            _say(
+                f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}  cpu ms per lease {per_cycle}"
+            )
             _say(f"   commits: {_fmt(run.commits.summary())}  ({run.committed:,} requests)")
+            worst = sorted(sorted(run.lease_times, key=lambda x: -x[1])[:5])
+            _say(
+                "   slowest leases (s into the phase: ms): "
+                + ", ".join(f"{at:.1f}: {took * 1e3:.0f}" for at, took in worst)
+            )
             stop_idle.set()
             final = await _wait_for_batch(coordinators.url(), batch["id"], 120)
             result["batch"] = _check_output(coordinators.url(), final, args.requests)
@@ -741,7 +754,7 @@ async def echo_baseline(args: argparse.Namespace, nats_url: str) -> dict[str, An
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="idlefleet-dispatch-") as tmp:
-        work_dir = Path(tmp)
+        work_dir = Path(args.keep) if args.keep else Path(tmp)
         server: NatsServer = start_nats_server(work_dir / "nats")
         args.nats_pid = server.process.pid
         try:
@@ -773,6 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pg-dsn", default=os.environ.get("IDLEFLEET_TEST_PG_DSN", DEFAULT_PG_DSN))
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--py-spy", metavar="DIR", help="profile coordinator 0 in each phase")
+    parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (logs, stores)")
     args = parser.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]

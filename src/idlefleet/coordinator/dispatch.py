@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -38,6 +39,10 @@ KeyOf = Callable[[str, WorkRequest], Hashable]
 
 NO_WORK_RETRY_S = 0.5
 """Retry hint for a car that asked without waiting and got nothing."""
+POLL_JITTER = 0.2
+"""Long polls end up to this fraction of their wait early, at random."""
+ANSWER_SLICE = 256
+"""Ended long polls answered before other messages get a turn."""
 
 
 @dataclass(eq=False)
@@ -62,8 +67,10 @@ class Dispatcher:
         key_of: KeyOf,
         round_size: int = 128,
         recheck_s: float = 2.0,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self._lease = lease
+        self._random = random
         self._key_of = key_of
         self.round_size = round_size
         self.recheck_s = recheck_s
@@ -95,9 +102,10 @@ class Dispatcher:
             earlier.replaced = True
             if not earlier.in_round:
                 self._expired.append(earlier)
-        ask = _Ask(
-            vehicle_id, request, answer, now + request.wait_s, self._key_of(vehicle_id, request)
-        )
+        # A long poll ends at a random moment in the last fifth of its wait: a crowd of cars
+        # that asked together (after a reconnect, say) comes back spread out, not as a herd.
+        wait_s = request.wait_s * (1.0 - POLL_JITTER * self._random())
+        ask = _Ask(vehicle_id, request, answer, now + wait_s, self._key_of(vehicle_id, request))
         if request.wait_s <= 0 and self._known_empty(ask.key, now):
             self._expired.append(ask)  # asked without waiting, and there is nothing: say so
             self._wake.set()
@@ -190,9 +198,10 @@ class Dispatcher:
 
     async def _answer_expired(self) -> None:
         while self._expired:
-            expired, self._expired = self._expired, []
+            expired, self._expired = self._expired[:ANSWER_SLICE], self._expired[ANSWER_SLICE:]
             for ask in expired:
                 await self._send(ask, _empty_grant(ask))
+            await asyncio.sleep(0)  # let other messages through between slices
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _timed_out(self, ask: _Ask) -> None:

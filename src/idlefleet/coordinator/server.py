@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -118,6 +119,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         # Shutdown runs here, inside uvicorn's serve(): after serve() returns, uvicorn raises
         # the SIGTERM it caught again, which ends the process before any code after it.
         housekeeping.extend(asyncio.create_task(loop) for loop in loops)
+        _quiet_gc()
         try:
             yield
         finally:
@@ -143,6 +145,19 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
     )
     await server.serve()
+
+
+def _quiet_gc() -> None:
+    """Keep the cyclic garbage collector from stopping the replica for 60-125 ms at a time.
+
+    With 10,000 cars known (their liveness, policies, budgets) a full collection walks every
+    one of those objects, and under load one ran about every second (the dispatch bench's p99).
+    Objects alive once the replica has started are frozen out of collections; young objects
+    are collected less often. The refcounts free almost everything this code allocates anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _threaded(call: Callable[[], object]) -> Callable[[], Awaitable[object]]:
