@@ -652,14 +652,11 @@ async def run_config(
             _say(f"   coordinator 0 cpu-s in the lease phase: {result['leases_coordinator_cpu_s']}")
             result["leases"] = run.leases.summary() | {"cpu": cpu}
             result["commits"] = run.commits.summary() | {"committed_requests": run.committed}
-            per_cycle = {
-                k: round(v / max(1e-9, run.leases.summary()["per_s"]) * 1e3, 3)
-                for k, v in cpu.items()
-            }
-            result["leases"]["cpu_ms_per_lease"] = per_cycle
-            _say(
-                f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}  cpu ms per lease {per_cycle}"
-            )
+            rate = max(1e-9, run.leases.summary()["per_s"])
+            per_lease = {name: round(used / rate * 1e3, 3) for name, used in cpu.items()}
+            result["leases"]["cpu_ms_per_lease"] = per_lease
+            _say(f"   leases:  {_fmt(run.leases.summary())}  cpu/s {cpu}")
+            _say(f"   cpu ms per lease and its commit: {per_lease}")
             _say(f"   commits: {_fmt(run.commits.summary())}  ({run.committed:,} requests)")
             worst = sorted(sorted(run.lease_times, key=lambda x: -x[1])[:5])
             _say(
@@ -780,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="heartbeat phase length")
     parser.add_argument("--requests", type=int, default=20_000, help="requests in the batch")
     parser.add_argument("--unit", type=int, default=4, help="requests per unit")
-    parser.add_argument("--lease-concurrency", type=int, default=48, help="busy cars at once")
+    parser.add_argument("--lease-concurrency", type=int, default=64, help="busy cars at once")
     parser.add_argument("--lease-deadline", type=float, default=120.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--pg-dsn", default=os.environ.get("IDLEFLEET_TEST_PG_DSN", DEFAULT_PG_DSN))
