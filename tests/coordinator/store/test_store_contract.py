@@ -2168,3 +2168,33 @@ def test_policies_since_lists_the_versions_appended_since(store: Store) -> None:
     recent = store.policies_since(NOW + 5)
 
     assert [(r.vehicle_id, r.version) for r in recent] == [("car-2", 1), ("car-1", 2)]
+
+
+def test_commit_and_lease_commits_first_then_leases_in_one_call(store: Store) -> None:
+    add_batch(store, n=4)
+    first = must_lease(store, "car-1", size=2)
+
+    outcomes, leases = store.commit_and_lease(
+        [
+            ResultCommit("car-1", first.id, (result(0), result(1)), 1.0),
+            ResultCommit("car-1", first.id, (result(0),), float("inf")),  # refused alone
+        ],
+        [ask("car-2", 1), ask("car-3", 5), ask("car-4", 1)],
+        NOW + 1,
+        LEASE_SECONDS,
+    )
+
+    assert isinstance(outcomes[0], CommitOutcome)
+    assert (outcomes[0].committed, outcomes[0].lease_finished) == (2, True)
+    assert isinstance(outcomes[1], ValueError)
+    assert [seqs_of(g) if isinstance(g, Lease) else g for g in leases] == [[2], [3], None]
+    assert store.request_counts("batch-1") == RequestCounts(total=4, completed=2, leased=2)
+    held = store.get_lease("car-1", first.id)
+    assert held is not None and (held.state, held.energy_j) == ("finished", 1.0)
+
+
+def test_commit_and_lease_with_nothing_to_do_changes_nothing(store: Store) -> None:
+    add_batch(store, n=2)
+
+    assert store.commit_and_lease([], [], NOW, LEASE_SECONDS) == ([], [])
+    assert store.request_counts("batch-1") == RequestCounts(total=2, pending=2)
