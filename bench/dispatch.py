@@ -7,7 +7,8 @@ commits, p99 latency under 100 ms.
 Each configuration runs the real processes: a ``nats-server``, N ``idlefleet coordinator``
 processes on the store, and this script as the fleet: 10,000 lightweight simulated cars (no
 model) spread over a few NATS connections (subjects carry the car id, so many cars can share a
-connection). In order:
+connection), speaking the NATS protocol through a lean client (``wirecars.py``: nats-py's own
+request path costs as much CPU as the coordinator's answer, and they share 2 cores). In order:
 
 1. the store gets the owners' policies (written directly, as set-up): 5,000 *idle* cars whose
    owners allow only ``research`` work, 5,000 *busy* cars whose owners allow anything;
@@ -53,9 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import nats
 import numpy as np
-from nats.aio.client import Client
 
 from idlefleet.cli.demo import batch_input
 from idlefleet.coordinator.store import open_store, sqlite_url
@@ -73,6 +72,7 @@ from idlefleet.protocol.messages import (
 )
 from idlefleet.protocol.policy import OwnerPolicy
 from idlefleet.protocol.subjects import Uplink
+from wirecars import WireConnection
 
 TARGETS = {"heartbeats_per_s": 10_000, "leases_per_s": 1_000, "p99_ms": 100}
 CONFIGS = {
@@ -331,25 +331,22 @@ asyncio.run(main())
 
 
 class SimCars:
-    """Many cars over a few NATS connections; each call is timed."""
+    """Many cars over a few NATS connections (see ``wirecars.py``); each call is timed."""
 
-    def __init__(self, connections: list[Client]) -> None:
+    def __init__(self, connections: list[WireConnection]) -> None:
         self.connections = connections
 
     @classmethod
     async def connect(cls, url: str, n: int) -> SimCars:
-        return cls([await nats.connect(url, pending_size=64 * 1024 * 1024) for _ in range(n)])
-
-    def _nc(self, index: int) -> Client:
-        return self.connections[index % len(self.connections)]
+        return cls([await WireConnection.connect(url) for _ in range(n)])
 
     async def call(self, index: int, subject: str, payload: bytes, timeout: float) -> bytes:
-        reply = await self._nc(index).request(subject, payload, timeout=timeout)
-        return bytes(reply.data)
+        connection = self.connections[index % len(self.connections)]
+        return await connection.request(subject, payload, timeout)
 
     async def close(self) -> None:
-        for nc in self.connections:
-            await nc.close()
+        for connection in self.connections:
+            connection.close()
 
 
 def car_id(i: int) -> str:
