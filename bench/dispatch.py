@@ -711,7 +711,7 @@ def _check_output(base_url: str, batch: dict[str, Any], n: int) -> dict[str, Any
     return {"status": batch["status"], "lines": len(ids), "every_custom_id_once": exactly_once}
 
 
-def _fmt(s: dict[str, float]) -> str:
+def _fmt(s: dict[str, Any]) -> str:
     return (
         f"{s['per_s']:>9,.0f}/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  "
         f"max {s['max_ms']:.0f} ms  errors {s['errors']}"
