@@ -63,12 +63,14 @@ from idlefleet.coordinator.store.sql_common import (
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
+    VEHICLE_COLUMNS,
     check_batch_changes,
     check_energy,
     dump_json,
     liveness_from_row,
     load_json,
     rechunk,
+    vehicle_from_row,
 )
 
 Conn = psycopg.Connection[TupleRow]
@@ -883,25 +885,8 @@ class PostgresStore(Store):
         )
 
     def _vehicles(self, where: str, args: tuple[Any, ...]) -> list[VehicleRecord]:
-        rows = self._read(
-            "SELECT v.id, v.hardware, v.models, v.registered_at, v.last_seen, v.status, "
-            "v.completed, v.status_reason "
-            f"FROM vehicles v {where} ORDER BY v.id",
-            args,
-        )
-        return [
-            VehicleRecord(
-                id=r[0],
-                hardware=json.loads(r[1]),
-                models=tuple(json.loads(r[2])),
-                registered_at=r[3],
-                last_seen=r[4],
-                status=r[5],
-                completed_requests=int(r[6]),
-                status_reason=r[7],
-            )
-            for r in rows
-        ]
+        rows = self._read(f"SELECT {VEHICLE_COLUMNS} FROM vehicles v {where} ORDER BY v.id", args)
+        return [vehicle_from_row(row) for row in rows]
 
     def get_vehicle(self, vehicle_id: str) -> VehicleRecord | None:
         found = self._vehicles("WHERE v.id = %s", (vehicle_id,))

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from idlefleet.coordinator.store.base import VehicleLiveness
+from idlefleet.coordinator.store.base import VehicleLiveness, VehicleRecord
 
 FILE_CHUNK_BYTES = 4 * 1024 * 1024
 """Files are stored in pieces of this size, so a large one streams in and out."""
@@ -58,6 +58,26 @@ def dump_json(value: Any) -> str | None:
 
 def load_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+VEHICLE_COLUMNS = (
+    "v.id, v.hardware, v.models, v.registered_at, v.last_seen, v.status, v.completed, "
+    "v.status_reason"
+)
+
+
+def vehicle_from_row(row: tuple[Any, ...]) -> VehicleRecord:
+    """A row of :data:`VEHICLE_COLUMNS`."""
+    return VehicleRecord(
+        id=row[0],
+        hardware=json.loads(row[1]),
+        models=tuple(json.loads(row[2])),
+        registered_at=row[3],
+        last_seen=row[4],
+        status=row[5],
+        completed_requests=int(row[6]),
+        status_reason=row[7],
+    )
 
 
 def liveness_from_row(row: tuple[Any, ...]) -> VehicleLiveness:
