@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from idlefleet.coordinator.store.base import VehicleLiveness, VehicleRecord
+from idlefleet.coordinator.store.base import NewRequest, VehicleLiveness, VehicleRecord
 
 FILE_CHUNK_BYTES = 4 * 1024 * 1024
 """Files are stored in pieces of this size, so a large one streams in and out."""
@@ -83,6 +83,35 @@ def vehicle_from_row(row: tuple[Any, ...]) -> VehicleRecord:
 def liveness_from_row(row: tuple[Any, ...]) -> VehicleLiveness:
     """A ``(id, models JSON, last_seen, status, status_reason)`` row."""
     return VehicleLiveness(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4])
+
+
+REQUEST_COLUMNS = (
+    "batch_id, seq, custom_id, model, encoding_format, texts, sort_key, state, error_status, "
+    "error_body"
+)
+
+
+def request_rows(
+    batch_id: str, requests: Iterable[NewRequest]
+) -> tuple[list[tuple[Any, ...]], int]:
+    """The rows of :data:`REQUEST_COLUMNS` for a batch's new requests, and how many failed
+    validation (they go straight to the error file)."""
+    rows = [
+        (
+            batch_id,
+            r.seq,
+            r.custom_id,
+            r.model,
+            r.encoding_format,
+            json.dumps(list(r.texts), ensure_ascii=False),
+            sum(len(t) for t in r.texts),  # the sort key: longest first (LPT scheduling)
+            "pending" if r.error_status is None else "failed",
+            r.error_status,
+            dump_json(r.error_body),
+        )
+        for r in requests
+    ]
+    return rows, sum(1 for row in rows if row[7] == "failed")
 
 
 def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

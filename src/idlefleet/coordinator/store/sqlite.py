@@ -46,6 +46,7 @@ from idlefleet.coordinator.store.sql_common import (
     liveness_from_row,
     load_json,
     rechunk,
+    request_rows,
     vehicle_from_row,
 )
 
@@ -353,22 +354,7 @@ class SqliteStore(Store):
 
     # -- requests and leases -------------------------------------------------------------------
     def add_requests(self, batch_id: str, requests: Iterable[NewRequest]) -> int:
-        rows = [
-            (
-                batch_id,
-                r.seq,
-                r.custom_id,
-                r.model,
-                r.encoding_format,
-                json.dumps(list(r.texts), ensure_ascii=False),
-                sum(len(t) for t in r.texts),
-                "pending" if r.error_status is None else "failed",
-                r.error_status,
-                dump_json(r.error_body),
-            )
-            for r in requests
-        ]
-        failed = sum(1 for row in rows if row[7] == "failed")
+        rows, failed = request_rows(batch_id, requests)
         with self._write() as db:
             db.executemany(
                 "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
