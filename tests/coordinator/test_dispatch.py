@@ -246,3 +246,46 @@ def test_kinds_with_work_are_not_held_up_by_kinds_without() -> None:
     assert sorted(answers.got) == sorted(f"busy-{i}" for i in range(10))
     idle_asked = sum(1 for r in queue.rounds for v in r if v.startswith("idle"))
     assert idle_asked <= 8  # one round's worth, then the memo
+
+
+def test_an_announcement_costs_a_kind_without_work_one_probe_not_a_round_per_car() -> None:
+    async def scenario() -> tuple[Queue, Answers, Dispatcher]:
+        queue, answers = Queue(units=0), Answers()
+        dispatcher = Dispatcher(queue.lease, same_kind, round_size=8, recheck_s=60)
+        task = asyncio.create_task(dispatcher.run())
+        for i in range(100):
+            dispatcher.submit(f"car-{i}", ask(), answers.to(f"car-{i}"))
+        await settle(dispatcher)
+        before = len(queue.rounds)
+        for _ in range(3):  # work for other kinds of cars, announced three times
+            dispatcher.work_available()
+            await settle(dispatcher)
+        task.cancel()
+        return queue, answers, before
+
+    queue, answers, before = run(scenario)
+
+    assert [len(r) for r in queue.rounds[before:]] == [1, 1, 1]
+    assert answers.got == {}
+
+
+def test_a_probe_that_finds_work_brings_the_rest_of_its_kind_at_once() -> None:
+    async def scenario() -> tuple[Queue, Answers]:
+        queue, answers = Queue(units=0), Answers()
+        dispatcher = Dispatcher(queue.lease, same_kind, round_size=8, recheck_s=60)
+        task = asyncio.create_task(dispatcher.run())
+        for i in range(20):
+            dispatcher.submit(f"car-{i}", ask(), answers.to(f"car-{i}"))
+        await settle(dispatcher)
+        queue.units = 20
+        dispatcher.work_available()
+        await settle(dispatcher)
+        task.cancel()
+        return queue, answers
+
+    queue, answers = run(scenario)
+
+    assert sorted(answers.got) == sorted(f"car-{i}" for i in range(20))
+    assert all(grants[0].lease_id for grants in answers.got.values())
+    # One round found nothing; after the announcement one probe, then the other 19 in rounds.
+    assert [len(r) for r in queue.rounds] == [8, 1, 8, 8, 3]

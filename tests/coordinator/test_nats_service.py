@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
+from idlefleet.coordinator.nats_service import YIELD_EVERY, CoordinatorNats, EdgeLimits
 from idlefleet.coordinator.ratelimit import RateLimit
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
@@ -318,3 +318,29 @@ def test_a_replica_stopping_answers_its_parked_work_requests(work: WorkService) 
     (reply,) = msg.responses
     grant = WorkGrant.model_validate_json(reply)
     assert grant.lease_id is None and grant.error is None and grant.retry_after_s == 0
+
+
+def test_a_backlog_on_one_subscription_lets_the_rest_of_the_edge_run(work: WorkService) -> None:
+    """A subscription hands its messages to the handler one after the other without giving up
+    the event loop when nothing has to wait (a heartbeat is answered from memory); the edge
+    gives it up every ``YIELD_EVERY`` messages, so answers of store turns and other verbs are
+    not held behind a burst."""
+    _register(work)
+    beat = Heartbeat(seq=1, status="idle").model_dump_json().encode()
+    msgs = [UplinkMsg(subjects.uplink("car-1", Uplink.HEARTBEAT), beat) for _ in range(200)]
+    coordinator = edge(work, FakeNats())
+    handled = 0
+    other_ran_after: list[int] = []
+
+    async def drain() -> None:
+        nonlocal handled
+        coordinator._loop = asyncio.get_running_loop()
+        asyncio.get_running_loop().call_soon(lambda: other_ran_after.append(handled))
+        for msg in msgs:  # as nats-py's subscription task does: await the handler, next
+            await coordinator._on_heartbeat(msg)  # type: ignore[arg-type]
+            handled += 1
+
+    asyncio.run(drain())
+
+    assert all(len(m.responses) == 1 for m in msgs)
+    assert other_ran_after and other_ran_after[0] <= YIELD_EVERY

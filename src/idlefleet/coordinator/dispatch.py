@@ -6,7 +6,9 @@ dispatcher remembers, per kind of car (its models and its owner's purposes and r
 the store had nothing for that kind, and parks every request of that kind without asking again
 until work is announced (a new batch, returned requests: :meth:`Dispatcher.work_available`,
 which every replica hears over NATS) or ``recheck_s`` has passed (in case an announcement was
-lost). When there may be work, the dispatcher takes up to ``round_size`` waiting requests and
+lost). Then ONE of that kind's requests goes to the store as a probe; only if it gets work do
+the others follow (5,000 idle cars of a kind the new work is not for cost one ask, not forty
+rounds). When there may be work, the dispatcher takes up to ``round_size`` waiting requests and
 leases units to all of them in ONE store transaction (``lease``: the replica's next store
 turn), so a lease costs the same with 10 or 10,000 cars waiting, and a crowd of cars asking at
 once shares one fsync. Requests that arrive meanwhile queue for the next round.
@@ -76,7 +78,9 @@ class Dispatcher:
         self.recheck_s = recheck_s
         self._waiting: dict[Hashable, OrderedDict[str, _Ask]] = {}
         self._by_vehicle: dict[str, _Ask] = {}
-        self._empty: dict[Hashable, tuple[int, float]] = {}  # key -> (epoch, when) found empty
+        self._empty: dict[Hashable, tuple[int, float]] = {}
+        """Kind -> (epoch, when) the store last had nothing for it. Current: park without
+        asking; stale (a newer epoch, or older than ``recheck_s``): ask with one probe."""
         self._epoch = 0
         self._expired: list[_Ask] = []
         self._wake = asyncio.Event()
@@ -118,9 +122,10 @@ class Dispatcher:
             self._wake.set()
 
     def work_available(self) -> None:
-        """Work may have entered the queue: forget what was found empty, look again."""
+        """Work may have entered the queue: what was found empty is stale, look again (with a
+        probe per kind). Kinds with nobody waiting are forgotten."""
         self._epoch += 1
-        self._empty.clear()
+        self._empty = {key: found for key, found in self._empty.items() if key in self._waiting}
         self._wake.set()
 
     async def release_all(self) -> int:
@@ -161,7 +166,9 @@ class Dispatcher:
             if self._known_empty(key, now):
                 continue
             queue = self._waiting[key]
-            while queue and len(taken) < self.round_size:
+            # Found empty before: one probe says whether that changed.
+            limit = len(taken) + 1 if key in self._empty else self.round_size
+            while queue and len(taken) < limit:
                 _, ask = queue.popitem(last=False)
                 ask.in_round = True
                 taken.append(ask)
@@ -178,10 +185,9 @@ class Dispatcher:
             ask.in_round = False
             if grant is None:
                 # Nothing for this kind of car as of the round's start; a later announcement
-                # (a newer epoch) makes it worth asking again.
+                # (a newer epoch, maybe during the round) makes it worth a probe again.
                 ask.key = self._key_of(ask.vehicle_id, ask.request)
-                if epoch == self._epoch:
-                    self._empty[ask.key] = (epoch, now)
+                self._empty[ask.key] = (epoch, now)
                 if ask.replaced:
                     await self._send(ask, _empty_grant(ask))
                 elif ask.expired or ask.request.wait_s <= 0 or now >= ask.deadline:
@@ -192,6 +198,7 @@ class Dispatcher:
                 continue
             if grant.lease_id is not None:
                 self.leased += 1
+                self._empty.pop(ask.key, None)  # a probe found work: the rest of its kind next
             if not ask.replaced:
                 self._forget(ask)
             await self._send(ask, grant)

@@ -109,9 +109,23 @@ class OwnerService:
         return None if cached is None else cached.version
 
     def refresh(self, vehicle_ids: Sequence[str]) -> dict[str, PolicyVersion]:
-        """The current policies of these cars, read from the store in one query."""
+        """The current policies of these cars, read from the store in one query.
+
+        On the store thread, once per store turn: the cache's lock is taken once for all the
+        cars that did not change (a lock taken per car, against an event loop that takes it
+        too, cost the GIL's hand-over time again and again)."""
         records = self.store.current_policies(set(vehicle_ids))
-        return {vid: self._parse(records.get(vid), vid) for vid in vehicle_ids}
+        out: dict[str, PolicyVersion] = {}
+        with self._lock:
+            for vid in vehicle_ids:
+                cached = self._parsed.get(vid)
+                record = records.get(vid)
+                if cached is not None and (record is None or cached.version == record.version):
+                    out[vid] = cached
+        for vid in vehicle_ids:
+            if vid not in out:
+                out[vid] = self._parse(records.get(vid), vid)
+        return out
 
     def versions(self, vehicle_ids: Sequence[str]) -> dict[str, int]:
         """Current version per car (0: none), read from the store in one query."""

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,8 +137,14 @@ class WorkService:
             return False if self.registry.is_unknown(vehicle_id, self.clock()) else None
 
     def saw(self, vehicle_id: str, status: str | None = None, reason: str | None = None) -> None:
+        self.saw_many([(vehicle_id, status, reason)])
+
+    def saw_many(self, sightings: Sequence[tuple[str, str | None, str | None]]) -> None:
+        """Record (car, status, reason) sightings under one taking of the registry's lock."""
+        now = self.clock()
         with self._registry_lock:
-            self.registry.seen(vehicle_id, self.clock(), status, reason)
+            for vehicle_id, status, reason in sightings:
+                self.registry.seen(vehicle_id, now, status, reason)
 
     def flush_liveness(self) -> int:
         """Write the liveness that changed since the last flush (one transaction)."""
@@ -300,6 +306,11 @@ class WorkService:
         ended = self._acknowledge(acks, checked, outcomes, now)
         for i, lease in zip(placed, leases, strict=True):
             answers[i] = self._grant(lease)
+        self._lease_infos.put_many(
+            (lease.id, _LeaseInfo(lease.vehicle_id, lease.batch_id, lease.model))
+            for lease in leases
+            if isinstance(lease, Lease)
+        )
         return [ack or ResultAck() for ack in acks], ended, answers
 
     def _asks(
@@ -309,12 +320,16 @@ class WorkService:
         answers already known (not opted in)."""
         policies = self.owners.refresh([vehicle_id for vehicle_id, _ in asks])
         answers: list[WorkGrant | None] = [None] * len(asks)
+        # Lease ids: 16 random bytes each, from ONE system call for the whole round (a call
+        # per ask gave up the GIL per ask; on a busy event loop each took ~1 ms to win back).
+        entropy = os.urandom(16 * len(asks)).hex()
         store_asks: list[LeaseAsk] = []
         placed: list[int] = []
+        sightings: list[tuple[str, str | None, str | None]] = []
         for i, (vehicle_id, msg) in enumerate(asks):
             owner = policies[vehicle_id].policy
             if not owner.opted_in:
-                self.saw(vehicle_id, "paused", "not_opted_in")
+                sightings.append((vehicle_id, "paused", "not_opted_in"))
                 answers[i] = WorkGrant(
                     error=WireError(
                         code="not_opted_in",
@@ -324,7 +339,7 @@ class WorkService:
                     retry_after_s=NOT_OPTED_IN_RETRY_S,
                 )
                 continue
-            self.saw(vehicle_id)
+            sightings.append((vehicle_id, None, None))
             models = tuple(m for m in msg.models if m in MODELS)
             if not models:
                 continue
@@ -337,7 +352,7 @@ class WorkService:
             store_asks.append(
                 LeaseAsk(
                     vehicle_id,
-                    f"lease_{os.urandom(16).hex()}",
+                    f"lease_{entropy[32 * i : 32 * i + 32]}",
                     models,
                     tuple(owner.purposes),
                     tuple(owner.data_regions),
@@ -345,6 +360,7 @@ class WorkService:
                 )
             )
             placed.append(i)
+        self.saw_many(sightings)
         return answers, store_asks, placed
 
     def _grant(self, outcome: Lease | Exception | None) -> WorkGrant | None:
@@ -355,9 +371,6 @@ class WorkService:
             return WorkGrant(
                 error=WireError(code="internal", message="the coordinator failed; retry")
             )
-        self._lease_infos.put(
-            outcome.id, _LeaseInfo(outcome.vehicle_id, outcome.batch_id, outcome.model)
-        )
         # Built from the store's own rows, which were validated when the batch was: no second
         # validation of every text on the hot path (it was ~40 µs a grant).
         return WorkGrant.model_construct(
@@ -397,8 +410,9 @@ class WorkService:
     ) -> tuple[list[ResultAck | None], list[_Checked]]:
         acks: list[ResultAck | None] = [None] * len(chunks)
         checked: list[_Checked] = []
+        remembered = self._lease_infos.get_many([msg.lease_id for _, msg in chunks])
         for i, (vehicle_id, msg) in enumerate(chunks):
-            prepared = self._check(vehicle_id, msg)
+            prepared = self._check(vehicle_id, msg, remembered[i])
             if isinstance(prepared, ResultAck):
                 acks[i] = prepared
             else:
@@ -414,22 +428,25 @@ class WorkService:
     ) -> set[str]:
         """Fill in the acks of committed chunks; the batches whose work may have ended."""
         ended: set[str] = set()
+        over: list[str] = []
         for (i, vehicle_id, msg, lease, _), outcome in zip(checked, outcomes, strict=True):
             acks[i] = self._ack(vehicle_id, msg, outcome, now)
             if isinstance(outcome, CommitOutcome) and (
                 outcome.lease_finished or not outcome.lease_active
             ):
-                self._lease_infos.pop(msg.lease_id)
+                over.append(msg.lease_id)
                 # A batch can only run out of work when a unit ends (or a late answer
                 # arrives); the sweeper checks every batch each second as well.
                 ended.add(lease.batch_id)
+        self._lease_infos.pop_many(over)
         return ended
 
     def _check(
-        self, vehicle_id: str, msg: ResultChunk
+        self, vehicle_id: str, msg: ResultChunk, remembered: _LeaseInfo | None = None
     ) -> tuple[_LeaseInfo, ResultCommit] | ResultAck:
-        """Check a chunk against its lease: what to commit, or why it is refused."""
-        lease = self._lease_info(vehicle_id, msg.lease_id)
+        """Check a chunk against its lease (``remembered``: what this replica knows of it, if
+        anything): what to commit, or why it is refused."""
+        lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
         dim = MODELS[lease.model].dim
@@ -456,10 +473,11 @@ class WorkService:
             row += n
         return lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
 
-    def _lease_info(self, vehicle_id: str, lease_id: str) -> _LeaseInfo | None:
+    def _lease_info(
+        self, vehicle_id: str, lease_id: str, info: _LeaseInfo | None
+    ) -> _LeaseInfo | None:
         """The batch and model of a lease of ``vehicle_id``: remembered from the grant when
-        this replica made it, else read from the store."""
-        info = self._lease_infos.get(lease_id)
+        this replica made it (``info``), else read from the store."""
         if info is not None and info.vehicle_id == vehicle_id:
             return info
         lease = self.store.get_lease(vehicle_id, lease_id)
@@ -491,7 +509,7 @@ class WorkService:
         )
         if released is None:
             return ReleaseAck(error=_unknown_lease(msg.lease_id))
-        self._lease_infos.pop(msg.lease_id)
+        self._lease_infos.pop_many([msg.lease_id])
         lease = self.store.get_lease(vehicle_id, msg.lease_id)
         if lease is not None:
             self.batches.maybe_finalize(lease.batch_id)
@@ -519,19 +537,21 @@ class _LeaseInfos:
         self._infos: OrderedDict[str, _LeaseInfo] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, lease_id: str, info: _LeaseInfo) -> None:
+    def put_many(self, infos: Iterable[tuple[str, _LeaseInfo]]) -> None:
         with self._lock:
-            self._infos[lease_id] = info
-            if len(self._infos) > self._limit:
+            for lease_id, info in infos:
+                self._infos[lease_id] = info
+            while len(self._infos) > self._limit:
                 self._infos.popitem(last=False)
 
-    def get(self, lease_id: str) -> _LeaseInfo | None:
+    def pop_many(self, lease_ids: Iterable[str]) -> None:
         with self._lock:
-            return self._infos.get(lease_id)
+            for lease_id in lease_ids:
+                self._infos.pop(lease_id, None)
 
-    def pop(self, lease_id: str) -> None:
+    def get_many(self, lease_ids: Sequence[str]) -> list[_LeaseInfo | None]:
         with self._lock:
-            self._infos.pop(lease_id, None)
+            return [self._infos.get(lease_id) for lease_id in lease_ids]
 
 
 def _check_vectors(vectors: np.ndarray, dim: int) -> str | None:

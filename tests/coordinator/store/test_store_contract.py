@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
@@ -2198,3 +2198,80 @@ def test_commit_and_lease_with_nothing_to_do_changes_nothing(store: Store) -> No
 
     assert store.commit_and_lease([], [], NOW, LEASE_SECONDS) == ([], [])
     assert store.request_counts("batch-1") == RequestCounts(total=2, pending=2)
+
+
+# -- a turn's commits at once equal the same commits one by one -----------------------------------
+
+_chunk = st.tuples(
+    st.sampled_from(["A", "B", "C", "A-by-car-2", "unknown"]),
+    st.one_of(st.just(list(range(10))), st.lists(st.integers(0, 9), max_size=6)),
+    st.integers(0, 3),  # tag
+    st.sampled_from([0.0, 1.5, -1.0]),  # -1: refused
+)
+
+
+def _history(s: Store) -> dict[str, Lease]:
+    """Lease A (car-1) expires and its requests go to lease B (car-2): A's answers are late
+    answers for requests B holds. Lease C (car-3) holds others; requests 8-9 stay pending."""
+    add_batch(s, n=10)
+    a = must_lease(s, "car-1", size=4, now=NOW)
+    s.expire_leases(NOW + LEASE_SECONDS + 1)
+    b = must_lease(s, "car-2", size=4, now=NOW + LEASE_SECONDS + 2)
+    c = must_lease(s, "car-3", size=4, now=NOW + LEASE_SECONDS + 2)
+    return {"A": a, "B": b, "C": c}
+
+
+def _chunks(leases: dict[str, Lease], drawn: list[tuple[Any, ...]]) -> list[ResultCommit]:
+    chunks = []
+    for which, seqs, tag, energy in drawn:
+        if which == "unknown":
+            vehicle, lease_id = "car-1", "lease-that-never-was"
+        elif which == "A-by-car-2":
+            vehicle, lease_id = "car-2", leases["A"].id
+        else:
+            vehicle, lease_id = leases[which].vehicle_id, leases[which].id
+        chunks.append(ResultCommit(vehicle, lease_id, tuple(result(q, tag) for q in seqs), energy))
+    return chunks
+
+
+def _state(s: Store, leases: dict[str, Lease]) -> tuple[Any, ...]:
+    held = {k: s.get_lease(v.vehicle_id, v.id) for k, v in leases.items()}
+    return (
+        [(r.seq, r.state, r.vectors) for r in s.iter_requests("batch-1")],
+        {k: (h.state, h.energy_j, h.deadline) for k, h in held.items() if h is not None},
+        s.request_counts("batch-1"),
+        s.active_lease_count("batch-1"),
+        {v.id: v.completed_requests for v in s.list_vehicles()},
+    )
+
+
+def _outcome(o: CommitOutcome | Exception) -> Any:
+    return type(o).__name__ if isinstance(o, Exception) else o
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@settings(max_examples=60, deadline=None, database=None)
+@given(drawn=st.lists(_chunk, max_size=8))
+@example(drawn=[("A", list(range(10)), 1, 0.0), ("B", [0], 2, 1.5)])  # A's late answer closes B
+def test_commit_many_equals_committing_the_same_chunks_one_by_one(
+    backend: str, drawn: list[tuple[Any, ...]], request: pytest.FixtureRequest
+) -> None:
+    now = NOW + LEASE_SECONDS + 3
+    with (
+        opened(BACKENDS[backend](request)) as together,
+        opened(BACKENDS[backend](request)) as one_by_one,
+    ):
+        for s in (together, one_by_one):
+            s.upsert_vehicles([vehicle_record(f"car-{i}") for i in (1, 2, 3)])
+        leases = _history(together)
+        others = _history(one_by_one)
+        assert [le.items for le in leases.values()] == [le.items for le in others.values()]
+
+        at_once = together.commit_many(_chunks(leases, drawn), now, LEASE_SECONDS)
+        each = [
+            one_by_one.commit_many([chunk], now, LEASE_SECONDS)[0]
+            for chunk in _chunks(others, drawn)
+        ]
+
+        assert [_outcome(o) for o in at_once] == [_outcome(o) for o in each]
+        assert _state(together, leases) == _state(one_by_one, others)

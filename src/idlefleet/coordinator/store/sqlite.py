@@ -34,6 +34,7 @@ from idlefleet.coordinator.store.base import (
     VehicleRecord,
     VehicleSeen,
 )
+from idlefleet.coordinator.store.commit_plan import LeaseRow, plan_commits
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.sql_common import (
     BATCH_COLUMNS,
@@ -515,6 +516,74 @@ class SqliteStore(Store):
             return self._commit_all(db, commits, now, lease_seconds)
 
     def _commit_all(
+        self,
+        db: sqlite3.Connection,
+        commits: Sequence[ResultCommit],
+        now: float,
+        lease_seconds: float,
+    ) -> list[CommitOutcome | Exception]:
+        """Commit a turn's chunks in a few statements (see ``commit_plan``), or one by one
+        in the rare turn a plan cannot order."""
+        plan = plan_commits(
+            commits, *self._commit_inputs(db, commits), now=now, lease_seconds=lease_seconds
+        )
+        if plan is None:
+            return self._commit_each(db, commits, now, lease_seconds)
+        if plan.results:
+            db.executemany(
+                "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
+                "body = ?, vehicle_id = ?, lease_id = ? "
+                "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
+                [
+                    (r.vectors, r.dim, r.token_count, r.body, vehicle_id, lease_id, batch_id, r.seq)
+                    for batch_id, vehicle_id, lease_id, r in plan.results
+                ],
+            )
+            db.executemany(
+                "UPDATE vehicles SET completed = completed + ? WHERE id = ?",
+                [(n, vehicle_id) for vehicle_id, n in plan.completed.items()],
+            )
+        for other in sorted(plan.maybe_closed):
+            self._close_if_finished(db, other)
+        if plan.extended:
+            db.executemany(
+                "UPDATE leases SET deadline = ?, energy_j = energy_j + ?, state = ? WHERE id = ?",
+                plan.extended,
+            )
+        if plan.energy_only:
+            db.executemany(
+                "UPDATE leases SET energy_j = energy_j + ? WHERE id = ?", plan.energy_only
+            )
+        return plan.outcomes
+
+    @staticmethod
+    def _commit_inputs(
+        db: sqlite3.Connection, commits: Sequence[ResultCommit]
+    ) -> tuple[dict[str, LeaseRow], dict[tuple[str, int], tuple[str, str | None]]]:
+        """The leases ``commits`` name and where each of their requests stands: one query for
+        the leases, one per batch for the requests (by primary key, through ``json_each``)."""
+        leases = {
+            lease_id: LeaseRow(vehicle_id, batch_id, tuple(json.loads(seqs)), state)
+            for lease_id, vehicle_id, batch_id, seqs, state in db.execute(
+                "SELECT id, vehicle_id, batch_id, seqs, state FROM leases "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(sorted({c.lease_id for c in commits})),),
+            )
+        }
+        wanted: dict[str, set[int]] = {}
+        for row in leases.values():
+            wanted.setdefault(row.batch_id, set()).update(row.seqs)
+        states: dict[tuple[str, int], tuple[str, str | None]] = {}
+        for batch_id, seqs in wanted.items():
+            for seq, state, holder in db.execute(
+                "SELECT seq, state, lease_id FROM requests WHERE batch_id = ? "
+                "AND seq IN (SELECT value FROM json_each(?))",
+                (batch_id, json.dumps(sorted(seqs))),
+            ):
+                states[(batch_id, seq)] = (state, holder)
+        return leases, states
+
+    def _commit_each(
         self,
         db: sqlite3.Connection,
         commits: Sequence[ResultCommit],
