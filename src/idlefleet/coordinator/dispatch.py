@@ -1,17 +1,18 @@
 """Long-polled work requests: parked while there is nothing to do, leased in rounds.
 
 A car with nothing to do asks for work and waits up to ``wait_s`` for an answer. Here such a
-request costs an entry in a dict and a timer, never a task, a thread or a store query: the
-dispatcher remembers, per kind of car (its models and its owner's purposes and regions), that
-the store had nothing for that kind, and parks every request of that kind without asking again
-until work is announced (a new batch, returned requests: :meth:`Dispatcher.work_available`,
-which every replica hears over NATS) or ``recheck_s`` has passed (in case an announcement was
-lost). Then ONE of that kind's requests goes to the store as a probe; only if it gets work do
-the others follow (5,000 idle cars of a kind the new work is not for cost one ask, not forty
-rounds). When there may be work, the dispatcher takes up to ``round_size`` waiting requests and
-leases units to all of them in ONE store transaction (``lease``: the replica's next store
-turn), so a lease costs the same with 10 or 10,000 cars waiting, and a crowd of cars asking at
-once shares one fsync. Requests that arrive meanwhile queue for the next round.
+request costs an entry in a dict and a place on a 50 ms tick, never a task, a thread, a timer
+or a store query: the dispatcher remembers, per kind of car (its models and its owner's
+purposes and regions), that the store had nothing for that kind, and parks every request of
+that kind without asking again until work is announced (a new batch, returned requests:
+:meth:`Dispatcher.work_available`, which every replica hears over NATS) or ``recheck_s`` has
+passed (in case an announcement was lost). Then ONE of that kind's requests goes to the store
+as a probe; only if it gets work do the others follow (5,000 idle cars of a kind the new work
+is not for cost one ask, not forty rounds). When there may be work, the dispatcher takes up to
+``round_size`` waiting requests and leases units to all of them in ONE store transaction
+(``lease``: the replica's next store turn), so a lease costs the same with 10 or 10,000 cars
+waiting, and a crowd of cars asking at once shares one fsync. Requests that arrive meanwhile
+queue for the next round.
 
 Answers go out through each request's ``answer`` coroutine (the NATS edge publishes the reply).
 A car that asks again while its earlier request waits (an agent restarted) gets its earlier
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -45,6 +47,9 @@ POLL_JITTER = 0.2
 """Long polls end up to this fraction of their wait early, at random."""
 ANSWER_SLICE = 256
 """Ended long polls answered before other messages get a turn."""
+TICK_S = 0.05
+"""Long polls end on ticks of this length (a timer per tick, not per parked request: with
+thousands parked, a timer each cost a heap push and a Python comparison per heap level)."""
 
 
 @dataclass(eq=False)
@@ -54,7 +59,8 @@ class _Ask:
     answer: Answer
     deadline: float
     key: Hashable
-    timer: asyncio.TimerHandle | None = None
+    tick: int | None = None
+    """The expiry tick this ask waits in (None: none, or no longer)."""
     in_round: bool = False
     expired: bool = False
     replaced: bool = False
@@ -83,6 +89,7 @@ class Dispatcher:
         asking; stale (a newer epoch, or older than ``recheck_s``): ask with one probe."""
         self._epoch = 0
         self._expired: list[_Ask] = []
+        self._ticks: dict[int, list[_Ask]] = {}
         self._wake = asyncio.Event()
         self.rounds = 0
         self.leased = 0
@@ -116,7 +123,7 @@ class Dispatcher:
             return
         self._by_vehicle[vehicle_id] = ask
         if request.wait_s > 0:
-            ask.timer = loop.call_at(ask.deadline, self._timed_out, ask)
+            self._arm(loop, ask)
         self._park(ask)
         if self._expired or not self._known_empty(ask.key, now):
             self._wake.set()
@@ -211,8 +218,23 @@ class Dispatcher:
             await asyncio.sleep(0)  # let other messages through between slices
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _arm(self, loop: asyncio.AbstractEventLoop, ask: _Ask) -> None:
+        """End ``ask`` at the first tick after its deadline."""
+        tick = math.ceil(ask.deadline / TICK_S)
+        waiting = self._ticks.get(tick)
+        if waiting is None:
+            waiting = self._ticks[tick] = []
+            loop.call_at(tick * TICK_S, self._tick, tick)
+        waiting.append(ask)
+        ask.tick = tick
+
+    def _tick(self, tick: int) -> None:
+        for ask in self._ticks.pop(tick, ()):
+            if ask.tick == tick:  # else answered or replaced meanwhile
+                self._timed_out(ask)
+
     def _timed_out(self, ask: _Ask) -> None:
-        ask.timer = None
+        ask.tick = None
         ask.expired = True
         if ask.in_round or ask.replaced:
             return  # the round answers it
@@ -224,15 +246,13 @@ class Dispatcher:
         self._waiting.setdefault(ask.key, OrderedDict())[ask.vehicle_id] = ask
 
     def _drop(self, ask: _Ask) -> None:
-        """Take ``ask`` out of the waiting queues and cancel its timer (not its answer)."""
+        """Take ``ask`` out of the waiting queues and off its tick (not its answer)."""
         queue = self._waiting.get(ask.key)
         if queue is not None and queue.get(ask.vehicle_id) is ask:
             del queue[ask.vehicle_id]
             if not queue:
                 del self._waiting[ask.key]
-        if ask.timer is not None:
-            ask.timer.cancel()
-            ask.timer = None
+        ask.tick = None  # its tick passes it by
 
     def _forget(self, ask: _Ask) -> None:
         self._drop(ask)

@@ -303,7 +303,10 @@ class WorkService:
         outcomes, leases = self.store.commit_and_lease(
             [commit for *_, commit in checked], store_asks, now, self.units.lease_seconds
         )
-        ended = self._acknowledge(acks, checked, outcomes, now)
+        # A batch that leased a unit in this turn has work outstanding: no finalisation check.
+        ended = self._acknowledge(acks, checked, outcomes, now) - {
+            lease.batch_id for lease in leases if isinstance(lease, Lease)
+        }
         for i, lease in zip(placed, leases, strict=True):
             answers[i] = self._grant(lease)
         self._lease_infos.put_many(
