@@ -828,7 +828,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="heartbeat phase length")
     parser.add_argument("--requests", type=int, default=20_000, help="requests in the batch")
     parser.add_argument("--unit", type=int, default=4, help="requests per unit")
-    parser.add_argument("--lease-concurrency", type=int, default=64, help="busy cars at once")
+    parser.add_argument(
+        "--lease-concurrency",
+        type=int,
+        default=128,
+        help="busy cars leasing at once (enough to keep the coordinator busy; see bench/README)",
+    )
     parser.add_argument("--lease-deadline", type=float, default=120.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--pg-dsn", default=os.environ.get("IDLEFLEET_TEST_PG_DSN", DEFAULT_PG_DSN))

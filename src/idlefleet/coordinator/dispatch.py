@@ -215,7 +215,8 @@ class Dispatcher:
             expired, self._expired = self._expired[:ANSWER_SLICE], self._expired[ANSWER_SLICE:]
             for ask in expired:
                 await self._send(ask, _empty_grant(ask))
-            await asyncio.sleep(0)  # let other messages through between slices
+            if self._expired:
+                await asyncio.sleep(0)  # let other messages through between slices
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _arm(self, loop: asyncio.AbstractEventLoop, ask: _Ask) -> None:
