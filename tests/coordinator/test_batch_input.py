@@ -336,3 +336,28 @@ def test_failed_batch_errors_validate_as_the_sdk_batch_errors_field() -> None:
             "The URL provided for this request does not match the batch endpoint.",
         ),
     ]
+
+
+# --- text that is JSON but not Unicode -----------------------------------------------------------
+
+
+def test_an_unpaired_surrogate_in_the_body_fails_only_its_request() -> None:
+    parsed = parse_batch_input(
+        jsonl(request("good"), request("bad", body={"model": MODEL_ID, "input": ["a", "\ud800"]})),
+        ENDPOINT,
+    )
+    assert not parsed.failed
+    good, bad = parsed.requests
+    assert good.job is not None and bad.job is None and bad.error is not None
+    error = bad.error.to_openai()["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "input[1]")
+    assert "not valid Unicode" in error["message"]
+    error["message"].encode("utf-8")  # the message itself can be written anywhere
+
+
+def test_an_unpaired_surrogate_outside_the_body_fails_the_batch_at_its_line() -> None:
+    error = only_error(jsonl(request("ok"), request("b\udc00")))
+    assert (error.code, error.line, error.param) == ("invalid_value", 2, "custom_id")
+    error = only_error(jsonl(request(body={"model": "\ud800", "input": "x"})))
+    assert (error.code, error.param) == ("invalid_value", "body.model")
+    error.message.encode("utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,54 @@ def test_a_cancel_during_validation_is_finished_at_once(store: Store) -> None:
     b.maybe_finalize(batch_id)
 
     assert b.get_batch(batch_id).status == "cancelled"
+
+
+class _RefusingStore:
+    """The store, except that storing requests fails: with ``error`` (an exception) each time."""
+
+    def __init__(self, store: Store, error: Exception) -> None:
+        self._store, self.error, self.attempts = store, error, 0
+
+    def add_requests(self, *args: object, **kwargs: object) -> int:
+        self.attempts += 1
+        raise self.error
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_batch_whose_requests_cannot_be_stored_fails_after_its_attempts(store: Store) -> None:
+    refusing = _RefusingStore(store, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogate"))
+    service = BatchService(refusing, BatchLimits(validation_attempts=3))  # type: ignore[arg-type]
+    batch_id = created(service)
+
+    statuses = []
+    for _ in range(5):  # the sweeper, once a second
+        service.sweep()
+        statuses.append(service.get_batch(batch_id).status)
+
+    assert refusing.attempts == 3
+    assert statuses[:2] == ["validating", "validating"] and statuses[2:] == ["failed"] * 3
+    batch = service.get_batch(batch_id)
+    assert batch.errors is not None
+    (error,) = batch.errors["data"]
+    assert error["code"] == "validation_error" and "UnicodeEncodeError" in error["message"]
+
+
+def test_a_store_outage_while_validating_is_retried_not_counted(store: Store) -> None:
+    from idlefleet.coordinator.store import StoreUnavailable
+
+    refusing = _RefusingStore(store, StoreUnavailable("the database is restarting"))
+    service = BatchService(refusing, BatchLimits(validation_attempts=2))  # type: ignore[arg-type]
+    batch_id = created(service)
+
+    for _ in range(4):
+        service.sweep()
+
+    assert refusing.attempts >= 1
+    assert service.get_batch(batch_id).status == "validating"
+    refusing.add_requests = store.add_requests  # type: ignore[method-assign]  # it is back
+    later = time.time() + 2 * BatchLimits().claim_seconds  # the outage's claim has run out
+    service.clock = lambda: later
+    service.sweep()
+    assert service.get_batch(batch_id).status == "in_progress"

@@ -111,6 +111,38 @@ def test_request_level_problems_go_to_the_error_file(client: OpenAI) -> None:
         assert row["response"]["body"]["error"]["message"]
 
 
+def test_text_that_is_json_but_not_unicode_fails_its_request_not_the_batch(
+    client: OpenAI,
+) -> None:
+    # json.dumps writes the lone surrogate as the escape \ud800: valid JSON, not Unicode.
+    content = _file(
+        _good("ok-1", "first good request"),
+        request_line("lone", {"model": MODEL, "input": ["fine", "broken \ud800 text"]}),
+        request_line("pair", {"model": MODEL, "input": "an emoji \U0001f600 escaped as a pair"}),
+        request_line("in-user", {"model": MODEL, "input": "x", "user": "\udfff"}),
+    )
+    batch = wait_for(client, submit(client, content).id, timeout=60)
+    assert batch.status == "completed"
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 2)
+    ok = read_jsonl(client, batch.output_file_id)
+    assert sorted(r["custom_id"] for r in ok) == ["ok-1", "pair"]
+    errors = {r["custom_id"]: r["response"] for r in read_jsonl(client, batch.error_file_id)}
+    assert set(errors) == {"lone", "in-user"}
+    assert all(e["status_code"] == 400 for e in errors.values())
+    assert errors["lone"]["body"]["error"]["param"] == "input[1]"
+    assert errors["in-user"]["body"]["error"]["param"] == "user"
+    assert "not valid Unicode" in errors["lone"]["body"]["error"]["message"]
+
+
+def test_a_custom_id_that_is_not_unicode_fails_the_batch_with_its_line(client: OpenAI) -> None:
+    errors = _failed_with(client, _file(_good("a"), _good("b\ud800")))
+    assert (errors[0]["code"], errors[0]["line"], errors[0]["param"]) == (
+        "invalid_value",
+        2,
+        "custom_id",
+    )
+
+
 def test_oversized_upload_is_refused_with_413(client: OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         client.files.create(
@@ -191,8 +223,14 @@ def test_online_embedding_errors(client: OpenAI) -> None:
         ("/v1/embeddings", b"{not json"),
         ("/v1/embeddings", b"\xff\xfe"),
         ("/v1/embeddings", b"[1, 2]"),
+        ("/v1/embeddings", b'{"model": "all-MiniLM-L6-v2", "input": ["ok", "\\ud800"]}'),
         ("/v1/batches", b"{not json"),
         ("/v1/batches", b'{"input_file_id": 3}'),
+        (
+            "/v1/batches",
+            b'{"input_file_id": "file-1", "endpoint": "/v1/embeddings", '
+            b'"completion_window": "24h", "metadata": {"k": "\\ud800"}}',
+        ),
     ],
 )
 def test_garbage_bodies_are_400_not_500(fleet: EmbeddedFleet, path: str, body: bytes) -> None:

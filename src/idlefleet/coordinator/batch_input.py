@@ -30,7 +30,11 @@ File-level (the batch fails; codes and messages copied from real OpenAI response
 
 Request-level: everything ``validate_embedding_body`` refuses once the model is known (empty or
 ill-typed ``input``, token arrays, more than 2048 inputs, bad ``encoding_format`` or
-``dimensions``, unknown fields); the request gets ``error`` instead of ``job``.
+``dimensions``, unknown fields); the request gets ``error`` instead of ``job``. Text in the body
+that is JSON but not Unicode (an unpaired surrogate escape, ``text_check``) is request-level too
+(``invalid_value``, ``param`` its path); in ``custom_id``, ``method``, ``url`` or ``body.model``
+it is a file-level ``invalid_value`` (there is no custom_id to report it under, or the model
+is part of the file's verdict).
 
 Decisions where OpenAI is silent: blank (whitespace-only) lines are skipped but still counted, so
 ``line`` always matches the editor; ``\\r\\n`` endings and a leading UTF-8 byte-order mark are
@@ -54,6 +58,11 @@ from idlefleet.coordinator.embedding_request import (
     validate_embedding_body,
 )
 from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest
+from idlefleet.coordinator.text_check import (
+    may_hold_surrogates,
+    surrogate_message,
+    unpaired_surrogate,
+)
 
 __all__ = [
     "MAX_REPORTED_ERRORS",
@@ -177,6 +186,10 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
         _fail(line, "invalid_json_line", _INVALID_JSON)
     if not isinstance(request, dict):
         _fail(line, "invalid_request", "Each line must be a JSON object.")
+    if may_hold_surrogates(text):
+        outside = unpaired_surrogate({k: v for k, v in request.items() if k != "body"})
+        if outside is not None:  # no custom_id to report a request-level error under
+            _fail(line, "invalid_value", surrogate_message(outside), outside)
     custom_id = _require(request, "custom_id", line, str, "a string")
     if custom_id in seen:
         _fail(
@@ -199,7 +212,17 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
             "url",
         )
     body = _require(request, "body", line, dict, "an object")
+    bad_text = unpaired_surrogate(body, "body") if may_hold_surrogates(text) else None
+    if bad_text == "body.model":
+        _fail(line, "invalid_value", surrogate_message(bad_text), bad_text)
     _check_model(body, line)
+    if bad_text is not None:  # inside the body: this request fails, the batch goes on
+        error = InvalidRequest(
+            surrogate_message(bad_text.removeprefix("body.")),
+            code="invalid_value",
+            param=bad_text.removeprefix("body."),
+        )
+        return BatchRequestSpec(line, custom_id, method, url, body, error=error)
     try:
         job = validate_embedding_body(body)
     except IdlefleetError as error:

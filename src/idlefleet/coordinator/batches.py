@@ -37,7 +37,14 @@ from idlefleet.coordinator.openai_format import (
     output_line,
     output_line_json,
 )
-from idlefleet.coordinator.store import BatchRecord, FileRecord, NewRequest, Store, StoredRequest
+from idlefleet.coordinator.store import (
+    BatchRecord,
+    FileRecord,
+    NewRequest,
+    Store,
+    StoredRequest,
+    StoreUnavailable,
+)
 from idlefleet.protocol.policy import DATA_REGIONS, DEFAULT_DATA_REGION, DEFAULT_PURPOSE, PURPOSES
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ class BatchLimits:
     claim_seconds: float = 30.0
     """How long a claim on a batch duty lasts unless renewed; a dead replica's duty is taken
     over this long after its last renewal."""
+    validation_attempts: int = 3
+    """Attempts at storing a validated batch's requests before the batch fails (a store outage,
+    ``StoreUnavailable``, does not count): no input may keep a batch validating for ever."""
 
 
 class BatchService:
@@ -71,6 +81,7 @@ class BatchService:
     ) -> None:
         self.store = store
         self.limits = limits or BatchLimits()
+        self._validation_failures: dict[str, int] = {}
         self.clock = clock
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
@@ -240,15 +251,46 @@ class BatchService:
             return updated or self.get_batch(batch_id)
         # An attempt that died after this step left the requests in place (it is atomic).
         if self.store.request_counts(batch_id).total == 0:
-            self.store.add_requests(
-                batch_id, (_new_request(i, r) for i, r in enumerate(parsed.requests))
-            )
+            try:
+                self.store.add_requests(
+                    batch_id, (_new_request(i, r) for i, r in enumerate(parsed.requests))
+                )
+            except StoreUnavailable:
+                raise  # an outage: the sweeper tries again when the store is back
+            except Exception as exc:
+                return self._validation_crashed(batch_id, owner, exc)
         updated = self.store.finish_batch(
             batch_id, ["validating"], owner, status="in_progress", in_progress_at=now
         )
         batch = updated or self.get_batch(batch_id)
         self.maybe_finalize(batch_id)
         return batch
+
+    def _validation_crashed(self, batch_id: str, owner: str, exc: Exception) -> BatchRecord:
+        """Count a failed attempt at storing a batch's requests; fail the batch after
+        ``validation_attempts`` (per replica), else free the claim for the next attempt."""
+        self._validation_failures[batch_id] = tries = self._validation_failures.get(batch_id, 0) + 1
+        log.error("storing the requests of batch %s failed (attempt %d): %r", batch_id, tries, exc)
+        if tries < self.limits.validation_attempts:
+            self.store.finish_batch(batch_id, ["validating"], owner)
+            return self.get_batch(batch_id)
+        self._validation_failures.pop(batch_id, None)
+        error = {
+            "code": "validation_error",
+            "message": f"The batch's requests could not be stored after {tries} attempts "
+            f"({type(exc).__name__}); nothing of it was run.",
+            "param": None,
+            "line": None,
+        }
+        updated = self.store.finish_batch(
+            batch_id,
+            ["validating"],
+            owner,
+            status="failed",
+            failed_at=int(self.clock()),
+            errors={"object": "list", "data": [error]},
+        )
+        return updated or self.get_batch(batch_id)
 
     def cancel(self, batch_id: str) -> BatchRecord:
         batch = self.get_batch(batch_id)

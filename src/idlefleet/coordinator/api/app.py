@@ -42,6 +42,11 @@ from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFoun
 from idlefleet.coordinator.openai_format import embedding_response
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
 from idlefleet.coordinator.store import VehicleRecord
+from idlefleet.coordinator.text_check import (
+    may_hold_surrogates,
+    surrogate_message,
+    unpaired_surrogate,
+)
 from idlefleet.coordinator.work import WorkService
 from idlefleet.models.catalog import MODELS, resolve_model
 from idlefleet.protocol.policy import (
@@ -107,6 +112,12 @@ async def _parse_body(request: Request, model: type[_Body]) -> _Body:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise invalid_from(exc) from None
+
+
+def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses ``model`` itself (``_parse_body``)."""
+    schema = {"schema": model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": {"application/json": schema}}}
 
 
 def create_app(
@@ -185,8 +196,11 @@ def create_app(
         )
 
     # -- batches -------------------------------------------------------------------------------
-    @app.post("/v1/batches", tags=["batches"])
-    async def create_batch(body: CreateBatchBody) -> dict:
+    # Parsed by pydantic from the raw bytes (not FastAPI's json.loads), which refuses text that
+    # is JSON but not Unicode (a lone surrogate escape in metadata was a 500 at the store).
+    @app.post("/v1/batches", tags=["batches"], openapi_extra=_json_body_doc(CreateBatchBody))
+    async def create_batch(request: Request) -> dict:
+        body = await _parse_body(request, CreateBatchBody)
         batch = await asyncio.to_thread(
             batches.create_batch,
             body.input_file_id,
@@ -240,6 +254,8 @@ def create_app(
             raise InvalidRequest(
                 f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
             ) from None
+        if may_hold_surrogates(raw) and (bad := unpaired_surrogate(body)) is not None:
+            raise InvalidRequest(surrogate_message(bad), code="invalid_value", param=bad)
         job = validate_embedding_body(body)
         if online is None:
             raise IdlefleetError("online inference is not configured", code="no_capacity")
