@@ -154,7 +154,8 @@ class ResultChunk(WireModel):
     vectors_b64: str
     """Base64 of little-endian float32, ``sum(text_counts)`` rows of ``dim``."""
     failed_seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = []
-    """Requests the vehicle could not run (they return to the queue)."""
+    """Requests the vehicle could not run: they return to the queue, each counting a failed
+    attempt (after ``max_attempts`` a request ends in the error file, ``request_failed``)."""
     energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
     """Energy the vehicle spent computing this chunk, joules (metered in the car)."""
 
@@ -201,7 +202,9 @@ class Release(WireModel):
 
     lease_id: Identifier
     reason: ShortText
-    """Why, e.g. ``shutdown``, ``preempted: not_parked``."""
+    """Why, e.g. ``shutdown``, ``preempted: not_parked``. A reason starting ``error`` says the
+    unit failed on the car (not that the car left): each request it held counts a failed
+    attempt, and one that fails on ``max_attempts`` cars ends in the error file."""
     energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
     """Energy spent on this lease's work that no result chunk reported (e.g. a cancelled run)."""
 

@@ -40,6 +40,7 @@ from idlefleet.coordinator.store.postgres_sql import (
     CLOSE_IF_FINISHED_SQL,
     COMMIT_RESULTS_SQL,
     FIND_LEASE_SQL,
+    LEASE_SEQS,
     PICK_UNIT_SQL,
     REQUEUE_SQL,
 )
@@ -510,7 +511,17 @@ def test_committing_and_ending_leases_look_requests_up_by_the_units_keys(url: st
             ).fetchone()
             assert row is not None
             lease_id, seqs = row[0], json.loads(row[1])
-            ended = "WITH ended AS (SELECT id, batch_id, seqs FROM leases WHERE id = %(lease)s) "
+            ended = (
+                f"WITH ended AS (SELECT id, batch_id, {LEASE_SEQS.format('leases')} AS wanted "
+                "FROM leases WHERE id = %(lease)s) "
+            )
+            requeue = {
+                "lease": lease_id,
+                "failed": True,
+                "max_attempts": 3,
+                "error_status": 500,
+                "error_body": "{}",
+            }
             statements: list[tuple[str, dict[str, Any]]] = [
                 (
                     FIND_LEASE_SQL,
@@ -536,7 +547,7 @@ def test_committing_and_ending_leases_look_requests_up_by_the_units_keys(url: st
                         "lease_seqs": seqs,
                     },
                 ),
-                (ended + REQUEUE_SQL, {"lease": lease_id}),  # release, expiry
+                (ended + REQUEUE_SQL, requeue),  # release, expiry, return
                 (CLOSE_IF_FINISHED_SQL.replace("%s", "%(ids)s"), {"ids": [lease_id]}),
             ]
             plans = [plan for query, params in statements for plan in _plans(conn, query, params)]

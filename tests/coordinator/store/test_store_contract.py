@@ -1215,6 +1215,8 @@ class _Reference:
         self.leases: dict[str, _LeaseModel] = {}
         self.first: dict[int, bytes] = {}
         self.accepted: Counter[int] = Counter()
+        self.attempts: Counter[int] = Counter()
+        """Failed attempts per request: expired, returned as failed (``Store.max_attempts``)."""
         self.commit_tags = itertools.count(1)
         store.create_batch(batch_record())
         store.add_requests(
@@ -1307,10 +1309,8 @@ class _Reference:
         held = self.leases[lease_id]
         expected = 0
         if held.active:
-            for seq in seqs:
-                if self.state.get(seq) == "leased" and self.holder[seq] == lease_id:
-                    self.state[seq], self.holder[seq] = "pending", None
-                    expected += 1
+            back = [s for s in seqs if self.state.get(s) == "leased" and self.holder[s] == lease_id]
+            expected = self._requeue(back, failed=True)
 
         returned = self.store.return_requests(held.vehicle_id, lease_id, seqs)
 
@@ -1327,19 +1327,28 @@ class _Reference:
         if wrong_vehicle:
             assert returned is None
             return
-        expected = self._end(lease_id) if held.active else 0
+        expected = self._end(lease_id, failed=False) if held.active else 0  # no reason given
         assert returned == expected
 
-    def _end(self, lease_id: str) -> int:
+    def _end(self, lease_id: str, failed: bool) -> int:
         self.leases[lease_id].active = False
-        back = self._held_by(lease_id)
-        for seq in back:
-            self.state[seq], self.holder[seq] = "pending", None
-        return len(back)
+        return self._requeue(self._held_by(lease_id), failed)
+
+    def _requeue(self, seqs: list[int], failed: bool) -> int:
+        """Back to the queue, or (a failed attempt, the last allowed) failed for good."""
+        back = 0
+        for seq in seqs:
+            self.attempts[seq] += failed
+            if self.attempts[seq] >= self.store.max_attempts:
+                self.state[seq], self.holder[seq] = "failed", None
+            else:
+                self.state[seq], self.holder[seq] = "pending", None
+                back += 1
+        return back
 
     def expire(self) -> None:
         due = [i for i, h in self.leases.items() if h.active and h.deadline < self.now]
-        expected = sum(self._end(lease_id) for lease_id in due)
+        expected = sum(self._end(lease_id, failed=True) for lease_id in due)
 
         assert self.store.expire_leases(self.now) == expected
 
@@ -1402,11 +1411,16 @@ def test_random_lease_histories_commit_every_request_exactly_once(
             reference.apply(op)
         reference.drain()
 
-        assert reference.accepted == Counter(range(N_REQUESTS))
+        # Every request ends once: committed exactly once, or failed after its last attempt.
+        exhausted = {q for q in range(N_REQUESTS) if reference.attempts[q] >= s.max_attempts}
+        assert reference.accepted == Counter(set(range(N_REQUESTS)) - exhausted)
         rows = stored(s)
-        assert all(rows[seq].state == "done" for seq in range(N_REQUESTS))
+        assert all(rows[seq].state == "done" for seq in set(range(N_REQUESTS)) - exhausted)
+        assert all(rows[seq].state == "failed" for seq in exhausted)
         assert rows[N_REQUESTS].state == "failed"
-        assert {seq: rows[seq].vectors for seq in range(N_REQUESTS)} == reference.first
+        assert {seq: rows[seq].vectors for seq in range(N_REQUESTS) if seq not in exhausted} == (
+            reference.first
+        )
         assert s.active_lease_count("batch-1") == 0
 
 
@@ -2275,3 +2289,47 @@ def test_commit_many_equals_committing_the_same_chunks_one_by_one(
 
         assert [_outcome(o) for o in at_once] == [_outcome(o) for o in each]
         assert _state(together, leases) == _state(one_by_one, others)
+
+
+# -- a request that fails on every car ends ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["expire", "return", "release-error"])
+def test_a_request_that_fails_on_every_attempt_ends_failed_after_max_attempts(
+    store: Store, how: str
+) -> None:
+    add_batch(store, n=1)
+    now = NOW
+    outcomes = []
+    for attempt in range(store.max_attempts + 1):
+        leased = lease(store, f"car-{attempt}", size=1, now=now)
+        if leased is None:
+            outcomes.append("nothing to lease")
+            break
+        if how == "expire":
+            now += LEASE_SECONDS + 1
+            outcomes.append(store.expire_leases(now))
+        elif how == "return":
+            outcomes.append(store.return_requests(leased.vehicle_id, leased.id, [0]))
+        else:
+            outcomes.append(store.release_lease(leased.vehicle_id, leased.id, now, "error: OOM"))
+        now += 1
+
+    # Back in the queue twice, then failed for good: a third car never gets it again.
+    assert outcomes == [1] * (store.max_attempts - 1) + [0, "nothing to lease"]
+    (row,) = stored(store).values()
+    assert row.state == "failed" and row.error_status == 500
+    assert row.error_body is not None and row.error_body["error"]["code"] == "request_failed"
+    counts = store.request_counts("batch-1")
+    assert (counts.failed, counts.pending, counts.leased) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("reason", ["preempted: not_parked", "policy: opted out", "shutdown", ""])
+def test_a_car_leaving_is_not_a_failed_attempt(store: Store, reason: str) -> None:
+    add_batch(store, n=1)
+    for attempt in range(store.max_attempts + 2):
+        leased = must_lease(store, f"car-{attempt}", size=1, now=NOW + attempt)
+        assert store.release_lease(leased.vehicle_id, leased.id, NOW + attempt, reason) == 1
+
+    (row,) = stored(store).values()
+    assert row.state == "pending"

@@ -278,6 +278,15 @@ class PolicyRecord:
 class Store(ABC):
     """Persistent coordinator state. See the module docstring for the guarantees."""
 
+    max_attempts: int = 3
+    """A request whose attempts failed this many times ends ``failed`` with the code
+    ``request_failed`` (``attempts_exhausted_body``) instead of going back to the queue. An
+    attempt fails when its lease expires, when the car returns the request as failed, or when
+    the car releases the lease with a reason starting ``error`` (``counts_as_failure``); a
+    release for any other reason (preempted, policy, shutdown) is the car leaving, not the
+    request failing, and does not count. Nothing loops: a request that crashes or wedges every
+    car that runs it ends after ``max_attempts`` cars."""
+
     # -- files ---------------------------------------------------------------------------------
     @abstractmethod
     def put_file(self, record: FileRecord, chunks: Iterable[bytes]) -> None:
@@ -469,7 +478,9 @@ class Store(ABC):
 
     @abstractmethod
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:
-        """Put unfinished requests of an active lease back in the queue (the rest stays leased)."""
+        """Put unfinished requests of an active lease back in the queue (the rest stays leased):
+        the car failed them, so each counts an attempt (``max_attempts``). Returns how many
+        went back to the queue (not those that ran out of attempts)."""
 
     @abstractmethod
     def release_lease(
@@ -483,6 +494,7 @@ class Store(ABC):
         """End an active lease and return its unfinished requests to the queue.
 
         Returns how many requests went back, or None if the lease is unknown to this vehicle.
+        A ``reason`` that ``counts_as_failure`` counts an attempt of each (``max_attempts``).
         The release that ends the lease records ``reason`` as its ``end_reason`` (empty: none);
         a lease that had already ended keeps how it ended. ``energy_j`` (>= 0) is added to the
         lease's energy either way, for any lease the vehicle holds or held.
@@ -490,7 +502,8 @@ class Store(ABC):
 
     @abstractmethod
     def expire_leases(self, now: float) -> int:
-        """End every active lease past its deadline. Returns the requests put back."""
+        """End every active lease past its deadline; each request it held counts an attempt
+        (``max_attempts``). Returns the requests put back in the queue."""
 
     @abstractmethod
     def active_lease_count(self, batch_id: str) -> int: ...

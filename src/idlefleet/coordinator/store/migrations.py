@@ -363,4 +363,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         DROP INDEX requests_vehicle;
         """,
     ),
+    Migration(
+        5,
+        "count each request's failed attempts, so that one that fails on every car ends",
+        "ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
+    ),
 )

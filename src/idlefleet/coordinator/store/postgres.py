@@ -56,16 +56,20 @@ from idlefleet.coordinator.store.postgres_sql import (
     CLOSE_IF_FINISHED_SQL,
     COMMIT_RESULTS_SQL,
     FIND_LEASE_SQL,
+    LEASE_SEQS,
     PICK_UNIT_SQL,
     REQUEUE_SQL,
 )
 from idlefleet.coordinator.store.sql_common import (
+    ATTEMPTS_EXHAUSTED_STATUS,
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
     VEHICLE_COLUMNS,
+    attempts_exhausted_body,
     check_batch_changes,
     check_energy,
+    counts_as_failure,
     dump_json,
     liveness_from_row,
     load_json,
@@ -685,11 +689,13 @@ class PostgresStore(Store):
             ).fetchone()
             if lease is None:
                 return 0
-            returned = conn.execute(
-                "UPDATE requests SET state = 'pending', lease_id = NULL WHERE batch_id = %s "
-                "AND seq = ANY(%s::bigint[]) AND lease_id = %s AND state = 'leased'",
-                (lease[0], sorted(seqs), lease_id),
-            ).rowcount
+            returned = self._requeue(
+                conn,
+                "WITH ended AS (SELECT id, batch_id, %(seqs)s::bigint[] AS wanted FROM leases "
+                "WHERE id = %(lease_id)s) ",
+                {"seqs": sorted(seqs), "lease_id": lease_id},
+                failed=True,
+            )
             conn.execute(CLOSE_IF_FINISHED_SQL, ([lease_id],))
             return returned
 
@@ -715,26 +721,43 @@ class PostgresStore(Store):
                 return None
             if lease[0] != "active":
                 return 0
-            return conn.execute(
-                "WITH ended AS (UPDATE leases SET state = 'released', end_reason = %s "
-                "WHERE id = %s RETURNING id, batch_id, seqs) " + REQUEUE_SQL,
-                (reason or None, lease_id),
-            ).rowcount
+            return self._requeue(
+                conn,
+                "WITH ended AS (UPDATE leases SET state = 'released', end_reason = %(reason)s "
+                f"WHERE id = %(lease_id)s RETURNING id, batch_id, {LEASE_SEQS.format('leases')} "
+                "AS wanted) ",
+                {"reason": reason or None, "lease_id": lease_id},
+                failed=counts_as_failure(reason),
+            )
 
         return self._run(work, write=True)
 
     def expire_leases(self, now: float) -> int:
         return self._run(
-            lambda conn: (
-                conn.execute(
-                    "WITH ended AS (UPDATE leases SET state = 'expired' "
-                    "WHERE state = 'active' AND deadline < %s RETURNING id, batch_id, seqs) "
-                    + REQUEUE_SQL,
-                    (now,),
-                ).rowcount
+            lambda conn: self._requeue(
+                conn,
+                "WITH ended AS (UPDATE leases SET state = 'expired' "
+                "WHERE state = 'active' AND deadline < %(now)s "
+                f"RETURNING id, batch_id, {LEASE_SEQS.format('leases')} AS wanted) ",
+                {"now": now},
+                failed=True,
             ),
             write=True,
         )
+
+    def _requeue(self, conn: Conn, ended_cte: str, args: dict[str, Any], failed: bool) -> int:
+        """Run ``REQUEUE_SQL`` after ``ended_cte``; how many requests went back to the queue."""
+        rows = conn.execute(
+            ended_cte + REQUEUE_SQL,
+            {
+                **args,
+                "failed": failed,
+                "max_attempts": self.max_attempts,
+                "error_status": ATTEMPTS_EXHAUSTED_STATUS,
+                "error_body": dump_json(attempts_exhausted_body(self.max_attempts)),
+            },
+        ).fetchall()
+        return sum(1 for (state,) in rows if state == "pending")
 
     def active_lease_count(self, batch_id: str) -> int:
         ((n,),) = self._read(

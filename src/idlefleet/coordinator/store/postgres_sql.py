@@ -148,10 +148,20 @@ WHERE l.id = ANY(%s::text[]) AND l.state = 'active'
 """
 """Finish the given active leases that have no request open left (looked up by primary key)."""
 
+_OUT_OF_ATTEMPTS = "%(failed)s AND r.attempts + 1 >= %(max_attempts)s"
 REQUEUE_SQL = f"""
-UPDATE requests r SET state = 'pending', lease_id = NULL
+UPDATE requests r SET
+    attempts = r.attempts + CASE WHEN %(failed)s THEN 1 ELSE 0 END,
+    state = CASE WHEN {_OUT_OF_ATTEMPTS} THEN 'failed' ELSE 'pending' END,
+    error_status = CASE WHEN {_OUT_OF_ATTEMPTS} THEN %(error_status)s ELSE r.error_status END,
+    error_body = CASE WHEN {_OUT_OF_ATTEMPTS} THEN %(error_body)s ELSE r.error_body END,
+    lease_id = NULL
 FROM ended e
-WHERE r.batch_id = e.batch_id AND r.seq = ANY({LEASE_SEQS.format("e")})
+WHERE r.batch_id = e.batch_id AND r.seq = ANY(e.wanted)
     AND r.lease_id = e.id AND r.state = 'leased'
+RETURNING r.state
 """
-"""Put back in the queue what the leases of CTE ``ended`` (id, batch_id, seqs) still hold."""
+"""Put back in the queue what the leases of CTE ``ended`` (id, batch_id, wanted: the seqs to
+put back) still hold; with ``failed``, each counts an attempt and those out of attempts end
+failed (``Store.max_attempts``). Named parameters: failed, max_attempts, error_status,
+error_body. Returns a row per request with its new state."""

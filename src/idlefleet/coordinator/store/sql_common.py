@@ -52,6 +52,27 @@ def check_energy(energy_j: float) -> None:
         raise ValueError(f"energy_j must be a finite number >= 0, got {energy_j!r}")
 
 
+ATTEMPTS_EXHAUSTED_STATUS = 500
+
+
+def attempts_exhausted_body(attempts: int) -> dict[str, Any]:
+    """The error file's body for a request that failed on every attempt (``Store.max_attempts``)."""
+    return {
+        "error": {
+            "message": f"This request failed on {attempts} attempts: the cars that ran it "
+            "failed, released it with an error or stopped answering. It is not retried again.",
+            "type": "server_error",
+            "param": None,
+            "code": "request_failed",
+        }
+    }
+
+
+def counts_as_failure(reason: str) -> bool:
+    """Whether a car's release reason says the unit failed (not that the car left)."""
+    return reason.strip().lower().startswith("error")
+
+
 def dump_json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 

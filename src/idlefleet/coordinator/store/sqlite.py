@@ -37,12 +37,15 @@ from idlefleet.coordinator.store.base import (
 from idlefleet.coordinator.store.commit_plan import LeaseRow, plan_commits
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.sql_common import (
+    ATTEMPTS_EXHAUSTED_STATUS,
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
     VEHICLE_COLUMNS,
+    attempts_exhausted_body,
     check_batch_changes,
     check_energy,
+    counts_as_failure,
     dump_json,
     liveness_from_row,
     load_json,
@@ -708,15 +711,35 @@ class SqliteStore(Store):
             > 0
         )
 
-    def _requeue(self, db: sqlite3.Connection, lease_id: str) -> int:
-        """Put the requests a lease still holds back in the queue; how many went back."""
-        batch_id, seqs = self._lease_rows(db, lease_id)
+    def _requeue(
+        self, db: sqlite3.Connection, lease_id: str, failed: bool, seqs: Collection[int] = ()
+    ) -> int:
+        """Put the requests a lease still holds (``seqs`` of them, if given) back in the queue;
+        how many went back. ``failed``: the attempt failed, so each counts one, and those out
+        of attempts end failed instead (``Store.max_attempts``)."""
+        batch_id, held = self._lease_rows(db, lease_id)
+        seqs = sorted(set(seqs) & set(held)) if seqs else held
+        if not seqs:
+            return 0
+        where = (
+            f"WHERE batch_id = ? AND seq IN ({_marks(seqs)}) AND lease_id = ? AND state = 'leased'"
+        )
+        args = (batch_id, *seqs, lease_id)
+        if failed:
+            db.execute(
+                "UPDATE requests SET state = 'failed', attempts = attempts + 1, "
+                f"error_status = ?, error_body = ?, lease_id = NULL {where} AND attempts + 1 >= ?",
+                (
+                    ATTEMPTS_EXHAUSTED_STATUS,
+                    dump_json(attempts_exhausted_body(self.max_attempts)),
+                    *args,
+                    self.max_attempts,
+                ),
+            )
+        bump = "attempts = attempts + 1, " if failed else ""
         return int(
             db.execute(
-                "UPDATE requests SET state = 'pending', lease_id = NULL "
-                f"WHERE batch_id = ? AND seq IN ({_marks(seqs)}) AND lease_id = ? "
-                "AND state = 'leased'",
-                (batch_id, *seqs, lease_id),
+                f"UPDATE requests SET {bump}state = 'pending', lease_id = NULL {where}", args
             ).rowcount
         )
 
@@ -760,15 +783,9 @@ class SqliteStore(Store):
                 "SELECT batch_id FROM leases WHERE id = ? AND vehicle_id = ? AND state = 'active'",
                 (lease_id, vehicle_id),
             ).fetchone()
-            if lease is None:
+            if lease is None or not seqs:
                 return 0
-            returned = 0
-            for seq in seqs:
-                returned += db.execute(
-                    "UPDATE requests SET state = 'pending', lease_id = NULL "
-                    "WHERE batch_id = ? AND seq = ? AND lease_id = ? AND state = 'leased'",
-                    (lease[0], seq, lease_id),
-                ).rowcount
+            returned = self._requeue(db, lease_id, failed=True, seqs=seqs)
             self._close_if_finished(db, lease_id)
         return returned
 
@@ -797,7 +814,7 @@ class SqliteStore(Store):
                 "UPDATE leases SET state = 'released', end_reason = ? WHERE id = ?",
                 (reason or None, lease_id),
             )
-            return self._requeue(db, lease_id)
+            return self._requeue(db, lease_id, failed=counts_as_failure(reason))
 
     def expire_leases(self, now: float) -> int:
         with self._write() as db:
@@ -810,7 +827,7 @@ class SqliteStore(Store):
             returned = 0
             for lease_id in expired:
                 db.execute("UPDATE leases SET state = 'expired' WHERE id = ?", (lease_id,))
-                returned += self._requeue(db, lease_id)
+                returned += self._requeue(db, lease_id, failed=True)
         return returned
 
     def active_lease_count(self, batch_id: str) -> int:
