@@ -370,3 +370,63 @@ def test_garbage_results_are_refused_alone_and_the_rest_of_the_turn_commits(
     assert bad_ack.error is not None and bad_ack.error.code == "bad_results"
     assert good_ack.error is None and good_ack.committed == len(second.items)
     assert batches.get_batch(batch_id).request_counts.completed == len(second.items)
+
+
+def _two_input_batch(batches: BatchService) -> str:
+    """Two requests of two inputs each."""
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": MODEL, "input": [f"a {i}", f"b {i}"]},
+            }
+        )
+        for i in range(2)
+    ]
+    record = batches.upload_file("in.jsonl", "batch", "\n".join(lines).encode())
+    batch = batches.create_batch(record.id, "/v1/embeddings", "24h")
+    assert batches.validate(batch.id).status == "in_progress"
+    return batch.id
+
+
+@pytest.mark.parametrize("remembered", [True, False], ids=["granted-here", "granted-elsewhere"])
+@pytest.mark.parametrize(
+    ("text_counts", "token_counts", "words"),
+    [
+        ([1, 1], [4, 4], "2 input(s), the results have 1 vector(s)"),
+        ([3, 1], [4, 4], "2 input(s), the results have 3 vector(s)"),
+        ([2, 2], [4, 513], "513 tokens"),
+    ],
+    ids=["too-few-vectors", "too-many-vectors", "impossible-tokens"],
+)
+def test_results_that_do_not_match_their_requests_are_refused_and_counted_against_the_car(
+    services: tuple[BatchService, WorkService],
+    remembered: bool,
+    text_counts: list[int],
+    token_counts: list[int],
+    words: str,
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    batch_id = _two_input_batch(batches)
+    grant = work.work("car-1", ASK)
+    assert grant.lease_id is not None and len(grant.items) == 2
+    if not remembered:  # as if another replica had granted it: the counts come from the store
+        work._lease_infos = type(work._lease_infos)()
+
+    chunk = _results(
+        grant,
+        _unit_vectors(sum(text_counts)),
+        text_counts=text_counts,
+        token_counts=token_counts,
+    )
+    ack = work.results("car-1", chunk)
+
+    assert ack.error is not None and ack.error.code == "bad_results"
+    assert words in ack.error.message
+    assert work.refused_results["car-1"] == 1
+    assert batches.get_batch(batch_id).request_counts.completed == 0
+    right = _results(grant, _unit_vectors(4), text_counts=[2, 2], token_counts=[9, 9])
+    assert work.results("car-1", right).committed == 2

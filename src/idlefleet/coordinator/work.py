@@ -25,8 +25,8 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,8 @@ class WorkService:
         self.registry = registry or VehicleRegistry(write_every_s=heartbeat_interval_s)
         self._registry_lock = threading.Lock()
         self._lease_infos = _LeaseInfos()
+        self.refused_results: Counter[str] = Counter()
+        """Result chunks refused as impossible, per car (this replica's count since it started)."""
         self.live_vehicles = 1
         """Cars seen within the liveness horizon, fleet-wide (refreshed by the coordinator's
         housekeeping from the store; sizes units by guided self-scheduling)."""
@@ -310,7 +312,15 @@ class WorkService:
         for i, lease in zip(placed, leases, strict=True):
             answers[i] = self._grant(lease)
         self._lease_infos.put_many(
-            (lease.id, _LeaseInfo(lease.vehicle_id, lease.batch_id, lease.model))
+            (
+                lease.id,
+                _LeaseInfo(
+                    lease.vehicle_id,
+                    lease.batch_id,
+                    lease.model,
+                    {item.seq: len(item.texts) for item in lease.items},
+                ),
+            )
             for lease in leases
             if isinstance(lease, Lease)
         )
@@ -452,29 +462,36 @@ class WorkService:
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
-        dim = MODELS[lease.model].dim
-        if msg.dim != dim:
-            return ResultAck(
-                error=WireError(
-                    code="bad_results",
-                    message=f"model {lease.model} has dimension {dim}, results have {msg.dim}",
-                )
+        model = MODELS[lease.model]
+        if msg.dim != model.dim:
+            return self._bad_results(
+                vehicle_id, f"model {lease.model} has dimension {model.dim}, results have {msg.dim}"
             )
+        inputs = lease.inputs
+        if inputs is None:  # granted by another replica: ask the store
+            inputs = self.store.request_input_counts(lease.batch_id, msg.seqs)
+        problem = _check_counts(msg, inputs, model.max_tokens)
+        if problem:
+            return self._bad_results(vehicle_id, problem)
         try:
             vectors = msg.vectors()
         except ValueError:  # the right length, but not base64: refused alone, not the turn
-            return ResultAck(
-                error=WireError(code="bad_results", message="vectors_b64 is not valid base64")
-            )
+            return self._bad_results(vehicle_id, "vectors_b64 is not valid base64")
         problem = _check_vectors(vectors, msg.dim)
         if problem:
-            return ResultAck(error=WireError(code="bad_results", message=problem))
+            return self._bad_results(vehicle_id, problem)
         results = []
         row = 0
         for seq, n, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
             results.append(RequestResult(seq, vectors[row : row + n].tobytes(), msg.dim, tokens))
             row += n
         return lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
+
+    def _bad_results(self, vehicle_id: str, problem: str) -> ResultAck:
+        """Refuse a chunk whose results cannot be right, and count it against the car."""
+        self.refused_results[vehicle_id] += 1
+        log.warning("refused results of %s: %s", vehicle_id, problem)
+        return ResultAck(error=WireError(code="bad_results", message=problem))
 
     def _lease_info(
         self, vehicle_id: str, lease_id: str, info: _LeaseInfo | None
@@ -484,7 +501,7 @@ class WorkService:
         if info is not None and info.vehicle_id == vehicle_id:
             return info
         lease = self.store.get_lease(vehicle_id, lease_id)
-        return None if lease is None else _LeaseInfo(vehicle_id, lease.batch_id, lease.model)
+        return None if lease is None else _LeaseInfo(vehicle_id, lease.batch_id, lease.model, None)
 
     def _ack(
         self, vehicle_id: str, msg: ResultChunk, outcome: CommitOutcome | Exception, now: float
@@ -526,6 +543,8 @@ class _LeaseInfo:
     vehicle_id: str
     batch_id: str
     model: str
+    inputs: Mapping[int, int] | None
+    """Inputs (texts) per request of the unit, by seq; None: not known here (ask the store)."""
 
 
 _Checked = tuple[int, str, ResultChunk, _LeaseInfo, ResultCommit]
@@ -569,6 +588,24 @@ def _check_vectors(vectors: np.ndarray, dim: int) -> str | None:
     if not np.isfinite(vectors).all():
         return "vectors contain NaN or infinity"
     return "vectors must be L2-normalised"
+
+
+def _check_counts(msg: ResultChunk, inputs: Mapping[int, int], max_tokens: int) -> str | None:
+    """Each request's results against what the coordinator knows of it: one vector per input,
+    and no more tokens than its inputs can have. Requests not in ``inputs`` (not the lease's)
+    are left to the commit, which ignores them."""
+    for seq, vectors, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
+        expected = inputs.get(seq)
+        if expected is None:
+            continue
+        if vectors != expected:
+            return f"request {seq} has {expected} input(s), the results have {vectors} vector(s)"
+        if tokens > expected * max_tokens:
+            return (
+                f"request {seq} reports {tokens} tokens; its {expected} input(s) can have at "
+                f"most {max_tokens} each"
+            )
+    return None
 
 
 def _not_registered(vehicle_id: str) -> WireError:

@@ -2333,3 +2333,18 @@ def test_a_car_leaving_is_not_a_failed_attempt(store: Store, reason: str) -> Non
 
     (row,) = stored(store).values()
     assert row.state == "pending"
+
+
+def test_request_input_counts_are_each_requests_number_of_texts(store: Store) -> None:
+    store.create_batch(batch_record())
+    store.add_requests(
+        "batch-1",
+        [
+            NewRequest(seq=0, custom_id="one", model=MODEL, texts=("a",)),
+            NewRequest(seq=1, custom_id="three", model=MODEL, texts=("a", "b", "ü")),
+            invalid_request(2),
+        ],
+    )
+
+    assert store.request_input_counts("batch-1", [0, 1, 2, 9]) == {0: 1, 1: 3, 2: 0}
+    assert store.request_input_counts("batch-1", []) == {}

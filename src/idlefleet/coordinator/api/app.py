@@ -276,7 +276,10 @@ def create_app(
         live_after = now - 3 * work.heartbeat_interval_s
         return {
             "object": "list",
-            "data": [vehicle_json(v, now, live_after, policy) for v, policy in vehicles],
+            "data": [
+                vehicle_json(v, now, live_after, policy, work.refused_results[v.id])
+                for v, policy in vehicles
+            ],
         }
 
     # -- owners: policy and consent ------------------------------------------------------------

@@ -72,7 +72,11 @@ def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 
 def vehicle_json(
-    vehicle: VehicleRecord, now: float, live_after: float, policy: PolicyVersion
+    vehicle: VehicleRecord,
+    now: float,
+    live_after: float,
+    policy: PolicyVersion,
+    refused_results: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": vehicle.id,
@@ -86,6 +90,7 @@ def vehicle_json(
         "last_seen_s_ago": round(now - vehicle.last_seen, 3),
         "registered_at": vehicle.registered_at,
         "completed_requests": vehicle.completed_requests,
+        "refused_results": refused_results,
     }
 
 

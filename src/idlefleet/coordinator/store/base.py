@@ -370,6 +370,10 @@ class Store(ABC):
     def request_counts(self, batch_id: str) -> RequestCounts: ...
 
     @abstractmethod
+    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
+        """How many inputs (texts) each of these requests has, by seq (unknown seqs left out)."""
+
+    @abstractmethod
     def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
         """(model, encoding_format) of the given requests, by seq."""
 

@@ -435,6 +435,16 @@ class PostgresStore(Store):
         )
         return _counts(pending, leased, done, failed)
 
+    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
+        if not seqs:
+            return {}
+        rows = self._read(
+            "SELECT seq, json_array_length(texts::json) FROM requests "
+            "WHERE batch_id = %s AND seq = ANY(%s::bigint[])",
+            (batch_id, sorted(seqs)),
+        )
+        return {seq: int(n or 0) for seq, n in rows}
+
     def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
         rows = self._read(
             "SELECT seq, model, encoding_format FROM requests "

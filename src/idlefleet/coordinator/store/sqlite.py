@@ -394,6 +394,17 @@ class SqliteStore(Store):
         with self._read() as db:
             return self._counts(db, batch_id)
 
+    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
+        if not seqs:
+            return {}
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT seq, json_array_length(texts) FROM requests WHERE batch_id = ? "
+                "AND seq IN (SELECT value FROM json_each(?))",
+                (batch_id, json.dumps(sorted(seqs))),
+            ).fetchall()
+        return {seq: int(n or 0) for seq, n in rows}
+
     def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
         marks = ",".join("?" * len(seqs))
         with self._read() as db:
