@@ -240,3 +240,15 @@ def test_body_must_be_an_object(payload: object) -> None:
     error = refusal(payload)
 
     assert (error.http_status, error.code) == (400, "invalid_type")
+
+
+def test_a_request_whose_text_would_not_fit_a_message_is_refused_before_it_runs() -> None:
+    from idlefleet.coordinator.embedding_request import MAX_REQUEST_INPUT_BYTES
+
+    fits = ["é" * (MAX_REQUEST_INPUT_BYTES // 4)] * 2  # 2 bytes a character: exactly the bound
+    validate_embedding_body({"model": MODEL_ID, "input": fits})
+    with pytest.raises(InvalidRequest) as caught:
+        validate_embedding_body({"model": MODEL_ID, "input": [*fits, "one more"]})
+    assert caught.value.code == "input_too_large" and caught.value.param == "input"
+    with pytest.raises(InvalidRequest):
+        validate_embedding_body({"model": MODEL_ID, "input": "x" * (MAX_REQUEST_INPUT_BYTES + 1)})

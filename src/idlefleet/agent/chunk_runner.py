@@ -18,7 +18,43 @@ import numpy as np
 from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.runtime import Embedder, InferenceCancelled
 
-__all__ = ["ChunkOutcome", "run_chunk"]
+__all__ = [
+    "RESULT_CHUNK_BYTES",
+    "ChunkOutcome",
+    "plan_chunks",
+    "run_chunk",
+    "vectors_per_chunk",
+]
+
+RESULT_CHUNK_BYTES = 2 * 1024 * 1024
+"""A result chunk's vectors at most this many bytes on the wire (base64), so that each chunk
+is one NATS message with room to spare; a request whose vectors alone are more (2048 inputs of
+384 dimensions: ~4 MiB) is a chunk of its own, still inside the 8 MiB message."""
+
+
+def plan_chunks(
+    order: Sequence[int], inputs: Sequence[int], max_requests: int, max_vectors: int
+) -> list[list[int]]:
+    """Cut a unit's items (indices, in ``order``) into chunks of at most ``max_requests``
+    items and ``max_vectors`` inputs (``inputs[i]`` each); an item with more inputs than
+    that is a chunk alone. Every item is in exactly one chunk, in order."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    vectors = 0
+    for i in order:
+        if current and (len(current) >= max_requests or vectors + inputs[i] > max_vectors):
+            chunks.append(current)
+            current, vectors = [], 0
+        current.append(i)
+        vectors += inputs[i]
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def vectors_per_chunk(dim: int) -> int:
+    """How many vectors of ``dim`` float32 fit in ``RESULT_CHUNK_BYTES`` as base64."""
+    return max(1, RESULT_CHUNK_BYTES * 3 // (4 * 4 * dim))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from idlefleet import __version__
-from idlefleet.agent.chunk_runner import ChunkOutcome, run_chunk
+from idlefleet.agent.chunk_runner import ChunkOutcome, plan_chunks, run_chunk, vectors_per_chunk
 from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
 from idlefleet.agent.energy import EnergyMeter
@@ -367,11 +367,18 @@ class VehicleAgent:
             row += len(item.texts)
         # Similar token lengths in one chunk pad least (the coordinator leases by characters).
         order = sorted(range(len(grant.items)), key=lambda i: sum(per_item[i]))
-        for start in range(0, len(order), step):
+        # Chunks bounded in requests and in result bytes (each is one NATS message).
+        planned = plan_chunks(
+            order,
+            [len(item.texts) for item in grant.items],
+            step,
+            vectors_per_chunk(MINILM.dim),
+        )
+        for part in planned:
             if sends and sends[-1].done() and not sends[-1].result():
                 break  # the lease is gone: the coordinator re-queued the rest
-            chunk = [grant.items[i] for i in order[start : start + step]]
-            chunk_counts = [c for i in order[start : start + step] for c in per_item[i]]
+            chunk = [grant.items[i] for i in part]
+            chunk_counts = [c for i in part for c in per_item[i]]
             texts = [t for item in chunk for t in item.texts]
             outcome = await loop.run_in_executor(
                 self._compute,

@@ -49,6 +49,7 @@ from idlefleet.models.catalog import MINILM, resolve_model
 __all__ = [
     "EMBEDDING_DIMENSIONS",
     "MAX_INPUTS_PER_REQUEST",
+    "MAX_REQUEST_INPUT_BYTES",
     "MODEL_ID",
     "EmbeddingJob",
     "canonical_model",
@@ -60,6 +61,10 @@ __all__ = [
 MODEL_ID = MINILM.id
 EMBEDDING_DIMENSIONS = MINILM.dim
 MAX_INPUTS_PER_REQUEST = 2048
+MAX_REQUEST_INPUT_BYTES = 2 * 1024 * 1024
+"""A request's inputs, in UTF-8 bytes: well inside one NATS message (8 MiB in the embedded
+server), since a request is never split across cars. OpenAI's own bound is 300,000 tokens
+per request, about 1.2 MB of English text."""
 _KNOWN_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 _EMPTY_INPUT_MESSAGE = (
     "'$.input' is invalid. Please check the API reference: "
@@ -156,6 +161,7 @@ def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
     if isinstance(value, str):
         if not value:
             raise InvalidRequest(_EMPTY_INPUT_MESSAGE)
+        _check_input_bytes([value])
         return (value,), True
     if not isinstance(value, list):
         raise _invalid_type("input", "a string or an array of strings", value)
@@ -182,7 +188,23 @@ def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
                 param="input",
             )
         raise _invalid_type(f"input[{index}]", "a string", item)
+    _check_input_bytes(value)
     return tuple(value), False
+
+
+def _check_input_bytes(texts: list[str]) -> None:
+    """A request travels to a car as one NATS message: its text must fit, with room to spare."""
+    total = sum(len(t) for t in texts)  # characters: a lower bound of the UTF-8 bytes
+    if total * 4 > MAX_REQUEST_INPUT_BYTES:
+        total = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if total > MAX_REQUEST_INPUT_BYTES:
+        raise InvalidRequest(
+            f"Invalid 'input': the inputs of a request may total at most "
+            f"{MAX_REQUEST_INPUT_BYTES} bytes of UTF-8 text, but these total {total}. The model "
+            f"reads at most {MINILM.max_tokens} tokens of each input; split the request.",
+            code="input_too_large",
+            param="input",
+        )
 
 
 def _validate_encoding_format(body: Mapping[str, object]) -> EncodingFormat:

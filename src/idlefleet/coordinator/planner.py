@@ -20,6 +20,9 @@ class UnitPolicy:
     min_requests: int = 4
     max_requests: int = 256
     lease_seconds: float = 30.0
+    max_bytes: int = 2 * 1024 * 1024
+    """A unit's inputs at most this many bytes (its grant is one NATS message); a request of
+    up to this size goes alone."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_requests <= self.max_requests:

@@ -370,6 +370,7 @@ class WorkService:
                     tuple(owner.purposes),
                     tuple(owner.data_regions),
                     sizer,
+                    self.units.max_bytes,
                 )
             )
             placed.append(i)

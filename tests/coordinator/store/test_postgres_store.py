@@ -472,6 +472,7 @@ def test_the_lease_pick_reads_the_unit_off_the_index_without_sorting_the_batch(
                     "batch": "batch-1",
                     "models": [MODEL],
                     "size": 8,
+                    "max_bytes": 1_000_000,
                     "lease": "lease-x",
                     "vehicle": "car-x",
                     "now": NOW,

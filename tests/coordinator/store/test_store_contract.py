@@ -2348,3 +2348,27 @@ def test_request_input_counts_are_each_requests_number_of_texts(store: Store) ->
 
     assert store.request_input_counts("batch-1", [0, 1, 2, 9]) == {0: 1, 1: 3, 2: 0}
     assert store.request_input_counts("batch-1", []) == {}
+
+
+def test_a_unit_is_cut_at_its_byte_bound_and_its_first_request_always_goes(store: Store) -> None:
+    store.create_batch(batch_record())
+    big, small = "x" * 3000, "y" * 100
+    store.add_requests(
+        "batch-1",
+        [NewRequest(seq=i, custom_id=f"r{i}", model=MODEL, texts=(big,)) for i in range(4)]
+        + [NewRequest(seq=4 + i, custom_id=f"s{i}", model=MODEL, texts=(small,)) for i in range(4)],
+    )
+
+    def ask_for(lease_id: str, max_bytes: int) -> LeaseAsk:
+        return LeaseAsk("car-1", lease_id, (MODEL,), PURPOSES, DATA_REGIONS, take(8), max_bytes)
+
+    first, second, third = store.lease_units(
+        [ask_for("l1", 1000), ask_for("l2", 7000), ask_for("l3", 10**6)], NOW, LEASE_SECONDS
+    )
+
+    # Longest first: one big request alone (over the bound, but a unit never goes empty),
+    # then two big ones (6,000 bytes and a bit of JSON), then everything that is left.
+    assert isinstance(first, Lease) and len(first.items) == 1
+    assert isinstance(second, Lease) and len(second.items) == 2
+    assert isinstance(third, Lease) and len(third.items) == 5
+    assert store.request_counts("batch-1").pending == 0

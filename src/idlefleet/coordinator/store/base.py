@@ -186,6 +186,10 @@ class LeaseAsk:
     """Batch data regions the car's owner allows (empty: nothing)."""
     unit_size: Callable[[int], int]
     """Given the chosen batch's pending count, how many requests to take."""
+    max_bytes: int | None = None
+    """The unit's inputs (their stored JSON, counted in UTF-8 bytes) total at most this, so
+    that its grant fits in one NATS message; the unit's first request goes whatever its size
+    (validation keeps each request far below the message limit). None: no bound."""
 
 
 @dataclass(frozen=True)

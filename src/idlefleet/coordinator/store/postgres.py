@@ -533,6 +533,7 @@ class PostgresStore(Store):
                     "batch": found.batch_id,
                     "models": models,
                     "size": size,
+                    "max_bytes": ask.max_bytes,
                     "lease": ask.lease_id,
                     "vehicle": ask.vehicle_id,
                     "now": now,

@@ -42,9 +42,14 @@ WITH picked AS MATERIALIZED (
     WHERE batch_id = %(batch)s AND state = 'pending' AND model = ANY(%(models)s::text[])
     ORDER BY sort_key DESC, seq LIMIT %(size)s
     FOR UPDATE SKIP LOCKED
-), unit AS MATERIALIZED (
-    SELECT * FROM picked
+), same_model AS MATERIALIZED (
+    SELECT *, row_number() OVER w AS n, sum(octet_length(texts)) OVER w AS running
+    FROM picked
     WHERE model = (SELECT model FROM picked ORDER BY sort_key DESC, seq LIMIT 1)
+    WINDOW w AS (ORDER BY sort_key DESC, seq)
+), unit AS MATERIALIZED (
+    SELECT seq, custom_id, texts, model, sort_key FROM same_model
+    WHERE n = 1 OR %(max_bytes)s::bigint IS NULL OR running <= %(max_bytes)s::bigint
 ), leased AS (
     UPDATE requests r SET state = 'leased', lease_id = %(lease)s
     FROM unit u WHERE r.batch_id = %(batch)s AND r.seq = u.seq
@@ -62,7 +67,8 @@ SELECT seq, custom_id, texts, model FROM unit ORDER BY sort_key DESC, seq
 ``requests_ready`` (batch_id, state, sort_key DESC, seq) yields the pending requests in lease
 order, so the scan stops after ``size`` rows (no sort of the batch). SKIP LOCKED passes over
 requests another transaction is leasing or committing right now. One lease carries one model:
-of the picked requests, those of the first one's model are leased; the others stay pending.
+of the picked requests, those of the first one's model are leased, as many as fit
+``max_bytes`` (``LeaseAsk.max_bytes``; the first always); the others stay pending.
 """
 
 FIND_LEASE_SQL = """

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from idlefleet.coordinator.store.base import NewRequest, VehicleLiveness, VehicleRecord
@@ -66,6 +66,19 @@ def attempts_exhausted_body(attempts: int) -> dict[str, Any]:
             "code": "request_failed",
         }
     }
+
+
+def within_bytes(texts_json: Sequence[str], max_bytes: int | None) -> int:
+    """How many of a unit's requests (their stored texts, in lease order) fit in ``max_bytes``:
+    at least one, then while the running total of UTF-8 bytes stays within the bound."""
+    if max_bytes is None:
+        return len(texts_json)
+    total = 0
+    for n, texts in enumerate(texts_json):
+        total += len(texts.encode("utf-8"))
+        if n > 0 and total > max_bytes:
+            return n
+    return len(texts_json)
 
 
 def counts_as_failure(reason: str) -> bool:

@@ -52,6 +52,7 @@ from idlefleet.coordinator.store.sql_common import (
     rechunk,
     request_rows,
     vehicle_from_row,
+    within_bytes,
 )
 
 
@@ -493,9 +494,11 @@ class SqliteStore(Store):
             if picked:
                 break
             del chosen[key]  # this batch ran dry for these models in this call: choose again
-        # One lease carries one model: keep the picked requests of the first one's model.
+        # One lease carries one model: keep the picked requests of the first one's model, as
+        # many as fit the unit's byte bound (the rest stay pending).
         model = picked[0][3]
         picked = [p for p in picked if p[3] == model]
+        picked = picked[: within_bytes([p[2] for p in picked], ask.max_bytes)]
         seqs = [p[0] for p in picked]
         pending[batch_id] -= len(seqs)
         deadline = now + lease_seconds
