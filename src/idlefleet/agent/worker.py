@@ -36,6 +36,7 @@ from idlefleet.agent.energy import EnergyMeter
 from idlefleet.agent.policy_guard import PolicyGuard, Verdict
 from idlefleet.agent.runtime import Embedder
 from idlefleet.agent.sources.base import StateSource
+from idlefleet.agent.supervise import run_until_stopped
 from idlefleet.models.catalog import MINILM
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
@@ -156,18 +157,17 @@ class VehicleAgent:
         )
         await self.register()
         units: asyncio.Queue[WorkGrant] = asyncio.Queue(maxsize=1 if self.config.prefetch else 0)
-        tasks = [
-            asyncio.create_task(self._heartbeats()),
-            asyncio.create_task(self._fetch_units(units)),
-            asyncio.create_task(self._run_units(units)),
-            asyncio.create_task(self._tick()),
-        ]
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        died = await run_until_stopped(
+            {
+                "heartbeats": self._heartbeats(),
+                "fetch-units": self._fetch_units(units),
+                "run-units": self._run_units(units),
+                "tick": self._tick(),
+            },
+            stop,
+        )
+        if died is not None:
+            log.error("%s: %s; releasing its leases and stopping", self.config.vehicle_id, died)
         self.source.stop()
         while not units.empty():
             self._held.add(units.get_nowait().lease_id or "")
@@ -177,6 +177,8 @@ class VehicleAgent:
             await self.nc.drain()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._online.shutdown(wait=False, cancel_futures=True)
+        if died is not None:
+            raise died  # the process exits non-zero: its supervisor sees it and restarts it
 
     # -- the gate's verdict and the owner's policy ---------------------------------------------
     def _verdict_changed_threadsafe(self, verdict: Verdict) -> None:

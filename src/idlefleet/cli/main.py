@@ -266,6 +266,7 @@ def _state_source(args: argparse.Namespace) -> StateSource:
 def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.config import AgentConfig
     from idlefleet.agent.runtime import Embedder
+    from idlefleet.agent.supervise import AgentTaskDied
     from idlefleet.agent.worker import VehicleAgent
     from idlefleet.protocol.messages import Hardware
 
@@ -295,5 +296,9 @@ def _agent(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await VehicleAgent(config, embedder, source).run(stop)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except AgentTaskDied as died:  # logged with its cause; the leases were released
+        print(f"idlefleet agent {config.vehicle_id}: {died}", file=sys.stderr)
+        return 1
     return 0
