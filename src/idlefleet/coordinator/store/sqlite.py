@@ -726,13 +726,17 @@ class SqliteStore(Store):
         )
 
     def _requeue(
-        self, db: sqlite3.Connection, lease_id: str, failed: bool, seqs: Collection[int] = ()
+        self,
+        db: sqlite3.Connection,
+        lease_id: str,
+        failed: bool,
+        only: Collection[int] | None = None,
     ) -> int:
-        """Put the requests a lease still holds (``seqs`` of them, if given) back in the queue;
-        how many went back. ``failed``: the attempt failed, so each counts one, and those out
-        of attempts end failed instead (``Store.max_attempts``)."""
+        """Put the requests a lease still holds (those in ``only``, if given) back in the
+        queue; how many went back. ``failed``: the attempt failed, so each counts one, and
+        those out of attempts end failed instead (``Store.max_attempts``)."""
         batch_id, held = self._lease_rows(db, lease_id)
-        seqs = sorted(set(seqs) & set(held)) if seqs else held
+        seqs = held if only is None else sorted(set(only) & set(held))
         if not seqs:
             return 0
         where = (
@@ -797,9 +801,9 @@ class SqliteStore(Store):
                 "SELECT batch_id FROM leases WHERE id = ? AND vehicle_id = ? AND state = 'active'",
                 (lease_id, vehicle_id),
             ).fetchone()
-            if lease is None or not seqs:
+            if lease is None:
                 return 0
-            returned = self._requeue(db, lease_id, failed=True, seqs=seqs)
+            returned = self._requeue(db, lease_id, failed=True, only=seqs)
             self._close_if_finished(db, lease_id)
         return returned
 
