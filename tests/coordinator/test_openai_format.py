@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import openai
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types import CreateEmbeddingResponse
 
@@ -21,6 +21,7 @@ from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest
 from idlefleet.coordinator.openai_format import (
     BATCH_REQUEST_ID_PREFIX,
     cancelled_line,
+    embedding_bodies_json,
     embedding_response,
     error_line,
     expired_line,
@@ -281,3 +282,25 @@ def test_new_id_is_prefixed_url_safe_and_unique(prefix: str) -> None:
 def test_new_request_id_is_32_hex_digits() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", new_request_id())
     assert new_request_id() != new_request_id()
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=64)
+)
+def test_batch_bodies_carry_exactly_the_float32_values_in_their_shortest_form(
+    values: list[float],
+) -> None:
+    row = np.array(values, dtype=np.float32)
+    (body,) = embedding_bodies_json([MODEL_ID], row[None, :], [1], [7], ["float"])
+
+    printed = json.loads(body)["data"][0]["embedding"]
+    assert np.array_equal(np.array(printed, dtype=np.float32), row)  # round-trips exactly
+    assert printed == shortest_float32(row).tolist()  # the same shortest decimals, as numbers
+    assert json.loads(body)["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+
+def test_batch_bodies_refuse_non_finite_vectors() -> None:
+    row = np.array([[0.5, np.nan]], dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        embedding_bodies_json([MODEL_ID], row, [1], [1], ["float"])

@@ -231,7 +231,7 @@ def embedding_bodies_json(
         raise ValueError("models, counts and encoding_formats differ in length")
     if sum(vector_counts) != len(vectors):
         raise ValueError(f"{len(vectors)} vectors for {sum(vector_counts)} counted")
-    encoded = {fmt: _encoded_rows(vectors, fmt) for fmt in set(encoding_formats)}
+    encoded = {fmt: _batch_rows(vectors, fmt) for fmt in set(encoding_formats)}
     bodies = []
     row = 0
     for model, count, tokens, fmt in zip(
@@ -258,12 +258,26 @@ def output_line_json(
     return head[:-3] + b',"body":' + body_json + b'},"error":null}\n'
 
 
+def _batch_rows(matrix: npt.NDArray[np.float32], encoding_format: str) -> list[Any]:
+    """Rows for a batch's bodies: float rows stay float32 arrays, which orjson prints in their
+    shortest round-tripping decimal form itself (ryu's f2s), ~14x faster than
+    :func:`shortest_float32` and the same values digit for digit; it writes some magnitudes
+    below 1e-4 positionally (0.0000046918676) where :func:`shortest_float32` gives an exponent
+    (4.6918676e-06), both the same float32. The online response keeps the lists."""
+    if encoding_format != "float":
+        return _encoded_rows(matrix, encoding_format)
+    if not np.isfinite(matrix).all():
+        raise ValueError("embedding contains NaN or infinity, which JSON cannot carry")
+    return list(np.ascontiguousarray(matrix, dtype=np.float32))
+
+
 def _jsonl(obj: Mapping[str, Any]) -> bytes:
     # Compact and UTF-8 (one byte per separator saved is ~19 MB on a full 50,000-input batch).
     # orjson prints the same shortest float reprs as json, ~6x faster, which matters when every
     # result of a batch is rendered on the coordinator. It writes NaN as null where json would
-    # refuse, so non-finite values are refused before they get here (shortest_float32).
-    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    # refuse, so non-finite values are refused before they get here (shortest_float32,
+    # _batch_rows). float32 arrays (a batch's rows) it prints in their shortest form itself.
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
 
 
 def output_line(
