@@ -186,7 +186,8 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
         _fail(line, "invalid_json_line", _INVALID_JSON)
     if not isinstance(request, dict):
         _fail(line, "invalid_request", "Each line must be a JSON object.")
-    if may_hold_surrogates(text):
+    suspicious = may_hold_surrogates(text)  # only then is the parsed line walked at all
+    if suspicious:
         outside = unpaired_surrogate({k: v for k, v in request.items() if k != "body"})
         if outside is not None:  # no custom_id to report a request-level error under
             _fail(line, "invalid_value", surrogate_message(outside), outside)
@@ -212,7 +213,7 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
             "url",
         )
     body = _require(request, "body", line, dict, "an object")
-    bad_text = unpaired_surrogate(body, "body") if may_hold_surrogates(text) else None
+    bad_text = unpaired_surrogate(body, "body") if suspicious else None
     if bad_text == "body.model":
         _fail(line, "invalid_value", surrogate_message(bad_text), bad_text)
     _check_model(body, line)

@@ -259,6 +259,7 @@ class BatchService:
                 raise  # an outage: the sweeper tries again when the store is back
             except Exception as exc:
                 return self._validation_crashed(batch_id, owner, exc)
+        self._validation_failures.pop(batch_id, None)
         updated = self.store.finish_batch(
             batch_id, ["validating"], owner, status="in_progress", in_progress_at=now
         )

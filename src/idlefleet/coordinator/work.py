@@ -456,7 +456,7 @@ class WorkService:
         return ended
 
     def _check(
-        self, vehicle_id: str, msg: ResultChunk, remembered: _LeaseInfo | None = None
+        self, vehicle_id: str, msg: ResultChunk, remembered: _LeaseInfo | None
     ) -> tuple[_LeaseInfo, ResultCommit] | ResultAck:
         """Check a chunk against its lease (``remembered``: what this replica knows of it, if
         anything): what to commit, or why it is refused."""
