@@ -484,6 +484,7 @@ async def heartbeats(
 
 
 def _unit_vectors_b64(max_n: int) -> dict[int, str]:
+    """Base64 of ``n`` unit-length float32 vectors (one per one-text request), by ``n``."""
     rng = np.random.default_rng(0)
     out = {}
     for n in range(1, max_n + 1):
@@ -555,10 +556,9 @@ async def lease_and_commit(
             chunk = ResultChunk(
                 lease_id=grant["lease_id"],
                 seqs=[item["seq"] for item in items],
-                text_counts=[1] * len(items),
                 token_counts=[4] * len(items),
-                dim=MINILM.dim,
-                vectors_b64=vectors[len(items)],
+                sizes=[4 * MINILM.dim] * len(items),
+                data_b64=vectors[len(items)],
             )
             t1 = time.perf_counter()
             try:

@@ -14,9 +14,9 @@ from idlefleet.coordinator.batch_input import (
     parse_batch_input,
     validate_batch_endpoint,
 )
-from idlefleet.coordinator.embedding_request import MODEL_ID
 from idlefleet.coordinator.errors import InvalidRequest
 from idlefleet.coordinator.openai_format import batch_errors_object
+from idlefleet.workloads.embeddings.request import MODEL_ID
 
 ENDPOINT = "/v1/embeddings"
 
@@ -59,9 +59,11 @@ def test_valid_file_yields_one_job_per_line() -> None:
     assert not parsed.failed and parsed.errors == []
     assert [(r.line, r.custom_id) for r in parsed.requests] == [(1, "a"), (2, "b")]
     first, second = parsed.requests
-    assert first.job is not None and first.job.texts == ("text of a",) and first.error is None
-    assert second.job is not None and second.job.texts == ("x", "y")
-    assert second.job.encoding_format == "base64"
+    assert first.planned is not None and first.error is None
+    assert first.planned.payload == ["text of a"] and first.planned.options == "float"
+    assert second.planned is not None and second.planned.payload == ["x", "y"]
+    assert second.planned.options == "base64"
+    assert second.planned.cost.inputs == 2
     assert (second.method, second.url) == ("POST", ENDPOINT)
 
 
@@ -81,12 +83,12 @@ def test_file_without_trailing_newline_crlf_and_bom_are_accepted() -> None:
     assert [r.custom_id for r in parsed.requests] == ["a", "b"]
 
 
-def test_alias_model_resolves_in_the_job() -> None:
+def test_alias_model_resolves_in_the_planned_request() -> None:
     data = jsonl(request(body={"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "x"}))
 
     (spec,) = parse_batch_input(data, ENDPOINT).requests
 
-    assert spec.job is not None and spec.job.model == MODEL_ID
+    assert spec.planned is not None and spec.planned.model == MODEL_ID
 
 
 # --- request-level problems: the batch still runs ------------------------------------------------
@@ -112,8 +114,8 @@ def test_bad_body_fails_only_its_request(body: dict[str, Any], code: str | None)
 
     assert not parsed.failed
     good, bad, good2 = parsed.requests
-    assert good.job is not None and good2.job is not None
-    assert bad.job is None
+    assert good.planned is not None and good2.planned is not None
+    assert bad.planned is None
     assert isinstance(bad.error, InvalidRequest)
     assert bad.error.http_status == 400
     assert bad.error.code == code
@@ -269,7 +271,7 @@ def test_too_many_inputs_across_the_batch() -> None:
     error = only_error(data, max_inputs=5)
 
     assert error.code == "too_many_tasks"
-    assert "6 embedding inputs" in error.message
+    assert "6 inputs" in error.message
 
 
 def test_every_bad_line_is_reported_with_its_own_line_number() -> None:
@@ -348,7 +350,7 @@ def test_an_unpaired_surrogate_in_the_body_fails_only_its_request() -> None:
     )
     assert not parsed.failed
     good, bad = parsed.requests
-    assert good.job is not None and bad.job is None and bad.error is not None
+    assert good.planned is not None and bad.planned is None and bad.error is not None
     error = bad.error.to_openai()["error"]
     assert (error["code"], error["param"]) == ("invalid_value", "input[1]")
     assert "not valid Unicode" in error["message"]

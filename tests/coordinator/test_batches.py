@@ -62,7 +62,7 @@ def run_all(store: Store, batch_id: str, now: float) -> None:
     assert leased is not None and leased.batch_id == batch_id
     vector = np.zeros(384, dtype="<f4")
     vector[0] = 1.0
-    results = [RequestResult(i.seq, vector.tobytes(), 384, 2) for i in leased.items]
+    results = [RequestResult(i.seq, vector.tobytes(), 2) for i in leased.items]
     store.commit_results("car-1", "lease-all", results, now, 60)
 
 

@@ -29,7 +29,7 @@ class Queue:
             if self.units > 0:
                 self.units -= 1
                 grants.append(
-                    WorkGrant(lease_id=f"lease-{vehicle}", items=[WorkItem(seq=0, texts=["x"])])
+                    WorkGrant(lease_id=f"lease-{vehicle}", items=[WorkItem(seq=0, payload=["x"])])
                 )
             else:
                 grants.append(None)

@@ -19,10 +19,9 @@ def chunk(i: int) -> Chunk:
         ResultChunk(
             lease_id=f"lease-{i}",
             seqs=[],
-            text_counts=[],
             token_counts=[],
-            dim=1,
-            vectors_b64="",
+            sizes=[],
+            data_b64="",
         ),
     )
 

@@ -21,7 +21,7 @@ from idlefleet.protocol.messages import (
     ResultChunk,
     WorkGrant,
     WorkRequest,
-    pack_vectors,
+    pack,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest
 
@@ -84,18 +84,31 @@ def _unit_vectors(n: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _results(grant: WorkGrant, vectors: np.ndarray | None = None, **over: object) -> ResultChunk:
+def _results(
+    grant: WorkGrant,
+    vectors: np.ndarray | None = None,
+    *,
+    text_counts: list[int] | None = None,
+    dim: int = 384,
+    **over: object,
+) -> ResultChunk:
+    """The results of every request of ``grant``: ``text_counts[i]`` vectors of ``dim`` each
+    (one each by default), as the agent sends them."""
     n = len(grant.items)
+    counts = [1] * n if text_counts is None else text_counts
     fields = {
         "lease_id": grant.lease_id,
         "seqs": [i.seq for i in grant.items],
-        "text_counts": [1] * n,
         "token_counts": [4] * n,
-        "dim": 384,
-        "vectors_b64": pack_vectors(_unit_vectors(n) if vectors is None else vectors),
+        "sizes": [4 * dim * c for c in counts],
+        "data_b64": _pack(_unit_vectors(n) if vectors is None else vectors),
     }
     fields.update(over)
     return ResultChunk(**fields)  # type: ignore[arg-type]
+
+
+def _pack(vectors: np.ndarray) -> str:
+    return pack(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
 
 
 ASK = WorkRequest(max_requests=100, models=[MODEL])
@@ -196,9 +209,9 @@ def test_release_returns_unfinished_work_at_once(
     partial = _results(grant).model_copy(
         update={
             "seqs": [grant.items[0].seq],
-            "text_counts": [1],
             "token_counts": [3],
-            "vectors_b64": pack_vectors(_unit_vectors(1)),
+            "sizes": [4 * 384],
+            "data_b64": _pack(_unit_vectors(1)),
         }
     )
     work.results("car-1", ResultChunk.model_validate(partial.model_dump()))
@@ -332,9 +345,9 @@ def test_energy_from_results_and_release_is_recorded_on_the_lease(
     first = _results(grant).model_copy(
         update={
             "seqs": [grant.items[0].seq],
-            "text_counts": [1],
             "token_counts": [3],
-            "vectors_b64": pack_vectors(_unit_vectors(1)),
+            "sizes": [4 * 384],
+            "data_b64": _pack(_unit_vectors(1)),
         }
     )
 
@@ -362,8 +375,8 @@ def test_garbage_results_are_refused_alone_and_the_rest_of_the_turn_commits(
     first = work.work("car-1", WorkRequest(max_requests=2, models=[MODEL]))
     second = work.work("car-2", WorkRequest(max_requests=2, models=[MODEL]))
     good = _results(second)
-    wrong_chars = "!" * len(_results(first).vectors_b64)  # the right length, not base64
-    bad = ResultChunk.model_validate(_results(first).model_dump() | {"vectors_b64": wrong_chars})
+    wrong_chars = "!" * len(_results(first).data_b64)  # the right length, not base64
+    bad = ResultChunk.model_validate(_results(first).model_dump() | {"data_b64": wrong_chars})
 
     (bad_ack, good_ack), _ = work.results_many([("car-1", bad), ("car-2", good)])
 

@@ -20,6 +20,8 @@ from idlefleet.agent.supervise import AgentTaskDied
 from idlefleet.agent.worker import VehicleAgent
 from idlefleet.cli.demo import batch_input
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
+from idlefleet.models.catalog import MINILM
+from idlefleet.workloads.embeddings.runner import EmbeddingRunner
 from tests.integration.conftest import submit
 
 
@@ -36,7 +38,8 @@ def test_an_agent_whose_unit_loop_dies_releases_its_lease_and_stops_loudly(
             resume_after_s=0,
         )
         source = TraceSource(StateTrace.load(fleet.default_trace()), speed=60.0)
-        agent = VehicleAgent(config, Embedder.load(config.cache_dir), source)
+        runners = {MINILM.id: EmbeddingRunner(Embedder.load(config.cache_dir))}
+        agent = VehicleAgent(config, runners, source)
         took: list[str] = []
 
         async def broken_run_units(units: asyncio.Queue) -> None:  # type: ignore[type-arg]

@@ -73,18 +73,17 @@ def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: 
                     )
                     if not grant.get("lease_id"):
                         continue
-                    good = [i for i in grant["items"] if i["texts"] != [POISON]]
-                    bad = [i["seq"] for i in grant["items"] if i["texts"] == [POISON]]
+                    good = [i for i in grant["items"] if i["payload"] != [POISON]]
+                    bad = [i["seq"] for i in grant["items"] if i["payload"] == [POISON]]
                     leased.update(
-                        "poison" if i["texts"] == [POISON] else "good" for i in grant["items"]
+                        "poison" if i["payload"] == [POISON] else "good" for i in grant["items"]
                     )
                     chunk = ResultChunk(
                         lease_id=grant["lease_id"],
                         seqs=[i["seq"] for i in good],
-                        text_counts=[1] * len(good),
                         token_counts=[3] * len(good),
-                        dim=384,
-                        vectors_b64=_vectors(len(good)),
+                        sizes=[4 * 384] * len(good),
+                        data_b64=_vectors(len(good)),
                         failed_seqs=bad,
                     )
                     ack = json.loads(

@@ -11,20 +11,22 @@ from idlefleet.protocol.messages import (
     Hardware,
     RegisterRequest,
     ResultChunk,
+    RunReply,
+    RunRequest,
     WorkGrant,
     WorkItem,
-    pack_vectors,
+    pack,
 )
 
 
 def _chunk(vectors: np.ndarray, **overrides: object) -> ResultChunk:
+    row = 4 * vectors.shape[1]
     fields = {
         "lease_id": "lease_1",
         "seqs": [0, 1],
-        "text_counts": [1, 1],
         "token_counts": [5, 7],
-        "dim": vectors.shape[1],
-        "vectors_b64": pack_vectors(vectors),
+        "sizes": [row] * len(vectors),
+        "data_b64": pack(vectors.astype("<f4").tobytes()),
     }
     fields.update(overrides)
     return ResultChunk(**fields)  # type: ignore[arg-type]
@@ -33,19 +35,35 @@ def _chunk(vectors: np.ndarray, **overrides: object) -> ResultChunk:
 def test_result_chunk_round_trips_vectors_exactly() -> None:
     vectors = np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32)
     decoded = decode(ResultChunk, encode(_chunk(vectors)))
-    assert np.array_equal(decoded.vectors(), vectors)
-    assert decoded.seqs == [0, 1]
+    assert np.array_equal(np.frombuffer(decoded.data(), dtype="<f4").reshape(2, 384), vectors)
+    assert decoded.seqs == [0, 1] and decoded.sizes == [4 * 384, 4 * 384]
+
+
+def test_result_data_that_is_not_base64_is_refused_on_decoding() -> None:
+    chunk = _chunk(np.zeros((2, 384), dtype=np.float32)).model_copy(
+        update={"data_b64": "!" * len(pack(bytes(2 * 4 * 384)))}
+    )
+    with pytest.raises(ValueError):
+        chunk.data()
 
 
 def test_grant_round_trips() -> None:
     grant = WorkGrant(
         lease_id="l",
         batch_id="b",
+        kind="embeddings",
         model="m",
         lease_seconds=3.0,
-        items=[WorkItem(seq=4, texts=["héllo", "🚗"])],
+        items=[WorkItem(seq=4, payload=["héllo", "🚗"]), WorkItem(seq=5, payload={"k": [1, None]})],
     )
     assert decode(WorkGrant, encode(grant)) == grant
+
+
+def test_online_request_and_reply_round_trip() -> None:
+    request = RunRequest(request_id="r", kind="embeddings", model="m", payload=["a"])
+    assert decode(RunRequest, encode(request)) == request
+    reply = RunReply(token_count=3, data_b64=pack(b"\x00\x01\x02\x03"))
+    assert decode(RunReply, encode(reply)).data() == b"\x00\x01\x02\x03"
 
 
 @pytest.mark.parametrize(
@@ -83,10 +101,10 @@ def test_impossible_hardware_is_refused() -> None:
         decode(RegisterRequest, data)
 
 
-def test_vectors_must_match_declared_shape() -> None:
+def test_result_data_must_match_declared_sizes() -> None:
     vectors = np.zeros((2, 384), dtype=np.float32)
-    with pytest.raises(ValueError, match="must hold 3 vectors"):
-        _chunk(vectors, text_counts=[1, 2])
+    with pytest.raises(ValueError, match="must hold the 4608 bytes"):
+        _chunk(vectors, sizes=[1536, 3072])
     with pytest.raises(ValueError, match="same length"):
         _chunk(vectors, token_counts=[1])
     with pytest.raises(ValueError, match="repeat"):
@@ -102,7 +120,7 @@ def test_subjects_carry_the_vehicle_id_and_parse_back() -> None:
     subject = subjects.uplink("car-7", subjects.Uplink.RESULTS)
     assert subject == "idlefleet.v1.uplink.car-7.results"
     assert subjects.parse_uplink(subject) == ("car-7", subjects.Uplink.RESULTS)
-    assert subjects.downlink("car-7", subjects.Downlink.EMBED).split(".")[3] == "car-7"
+    assert subjects.downlink("car-7", subjects.Downlink.RUN).split(".")[3] == "car-7"
 
 
 @pytest.mark.parametrize("bad", ["", "car.7", "car*", "car>", "a b", "x" * 65])

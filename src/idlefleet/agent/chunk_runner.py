@@ -3,7 +3,8 @@
 `run_chunk` asks the gate for a step, embeds the chunk's texts with the step's run options and
 meters the step, all on the calling (compute) thread. If the gate stops the step mid-run, the
 texts whose micro-batches finished are kept: the caller submits the requests whose every text
-is done and gives back the rest. The agent and ``bench/preemption.py`` both call this, so the
+is done and gives back the rest. The agent (through ``EmbeddingRunner``, in
+``idlefleet.workloads.embeddings.runner``) and ``bench/preemption.py`` both call this, so the
 benchmark measures the agent's own stop path.
 """
 

@@ -1,10 +1,11 @@
 """The vehicle agent's main loop: register, heartbeat, lease units, run the model, report.
 
 The agent keeps one outbound NATS connection (it never listens on a port). A fetcher task keeps
-one leased unit in hand ahead of the one running, so the model never waits on the network; the
-runner embeds a unit in chunks, sending each chunk's results at once (which commits them and
-extends the lease) while the next chunk computes. On shutdown the agent releases what it holds,
-so the coordinator re-queues it at once instead of waiting for the lease to expire.
+one leased unit in hand ahead of the one running, so the model never waits on the network. The
+loop itself knows no workload: a unit goes to the `UnitRunner` of its model, which plans it into
+runs and runs them; each run's finished results (opaque bytes) are sent at once (which commits
+them and extends the lease) while the next run computes. On shutdown the agent releases what it
+holds, so the coordinator re-queues it at once instead of waiting for the lease to expire.
 
 Whether the car may compute is decided here, in the car, by the `ComputeGate` and its
 `PolicyGuard`, fed by the state source on its own thread. The agent asks for work only while
@@ -20,31 +21,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import nats
-import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from idlefleet import __version__
-from idlefleet.agent.chunk_runner import ChunkOutcome, plan_chunks, run_chunk, vectors_per_chunk
 from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
 from idlefleet.agent.energy import EnergyMeter
 from idlefleet.agent.policy_guard import PolicyGuard, Verdict
-from idlefleet.agent.runtime import Embedder
 from idlefleet.agent.sources.base import StateSource
 from idlefleet.agent.supervise import run_until_stopped
-from idlefleet.models.catalog import MINILM
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    EmbedReply,
-    EmbedRequest,
     Heartbeat,
     RegisterReply,
     RegisterRequest,
@@ -52,16 +48,20 @@ from idlefleet.protocol.messages import (
     ReleaseAck,
     ResultAck,
     ResultChunk,
+    RunReply,
+    RunRequest,
     WireError,
     WireModel,
     WorkGrant,
     WorkItem,
     WorkRequest,
-    pack_vectors,
+    pack,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest, PolicyUpdate
 from idlefleet.protocol.seeds import nats_servers
 from idlefleet.protocol.subjects import Downlink, Uplink
+from idlefleet.workloads import for_model
+from idlefleet.workloads.base import ItemResult, UnitRunner
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,15 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 class VehicleAgent:
-    def __init__(self, config: AgentConfig, embedder: Embedder, source: StateSource) -> None:
+    def __init__(
+        self, config: AgentConfig, runners: Mapping[str, UnitRunner], source: StateSource
+    ) -> None:
+        """``runners``: the models this car serves, by model id (what it registers and asks
+        work for)."""
+        if not runners:
+            raise ValueError("an agent needs at least one model runner")
         self.config = config
-        self.embedder = embedder
+        self.runners = dict(runners)
         self.source = source
         self.policy_version = 0
         self.gate = ComputeGate(
@@ -109,7 +115,7 @@ class VehicleAgent:
             protocol_version=PROTOCOL_VERSION,
             agent_version=__version__,
             hardware=self.config.hardware,
-            models=[MINILM.id],
+            models=sorted(self.runners),
         )
         while True:
             try:
@@ -150,7 +156,7 @@ class VehicleAgent:
         self._loop = asyncio.get_running_loop()
         self.source.start(self.gate.on_reading)
         await self.nc.subscribe(
-            subjects.downlink(self.config.vehicle_id, Downlink.EMBED), cb=self._on_embed
+            subjects.downlink(self.config.vehicle_id, Downlink.RUN), cb=self._on_run
         )
         await self.nc.subscribe(
             subjects.downlink(self.config.vehicle_id, Downlink.POLICY), cb=self._on_policy_push
@@ -280,7 +286,7 @@ class VehicleAgent:
     async def _fetch_units(self, units: asyncio.Queue[WorkGrant]) -> None:
         request = WorkRequest(
             max_requests=self.config.max_unit_requests,
-            models=[MINILM.id],
+            models=sorted(self.runners),
             wait_s=self.config.long_poll_s,
         )
         while True:
@@ -322,7 +328,10 @@ class VehicleAgent:
 
     def _refusal(self, grant: WorkGrant) -> str | None:
         """Why this car must not run the granted unit, or None. The cloud filtered already;
-        the car checks again because consent is the car's to enforce."""
+        the car checks again because consent is the car's to enforce. A unit of a model this
+        car has no runner for is an error (the car never asked for that model)."""
+        if grant.model not in self.runners:
+            return f"error: no runner for model {grant.model}"
         policy = self.gate.policy
         if not policy.opted_in:
             return "policy: opted out"
@@ -355,47 +364,37 @@ class VehicleAgent:
 
     async def _run_unit(self, grant: WorkGrant) -> bool:
         """Run a unit; True if the gate stopped it (the rest of the lease is then released)."""
-        assert grant.lease_id is not None
+        assert grant.lease_id is not None and grant.model is not None
+        runner = self.runners[grant.model]  # a grant of another model was refused on arrival
         loop = asyncio.get_running_loop()
         sends: list[asyncio.Task[bool]] = []
-        step = self.config.chunk_requests
-        flat = [t for item in grant.items for t in item.texts]
-        # Counted once here, so no model run has to tokenise before it can be stopped.
-        counts = await loop.run_in_executor(self._compute, self.embedder.count_tokens, flat)
-        per_item: list[list[int]] = []
-        row = 0
-        for item in grant.items:
-            per_item.append(counts[row : row + len(item.texts)])
-            row += len(item.texts)
-        # Similar token lengths in one chunk pad least (the coordinator leases by characters).
-        order = sorted(range(len(grant.items)), key=lambda i: sum(per_item[i]))
-        # Chunks bounded in requests and in result bytes (each is one NATS message).
-        planned = plan_chunks(
-            order,
-            [len(item.texts) for item in grant.items],
-            step,
-            vectors_per_chunk(MINILM.dim),
+        # Planned on the compute thread before any run, so that no run has to tokenise (or do
+        # other unstoppable work) before the gate can stop it.
+        runs = await loop.run_in_executor(
+            self._compute,
+            runner.plan,
+            [item.payload for item in grant.items],
+            self.config.chunk_requests,
         )
-        for part in planned:
+        for run in runs:
             if sends and sends[-1].done() and not sends[-1].result():
                 break  # the lease is gone: the coordinator re-queued the rest
-            chunk = [grant.items[i] for i in part]
-            chunk_counts = [c for i in part for c in per_item[i]]
-            texts = [t for item in chunk for t in item.texts]
+            chunk = [grant.items[i] for i in run.indices]
             outcome = await loop.run_in_executor(
                 self._compute,
-                run_chunk,
-                self.embedder,
+                runner.run,
                 self.gate,
-                texts,
+                [item.payload for item in chunk],
                 grant.lease_id,
-                chunk_counts,
+                run.prepared,
             )
-            finished, vectors, tokens = _finished_requests(chunk, outcome)
+            finished = [
+                (item, result)
+                for item, result in zip(chunk, outcome.results, strict=True)
+                if result is not None
+            ]
             if finished:
-                sends.append(
-                    asyncio.create_task(self._send(grant.lease_id, finished, vectors, tokens))
-                )
+                sends.append(asyncio.create_task(self._send(grant.lease_id, finished)))
             if not outcome.complete:
                 await asyncio.gather(*sends, return_exceptions=True)
                 why = f"preempted: {self.gate.verdict.summary()}"
@@ -412,22 +411,14 @@ class VehicleAgent:
         await asyncio.gather(*sends, return_exceptions=True)
         return False
 
-    async def _send(
-        self, lease_id: str, chunk: list[WorkItem], vectors: np.ndarray, tokens: list[int]
-    ) -> bool:
+    async def _send(self, lease_id: str, finished: list[tuple[WorkItem, ItemResult]]) -> bool:
         """Send one chunk's results; True while the lease is still active."""
-        per_request_tokens = []
-        row = 0
-        for item in chunk:
-            per_request_tokens.append(sum(tokens[row : row + len(item.texts)]))
-            row += len(item.texts)
         message = ResultChunk(
             lease_id=lease_id,
-            seqs=[item.seq for item in chunk],
-            text_counts=[len(item.texts) for item in chunk],
-            token_counts=per_request_tokens,
-            dim=int(vectors.shape[1]),
-            vectors_b64=pack_vectors(vectors),
+            seqs=[item.seq for item, _ in finished],
+            token_counts=[result.tokens for _, result in finished],
+            sizes=[len(result.data) for _, result in finished],
+            data_b64=pack(b"".join(result.data for _, result in finished)),
             energy_j=self.gate.meter.take_lease(lease_id),
         )
         for attempt in range(3):
@@ -445,57 +436,41 @@ class VehicleAgent:
         return False
 
     # -- online requests -----------------------------------------------------------------------
-    async def _on_embed(self, msg: Msg) -> None:
+    async def _on_run(self, msg: Msg) -> None:
         try:
-            request = decode(EmbedRequest, msg.data)
+            request = decode(RunRequest, msg.data)
         except ProtocolError as exc:
             await msg.respond(
-                encode(EmbedReply(error=WireError(code="bad_message", message=str(exc))))
+                encode(RunReply(error=WireError(code="bad_message", message=str(exc))))
             )
             return
-        if request.model != MINILM.id:
-            reply = EmbedReply(
-                error=WireError(code="unknown_model", message=f"model {request.model} not here")
+        runner = self.runners.get(request.model)
+        workload = for_model(request.model)
+        if runner is None or workload is None or workload.kind != request.kind:
+            reply = RunReply(
+                error=WireError(
+                    code="unknown_model",
+                    message=f"model {request.model} of {request.kind} not here",
+                )
             )
         else:
             loop = asyncio.get_running_loop()
             try:
                 outcome = await loop.run_in_executor(
-                    self._online, run_chunk, self.embedder, self.gate, request.texts
+                    self._online, runner.run, self.gate, [request.payload], None
                 )
-                if outcome.complete:
-                    reply = EmbedReply(
-                        dim=int(outcome.vectors.shape[1]),
-                        vectors_b64=pack_vectors(outcome.vectors),
-                        token_counts=outcome.token_counts,
-                    )
+                result = outcome.results[0] if outcome.complete else None
+                if result is not None:
+                    reply = RunReply(token_count=result.tokens, data_b64=pack(result.data))
                 else:
                     # The coordinator fails over to another car on an error reply.
-                    reply = EmbedReply(
+                    reply = RunReply(
                         error=WireError(
                             code="vehicle_paused",
                             message=f"vehicle may not compute: {self.gate.verdict.summary()}",
                         )
                     )
             except Exception as exc:  # the car answers with an error rather than silence
-                log.exception("online embedding failed")
-                reply = EmbedReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
+                log.exception("online request failed")
+                reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
-
-
-def _finished_requests(
-    chunk: list[WorkItem], outcome: ChunkOutcome
-) -> tuple[list[WorkItem], np.ndarray, list[int]]:
-    """The requests of ``chunk`` whose every text finished, with their vectors and tokens."""
-    if outcome.refused:
-        return [], np.zeros((0, 0), dtype=np.float32), []
-    finished: list[WorkItem] = []
-    rows: list[int] = []
-    row = 0
-    for item in chunk:
-        span = list(range(row, row + len(item.texts)))
-        row += len(item.texts)
-        if bool(outcome.done[span].all()):
-            finished.append(item)
-            rows.extend(span)
-    return finished, outcome.vectors[rows], [outcome.token_counts[r] for r in rows]

@@ -265,10 +265,10 @@ def _state_source(args: argparse.Namespace) -> StateSource:
 
 def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.config import AgentConfig
-    from idlefleet.agent.runtime import Embedder
     from idlefleet.agent.supervise import AgentTaskDied
     from idlefleet.agent.worker import VehicleAgent
     from idlefleet.protocol.messages import Hardware
+    from idlefleet.workloads import WORKLOADS
 
     config = AgentConfig(
         vehicle_id=args.vehicle_id,
@@ -287,14 +287,20 @@ def _agent(args: argparse.Namespace) -> int:
         battery_kwh=args.battery_kwh,
     )
     source = _state_source(args)
-    embedder = Embedder.load(config.cache_dir, threads=config.threads)
+    # The car serves every model of every workload (one, today), each loaded before the agent
+    # registers it, so that registering never promises a model that cannot run.
+    runners = {
+        model: workload.runner(model, config.cache_dir, config.threads)
+        for workload in WORKLOADS.values()
+        for model in workload.models()
+    }
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await VehicleAgent(config, embedder, source).run(stop)
+        await VehicleAgent(config, runners, source).run(stop)
 
     try:
         asyncio.run(serve())

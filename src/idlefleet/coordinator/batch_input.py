@@ -25,12 +25,13 @@ File-level (the batch fails; codes and messages copied from real OpenAI response
   answers the same mistake with a 404 instead.
 - ``empty_file`` (documented code; our wording) when there is no request at all.
 - ``too_many_tasks`` (documented code; our wording) for more than ``max_requests`` requests, or
-  more than ``max_inputs`` embedding inputs summed over the valid requests (OpenAI limits
-  ``/v1/embeddings`` batches to 50,000 inputs).
+  more than ``max_inputs`` inputs summed over the valid requests (the workload's
+  ``max_batch_inputs``: OpenAI limits ``/v1/embeddings`` batches to 50,000 inputs).
 
-Request-level: everything ``validate_embedding_body`` refuses once the model is known (empty or
-ill-typed ``input``, token arrays, more than 2048 inputs, bad ``encoding_format`` or
-``dimensions``, unknown fields); the request gets ``error`` instead of ``job``. Text in the body
+Request-level: everything the batch endpoint's workload refuses once the model is known
+(``Workload.plan``; for embeddings: empty or ill-typed ``input``, token arrays, more than 2048
+inputs, bad ``encoding_format`` or ``dimensions``, unknown fields); the request gets ``error``
+instead of ``planned``. Text in the body
 that is JSON but not Unicode (an unpaired surrogate escape, ``text_check``) is request-level too
 (``invalid_value``, ``param`` its path); in ``custom_id``, ``method``, ``url`` or ``body.model``
 it is a file-level ``invalid_value`` (there is no custom_id to report it under, or the model
@@ -51,18 +52,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from idlefleet.coordinator.embedding_request import (
-    EmbeddingJob,
-    canonical_model,
-    json_kind,
-    validate_embedding_body,
-)
-from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest
+from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, json_kind
 from idlefleet.coordinator.text_check import (
     may_hold_surrogates,
     surrogate_message,
     unpaired_surrogate,
 )
+from idlefleet.workloads import WORKLOADS, Workload, by_endpoint
+from idlefleet.workloads.base import Planned
 
 __all__ = [
     "MAX_REPORTED_ERRORS",
@@ -74,7 +71,7 @@ __all__ = [
     "validate_batch_endpoint",
 ]
 
-SUPPORTED_ENDPOINTS = ("/v1/embeddings",)
+SUPPORTED_ENDPOINTS = tuple(w.endpoint for w in WORKLOADS.values())
 MAX_REPORTED_ERRORS = 100
 
 _INVALID_JSON = "This line is not parseable as valid JSON."
@@ -98,14 +95,15 @@ class BatchFileError:
 
 @dataclass(frozen=True, slots=True)
 class BatchRequestSpec:
-    """One well-formed line of the input file; exactly one of ``job`` and ``error`` is set."""
+    """One well-formed line of the input file; exactly one of ``planned`` and ``error`` is set."""
 
     line: int
     custom_id: str
     method: str
     url: str
     body: dict[str, Any]
-    job: EmbeddingJob | None = None
+    planned: Planned | None = None
+    """The request as its workload planned it (model, payload, options, cost)."""
     error: IdlefleetError | None = None
     """Request-level failure: goes to the error file as ``error.http_status`` + ``to_openai()``."""
 
@@ -163,14 +161,14 @@ def _require(request: dict[str, Any], field: str, line: int, expected: type, kin
     return value
 
 
-def _check_model(body: dict[str, Any], line: int) -> None:
+def _check_model(body: dict[str, Any], line: int, workload: Workload) -> None:
     if "model" not in body or body["model"] is None:
         _fail(line, "invalid_request", "Model parameter is required.", "body.model")
     name = body["model"]
     if not isinstance(name, str):
         message = f"Invalid type for 'body.model': expected a string, but got {json_kind(name)}"
         _fail(line, "invalid_type", f"{message} instead.", "body.model")
-    if canonical_model(name) is None:
+    if workload.canonical_model(name) is None:
         _fail(
             line,
             "model_not_found",
@@ -179,7 +177,7 @@ def _check_model(body: dict[str, Any], line: int) -> None:
         )
 
 
-def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> BatchRequestSpec:
+def _parse_line(text: str, line: int, workload: Workload, seen: dict[str, int]) -> BatchRequestSpec:
     try:
         request = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
@@ -205,7 +203,7 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
     if method != "POST":
         _fail(line, "invalid_value", f"Invalid value: '{method}'. Supported values are: 'POST'.")
     url = _require(request, "url", line, str, "a string")
-    if url != endpoint:
+    if url != workload.endpoint:
         _fail(
             line,
             "invalid_url",
@@ -216,7 +214,7 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
     bad_text = unpaired_surrogate(body, "body") if suspicious else None
     if bad_text == "body.model":
         _fail(line, "invalid_value", surrogate_message(bad_text), bad_text)
-    _check_model(body, line)
+    _check_model(body, line, workload)
     if bad_text is not None:  # inside the body: this request fails, the batch goes on
         error = InvalidRequest(
             surrogate_message(bad_text.removeprefix("body.")),
@@ -225,10 +223,10 @@ def _parse_line(text: str, line: int, endpoint: str, seen: dict[str, int]) -> Ba
         )
         return BatchRequestSpec(line, custom_id, method, url, body, error=error)
     try:
-        job = validate_embedding_body(body)
+        planned = workload.plan(body)
     except IdlefleetError as error:
         return BatchRequestSpec(line, custom_id, method, url, body, error=error)
-    return BatchRequestSpec(line, custom_id, method, url, body, job=job)
+    return BatchRequestSpec(line, custom_id, method, url, body, planned=planned)
 
 
 def _decode_lines(data: bytes) -> list[str | None]:
@@ -255,14 +253,17 @@ def parse_batch_input(
     endpoint: str,
     *,
     max_requests: int = 50_000,
-    max_inputs: int = 50_000,
+    max_inputs: int | None = None,
 ) -> ParsedInput:
     """Validate a batch input file for ``endpoint``; see the module docstring for the rules.
 
     Raises ``InvalidRequest`` if ``endpoint`` itself is unsupported (a create-time mistake, which
     the API should have caught with ``validate_batch_endpoint``).
     """
-    validate_batch_endpoint(endpoint)
+    workload = by_endpoint(validate_batch_endpoint(endpoint))
+    assert workload is not None  # validate_batch_endpoint raised otherwise
+    if max_inputs is None:
+        max_inputs = workload.max_batch_inputs
     lines = _decode_lines(data)
     # Blank lines are neither requests nor errors; line numbers still count them.
     numbered = [(n, text) for n, text in enumerate(lines, start=1) if text is None or text.strip()]
@@ -285,17 +286,17 @@ def parse_batch_input(
             errors.append(BatchFileError("invalid_json_line", _NOT_UTF8, line))
             continue
         try:
-            requests.append(_parse_line(text, line, endpoint, seen))
+            requests.append(_parse_line(text, line, workload, seen))
         except _LineError as failure:
             errors.append(failure.error)
     if errors:
         return ParsedInput([], errors)
 
-    total_inputs = sum(len(r.job.texts) for r in requests if r.job is not None)
-    if total_inputs > max_inputs:
+    total_inputs = sum(r.planned.cost.inputs for r in requests if r.planned is not None)
+    if max_inputs is not None and total_inputs > max_inputs:
         message = (
-            f"The batch contains {total_inputs} embedding inputs across its requests, but a batch "
-            f"for {endpoint} can contain at most {max_inputs}."
+            f"The batch contains {total_inputs} inputs across its requests, but a batch for "
+            f"{endpoint} can contain at most {max_inputs}."
         )
         return ParsedInput([], [BatchFileError("too_many_tasks", message)])
     return ParsedInput(requests, [])

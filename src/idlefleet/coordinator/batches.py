@@ -24,14 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS, parse_batch_input
 from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from idlefleet.coordinator.openai_format import (
     batch_errors_object,
     derived_id,
-    embedding_bodies_json,
     error_line,
     new_id,
     output_line,
@@ -46,6 +43,7 @@ from idlefleet.coordinator.store import (
     StoreUnavailable,
 )
 from idlefleet.protocol.policy import DATA_REGIONS, DEFAULT_DATA_REGION, DEFAULT_PURPOSE, PURPOSES
+from idlefleet.workloads import Workload, by_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +395,11 @@ class BatchService:
         another took over), the files written here are deleted again and nothing changes.
         """
         output_id = error_id = None
+        workload = by_endpoint(self.get_batch(batch_id).endpoint)
+        if workload is None:  # only endpoints with a workload are accepted at create
+            raise ValueError(f"batch {batch_id} has an endpoint no workload serves")
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            n_out, n_err = self._render(batch_id, out, err, owner)
+            n_out, n_err = self._render(workload, batch_id, out, err, owner)
             if n_out:
                 output_id = self._store_spool(out, f"{batch_id}_output.jsonl", batch_id)
             if n_err:
@@ -418,7 +419,9 @@ class BatchService:
                 if file_id:
                     self.store.delete_file(file_id)
 
-    def _render(self, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str) -> tuple[int, int]:
+    def _render(
+        self, workload: Workload, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str
+    ) -> tuple[int, int]:
         counts = [0, 0]  # output lines, error lines
         renew_at = time.monotonic() + self.limits.claim_seconds / 3
         block: list[StoredRequest] = []
@@ -434,9 +437,9 @@ class BatchService:
                 renew_at = time.monotonic() + self.limits.claim_seconds / 3
             block.append(req)
             if len(block) >= RENDER_BLOCK:
-                _render_block(batch_id, block, out, err, counts)
+                _render_block(workload, batch_id, block, out, err, counts)
                 block = []
-        _render_block(batch_id, block, out, err, counts)
+        _render_block(workload, batch_id, block, out, err, counts)
         return counts[0], counts[1]
 
     def _store_spool(self, spool: BinaryIO, filename: str, batch_id: str) -> str:
@@ -455,29 +458,19 @@ class BatchService:
 
 
 def _render_block(
-    batch_id: str, block: list[StoredRequest], out: BinaryIO, err: BinaryIO, counts: list[int]
+    workload: Workload,
+    batch_id: str,
+    block: list[StoredRequest],
+    out: BinaryIO,
+    err: BinaryIO,
+    counts: list[int],
 ) -> None:
-    """Write the lines of consecutive requests; every stored vector of the block is turned into
-    its response body in one numpy pass (per dimension), which is most of the cost."""
-    bodies: dict[int, bytes] = {}
-    by_dim: dict[int, list[StoredRequest]] = {}
-    for req in block:
-        if req.state == "done" and req.body is None and req.vectors is not None and req.dim:
-            by_dim.setdefault(req.dim, []).append(req)
-    for dim, group in by_dim.items():
-        matrices = [np.frombuffer(r.vectors or b"", dtype="<f4").reshape(-1, dim) for r in group]
-        rendered = embedding_bodies_json(
-            [r.model for r in group],
-            np.concatenate(matrices),
-            [len(m) for m in matrices],
-            [r.token_count or 0 for r in group],
-            ["base64" if r.encoding_format == "base64" else "float" for r in group],
-        )
-        bodies.update((r.seq, body) for r, body in zip(group, rendered, strict=True))
+    """Write the lines of consecutive requests; the workload renders the block's response
+    bodies at once (for embeddings, one numpy pass over every vector: most of the cost)."""
+    bodies = workload.render_batch(block)
     for req in block:
         request_id = derived_id("batch_req_", batch_id, req.seq)
-        # Rows committed before vectors were rendered at finalisation carry their body.
-        body = req.body if req.body is not None else bodies.get(req.seq)
+        body = bodies.get(req.seq)
         if req.state == "done" and body is not None:
             response_id = derived_id("", batch_id, req.seq, "response")
             out.write(output_line_json(request_id, req.custom_id, 200, body, response_id))
@@ -499,13 +492,14 @@ def _new_request(seq: int, spec: Any) -> NewRequest:
             error_status=spec.error.http_status,
             error_body=spec.error.to_openai(),
         )
-    job = spec.job
+    planned = spec.planned
     return NewRequest(
         seq=seq,
         custom_id=spec.custom_id,
-        model=job.model,
-        encoding_format=job.encoding_format,
-        texts=tuple(job.texts),
+        model=planned.model,
+        options=planned.options,
+        payload=planned.payload,
+        sort_key=planned.cost.compute,
     )
 
 

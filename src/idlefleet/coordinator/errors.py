@@ -38,6 +38,7 @@ __all__ = [
     "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
+    "json_kind",
 ]
 
 
@@ -122,3 +123,20 @@ class ServiceUnavailable(IdlefleetError):
 
     http_status = 503
     type = "server_error"
+
+
+def json_kind(value: object) -> str:
+    """How OpenAI names a JSON value's type in "but got ... instead" messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return "an object"

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats
-import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -52,13 +51,13 @@ from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
     Ack,
-    EmbedReply,
-    EmbedRequest,
     Heartbeat,
     RegisterReply,
     RegisterRequest,
     Release,
     ResultChunk,
+    RunReply,
+    RunRequest,
     WireError,
     WireModel,
     WorkGrant,
@@ -66,6 +65,8 @@ from idlefleet.protocol.messages import (
 )
 from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
+from idlefleet.workloads import Workload
+from idlefleet.workloads.base import Planned
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +455,7 @@ def _not_registered(vehicle_id: str) -> WireError:
 
 
 class OnlineRouter:
-    """Sends online embedding requests to live vehicles, round-robin, failing over."""
+    """Sends online requests to live vehicles, round-robin, failing over."""
 
     def __init__(self, nc: Client, work: WorkService, timeout_s: float = 30.0) -> None:
         self.nc = nc
@@ -462,7 +463,11 @@ class OnlineRouter:
         self.timeout_s = timeout_s
         self._rr = itertools.count()
 
-    async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    async def run(self, workload: Workload, planned: Planned) -> tuple[bytes, int]:
+        """Run ``planned`` on a car: its result, checked by the workload as a batch result
+        is, and its tokens. A car's error, silence or a result that fails the check moves the
+        request to the next car (at most three)."""
+        model = planned.model
         # A paused car (driving, opted out, battery low) would only refuse: ask it never.
         candidates = self.work.online(model)
         if not candidates:
@@ -472,30 +477,40 @@ class OnlineRouter:
             )
         start = next(self._rr) % len(candidates)
         order = candidates[start:] + candidates[:start]
-        request = EmbedRequest(request_id=f"emb_{uuid.uuid4().hex}", model=model, texts=texts)
+        request = RunRequest(
+            request_id=f"run_{uuid.uuid4().hex}",
+            kind=workload.kind,
+            model=model,
+            payload=planned.payload,
+        )
+        expected = workload.expectation(planned.payload)
         last_problem = "no vehicle answered"
         for vehicle_id in order[:3]:
             try:
                 raw = await self.nc.request(
-                    subjects.downlink(vehicle_id, Downlink.EMBED),
+                    subjects.downlink(vehicle_id, Downlink.RUN),
                     encode(request),
                     timeout=self.timeout_s,
                 )
-                reply = decode(EmbedReply, raw.data)
+                reply = decode(RunReply, raw.data)
+                result = reply.data()
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
                 last_problem = f"{vehicle_id}: {type(exc).__name__}"
                 continue
-            except ProtocolError as exc:
+            except ValueError as exc:  # ProtocolError, or data_b64 not base64
                 last_problem = f"{vehicle_id}: {exc}"
                 continue
             if reply.error is not None:
                 last_problem = f"{vehicle_id}: {reply.error.message}"
                 continue
-            vectors = reply.vectors()
-            if vectors.shape[0] != len(texts) or len(reply.token_counts) != len(texts):
-                last_problem = f"{vehicle_id}: wrong number of vectors"
+            problem = workload.check(
+                model, [0], [expected], [len(result)], [reply.token_count], result
+            )
+            if problem is not None:
+                self.work.refused_results[vehicle_id] += 1
+                last_problem = f"{vehicle_id}: {problem}"
                 continue
-            return vectors, list(reply.token_counts)
+            return result, reply.token_count
         raise ServiceUnavailable(
             f"The fleet could not serve this request ({last_problem}); retry later.",
             code="no_capacity",

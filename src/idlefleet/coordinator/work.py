@@ -28,8 +28,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import Any
 
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.liveness import VehicleRegistry
@@ -44,7 +43,6 @@ from idlefleet.coordinator.store import (
     Store,
     VehicleRecord,
 )
-from idlefleet.models.catalog import MODELS
 from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -61,6 +59,7 @@ from idlefleet.protocol.messages import (
     WorkRequest,
 )
 from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
+from idlefleet.workloads import Workload, by_endpoint, for_model
 
 log = logging.getLogger(__name__)
 
@@ -312,17 +311,7 @@ class WorkService:
         for i, lease in zip(placed, leases, strict=True):
             answers[i] = self._grant(lease)
         self._lease_infos.put_many(
-            (
-                lease.id,
-                _LeaseInfo(
-                    lease.vehicle_id,
-                    lease.batch_id,
-                    lease.model,
-                    {item.seq: len(item.texts) for item in lease.items},
-                ),
-            )
-            for lease in leases
-            if isinstance(lease, Lease)
+            (lease.id, _remember(lease)) for lease in leases if isinstance(lease, Lease)
         )
         return [ack or ResultAck() for ack in acks], ended, answers
 
@@ -353,7 +342,7 @@ class WorkService:
                 )
                 continue
             sightings.append((vehicle_id, None, None))
-            models = tuple(m for m in msg.models if m in MODELS)
+            models = tuple(m for m in msg.models if for_model(m) is not None)
             if not models:
                 continue
             sizer = functools.partial(
@@ -386,15 +375,17 @@ class WorkService:
                 error=WireError(code="internal", message="the coordinator failed; retry")
             )
         # Built from the store's own rows, which were validated when the batch was: no second
-        # validation of every text on the hot path (it was ~40 µs a grant).
+        # validation of every payload on the hot path (it was ~40 µs a grant).
+        workload = by_endpoint(outcome.endpoint)
         return WorkGrant.model_construct(
             lease_id=outcome.id,
             batch_id=outcome.batch_id,
+            kind=workload.kind if workload is not None else None,
             model=outcome.model,
             purpose=outcome.purpose,
             data_region=outcome.data_region,
             lease_seconds=self.units.lease_seconds,
-            items=[WorkItem.model_construct(seq=i.seq, texts=list(i.texts)) for i in outcome.items],
+            items=[WorkItem.model_construct(seq=i.seq, payload=i.payload) for i in outcome.items],
         )
 
     # -- results -------------------------------------------------------------------------------
@@ -409,9 +400,9 @@ class WorkService:
     ) -> tuple[list[ResultAck], set[str]]:
         """Check and commit result chunks in one transaction.
 
-        The vectors are what is stored; the response bodies are rendered when the batch is
-        finalised, a thousand at a time (rendering here cost a commit ~0.3 ms of CPU per chunk
-        of 4 and stored six times the bytes: floats as JSON text beside the vectors).
+        The results' bytes are what is stored; the response bodies are rendered when the batch
+        is finalised, a thousand at a time (rendering embeddings here cost a commit ~0.3 ms of
+        CPU per chunk of 4 and stored six times the bytes: floats as JSON text beside vectors).
 
         Returns an ack per chunk and the batches whose work may have ended (a unit finished or
         a late answer came in): the caller checks those for finalisation, off this path.
@@ -463,29 +454,29 @@ class WorkService:
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
-        model = MODELS[lease.model]
-        if msg.dim != model.dim:
-            return self._bad_results(
-                vehicle_id, f"model {lease.model} has dimension {model.dim}, results have {msg.dim}"
-            )
-        inputs = lease.inputs
-        if inputs is None:  # granted by another replica: ask the store
-            inputs = self.store.request_input_counts(lease.batch_id, msg.seqs)
-        problem = _check_counts(msg, inputs, model.max_tokens)
-        if problem:
-            return self._bad_results(vehicle_id, problem)
+        expected = lease.expected
+        if expected is None:  # granted by another replica: ask the store
+            payloads = self.store.request_payloads(lease.batch_id, msg.seqs)
+            expected = {seq: lease.workload.expectation(p) for seq, p in payloads.items()}
         try:
-            vectors = msg.vectors()
+            data = msg.data()
         except ValueError:  # the right length, but not base64: refused alone, not the turn
-            return self._bad_results(vehicle_id, "vectors_b64 is not valid base64")
-        problem = _check_vectors(vectors, msg.dim)
+            return self._bad_results(vehicle_id, "data_b64 is not valid base64")
+        problem = lease.workload.check(
+            lease.model,
+            msg.seqs,
+            [expected.get(seq) for seq in msg.seqs],
+            msg.sizes,
+            msg.token_counts,
+            data,
+        )
         if problem:
             return self._bad_results(vehicle_id, problem)
         results = []
-        row = 0
-        for seq, n, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
-            results.append(RequestResult(seq, vectors[row : row + n].tobytes(), msg.dim, tokens))
-            row += n
+        start = 0
+        for seq, size, tokens in zip(msg.seqs, msg.sizes, msg.token_counts, strict=True):
+            results.append(RequestResult(seq, data[start : start + size], tokens))
+            start += size
         return lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
 
     def _bad_results(self, vehicle_id: str, problem: str) -> ResultAck:
@@ -497,12 +488,17 @@ class WorkService:
     def _lease_info(
         self, vehicle_id: str, lease_id: str, info: _LeaseInfo | None
     ) -> _LeaseInfo | None:
-        """The batch and model of a lease of ``vehicle_id``: remembered from the grant when
-        this replica made it (``info``), else read from the store."""
+        """The batch, workload and model of a lease of ``vehicle_id``: remembered from the
+        grant when this replica made it (``info``), else read from the store."""
         if info is not None and info.vehicle_id == vehicle_id:
             return info
         lease = self.store.get_lease(vehicle_id, lease_id)
-        return None if lease is None else _LeaseInfo(vehicle_id, lease.batch_id, lease.model, None)
+        if lease is None:
+            return None
+        workload = by_endpoint(lease.endpoint)
+        if workload is None:
+            return None
+        return _LeaseInfo(vehicle_id, lease.batch_id, lease.model, workload, None)
 
     def _ack(
         self, vehicle_id: str, msg: ResultChunk, outcome: CommitOutcome | Exception, now: float
@@ -544,8 +540,22 @@ class _LeaseInfo:
     vehicle_id: str
     batch_id: str
     model: str
-    inputs: Mapping[int, int] | None
-    """Inputs (texts) per request of the unit, by seq; None: not known here (ask the store)."""
+    workload: Workload
+    expected: Mapping[int, Any] | None
+    """What checking a result needs of each request of the unit (``Workload.expectation`` of
+    its payload), by seq; None: not known here (ask the store)."""
+
+
+def _remember(lease: Lease) -> _LeaseInfo:
+    workload = by_endpoint(lease.endpoint)
+    assert workload is not None, f"lease {lease.id} of an endpoint no workload serves"
+    return _LeaseInfo(
+        lease.vehicle_id,
+        lease.batch_id,
+        lease.model,
+        workload,
+        {item.seq: workload.expectation(item.payload) for item in lease.items},
+    )
 
 
 _Checked = tuple[int, str, ResultChunk, _LeaseInfo, ResultCommit]
@@ -575,38 +585,6 @@ class _LeaseInfos:
     def get_many(self, lease_ids: Sequence[str]) -> list[_LeaseInfo | None]:
         with self._lock:
             return [self._infos.get(lease_id) for lease_id in lease_ids]
-
-
-def _check_vectors(vectors: np.ndarray, dim: int) -> str | None:
-    """Sanity checks on untrusted results (full verification comes with replication).
-
-    One pass for the common case: every row's squared norm is within 2e-3 of 1, which also
-    fails for a NaN or an infinity anywhere in the row; the reason is worked out only then.
-    """
-    squares = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-    if (np.abs(squares - 1.0) <= 2e-3).all():
-        return None
-    if not np.isfinite(vectors).all():
-        return "vectors contain NaN or infinity"
-    return "vectors must be L2-normalised"
-
-
-def _check_counts(msg: ResultChunk, inputs: Mapping[int, int], max_tokens: int) -> str | None:
-    """Each request's results against what the coordinator knows of it: one vector per input,
-    and no more tokens than its inputs can have. Requests not in ``inputs`` (not the lease's)
-    are left to the commit, which ignores them."""
-    for seq, vectors, tokens in zip(msg.seqs, msg.text_counts, msg.token_counts, strict=True):
-        expected = inputs.get(seq)
-        if expected is None:
-            continue
-        if vectors != expected:
-            return f"request {seq} has {expected} input(s), the results have {vectors} vector(s)"
-        if tokens > expected * max_tokens:
-            return (
-                f"request {seq} reports {tokens} tokens; its {expected} input(s) can have at "
-                f"most {max_tokens} each"
-            )
-    return None
 
 
 def _not_registered(vehicle_id: str) -> WireError:

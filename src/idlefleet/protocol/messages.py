@@ -2,8 +2,13 @@
 
 One definition per message, shared by agent and coordinator. Field docstrings are the spec.
 Times on the wire are relative (seconds from now) where a deadline matters, because a car's
-clock is not trusted to agree with the cloud's. Embedding vectors travel as base64 of
-little-endian float32 rows, which is ~4x smaller than JSON numbers and exact.
+clock is not trusted to agree with the cloud's.
+
+Work is workload-neutral: a grant names its workload (``kind``, e.g. ``embeddings``) and each
+request's ``payload`` is a JSON value only that workload's module (``idlefleet.workloads``)
+reads; results travel as bytes (base64, one blob per chunk, ``sizes`` cutting it per request)
+in the workload's own encoding (embeddings: little-endian float32 rows, ~4x smaller than JSON
+numbers and exact).
 """
 
 from __future__ import annotations
@@ -12,8 +17,7 @@ import base64
 import binascii
 from typing import Annotated, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 PROTOCOL_VERSION = 1
 
@@ -115,8 +119,8 @@ class WorkItem(WireModel):
 
     seq: Annotated[int, Field(ge=0)]
     """Position of the request in its batch; the unit-local key for results."""
-    texts: list[str]
-    """Inputs to embed, in order."""
+    payload: JsonValue
+    """The request's input in its workload's encoding (embeddings: the list of texts)."""
 
 
 class WorkGrant(WireModel):
@@ -125,6 +129,8 @@ class WorkGrant(WireModel):
     lease_id: Identifier | None = None
     """Lease of the unit; None when there is no work."""
     batch_id: Identifier | None = None
+    kind: Identifier | None = None
+    """Workload of the unit (a key of ``idlefleet.workloads.WORKLOADS``), e.g. ``embeddings``."""
     model: Identifier | None = None
     """Model to run."""
     purpose: ShortText | None = None
@@ -145,14 +151,13 @@ class ResultChunk(WireModel):
     lease_id: Identifier
     seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)]
     """Requests whose results are in this chunk."""
-    text_counts: list[Annotated[int, Field(ge=1)]]
-    """Number of vectors per request (same order as ``seqs``)."""
     token_counts: list[Annotated[int, Field(ge=0)]]
     """Tokens consumed per request (same order as ``seqs``)."""
-    dim: Annotated[int, Field(ge=1, le=65_536)]
-    """Vector dimension."""
-    vectors_b64: str
-    """Base64 of little-endian float32, ``sum(text_counts)`` rows of ``dim``."""
+    sizes: list[Annotated[int, Field(ge=0)]]
+    """Bytes of each request's result in ``data_b64`` (same order as ``seqs``)."""
+    data_b64: str
+    """Base64 of the requests' results, concatenated in ``seqs`` order, each in its
+    workload's encoding (embeddings: little-endian float32 rows)."""
     failed_seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = []
     """Requests the vehicle could not run: they return to the queue, each counting a failed
     attempt (after ``max_attempts`` a request ends in the error file, ``request_failed``)."""
@@ -161,26 +166,22 @@ class ResultChunk(WireModel):
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> ResultChunk:
-        if not (len(self.seqs) == len(self.text_counts) == len(self.token_counts)):
-            raise ValueError("seqs, text_counts and token_counts must have the same length")
+        if not (len(self.seqs) == len(self.token_counts) == len(self.sizes)):
+            raise ValueError("seqs, token_counts and sizes must have the same length")
         if len(set(self.seqs)) != len(self.seqs):
             raise ValueError("seqs must not repeat")
-        expected = sum(self.text_counts) * self.dim * 4
+        expected = sum(self.sizes)
         # base64 length is 4 * ceil(n / 3): check before decoding anything large.
-        if len(self.vectors_b64) != 4 * ((expected + 2) // 3):
-            raise ValueError(
-                f"vectors_b64 must hold {sum(self.text_counts)} vectors of dim {self.dim} "
-                f"({expected} bytes)"
-            )
+        if len(self.data_b64) != 4 * ((expected + 2) // 3):
+            raise ValueError(f"data_b64 must hold the {expected} bytes that sizes add up to")
         return self
 
-    def vectors(self) -> np.ndarray:
-        """Decode the vectors as a float32 array of shape (rows, dim).
+    def data(self) -> bytes:
+        """The decoded results (``sum(sizes)`` bytes).
 
-        ``binascii.Error`` (a ``ValueError``) if ``vectors_b64`` is not strict base64.
+        ``binascii.Error`` (a ``ValueError``) if ``data_b64`` is not strict base64.
         """
-        raw = binascii.a2b_base64(self.vectors_b64, strict_mode=True)
-        return np.frombuffer(raw, dtype="<f4").reshape(-1, self.dim)
+        return binascii.a2b_base64(self.data_b64, strict_mode=True)
 
 
 class ResultAck(WireModel):
@@ -215,28 +216,31 @@ class ReleaseAck(WireModel):
     error: WireError | None = None
 
 
-class EmbedRequest(WireModel):
-    """An online embedding request the coordinator sends to one vehicle."""
+class RunRequest(WireModel):
+    """An online request the coordinator sends to one vehicle, to run at once."""
 
     request_id: Identifier
+    kind: Identifier
+    """Workload of the request (a key of ``idlefleet.workloads.WORKLOADS``)."""
     model: Identifier
-    texts: Annotated[list[str], Field(min_length=1, max_length=2048)]
+    payload: JsonValue
+    """The request's input in its workload's encoding (as ``WorkItem.payload``)."""
 
 
-class EmbedReply(WireModel):
-    """A vehicle's answer to an :class:`EmbedRequest`."""
+class RunReply(WireModel):
+    """A vehicle's answer to a :class:`RunRequest`."""
 
-    dim: int = 0
-    vectors_b64: str = ""
-    """Base64 of little-endian float32, ``len(texts)`` rows of ``dim``."""
-    token_counts: list[int] = []
+    token_count: Annotated[int, Field(ge=0)] = 0
+    """Tokens the request consumed."""
+    data_b64: str = ""
+    """Base64 of the result in its workload's encoding (as one request of a ``ResultChunk``)."""
     error: WireError | None = None
 
-    def vectors(self) -> np.ndarray:
-        raw = base64.b64decode(self.vectors_b64, validate=True)
-        return np.frombuffer(raw, dtype="<f4").reshape(-1, self.dim)
+    def data(self) -> bytes:
+        """The decoded result; ``binascii.Error`` (a ``ValueError``) if not strict base64."""
+        return binascii.a2b_base64(self.data_b64, strict_mode=True)
 
 
-def pack_vectors(vectors: np.ndarray) -> str:
-    """Encode a 2-D float array as base64 little-endian float32 (the wire form)."""
-    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
+def pack(data: bytes) -> str:
+    """Encode result bytes for the wire (base64)."""
+    return base64.b64encode(data).decode("ascii")

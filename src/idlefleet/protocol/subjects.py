@@ -34,7 +34,8 @@ class Uplink(StrEnum):
 class Downlink(StrEnum):
     """Requests the coordinator sends to one vehicle (request/reply)."""
 
-    EMBED = "embed"
+    RUN = "run"
+    """Run an online request at once (``RunRequest`` -> ``RunReply``)."""
     POLICY = "policy"
     """Push a changed owner policy to the car at once (opt-out must not wait for a poll)."""
 

@@ -21,7 +21,7 @@ from idlefleet.protocol.messages import (
     Release,
     ResultChunk,
     WorkRequest,
-    pack_vectors,
+    pack,
 )
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES, OwnerPolicy
 from tests.coordinator.api.live import LiveCoordinator, live_coordinator
@@ -300,10 +300,9 @@ def test_leases_show_purpose_region_energy_and_end_reason(live: LiveCoordinator,
     chunk = ResultChunk(
         lease_id=grant.lease_id,
         seqs=[first],
-        text_counts=[1],
         token_counts=[2],
-        dim=384,
-        vectors_b64=pack_vectors(vector),
+        sizes=[4 * 384],
+        data_b64=pack(vector.astype("<f4").tobytes()),
         energy_j=30.0,
     )
     live.work.results(car, chunk)

@@ -19,7 +19,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,8 @@ from tests.coordinator.store.test_store_contract import (
     ask,
     batch_record,
     commit,
+    embedding_request,
     must_lease,
-    new_request,
     postgres_url,
     seqs_of,
     take,
@@ -263,7 +262,7 @@ def test_a_replica_leases_past_a_unit_another_one_is_still_leasing(url: str) -> 
         b_thread.join(timeout=30)
 
         assert b_done_while_a_held, "B waited for A's transaction"
-        lease_order = [*range(10, 100), *range(10)]  # longest texts first: seqs 10-99
+        lease_order = [*range(10, 100), *range(10)]  # largest sort_key first: seqs 10-99
         assert b_got and seqs_of(b_got[0]) == lease_order[5:10]  # past A's uncommitted unit
         a_first, a_second = a_got[0]
         assert isinstance(a_first, Lease) and isinstance(a_second, Lease)
@@ -448,7 +447,7 @@ def _analysed_batch(url: str, n: int = 20_000) -> PostgresStore:
     store.create_batch(batch_record("batch-1", created_at=int(NOW) + 1))
     store.add_requests(
         "batch-1",
-        [replace(new_request(seq), texts=("x" * (1 + seq * 7919 % 400),)) for seq in range(n)],
+        [embedding_request(seq, f"req-{seq}", ["x" * (1 + seq * 7919 % 400)]) for seq in range(n)],
     )
     for i in range(20):
         leased = must_lease(store, f"car-{i}", size=100)
@@ -538,10 +537,8 @@ def test_committing_and_ending_leases_look_requests_up_by_the_units_keys(url: st
                     COMMIT_RESULTS_SQL,
                     {
                         "seqs": seqs[:8],
-                        "vectors": [b"\0" * 8] * 8,
-                        "dims": [2] * 8,
+                        "results": [b"\0" * 8] * 8,
                         "tokens": [1] * 8,
-                        "bodies": [None] * 8,
                         "batch": "batch-1",
                         "vehicle": "v",
                         "lease": lease_id,

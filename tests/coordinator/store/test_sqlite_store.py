@@ -127,7 +127,7 @@ def test_leasing_and_committing_read_no_more_than_the_unit(tmp_path: Path) -> No
     store.add_requests(
         "batch-1",
         [
-            NewRequest(seq=i, custom_id=f"r{i}", model="m", texts=("same length",))
+            NewRequest(seq=i, custom_id=f"r{i}", model="m", payload=["same length"], sort_key=11)
             for i in range(50)
         ],
     )
@@ -137,7 +137,7 @@ def test_leasing_and_committing_read_no_more_than_the_unit(tmp_path: Path) -> No
         got = store.lease_unit("car-1", "lease-1", ["m"], 0, 30, lambda n: 4, **ANY)
         leased.append(got)
         assert got is not None
-        results = [RequestResult(i.seq, b"\0" * 8, 2, 1) for i in got.items]
+        results = [RequestResult(i.seq, b"\0" * 8, 1) for i in got.items]
         store.commit_results("car-1", "lease-1", results, 1, 30)
         store.request_counts("batch-1")
 

@@ -11,6 +11,7 @@ names (``tests/conftest.py``).
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import random
 import struct
@@ -171,10 +172,21 @@ def batch_record(
     )
 
 
-def new_request(seq: int, model: str = MODEL) -> NewRequest:
+def embedding_request(seq: int, custom_id: str, texts: list[str], model: str = MODEL) -> NewRequest:
+    """A request to embed ``texts``, as the embeddings workload plans it: its payload is the
+    list of texts, its sort key their total length (longest first)."""
     return NewRequest(
-        seq=seq, custom_id=f"req-{seq}", model=model, texts=(f"text {seq}", f"more ü {seq}")
+        seq=seq,
+        custom_id=custom_id,
+        model=model,
+        options="float",
+        payload=texts,
+        sort_key=sum(len(t) for t in texts),
     )
+
+
+def new_request(seq: int, model: str = MODEL) -> NewRequest:
+    return embedding_request(seq, f"req-{seq}", [f"text {seq}", f"more ü {seq}"], model)
 
 
 def invalid_request(seq: int) -> NewRequest:
@@ -189,9 +201,9 @@ def invalid_request(seq: int) -> NewRequest:
 
 
 def result(seq: int, tag: int = 0) -> RequestResult:
-    """A result whose vectors encode both the request and who computed it (``tag``)."""
+    """A result whose bytes encode both the request and who computed it (``tag``)."""
     return RequestResult(
-        seq=seq, vectors=struct.pack("<2f", float(seq), float(tag)), dim=2, token_count=10 + seq
+        seq=seq, result=struct.pack("<2f", float(seq), float(tag)), token_count=10 + seq
     )
 
 
@@ -487,18 +499,18 @@ def test_iter_requests_returns_every_request_in_seq_order_with_results_and_error
 
     assert [r.seq for r in rows] == [0, 1, 2]
     done, failed, waiting = rows
-    assert (done.state, done.custom_id, done.model, done.encoding_format) == (
+    assert (done.state, done.custom_id, done.model, done.options) == (
         "done",
         "req-0",
         MODEL,
         "float",
     )
-    assert (done.vectors, done.dim, done.token_count) == (result(0).vectors, 2, 10)
-    assert isinstance(done.vectors, bytes)
+    assert (done.result, done.token_count) == (result(0).result, 10)
+    assert isinstance(done.result, bytes)
     assert (failed.state, failed.error_status) == ("failed", 400)
     assert failed.error_body == invalid_request(1).error_body
-    assert failed.vectors is None
-    assert (waiting.state, waiting.vectors, waiting.error_status) == ("leased", None, None)
+    assert failed.result is None
+    assert (waiting.state, waiting.result, waiting.error_status) == ("leased", None, None)
 
 
 def test_iter_requests_of_a_large_batch_yields_each_request_once(store: Store) -> None:
@@ -539,16 +551,30 @@ def test_lease_unit_hands_out_the_longest_requests_first(store: Store) -> None:
     lengths = [5, 40, 12, 40, 1]
     store.add_requests(
         "batch-len",
-        [
-            NewRequest(seq=i, custom_id=f"r{i}", model=MODEL, texts=("x" * n,))
-            for i, n in enumerate(lengths)
-        ],
+        [embedding_request(i, f"r{i}", ["x" * n]) for i, n in enumerate(lengths)],
     )
 
     first = must_lease(store, size=3)
     second = must_lease(store, size=3)
 
     assert seqs_of(first) == [1, 3, 2]  # 40, 40 (by seq), 12
+    assert seqs_of(second) == [0, 4]
+
+
+def test_lease_order_is_the_given_sort_key_not_the_payloads_size(store: Store) -> None:
+    store.create_batch(batch_record("batch-key"))
+    store.add_requests(
+        "batch-key",
+        [
+            NewRequest(seq=i, custom_id=f"r{i}", model=MODEL, payload=["x" * (10 - i)], sort_key=k)
+            for i, k in enumerate([1, 7, 3, 7, 0])
+        ],
+    )
+
+    first = must_lease(store, size=3)
+    second = must_lease(store, size=3)
+
+    assert seqs_of(first) == [1, 3, 2]  # 7, 7 (by seq), 3
     assert seqs_of(second) == [0, 4]
 
 
@@ -565,9 +591,10 @@ def test_lease_unit_describes_the_unit(store: Store) -> None:
         MODEL,
     )
     assert (leased.deadline, leased.state) == (NOW + LEASE_SECONDS, "active")
-    assert [(i.seq, i.custom_id, i.texts) for i in leased.items] == [
-        (0, "req-0", new_request(0).texts),
-        (1, "req-1", new_request(1).texts),
+    assert leased.endpoint == "/v1/embeddings"
+    assert [(i.seq, i.custom_id, i.payload) for i in leased.items] == [
+        (0, "req-0", new_request(0).payload),
+        (1, "req-1", new_request(1).payload),
     ]
     assert store.request_counts("batch-1") == RequestCounts(total=4, pending=2, leased=2)
     assert store.active_lease_count("batch-1") == 1
@@ -726,7 +753,7 @@ def test_commit_results_stores_the_results(store: Store) -> None:
     assert (outcome.committed, outcome.duplicates, outcome.unknown_lease) == (2, 0, False)
     rows = stored(store)
     assert [rows[s].state for s in range(3)] == ["done", "leased", "done"]
-    assert rows[2].vectors == result(2).vectors
+    assert rows[2].result == result(2).result
     assert store.request_counts("batch-1") == RequestCounts(total=3, completed=2, leased=1)
 
 
@@ -739,7 +766,7 @@ def test_commit_results_is_idempotent_and_the_first_result_wins(store: Store) ->
 
     assert (again.committed, again.duplicates) == (0, 2)
     rows = stored(store)
-    assert [rows[0].vectors, rows[1].vectors] == [result(0, 1).vectors, result(1, 1).vectors]
+    assert [rows[0].result, rows[1].result] == [result(0, 1).result, result(1, 1).result]
     assert store.request_counts("batch-1").completed == 2
 
 
@@ -752,7 +779,7 @@ def test_a_repeated_result_within_one_commit_counts_as_a_duplicate(store: Store)
     )
 
     assert (outcome.committed, outcome.duplicates) == (1, 1)
-    assert stored(store)[0].vectors == result(0, 1).vectors
+    assert stored(store)[0].result == result(0, 1).result
 
 
 def test_commit_from_a_vehicle_that_does_not_own_the_lease_commits_nothing(store: Store) -> None:
@@ -820,7 +847,7 @@ def test_a_late_commit_after_the_request_finished_elsewhere_is_a_duplicate(store
     outcome = commit(store, late, [0], tag=1, now=later + 1)
 
     assert (outcome.committed, outcome.duplicates) == (0, 1)
-    assert stored(store)[0].vectors == result(0, 2).vectors
+    assert stored(store)[0].result == result(0, 2).result
     assert store.vehicle_usage("batch-1") == {"car-2": 2}
 
 
@@ -836,7 +863,7 @@ def test_a_late_commit_before_the_new_holder_finishes_wins(store: Store) -> None
 
     assert (from_late.committed, from_new.committed, from_new.duplicates) == (1, 1, 1)
     rows = stored(store)
-    assert (rows[0].vectors, rows[1].vectors) == (result(0, 1).vectors, result(1, 2).vectors)
+    assert (rows[0].result, rows[1].result) == (result(0, 1).result, result(1, 2).result)
     assert store.vehicle_usage("batch-1") == {"car-1": 1, "car-2": 1}
 
 
@@ -887,9 +914,7 @@ def test_concurrent_commits_of_the_same_requests_commit_each_once(store: Store) 
 
     assert outcomes[1].committed + outcomes[2].committed == 50
     assert outcomes[1].duplicates + outcomes[2].duplicates == 50
-    tags = Counter(
-        struct.unpack("<2f", r.vectors or b"")[1] for r in store.iter_requests("batch-1")
-    )
+    tags = Counter(struct.unpack("<2f", r.result or b"")[1] for r in store.iter_requests("batch-1"))
     assert tags == Counter({1.0: outcomes[1].committed, 2.0: outcomes[2].committed}) - Counter()
 
 
@@ -1002,7 +1027,7 @@ def test_release_lease_puts_unfinished_requests_back(store: Store) -> None:
     assert returned == 3
     assert store.request_counts("batch-1") == RequestCounts(total=4, completed=1, pending=3)
     assert store.active_lease_count("batch-1") == 0
-    assert stored(store)[0].vectors == result(0).vectors
+    assert stored(store)[0].result == result(0).result
     assert store.release_lease("car-1", leased.id, NOW + 2) == 0
 
 
@@ -1041,7 +1066,7 @@ def test_abandon_unfinished_fails_pending_and_leased_but_keeps_done(store: Store
     assert abandoned == 3
     rows = stored(store)
     assert [rows[s].state for s in range(6)] == ["done"] * 2 + ["failed"] * 4
-    assert rows[0].vectors == result(0).vectors
+    assert rows[0].result == result(0).result
     assert [(rows[s].error_status, rows[s].error_body) for s in (2, 3, 4)] == [(400, body)] * 3
     assert rows[5].error_body == invalid_request(5).error_body
     assert store.request_counts("batch-1") == RequestCounts(total=6, completed=2, failed=4)
@@ -1140,7 +1165,7 @@ def test_everything_returned_survives_close_and_reopen(store_url: str) -> None:
         assert batch.request_counts == RequestCounts(
             total=5, completed=1, failed=1, pending=1, leased=2
         )
-        assert stored(second)[0].vectors == result(0).vectors
+        assert stored(second)[0].result == result(0).result
         assert second.active_lease_count("batch-1") == 1
         assert second.get_lease("car-1", leased.id) == replace(leased, items=())
         resumed = commit(second, leased, [1, 2], now=NOW + 1)
@@ -1290,7 +1315,7 @@ class _Reference:
                 if self.holder[r.seq] not in (None, lease_id):
                     others.add(self.holder[r.seq])
                 self.state[r.seq], self.holder[r.seq] = "done", None
-                self.first[r.seq] = r.vectors
+                self.first[r.seq] = r.result
                 self.accepted[r.seq] += 1
                 accepted += 1
         assert (outcome.committed, outcome.duplicates) == (accepted, len(mine) - accepted)
@@ -1368,7 +1393,7 @@ class _Reference:
         assert {le.id for le in self.store.list_leases()} == active
         for row in self.store.iter_requests("batch-1"):
             assert row.state == self.state[row.seq]
-            assert row.vectors == self.first.get(row.seq)
+            assert row.result == self.first.get(row.seq)
 
     def apply(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
@@ -1418,7 +1443,7 @@ def test_random_lease_histories_commit_every_request_exactly_once(
         assert all(rows[seq].state == "done" for seq in set(range(N_REQUESTS)) - exhausted)
         assert all(rows[seq].state == "failed" for seq in exhausted)
         assert rows[N_REQUESTS].state == "failed"
-        assert {seq: rows[seq].vectors for seq in range(N_REQUESTS) if seq not in exhausted} == (
+        assert {seq: rows[seq].result for seq in range(N_REQUESTS) if seq not in exhausted} == (
             reference.first
         )
         assert s.active_lease_count("batch-1") == 0
@@ -1828,6 +1853,151 @@ def test_migration_2_upgrades_a_schema_1_database_with_defaults(
         assert upgraded.release_lease("car-1", "lease-old", NOW + 1, "shutdown", 2.0) == 1
 
 
+# -- migration 6 on a database of migration 5 ----------------------------------------------------
+
+_OLD_VECTORS = struct.pack("<4f", 0.5, -1.0, 2.0, 0.25)
+"""The stored float32 rows of the schema-5 database's done request (two vectors of dim 2)."""
+
+_OLD_ERROR = {"error": {"message": "bad line 2", "code": "invalid_request"}}
+
+_SCHEMA_5_ROWS: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    (
+        "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, "
+        "created_at, expires_at, seq_no) VALUES "
+        "('batch-old', 'file-1', '/v1/embeddings', '24h', 'in_progress', ?, ?, 1)",
+        (int(NOW), int(NOW) + 86_400),
+    ),
+    (  # done, with its response body pre-rendered as results arrived
+        "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+        "sort_key, state, lease_id, vehicle_id, vectors, dim, token_count, body) VALUES "
+        "('batch-old', 0, 'req-0', ?, 'base64', ?, 6, 'done', 'lease-old', 'car-1', ?, 2, 7, ?)",
+        (MODEL, '["héllo","x"]', _OLD_VECTORS, b'{"object":"list","data":[]}'),
+    ),
+    (
+        "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+        "sort_key, state) VALUES ('batch-old', 1, 'req-1', ?, 'float', ?, 7, 'pending')",
+        (MODEL, '["wörld","yz"]'),
+    ),
+    (  # failed validation: no texts, as schema 5's code stored it
+        "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+        "sort_key, state, error_status, error_body) VALUES "
+        "('batch-old', 2, 'req-2', '', 'float', '[]', 0, 'failed', 400, ?)",
+        (json.dumps(_OLD_ERROR),),
+    ),
+    (
+        "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
+        "sort_key, state) VALUES ('batch-old', 3, 'req-3', ?, 'float', '[\"abcdefgh\"]', 8, "
+        "'pending')",
+        (MODEL,),
+    ),
+    (
+        "INSERT INTO batch_counts (batch_id, shard, pending, done, failed) "
+        "VALUES ('batch-old', 0, 2, 1, 1)",
+        (),
+    ),
+    (
+        "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, deadline, state) "
+        "VALUES ('lease-old', 'batch-old', 'car-1', ?, '[0]', ?, ?, 'finished')",
+        (MODEL, NOW, NOW + LEASE_SECONDS),
+    ),
+    (
+        "INSERT INTO vehicles (id, hardware, models, registered_at, last_seen, status, "
+        "completed) VALUES ('car-1', '{}', ?, ?, ?, 'idle', 1)",
+        (json.dumps([MODEL]), NOW, NOW),
+    ),
+)
+"""A batch as a coordinator of schema 5 left it: one request done, two pending (seq 3 the
+longer), one that failed validation."""
+
+
+def _sqlite_v5_with_rows(url: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    db.execute(
+        "CREATE TABLE schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    for migration in MIGRATIONS[:5]:
+        db.executescript(migration.sql("sqlite"))
+        db.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+            (migration.version, migration.name, NOW),
+        )
+    for statement, args in _SCHEMA_5_ROWS:
+        db.execute(statement, args)
+    db.close()
+
+
+def _postgresql_v5_with_rows(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        for migration in MIGRATIONS[:5]:
+            db.execute(migration.sql("postgresql"))
+            db.execute(
+                "INSERT INTO schema_migrations VALUES (%s, %s, %s)",
+                (migration.version, migration.name, NOW),
+            )
+        for statement, args in _SCHEMA_5_ROWS:
+            db.execute(statement.replace("?", "%s"), args)
+
+
+SCHEMA_5_BUILDERS: dict[str, Callable[[str], None]] = {
+    "postgresql": _postgresql_v5_with_rows,
+    "sqlite": _sqlite_v5_with_rows,
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_migration_6_turns_a_schema_5_databases_texts_and_vectors_into_payloads_and_results(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    assert MIGRATIONS[4].version == 5  # the builders above are of this schema
+    url = BACKENDS[backend](request)
+    SCHEMA_5_BUILDERS[backend](url)
+
+    with opened(url) as upgraded:
+        version = _schema_version(upgraded)
+        counts = upgraded.request_counts("batch-old")
+        payloads = upgraded.request_payloads("batch-old", [0, 1, 2, 3])
+        old_lease = upgraded.get_lease("car-1", "lease-old")
+        relet = must_lease(upgraded, "car-2")
+        finished = commit(upgraded, relet, seqs_of(relet))
+        rows = stored(upgraded, "batch-old")
+        usage = upgraded.vehicle_usage("batch-old")
+
+    assert version == LATEST_SCHEMA
+    assert counts == RequestCounts(total=4, completed=1, failed=1, pending=2)
+    assert payloads == {0: ["héllo", "x"], 1: ["wörld", "yz"], 3: ["abcdefgh"]}
+    assert old_lease is not None
+    assert (old_lease.state, old_lease.endpoint) == ("finished", "/v1/embeddings")
+    # The old rows lease in their old order (sort_key 8, then 7) and commit with the new code.
+    assert (relet.batch_id, relet.endpoint) == ("batch-old", "/v1/embeddings")
+    assert [(i.seq, i.custom_id, i.payload) for i in relet.items] == [
+        (3, "req-3", ["abcdefgh"]),
+        (1, "req-1", ["wörld", "yz"]),
+    ]
+    assert (finished.committed, finished.lease_finished) == (2, True)
+    assert [rows[s].state for s in range(4)] == ["done", "done", "failed", "done"]
+    assert (rows[0].options, rows[0].model, rows[0].result, rows[0].token_count) == (
+        "base64",
+        MODEL,
+        _OLD_VECTORS,
+        7,
+    )
+    assert (rows[1].options, rows[1].result, rows[1].token_count) == (
+        "float",
+        result(1).result,
+        result(1).token_count,
+    )
+    assert rows[3].result == result(3).result
+    assert (rows[2].error_status, rows[2].error_body, rows[2].result) == (400, _OLD_ERROR, None)
+    assert usage == {"car-1": 1, "car-2": 2}
+
+
 # -- batch operations: many leases or commits in one transaction ---------------------------------
 
 
@@ -1934,11 +2104,11 @@ def test_commit_many_commits_each_chunk_in_order_and_the_first_result_wins(store
     assert isinstance(outcomes[1], CommitOutcome) and outcomes[1].lease_finished
     assert isinstance(outcomes[2], CommitOutcome) and outcomes[2].lease_finished
     rows = stored(store)
-    assert [rows[s].vectors for s in range(4)] == [
-        result(0, 1).vectors,
-        result(1, 3).vectors,
-        result(2, 2).vectors,
-        result(3, 2).vectors,
+    assert [rows[s].result for s in range(4)] == [
+        result(0, 1).result,
+        result(1, 3).result,
+        result(2, 2).result,
+        result(3, 2).result,
     ]
     held = store.get_lease("car-1", first.id)
     assert held is not None and (held.energy_j, held.state) == (1.5, "finished")
@@ -2251,7 +2421,7 @@ def _chunks(leases: dict[str, Lease], drawn: list[tuple[Any, ...]]) -> list[Resu
 def _state(s: Store, leases: dict[str, Lease]) -> tuple[Any, ...]:
     held = {k: s.get_lease(v.vehicle_id, v.id) for k, v in leases.items()}
     return (
-        [(r.seq, r.state, r.vectors) for r in s.iter_requests("batch-1")],
+        [(r.seq, r.state, r.result) for r in s.iter_requests("batch-1")],
         {k: (h.state, h.energy_j, h.deadline) for k, h in held.items() if h is not None},
         s.request_counts("batch-1"),
         s.active_lease_count("batch-1"),
@@ -2335,19 +2505,44 @@ def test_a_car_leaving_is_not_a_failed_attempt(store: Store, reason: str) -> Non
     assert row.state == "pending"
 
 
-def test_request_input_counts_are_each_requests_number_of_texts(store: Store) -> None:
+CHAT_PAYLOAD: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Grüß dich"}],
+    "max_tokens": 5,
+    "stop": None,
+}
+"""A payload of another workload: the store keeps any JSON value as it is."""
+
+
+def test_request_payloads_are_each_requests_payload_as_given(store: Store) -> None:
     store.create_batch(batch_record())
     store.add_requests(
         "batch-1",
         [
-            NewRequest(seq=0, custom_id="one", model=MODEL, texts=("a",)),
-            NewRequest(seq=1, custom_id="three", model=MODEL, texts=("a", "b", "ü")),
+            embedding_request(0, "one", ["a"]),
+            embedding_request(1, "three", ["a", "b", "ü"]),
             invalid_request(2),
+            NewRequest(seq=3, custom_id="chat", model=MODEL, payload=CHAT_PAYLOAD, sort_key=9),
         ],
     )
 
-    assert store.request_input_counts("batch-1", [0, 1, 2, 9]) == {0: 1, 1: 3, 2: 0}
-    assert store.request_input_counts("batch-1", []) == {}
+    assert store.request_payloads("batch-1", [0, 1, 2, 3, 9]) == {
+        0: ["a"],
+        1: ["a", "b", "ü"],
+        3: CHAT_PAYLOAD,
+    }
+    assert store.request_payloads("batch-1", []) == {}
+
+
+def test_a_leased_item_carries_its_payload_as_given(store: Store) -> None:
+    store.create_batch(batch_record())
+    store.add_requests(
+        "batch-1",
+        [NewRequest(seq=0, custom_id="chat", model=MODEL, payload=CHAT_PAYLOAD, sort_key=9)],
+    )
+
+    leased = must_lease(store)
+
+    assert [(i.seq, i.custom_id, i.payload) for i in leased.items] == [(0, "chat", CHAT_PAYLOAD)]
 
 
 def test_a_unit_is_cut_at_its_byte_bound_and_its_first_request_always_goes(store: Store) -> None:
@@ -2355,8 +2550,8 @@ def test_a_unit_is_cut_at_its_byte_bound_and_its_first_request_always_goes(store
     big, small = "x" * 3000, "y" * 100
     store.add_requests(
         "batch-1",
-        [NewRequest(seq=i, custom_id=f"r{i}", model=MODEL, texts=(big,)) for i in range(4)]
-        + [NewRequest(seq=4 + i, custom_id=f"s{i}", model=MODEL, texts=(small,)) for i in range(4)],
+        [embedding_request(i, f"r{i}", [big]) for i in range(4)]
+        + [embedding_request(4 + i, f"s{i}", [small]) for i in range(4)],
     )
 
     def ask_for(lease_id: str, max_bytes: int) -> LeaseAsk:

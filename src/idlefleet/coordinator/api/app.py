@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol, TypeVar
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,9 +36,7 @@ from idlefleet.coordinator.api.shapes import (
     vehicle_json,
 )
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.embedding_request import validate_embedding_body
 from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
-from idlefleet.coordinator.openai_format import embedding_response
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
 from idlefleet.coordinator.store import VehicleRecord
 from idlefleet.coordinator.text_check import (
@@ -57,12 +54,16 @@ from idlefleet.protocol.policy import (
     PolicyUpdate,
     Purpose,
 )
+from idlefleet.workloads import WORKLOADS, Workload
+from idlefleet.workloads.base import Planned
 
 log = logging.getLogger(__name__)
 
 
-class Embedder(Protocol):
-    async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]: ...
+class OnlineRunner(Protocol):
+    async def run(self, workload: Workload, planned: Planned) -> tuple[bytes, int]:
+        """Run one request on a car now: its result (checked) and its tokens."""
+        ...
 
 
 class CreateBatchBody(BaseModel):
@@ -123,7 +124,7 @@ def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
 def create_app(
     batches: BatchService,
     work: WorkService,
-    online: Embedder | None = None,
+    online: OnlineRunner | None = None,
     on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     push_policy: PolicyPush | None = None,
     dispatch_status: Callable[[], dict[str, Any]] | None = None,
@@ -245,22 +246,29 @@ def create_app(
             )
         return model_json(info)
 
-    @app.post("/v1/embeddings", tags=["embeddings"])
-    async def create_embeddings(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(
-                f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
-            ) from None
-        if may_hold_surrogates(raw) and (bad := unpaired_surrogate(body)) is not None:
-            raise InvalidRequest(surrogate_message(bad), code="invalid_value", param=bad)
-        job = validate_embedding_body(body)
-        if online is None:
-            raise IdlefleetError("online inference is not configured", code="no_capacity")
-        vectors, tokens = await online.embed(job.model, list(job.texts))
-        return embedding_response(job.model, vectors, tokens, job.encoding_format)
+    def online_route(workload: Workload) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+        async def create(request: Request) -> dict[str, Any]:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InvalidRequest(
+                    f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+                ) from None
+            if may_hold_surrogates(raw) and (bad := unpaired_surrogate(body)) is not None:
+                raise InvalidRequest(surrogate_message(bad), code="invalid_value", param=bad)
+            planned = workload.plan(body)
+            if online is None:
+                raise IdlefleetError("online inference is not configured", code="no_capacity")
+            result, tokens = await online.run(workload, planned)
+            return workload.render_online(planned, result, tokens)
+
+        create.__name__ = f"create_{workload.kind}"
+        return create
+
+    # Every workload's OpenAI endpoint, online (its batches go through /v1/batches).
+    for workload in WORKLOADS.values():
+        app.post(workload.endpoint, tags=[workload.kind])(online_route(workload))
 
     # -- fleet and health ----------------------------------------------------------------------
     @app.get("/fleet/vehicles", tags=["fleet"])

@@ -117,15 +117,20 @@ class BatchRecord:
 class NewRequest:
     """A request of a batch as planned at validation.
 
-    Either ``texts`` is set (to run) or ``error_status``/``error_body`` (a request-level error
-    found at validation, which goes straight to the error file).
+    Either ``payload`` is set (to run) or ``error_status``/``error_body`` (a request-level error
+    found at validation, which goes straight to the error file). ``payload`` and ``options``
+    are the workload's (``idlefleet.workloads``); the store keeps them as they are.
     """
 
     seq: int
     custom_id: str
     model: str = ""
-    encoding_format: str = "float"
-    texts: tuple[str, ...] = ()
+    options: str = ""
+    """What rendering the response needs (the workload's; e.g. an encoding format)."""
+    payload: Any = None
+    """The request's input as a JSON value (sent to cars as ``WorkItem.payload``)."""
+    sort_key: int = 0
+    """Lease order: largest first (the workload's compute estimate)."""
     error_status: int | None = None
     error_body: dict[str, Any] | None = None
 
@@ -134,7 +139,7 @@ class NewRequest:
 class LeasedItem:
     seq: int
     custom_id: str
-    texts: tuple[str, ...]
+    payload: Any
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class Lease:
     model: str
     deadline: float
     items: tuple[LeasedItem, ...]
+    endpoint: str = ""
+    """The batch's endpoint (names its workload)."""
     state: str = "active"
     """``active``, or how it ended: ``finished``, ``released``, ``expired``."""
     purpose: str = DEFAULT_PURPOSE
@@ -161,14 +168,11 @@ class Lease:
 
 @dataclass(frozen=True)
 class RequestResult:
-    """The successful result of one request: float32 vectors (row-major bytes) and tokens."""
+    """The successful result of one request: bytes in its workload's encoding, and tokens."""
 
     seq: int
-    vectors: bytes
-    dim: int
+    result: bytes
     token_count: int
-    body: bytes | None = None
-    """The response body, already rendered as JSON (so finalisation only concatenates)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ class LeaseAsk:
     unit_size: Callable[[int], int]
     """Given the chosen batch's pending count, how many requests to take."""
     max_bytes: int | None = None
-    """The unit's inputs (their stored JSON, counted in UTF-8 bytes) total at most this, so
+    """The unit's payloads (their stored JSON, counted in UTF-8 bytes) total at most this, so
     that its grant fits in one NATS message; the unit's first request goes whatever its size
     (validation keeps each request far below the message limit). None: no bound."""
 
@@ -221,14 +225,12 @@ class StoredRequest:
     seq: int
     custom_id: str
     state: RequestState
-    encoding_format: str
+    options: str
     model: str
-    vectors: bytes | None
-    dim: int | None
+    result: bytes | None
     token_count: int | None
     error_status: int | None
     error_body: dict[str, Any] | None
-    body: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -374,12 +376,9 @@ class Store(ABC):
     def request_counts(self, batch_id: str) -> RequestCounts: ...
 
     @abstractmethod
-    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
-        """How many inputs (texts) each of these requests has, by seq (unknown seqs left out)."""
-
-    @abstractmethod
-    def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
-        """(model, encoding_format) of the given requests, by seq."""
+    def request_payloads(self, batch_id: str, seqs: Collection[int]) -> dict[int, Any]:
+        """The payloads of these requests, by seq (unknown seqs and requests without a payload,
+        i.e. errors found at validation, left out)."""
 
     @abstractmethod
     def lease_units(
@@ -410,10 +409,10 @@ class Store(ABC):
         ``data_region`` is in ``data_regions`` (what the car's owner allows); an empty
         collection allows nothing. The lease carries the batch's purpose and data region.
 
-        Longest requests go first (by ``sort_key``, the input's length, then by ``seq``): a
-        unit then holds inputs of similar length, which the model pads least, and the short
-        ones are left for the end, where they even out the last cars' finishing times (LPT
-        scheduling).
+        Largest requests go first (by ``sort_key``, the workload's compute estimate, then by
+        ``seq``): a unit then holds inputs of similar length, which the model pads least, and
+        the short ones are left for the end, where they even out the last cars' finishing
+        times (LPT scheduling).
 
         ``unit_size(pending)`` gets the number of pending requests of the chosen batch and says
         how many to take. Returns None when there is nothing to lease for these models.

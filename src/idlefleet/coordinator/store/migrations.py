@@ -369,4 +369,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
         "ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
     ),
+    Migration(
+        6,
+        "workload-neutral requests: texts becomes payload, encoding_format options, vectors "
+        "result; drop dim and body",
+        # An embedding's texts JSON is its payload and its float32 rows are its result, so the
+        # rows keep their data. ``dim`` goes with the float32 rows' shape into the workload;
+        # every row that had a pre-rendered ``body`` also has its vectors. A request that failed
+        # validation had no texts ('[]', which validation refuses for a real one) and has no
+        # payload now: JSON null, what the store writes for such a request from here on.
+        """
+        ALTER TABLE requests RENAME COLUMN texts TO payload;
+        ALTER TABLE requests RENAME COLUMN encoding_format TO options;
+        ALTER TABLE requests RENAME COLUMN vectors TO result;
+        ALTER TABLE requests DROP COLUMN dim;
+        ALTER TABLE requests DROP COLUMN body;
+        UPDATE requests SET payload = 'null' WHERE payload = '[]' AND state = 'failed';
+        """,
+        """
+        ALTER TABLE requests RENAME COLUMN texts TO payload;
+        ALTER TABLE requests RENAME COLUMN encoding_format TO options;
+        ALTER TABLE requests RENAME COLUMN vectors TO result;
+        ALTER TABLE requests DROP COLUMN dim;
+        ALTER TABLE requests DROP COLUMN body;
+        UPDATE requests SET payload = 'null' WHERE payload = '[]' AND state = 'failed';
+        """,
+    ),
 )

@@ -65,6 +65,8 @@ from idlefleet.coordinator.store.sql_common import (
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
+    NO_PAYLOAD,
+    REQUEST_COLUMNS,
     VEHICLE_COLUMNS,
     attempts_exhausted_body,
     check_batch_changes,
@@ -408,10 +410,7 @@ class PostgresStore(Store):
         rows, failed = request_rows(batch_id, requests)
 
         def work(conn: Conn) -> None:
-            with conn.cursor().copy(
-                "COPY requests (batch_id, seq, custom_id, model, encoding_format, texts, "
-                "sort_key, state, error_status, error_body) FROM STDIN"
-            ) as copy:
+            with conn.cursor().copy(f"COPY requests ({REQUEST_COLUMNS}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
             # The trigger counts changes of state from here on; new rows are counted once, here.
@@ -435,23 +434,15 @@ class PostgresStore(Store):
         )
         return _counts(pending, leased, done, failed)
 
-    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
+    def request_payloads(self, batch_id: str, seqs: Collection[int]) -> dict[int, Any]:
         if not seqs:
             return {}
         rows = self._read(
-            "SELECT seq, json_array_length(texts::json) FROM requests "
-            "WHERE batch_id = %s AND seq = ANY(%s::bigint[])",
-            (batch_id, sorted(seqs)),
+            "SELECT seq, payload FROM requests "
+            "WHERE batch_id = %s AND seq = ANY(%s::bigint[]) AND payload <> %s",
+            (batch_id, sorted(seqs), NO_PAYLOAD),
         )
-        return {seq: int(n or 0) for seq, n in rows}
-
-    def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
-        rows = self._read(
-            "SELECT seq, model, encoding_format FROM requests "
-            "WHERE batch_id = %s AND seq = ANY(%s::bigint[])",
-            (batch_id, list(seqs)),
-        )
-        return {seq: (model, fmt) for seq, model, fmt in rows}
+        return {seq: json.loads(payload) for seq, payload in rows}
 
     def lease_units(
         self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
@@ -516,9 +507,9 @@ class PostgresStore(Store):
                         "models": models,
                     },
                 ).fetchone()
-                chosen[key] = None if row is None else _Chosen(*row[:3])
+                chosen[key] = None if row is None else _Chosen(*row[:4])
                 if row is not None:
-                    pending.setdefault(row[0], int(row[3]))
+                    pending.setdefault(row[0], int(row[4]))
             found = chosen[key]
             if found is None:
                 return None
@@ -548,7 +539,7 @@ class PostgresStore(Store):
             del chosen[key]
             skip.append(found.batch_id)
         pending[found.batch_id] -= len(picked)
-        items = tuple(LeasedItem(p[0], p[1], tuple(json.loads(p[2]))) for p in picked)
+        items = tuple(LeasedItem(p[0], p[1], json.loads(p[2])) for p in picked)
         return Lease(
             ask.lease_id,
             found.batch_id,
@@ -556,6 +547,7 @@ class PostgresStore(Store):
             picked[0][3],
             deadline,
             items,
+            endpoint=found.endpoint,
             purpose=found.purpose,
             data_region=found.data_region,
         )
@@ -625,10 +617,8 @@ class PostgresStore(Store):
             COMMIT_RESULTS_SQL,
             {
                 "seqs": [r.seq for r in results],
-                "vectors": [r.vectors for r in results],
-                "dims": [r.dim for r in results],
+                "results": [r.result for r in results],
                 "tokens": [r.token_count for r in results],
-                "bodies": [r.body for r in results],
                 "batch": batch_id,
                 "vehicle": chunk.vehicle_id,
                 "lease": chunk.lease_id,
@@ -677,17 +667,17 @@ class PostgresStore(Store):
         return self._leases(f"{where} ORDER BY l.created_at DESC LIMIT %s", (limit,))
 
     def _leases(self, tail: str, args: tuple[Any, ...]) -> list[Lease]:
-        # Purpose and region are the batch's (fixed at creation), so they are read from it.
+        # Endpoint, purpose and region are the batch's (fixed at creation): read from it.
         rows = self._read(
-            "SELECT l.id, l.batch_id, l.vehicle_id, l.model, l.deadline, l.state, "
+            "SELECT l.id, l.batch_id, l.vehicle_id, l.model, l.deadline, b.endpoint, l.state, "
             "b.purpose, b.data_region, l.energy_j, l.end_reason "
             f"FROM leases l JOIN batches b ON b.id = l.batch_id {tail}",
             args,
         )
         return [
             # In the record's own order: the columns above, with no items between deadline
-            # and state.
-            Lease(r[0], r[1], r[2], r[3], r[4], (), r[5], r[6], r[7], r[8], r[9])
+            # and endpoint.
+            Lease(r[0], r[1], r[2], r[3], r[4], (), r[5], r[6], r[7], r[8], r[9], r[10])
             for r in rows
         ]
 
@@ -794,15 +784,15 @@ class PostgresStore(Store):
         last = -1
         while True:
             rows = self._read(
-                "SELECT seq, custom_id, state, encoding_format, model, vectors, dim, "
-                "token_count, error_status, error_body, body FROM requests "
+                "SELECT seq, custom_id, state, options, model, result, token_count, "
+                "error_status, error_body FROM requests "
                 "WHERE batch_id = %s AND seq > %s ORDER BY seq LIMIT %s",
                 (batch_id, last, _PAGE),
                 binary=True,
             )
             for row in rows:
                 values = list(row)
-                values[9] = load_json(values[9])
+                values[8] = load_json(values[8])
                 yield StoredRequest(*values)
             if len(rows) < _PAGE:
                 return  # a short page is the last: no round trip to find nothing
@@ -995,6 +985,7 @@ class _Chosen(NamedTuple):
     batch_id: str
     purpose: str
     data_region: str
+    endpoint: str
 
 
 class _AskFailed(Exception):

@@ -19,7 +19,7 @@ BATCH_SELECT = (
 """A batch with its request counts: the trigger's shards summed (at most 16 rows per batch)."""
 
 CHOOSE_BATCH_SQL = """
-SELECT b.id, b.purpose, b.data_region,
+SELECT b.id, b.purpose, b.data_region, b.endpoint,
     (SELECT COALESCE(SUM(c.pending), 0)::bigint FROM batch_counts c WHERE c.batch_id = b.id)
 FROM batches b
 WHERE b.status = 'in_progress' AND b.purpose = ANY(%(purposes)s::text[])
@@ -38,17 +38,17 @@ along the primary key that passes every finished request of the batch first.
 
 PICK_UNIT_SQL = """
 WITH picked AS MATERIALIZED (
-    SELECT seq, custom_id, texts, model, sort_key FROM requests
+    SELECT seq, custom_id, payload, model, sort_key FROM requests
     WHERE batch_id = %(batch)s AND state = 'pending' AND model = ANY(%(models)s::text[])
     ORDER BY sort_key DESC, seq LIMIT %(size)s
     FOR UPDATE SKIP LOCKED
 ), same_model AS MATERIALIZED (
-    SELECT *, row_number() OVER w AS n, sum(octet_length(texts)) OVER w AS running
+    SELECT *, row_number() OVER w AS n, sum(octet_length(payload)) OVER w AS running
     FROM picked
     WHERE model = (SELECT model FROM picked ORDER BY sort_key DESC, seq LIMIT 1)
     WINDOW w AS (ORDER BY sort_key DESC, seq)
 ), unit AS MATERIALIZED (
-    SELECT seq, custom_id, texts, model, sort_key FROM same_model
+    SELECT seq, custom_id, payload, model, sort_key FROM same_model
     WHERE n = 1 OR %(max_bytes)s::bigint IS NULL OR running <= %(max_bytes)s::bigint
 ), leased AS (
     UPDATE requests r SET state = 'leased', lease_id = %(lease)s
@@ -60,7 +60,7 @@ WITH picked AS MATERIALIZED (
         'active'
     FROM unit HAVING count(*) > 0
 )
-SELECT seq, custom_id, texts, model FROM unit ORDER BY sort_key DESC, seq
+SELECT seq, custom_id, payload, model FROM unit ORDER BY sort_key DESC, seq
 """
 """Cut a unit off the batch, lease it and record the lease: one statement, one round trip.
 
@@ -94,9 +94,8 @@ every leased request of the batch.
 """
 
 COMMIT_RESULTS_SQL = """
-WITH incoming (seq, vectors, dim, token_count, body) AS (
-    SELECT * FROM unnest(%(seqs)b::bigint[], %(vectors)b::bytea[], %(dims)b::bigint[],
-                         %(tokens)b::bigint[], %(bodies)b::bytea[])
+WITH incoming (seq, result, token_count) AS (
+    SELECT * FROM unnest(%(seqs)b::bigint[], %(results)b::bytea[], %(tokens)b::bigint[])
 ), locked AS MATERIALIZED (
     SELECT seq, state, lease_id FROM requests
     WHERE batch_id = %(batch)s AND seq = ANY(%(seqs)b::bigint[])
@@ -105,9 +104,8 @@ WITH incoming (seq, vectors, dim, token_count, body) AS (
 ), open AS (
     SELECT * FROM locked WHERE state IN ('pending', 'leased')
 ), done AS (
-    UPDATE requests r SET state = 'done', vectors = i.vectors, dim = i.dim,
-        token_count = i.token_count, body = i.body, vehicle_id = %(vehicle)s,
-        lease_id = %(lease)s
+    UPDATE requests r SET state = 'done', result = i.result, token_count = i.token_count,
+        vehicle_id = %(vehicle)s, lease_id = %(lease)s
     FROM incoming i JOIN open o ON o.seq = i.seq
     WHERE r.batch_id = %(batch)s AND r.seq = i.seq
     RETURNING o.state AS was, o.lease_id AS held_by

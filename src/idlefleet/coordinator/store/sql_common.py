@@ -68,17 +68,17 @@ def attempts_exhausted_body(attempts: int) -> dict[str, Any]:
     }
 
 
-def within_bytes(texts_json: Sequence[str], max_bytes: int | None) -> int:
-    """How many of a unit's requests (their stored texts, in lease order) fit in ``max_bytes``:
-    at least one, then while the running total of UTF-8 bytes stays within the bound."""
+def within_bytes(payloads_json: Sequence[str], max_bytes: int | None) -> int:
+    """How many of a unit's requests (their stored payloads, in lease order) fit in
+    ``max_bytes``: at least one, then while the running total of UTF-8 bytes stays within it."""
     if max_bytes is None:
-        return len(texts_json)
+        return len(payloads_json)
     total = 0
-    for n, texts in enumerate(texts_json):
-        total += len(texts.encode("utf-8"))
+    for n, payload in enumerate(payloads_json):
+        total += len(payload.encode("utf-8"))
         if n > 0 and total > max_bytes:
             return n
-    return len(texts_json)
+    return len(payloads_json)
 
 
 def counts_as_failure(reason: str) -> bool:
@@ -120,9 +120,11 @@ def liveness_from_row(row: tuple[Any, ...]) -> VehicleLiveness:
 
 
 REQUEST_COLUMNS = (
-    "batch_id, seq, custom_id, model, encoding_format, texts, sort_key, state, error_status, "
-    "error_body"
+    "batch_id, seq, custom_id, model, options, payload, sort_key, state, error_status, error_body"
 )
+
+NO_PAYLOAD = "null"
+"""The stored payload of a request that failed validation (``NewRequest.payload`` None)."""
 
 
 def request_rows(
@@ -136,9 +138,9 @@ def request_rows(
             r.seq,
             r.custom_id,
             r.model,
-            r.encoding_format,
-            json.dumps(list(r.texts), ensure_ascii=False),
-            sum(len(t) for t in r.texts),  # the sort key: longest first (LPT scheduling)
+            r.options,
+            json.dumps(r.payload, ensure_ascii=False),
+            r.sort_key,
             "pending" if r.error_status is None else "failed",
             r.error_status,
             dump_json(r.error_body),

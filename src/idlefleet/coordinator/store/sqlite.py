@@ -41,6 +41,8 @@ from idlefleet.coordinator.store.sql_common import (
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
+    NO_PAYLOAD,
+    REQUEST_COLUMNS,
     VEHICLE_COLUMNS,
     attempts_exhausted_body,
     check_batch_changes,
@@ -362,8 +364,7 @@ class SqliteStore(Store):
         rows, failed = request_rows(batch_id, requests)
         with self._write() as db:
             db.executemany(
-                "INSERT INTO requests (batch_id, seq, custom_id, model, encoding_format, texts, "
-                "sort_key, state, error_status, error_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             # The trigger keeps the counts from here on; new rows are counted once, here.
@@ -395,26 +396,18 @@ class SqliteStore(Store):
         with self._read() as db:
             return self._counts(db, batch_id)
 
-    def request_input_counts(self, batch_id: str, seqs: Collection[int]) -> dict[int, int]:
+    def request_payloads(self, batch_id: str, seqs: Collection[int]) -> dict[int, Any]:
         if not seqs:
             return {}
         with self._read() as db:
             rows = db.execute(
-                "SELECT seq, json_array_length(texts) FROM requests WHERE batch_id = ? "
-                "AND seq IN (SELECT value FROM json_each(?))",
-                (batch_id, json.dumps(sorted(seqs))),
+                "SELECT seq, payload FROM requests WHERE batch_id = ? "
+                "AND seq IN (SELECT value FROM json_each(?)) AND payload <> ?",
+                (batch_id, json.dumps(sorted(seqs)), NO_PAYLOAD),
             ).fetchall()
-        return {seq: int(n or 0) for seq, n in rows}
-
-    def request_formats(self, batch_id: str, seqs: Collection[int]) -> dict[int, tuple[str, str]]:
-        marks = ",".join("?" * len(seqs))
-        with self._read() as db:
-            rows = db.execute(
-                f"SELECT seq, model, encoding_format FROM requests "
-                f"WHERE batch_id = ? AND seq IN ({marks})",
-                (batch_id, *seqs),
-            ).fetchall()
-        return {seq: (model, fmt) for seq, model, fmt in rows}
+        # One JSON parse for all of them.
+        payloads = json.loads("[" + ",".join(row[1] for row in rows) + "]")
+        return {row[0]: payload for row, payload in zip(rows, payloads, strict=True)}
 
     def lease_units(
         self, asks: Sequence[LeaseAsk], now: float, lease_seconds: float
@@ -440,7 +433,7 @@ class SqliteStore(Store):
         # Within one call only leasing happens, which only takes work away: the batch chosen
         # for a kind of ask stays the right one until it runs dry for it, a kind that found
         # nothing finds nothing again, and a batch's pending count only falls by what we take.
-        chosen: dict[tuple[Any, ...], tuple[str, str, str] | None] = {}
+        chosen: dict[tuple[Any, ...], tuple[str, str, str, str] | None] = {}
         pending: dict[str, int] = {}
         for ask in asks:
             try:
@@ -457,7 +450,7 @@ class SqliteStore(Store):
         ask: LeaseAsk,
         now: float,
         lease_seconds: float,
-        chosen: dict[tuple[Any, ...], tuple[str, str, str] | None],
+        chosen: dict[tuple[Any, ...], tuple[str, str, str, str] | None],
         pending: dict[str, int],
     ) -> Lease | None:
         models, purposes, regions = ask.models, ask.purposes, ask.data_regions
@@ -468,7 +461,7 @@ class SqliteStore(Store):
         while True:
             if key not in chosen:
                 chosen[key] = db.execute(
-                    "SELECT b.id, b.purpose, b.data_region FROM batches b WHERE "
+                    "SELECT b.id, b.purpose, b.data_region, b.endpoint FROM batches b WHERE "
                     f"b.status = 'in_progress' AND b.purpose IN ({','.join('?' * len(purposes))}) "
                     f"AND b.data_region IN ({','.join('?' * len(regions))}) AND EXISTS ("
                     "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
@@ -478,7 +471,7 @@ class SqliteStore(Store):
             found = chosen[key]
             if found is None:
                 return None
-            batch_id, purpose, data_region = found
+            batch_id, purpose, data_region, endpoint = found
             if batch_id not in pending:
                 pending[batch_id] = self._counts(db, batch_id).pending
             try:
@@ -486,7 +479,7 @@ class SqliteStore(Store):
             except Exception as exc:
                 raise _AskFailed(exc) from exc
             picked = db.execute(
-                "SELECT seq, custom_id, texts, model FROM requests "
+                "SELECT seq, custom_id, payload, model FROM requests "
                 f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
                 "ORDER BY sort_key DESC, seq LIMIT ?",
                 (batch_id, *models, size),
@@ -512,9 +505,11 @@ class SqliteStore(Store):
             f"WHERE batch_id = ? AND seq IN ({','.join('?' * len(seqs))})",
             (ask.lease_id, batch_id, *seqs),
         )
-        # One JSON parse for every request's texts (they are stored as JSON arrays).
-        texts = json.loads("[" + ",".join(p[2] for p in picked) + "]")
-        items = tuple(LeasedItem(p[0], p[1], tuple(t)) for p, t in zip(picked, texts, strict=True))
+        # One JSON parse for every request's payload.
+        payloads = json.loads("[" + ",".join(p[2] for p in picked) + "]")
+        items = tuple(
+            LeasedItem(p[0], p[1], payload) for p, payload in zip(picked, payloads, strict=True)
+        )
         return Lease(
             ask.lease_id,
             batch_id,
@@ -522,6 +517,7 @@ class SqliteStore(Store):
             model,
             deadline,
             items,
+            endpoint=endpoint,
             purpose=purpose,
             data_region=data_region,
         )
@@ -548,11 +544,10 @@ class SqliteStore(Store):
             return self._commit_each(db, commits, now, lease_seconds)
         if plan.results:
             db.executemany(
-                "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
-                "body = ?, vehicle_id = ?, lease_id = ? "
-                "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
+                "UPDATE requests SET state = 'done', result = ?, token_count = ?, vehicle_id = ?, "
+                "lease_id = ? WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
                 [
-                    (r.vectors, r.dim, r.token_count, r.body, vehicle_id, lease_id, batch_id, r.seq)
+                    (r.result, r.token_count, vehicle_id, lease_id, batch_id, r.seq)
                     for batch_id, vehicle_id, lease_id, r in plan.results
                 ],
             )
@@ -645,20 +640,10 @@ class SqliteStore(Store):
                 first[r.seq] = r
         if first:
             db.executemany(
-                "UPDATE requests SET state = 'done', vectors = ?, dim = ?, token_count = ?, "
-                "body = ?, vehicle_id = ?, lease_id = ? "
-                "WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
+                "UPDATE requests SET state = 'done', result = ?, token_count = ?, vehicle_id = ?, "
+                "lease_id = ? WHERE batch_id = ? AND seq = ? AND state IN ('pending', 'leased')",
                 [
-                    (
-                        r.vectors,
-                        r.dim,
-                        r.token_count,
-                        r.body,
-                        chunk.vehicle_id,
-                        chunk.lease_id,
-                        batch_id,
-                        r.seq,
-                    )
+                    (r.result, r.token_count, chunk.vehicle_id, chunk.lease_id, batch_id, r.seq)
                     for r in first.values()
                 ],
             )
@@ -770,11 +755,11 @@ class SqliteStore(Store):
         return self._leases(f"{where} ORDER BY l.created_at DESC LIMIT ?", (limit,))
 
     def _leases(self, tail: str, args: tuple[Any, ...]) -> list[Lease]:
-        # Purpose and region are the batch's (fixed at creation), so they are read from it.
+        # Endpoint, purpose and region are the batch's (fixed at creation): read from it.
         with self._read() as db:
             rows = db.execute(
                 "SELECT l.id, l.batch_id, l.vehicle_id, l.model, l.deadline, l.state, "
-                "b.purpose, b.data_region, l.energy_j, l.end_reason "
+                "b.purpose, b.data_region, l.energy_j, l.end_reason, b.endpoint "
                 f"FROM leases l JOIN batches b ON b.id = l.batch_id {tail}",
                 args,
             ).fetchall()
@@ -786,7 +771,8 @@ class SqliteStore(Store):
                 r[3],
                 r[4],
                 (),
-                r[5],
+                endpoint=r[10],
+                state=r[5],
                 purpose=r[6],
                 data_region=r[7],
                 energy_j=r[8],
@@ -872,8 +858,8 @@ class SqliteStore(Store):
         while True:
             with self._read() as db:
                 rows = db.execute(
-                    "SELECT seq, custom_id, state, encoding_format, model, vectors, dim, "
-                    "token_count, error_status, error_body, body FROM requests "
+                    "SELECT seq, custom_id, state, options, model, result, token_count, "
+                    "error_status, error_body FROM requests "
                     "WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT 1000",
                     (batch_id, last),
                 ).fetchall()
@@ -882,8 +868,7 @@ class SqliteStore(Store):
             for row in rows:
                 values = list(row)
                 values[5] = bytes(values[5]) if values[5] is not None else None
-                values[9] = load_json(values[9])
-                values[10] = bytes(values[10]) if values[10] is not None else None
+                values[8] = load_json(values[8])
                 yield StoredRequest(*values)
             last = rows[-1][0]
 

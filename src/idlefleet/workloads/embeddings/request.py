@@ -43,17 +43,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from idlefleet.coordinator.errors import InvalidRequest, NotFound
+from idlefleet.coordinator.errors import InvalidRequest, NotFound, json_kind
 from idlefleet.models.catalog import MINILM, resolve_model
 
 __all__ = [
     "EMBEDDING_DIMENSIONS",
+    "MAX_BATCH_INPUTS",
     "MAX_INPUTS_PER_REQUEST",
     "MAX_REQUEST_INPUT_BYTES",
     "MODEL_ID",
     "EmbeddingJob",
     "canonical_model",
-    "json_kind",
     "validate_embedding_body",
 ]
 
@@ -61,6 +61,8 @@ __all__ = [
 MODEL_ID = MINILM.id
 EMBEDDING_DIMENSIONS = MINILM.dim
 MAX_INPUTS_PER_REQUEST = 2048
+MAX_BATCH_INPUTS = 50_000
+"""OpenAI limits a ``/v1/embeddings`` batch to 50,000 inputs over all its requests."""
 MAX_REQUEST_INPUT_BYTES = 2 * 1024 * 1024
 """A request's inputs, in UTF-8 bytes: well inside one NATS message (8 MiB in the embedded
 server), since a request is never split across cars. OpenAI's own bound is 300,000 tokens
@@ -92,23 +94,6 @@ def canonical_model(name: str) -> str | None:
     """The canonical id for a model name or alias, or None if we do not serve it."""
     info = resolve_model(name)
     return info.id if info else None
-
-
-def json_kind(value: object) -> str:
-    """How OpenAI names a JSON value's type in "but got ... instead" messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return "an object"
 
 
 def _invalid_type(param: str, expected: str, value: object) -> InvalidRequest:

@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from idlefleet.coordinator.embedding_request import (
+from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
+from idlefleet.workloads.embeddings.request import (
     MAX_INPUTS_PER_REQUEST,
     MODEL_ID,
     EmbeddingJob,
     validate_embedding_body,
 )
-from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
 
 EMPTY_INPUT = (
     "'$.input' is invalid. Please check the API reference: "
@@ -243,7 +243,7 @@ def test_body_must_be_an_object(payload: object) -> None:
 
 
 def test_a_request_whose_text_would_not_fit_a_message_is_refused_before_it_runs() -> None:
-    from idlefleet.coordinator.embedding_request import MAX_REQUEST_INPUT_BYTES
+    from idlefleet.workloads.embeddings.request import MAX_REQUEST_INPUT_BYTES
 
     fits = ["é" * (MAX_REQUEST_INPUT_BYTES // 4)] * 2  # 2 bytes a character: exactly the bound
     validate_embedding_body({"model": MODEL_ID, "input": fits})

@@ -1,0 +1,271 @@
+"""The agent loop with a scripted runner and no network: what it sends for a unit, when it gives
+a lease back, and how it answers online requests. The runner's results are opaque bytes here,
+which is all the loop may know of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idlefleet.agent.compute_gate import ComputeGate
+from idlefleet.agent.config import AgentConfig
+from idlefleet.agent.sources.base import StateListener, StateSource
+from idlefleet.agent.worker import VehicleAgent
+from idlefleet.models.catalog import MINILM
+from idlefleet.protocol.codec import decode, encode
+from idlefleet.protocol.messages import (
+    RegisterReply,
+    RegisterRequest,
+    Release,
+    ReleaseAck,
+    ResultAck,
+    ResultChunk,
+    RunReply,
+    RunRequest,
+    WireModel,
+    WorkGrant,
+    WorkItem,
+)
+from idlefleet.protocol.subjects import Uplink
+from idlefleet.workloads.base import ItemResult, PlannedRun, RunOutcome, UnitRunner
+
+
+class ScriptedRunner(UnitRunner):
+    """Payloads are strings; a result is the string's UTF-8 bytes, its tokens its length.
+    Plans two requests a run, longest first, each run's number as ``prepared``."""
+
+    model = MINILM.id
+
+    def __init__(
+        self, *, stop_in_run: int | None = None, refuse: bool = False, fail: bool = False
+    ) -> None:
+        self.stop_in_run = stop_in_run
+        """In this run the gate 'stops' after the first request."""
+        self.refuse = refuse
+        self.fail = fail
+        self.planned_with: list[int] = []
+        self.ran: list[tuple[list[Any], str | None, Any]] = []
+
+    def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
+        self.planned_with.append(max_requests)
+        order = sorted(range(len(payloads)), key=lambda i: -len(payloads[i]))
+        return [PlannedRun(order[k : k + 2], k // 2) for k in range(0, len(order), 2)]
+
+    def run(
+        self, gate: ComputeGate, payloads: Sequence[Any], lease_id: str | None, prepared: Any = None
+    ) -> RunOutcome:
+        self.ran.append((list(payloads), lease_id, prepared))
+        if self.fail:
+            raise ValueError("payload 0 is not what this runner reads")
+        if self.refuse:
+            return RunOutcome([None] * len(payloads), refused=True)
+        results: list[ItemResult | None] = [ItemResult(p.encode(), len(p)) for p in payloads]
+        if prepared == self.stop_in_run:
+            results[1:] = [None] * (len(results) - 1)
+            return RunOutcome(results, energy_j=1.0, stopped_at=1.0)
+        return RunOutcome(results, energy_j=1.0)
+
+
+class QuietSource(StateSource):
+    def start(self, listener: StateListener) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class Coordinator:
+    """Stands in for the agent's request/reply calls: records each message, answers it."""
+
+    def __init__(self) -> None:
+        self.sent: list[WireModel] = []
+
+    async def call(
+        self, verb: Uplink, message: WireModel, reply_type: type, timeout: float = 0.0
+    ) -> WireModel:
+        self.sent.append(message)
+        if isinstance(message, ResultChunk):
+            return ResultAck(committed=len(message.seqs), lease_active=True)
+        if isinstance(message, Release):
+            return ReleaseAck()
+        if isinstance(message, RegisterRequest):
+            return RegisterReply(accepted=True)
+        raise AssertionError(f"unexpected {verb}")
+
+    def of(self, kind: type[WireModel]) -> list[Any]:
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+class Reply:
+    """An incoming NATS message whose reply is kept."""
+
+    def __init__(self, message: WireModel | bytes) -> None:
+        self.data = message if isinstance(message, bytes) else encode(message)
+        self.response = b""
+
+    async def respond(self, data: bytes) -> None:
+        self.response = data
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    agents: list[VehicleAgent] = []
+
+    def make(runner: UnitRunner) -> tuple[VehicleAgent, Coordinator]:
+        config = AgentConfig(
+            vehicle_id="car-1", nats_url="nats://127.0.0.1:4222", cache_dir=tmp_path
+        )
+        agent = VehicleAgent(config, {runner.model: runner}, QuietSource())
+        coordinator = Coordinator()
+        monkeypatch.setattr(agent, "_call", coordinator.call)
+        agents.append(agent)
+        return agent, coordinator
+
+    yield make
+    for agent in agents:
+        agent._compute.shutdown()
+        agent._online.shutdown()
+
+
+def grant(payloads: list[str], model: str = MINILM.id) -> WorkGrant:
+    return WorkGrant(
+        lease_id="lease-1",
+        kind="embeddings",
+        model=model,
+        items=[WorkItem(seq=10 + i, payload=p) for i, p in enumerate(payloads)],
+    )
+
+
+UNIT = ["a", "bbb", "cc", "dddd", "e"]  # seqs 10..14; the runner plans [13, 11], [12, 10], [14]
+
+
+def test_a_unit_goes_out_as_one_result_chunk_per_planned_run(make_agent: Any) -> None:
+    runner = ScriptedRunner()
+    agent, coordinator = make_agent(runner)
+
+    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+
+    assert stopped is False
+    assert runner.planned_with == [agent.config.chunk_requests]
+    assert [prepared for _, _, prepared in runner.ran] == [0, 1, 2]
+    chunks = coordinator.of(ResultChunk)
+    assert [(c.seqs, c.sizes, c.token_counts) for c in chunks] == [
+        ([13, 11], [4, 3], [4, 3]),
+        ([12, 10], [2, 1], [2, 1]),
+        ([14], [1], [1]),
+    ]
+    assert [c.data() for c in chunks] == [b"ddddbbb", b"cca", b"e"]
+    assert all(c.lease_id == "lease-1" for c in chunks)
+    assert coordinator.of(Release) == []
+
+
+def test_a_stopped_run_sends_the_finished_requests_and_releases_the_rest(
+    make_agent: Any,
+) -> None:
+    runner = ScriptedRunner(stop_in_run=1)
+    agent, coordinator = make_agent(runner)
+
+    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+
+    assert stopped is True
+    assert len(runner.ran) == 2  # nothing runs after the stop
+    assert [(c.seqs, c.data()) for c in coordinator.of(ResultChunk)] == [
+        ([13, 11], b"ddddbbb"),
+        ([12], b"cc"),
+    ]
+    (release,) = coordinator.of(Release)
+    assert release.lease_id == "lease-1" and release.reason.startswith("preempted: ")
+
+
+def test_a_refused_run_sends_nothing_and_releases_the_lease(make_agent: Any) -> None:
+    agent, coordinator = make_agent(ScriptedRunner(refuse=True))
+
+    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+
+    assert stopped is True
+    assert coordinator.of(ResultChunk) == []
+    (release,) = coordinator.of(Release)
+    assert release.reason.startswith("preempted: ")
+
+
+def test_the_car_registers_and_asks_work_for_the_models_it_has_runners_for(
+    make_agent: Any,
+) -> None:
+    agent, coordinator = make_agent(ScriptedRunner())
+
+    asyncio.run(agent.register())
+
+    (request,) = coordinator.of(RegisterRequest)
+    assert request.models == [MINILM.id]
+
+
+def test_a_grant_of_a_model_without_a_runner_is_refused_as_an_error(make_agent: Any) -> None:
+    agent, _ = make_agent(ScriptedRunner())
+
+    assert agent._refusal(grant(UNIT, model="other-model")) == (
+        "error: no runner for model other-model"
+    )
+
+
+def online(agent: VehicleAgent, message: WireModel | bytes) -> RunReply:
+    incoming = Reply(message)
+    asyncio.run(agent._on_run(incoming))  # type: ignore[arg-type]  # a Msg as far as it reads
+    return decode(RunReply, incoming.response)
+
+
+def test_an_online_request_is_answered_with_its_result_bytes(make_agent: Any) -> None:
+    runner = ScriptedRunner()
+    agent, _ = make_agent(runner)
+
+    reply = online(
+        agent, RunRequest(request_id="r1", kind="embeddings", model=MINILM.id, payload="xyz")
+    )
+
+    assert reply.error is None
+    assert (reply.data(), reply.token_count) == (b"xyz", 3)
+    assert runner.ran == [(["xyz"], None, None)]
+
+
+@pytest.mark.parametrize(("kind", "model"), [("embeddings", "other-model"), ("chat", MINILM.id)])
+def test_an_online_request_for_a_model_or_kind_not_here_is_refused(
+    make_agent: Any, kind: str, model: str
+) -> None:
+    runner = ScriptedRunner()
+    agent, _ = make_agent(runner)
+
+    reply = online(agent, RunRequest(request_id="r1", kind=kind, model=model, payload="xyz"))
+
+    assert reply.error is not None and reply.error.code == "unknown_model"
+    assert runner.ran == []
+
+
+@pytest.mark.parametrize(
+    ("runner", "code"),
+    [
+        (ScriptedRunner(refuse=True), "vehicle_paused"),
+        (ScriptedRunner(fail=True), "inference_failed"),
+    ],
+)
+def test_an_online_request_the_car_cannot_finish_gets_an_error_reply(
+    make_agent: Any, runner: ScriptedRunner, code: str
+) -> None:
+    agent, _ = make_agent(runner)
+
+    reply = online(
+        agent, RunRequest(request_id="r1", kind="embeddings", model=MINILM.id, payload="xy")
+    )
+
+    assert reply.error is not None and reply.error.code == code
+    assert reply.data_b64 == ""
+
+
+def test_an_online_message_that_does_not_parse_is_refused(make_agent: Any) -> None:
+    agent, _ = make_agent(ScriptedRunner())
+
+    reply = online(agent, b'{"request_id": "r1"}')
+
+    assert reply.error is not None and reply.error.code == "bad_message"
