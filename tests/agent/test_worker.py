@@ -1,19 +1,22 @@
-"""The agent loop with a scripted runner and no network: what it sends for a unit, when it gives
-a lease back, and how it answers online requests. The runner's results are opaque bytes here,
-which is all the loop may know of them."""
+"""The agent's shell with a scripted runner and a scripted coordinator, no network: what it
+sends for a unit, when it gives a lease back, how a bug in it stops it, and how it answers
+online requests. The runner's results are opaque bytes here, which is all the shell may know."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from idlefleet.agent import core
 from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
 from idlefleet.agent.sources.base import StateListener, StateSource
+from idlefleet.agent.supervise import AgentTaskDied
 from idlefleet.agent.worker import VehicleAgent
 from idlefleet.models.catalog import MINILM
 from idlefleet.protocol.codec import decode, encode
@@ -29,6 +32,7 @@ from idlefleet.protocol.messages import (
     WireModel,
     WorkGrant,
     WorkItem,
+    WorkRequest,
 )
 from idlefleet.protocol.subjects import Uplink
 from idlefleet.workloads.base import ItemResult, PlannedRun, RunOutcome, UnitRunner
@@ -79,15 +83,23 @@ class QuietSource(StateSource):
 
 
 class Coordinator:
-    """Stands in for the agent's request/reply calls: records each message, answers it."""
+    """Stands in for the agent's request/reply calls: records each message and answers it.
+    Work requests get ``grants`` one by one, then wait (a long poll with nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grants: list[WorkGrant] | None = None) -> None:
         self.sent: list[WireModel] = []
+        self.grants = list(grants or [])
+        self.changed = asyncio.Event()
 
     async def call(
         self, verb: Uplink, message: WireModel, reply_type: type, timeout: float = 0.0
     ) -> WireModel:
         self.sent.append(message)
+        self.changed.set()
+        if isinstance(message, WorkRequest):
+            if self.grants:
+                return self.grants.pop(0)
+            await asyncio.Event().wait()  # the long poll: until the agent gives up on it
         if isinstance(message, ResultChunk):
             return ResultAck(committed=len(message.seqs), lease_active=True)
         if isinstance(message, Release):
@@ -99,29 +111,27 @@ class Coordinator:
     def of(self, kind: type[WireModel]) -> list[Any]:
         return [m for m in self.sent if isinstance(m, kind)]
 
-
-class Reply:
-    """An incoming NATS message whose reply is kept."""
-
-    def __init__(self, message: WireModel | bytes) -> None:
-        self.data = message if isinstance(message, bytes) else encode(message)
-        self.response = b""
-
-    async def respond(self, data: bytes) -> None:
-        self.response = data
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 5)
 
 
 @pytest.fixture
 def make_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     agents: list[VehicleAgent] = []
 
-    def make(runner: UnitRunner) -> tuple[VehicleAgent, Coordinator]:
+    def make(
+        runner: UnitRunner, grants: list[WorkGrant] | None = None
+    ) -> tuple[VehicleAgent, Coordinator]:
         config = AgentConfig(
             vehicle_id="car-1", nats_url="nats://127.0.0.1:4222", cache_dir=tmp_path
         )
         agent = VehicleAgent(config, {runner.model: runner}, QuietSource())
-        coordinator = Coordinator()
+        coordinator = Coordinator(grants)
         monkeypatch.setattr(agent, "_call", coordinator.call)
+        # The owner's policy is the gate's business (tested there): every unit is welcome.
+        monkeypatch.setattr(agent, "_refusal", lambda grant: None)
         agents.append(agent)
         return agent, coordinator
 
@@ -131,9 +141,25 @@ def make_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
         agent._online.shutdown()
 
 
-def grant(payloads: list[str], model: str = MINILM.id) -> WorkGrant:
+async def serve(agent: VehicleAgent, until: Callable[[], Awaitable[None]]) -> None:
+    """Run the shell's decision loop (the car allowed to compute) until ``until`` returns,
+    then stop it as ``run`` does: wind down (report, release, exit)."""
+    agent._post(core.Started())
+    agent._post(core.VerdictChanged(True))
+    decide = asyncio.create_task(agent._decide())
+    try:
+        await until()
+    finally:
+        decide.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await decide
+        await agent._wind_down()
+    assert agent.core.exited and agent.core.held == []
+
+
+def grant(payloads: list[str], model: str = MINILM.id, lease_id: str = "lease-1") -> WorkGrant:
     return WorkGrant(
-        lease_id="lease-1",
+        lease_id=lease_id,
         kind="embeddings",
         model=model,
         items=[WorkItem(seq=10 + i, payload=p) for i, p in enumerate(payloads)],
@@ -145,11 +171,12 @@ UNIT = ["a", "bbb", "cc", "dddd", "e"]  # seqs 10..14; the runner plans [13, 11]
 
 def test_a_unit_goes_out_as_one_result_chunk_per_planned_run(make_agent: Any) -> None:
     runner = ScriptedRunner()
-    agent, coordinator = make_agent(runner)
+    agent, coordinator = make_agent(runner, [grant(UNIT)])
 
-    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+    asyncio.run(
+        serve(agent, lambda: coordinator.until(lambda: len(coordinator.of(ResultChunk)) == 3))
+    )
 
-    assert stopped is False
     assert runner.planned_with == [agent.config.chunk_requests]
     assert [prepared for _, _, prepared in runner.ran] == [0, 1, 2]
     chunks = coordinator.of(ResultChunk)
@@ -160,18 +187,17 @@ def test_a_unit_goes_out_as_one_result_chunk_per_planned_run(make_agent: Any) ->
     ]
     assert [c.data() for c in chunks] == [b"ddddbbb", b"cca", b"e"]
     assert all(c.lease_id == "lease-1" for c in chunks)
-    assert coordinator.of(Release) == []
+    assert coordinator.of(Release) == []  # finished: its commits ended the lease
 
 
 def test_a_stopped_run_sends_the_finished_requests_and_releases_the_rest(
     make_agent: Any,
 ) -> None:
     runner = ScriptedRunner(stop_in_run=1)
-    agent, coordinator = make_agent(runner)
+    agent, coordinator = make_agent(runner, [grant(UNIT)])
 
-    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+    asyncio.run(serve(agent, lambda: coordinator.until(lambda: bool(coordinator.of(Release)))))
 
-    assert stopped is True
     assert len(runner.ran) == 2  # nothing runs after the stop
     assert [(c.seqs, c.data()) for c in coordinator.of(ResultChunk)] == [
         ([13, 11], b"ddddbbb"),
@@ -182,14 +208,86 @@ def test_a_stopped_run_sends_the_finished_requests_and_releases_the_rest(
 
 
 def test_a_refused_run_sends_nothing_and_releases_the_lease(make_agent: Any) -> None:
-    agent, coordinator = make_agent(ScriptedRunner(refuse=True))
+    agent, coordinator = make_agent(ScriptedRunner(refuse=True), [grant(UNIT)])
 
-    stopped = asyncio.run(agent._run_unit(grant(UNIT)))
+    asyncio.run(serve(agent, lambda: coordinator.until(lambda: bool(coordinator.of(Release)))))
 
-    assert stopped is True
     assert coordinator.of(ResultChunk) == []
     (release,) = coordinator.of(Release)
     assert release.reason.startswith("preempted: ")
+
+
+def test_a_runner_that_raises_fails_the_unit_not_the_car(make_agent: Any) -> None:
+    runner = ScriptedRunner(fail=True)
+    agent, coordinator = make_agent(runner, [grant(UNIT), grant(["x"], lease_id="lease-2")])
+
+    asyncio.run(serve(agent, lambda: coordinator.until(lambda: len(coordinator.of(Release)) == 2)))
+
+    assert [(r.lease_id, r.reason) for r in coordinator.of(Release)] == [
+        ("lease-1", "error: ValueError"),
+        ("lease-2", "error: ValueError"),
+    ]
+
+
+class HeldRunner(ScriptedRunner):
+    """Its first run waits for ``hold`` (a model still computing when the stop comes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = threading.Event()
+
+    def run(
+        self, gate: ComputeGate, payloads: Sequence[Any], lease_id: str | None, prepared: Any = None
+    ) -> RunOutcome:
+        if not self.ran:
+            self.hold.wait(5)
+        return super().run(gate, payloads, lease_id, prepared)
+
+
+def test_a_stop_reports_the_run_in_progress_and_gives_back_every_lease(make_agent: Any) -> None:
+    runner = HeldRunner()
+    agent, coordinator = make_agent(runner, [grant(UNIT), grant(["zz"], lease_id="lease-2")])
+
+    async def until() -> None:  # the first run is computing and the second unit is in reserve
+        await coordinator.until(lambda: len(coordinator.of(WorkRequest)) == 2)
+        await asyncio.sleep(0.1)
+        assert runner.ran == [] and agent.core.held == ["lease-1", "lease-2"]
+        asyncio.get_running_loop().call_later(0.2, runner.hold.set)  # the run ends after the stop
+
+    asyncio.run(serve(agent, until))
+
+    # The run in progress finished and was reported; nothing else ran; both leases went back.
+    assert [prepared for _, _, prepared in runner.ran] == [0]
+    assert [(c.lease_id, c.seqs) for c in coordinator.of(ResultChunk)] == [("lease-1", [13, 11])]
+    assert [(r.lease_id, r.reason) for r in coordinator.of(Release)] == [
+        ("lease-2", "shutdown"),
+        ("lease-1", "shutdown"),
+    ]
+
+
+def test_a_bug_in_the_shell_stops_the_agent_visibly_and_releases_its_lease(
+    make_agent: Any,
+) -> None:
+    agent, coordinator = make_agent(ScriptedRunner(), [grant(UNIT)])
+
+    async def broken_plan(lease_id: str) -> core.Event:
+        raise RuntimeError("a bug in the agent")
+
+    agent._plan = broken_plan  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        agent._post(core.Started())
+        agent._post(core.VerdictChanged(True))
+        with pytest.raises(AgentTaskDied) as died:
+            await asyncio.wait_for(agent._decide(), 5)
+        assert died.value.name == "plan" and isinstance(died.value.cause, RuntimeError)
+        await agent._wind_down()
+
+    asyncio.run(scenario())
+
+    (release,) = coordinator.of(Release)
+    assert (release.lease_id, release.reason) == ("lease-1", "shutdown")
+    assert agent.core.exited
 
 
 def test_the_car_registers_and_asks_work_for_the_models_it_has_runners_for(
@@ -203,16 +301,26 @@ def test_the_car_registers_and_asks_work_for_the_models_it_has_runners_for(
     assert request.models == [MINILM.id]
 
 
-def test_a_grant_of_a_model_without_a_runner_is_refused_as_an_error(make_agent: Any) -> None:
-    agent, _ = make_agent(ScriptedRunner())
+def test_a_grant_of_a_model_without_a_runner_is_refused_as_an_error(tmp_path: Path) -> None:
+    config = AgentConfig(vehicle_id="car-1", nats_url="nats://127.0.0.1:4222", cache_dir=tmp_path)
+    agent = VehicleAgent(config, {MINILM.id: ScriptedRunner()}, QuietSource())
 
     assert agent._refusal(grant(UNIT, model="other-model")) == (
         "error: no runner for model other-model"
     )
+    assert agent._refusal(grant(UNIT)) == "policy: opted out"  # the default policy
 
 
 def online(agent: VehicleAgent, message: WireModel | bytes) -> RunReply:
-    incoming = Reply(message)
+    class Incoming:
+        def __init__(self) -> None:
+            self.data = message if isinstance(message, bytes) else encode(message)
+            self.response = b""
+
+        async def respond(self, data: bytes) -> None:
+            self.response = data
+
+    incoming = Incoming()
     asyncio.run(agent._on_run(incoming))  # type: ignore[arg-type]  # a Msg as far as it reads
     return decode(RunReply, incoming.response)
 

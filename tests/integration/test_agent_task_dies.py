@@ -1,8 +1,8 @@
 """A loop of a real agent that dies stops the agent visibly: it releases its lease and
 ``run`` raises (the CLI exits 1), instead of a live process that heartbeats and does nothing.
 
-The agent runs in this process (so a fault can be put into one of its loops) against a real
-nats-server and coordinator process, with MiniLM; it takes a unit, then its unit loop breaks.
+The agent runs in this process (so a fault can be put into it) against a real nats-server and
+coordinator process, with MiniLM; it takes a unit, then its code for planning it breaks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.integration.conftest import submit
 
 
 @pytest.mark.integration
-def test_an_agent_whose_unit_loop_dies_releases_its_lease_and_stops_loudly(
+def test_an_agent_whose_task_dies_releases_its_lease_and_stops_loudly(
     tmp_path: Path,
 ) -> None:
     with EmbeddedFleet(FleetOptions(data_dir=tmp_path, agents=0, lease_seconds=600)) as fleet:
@@ -42,12 +42,11 @@ def test_an_agent_whose_unit_loop_dies_releases_its_lease_and_stops_loudly(
         agent = VehicleAgent(config, runners, source)
         took: list[str] = []
 
-        async def broken_run_units(units: asyncio.Queue) -> None:  # type: ignore[type-arg]
-            grant = await units.get()  # a unit arrives (the agent holds its lease) ...
-            took.append(grant.lease_id)
-            raise RuntimeError("a bug in the unit loop")  # ... and the loop dies
+        async def broken_plan(lease_id: str) -> None:
+            took.append(lease_id)  # a unit arrives (the agent holds its lease) ...
+            raise RuntimeError("a bug in the agent")  # ... and its code for it breaks
 
-        agent._run_units = broken_run_units  # type: ignore[method-assign]
+        agent._plan = broken_plan  # type: ignore[method-assign, assignment]
 
         async def scenario() -> BaseException | None:
             stop = asyncio.Event()
@@ -64,7 +63,7 @@ def test_an_agent_whose_unit_loop_dies_releases_its_lease_and_stops_loudly(
         raised = asyncio.run(scenario())
         leases = {le["id"]: le for le in fleet.get("/fleet/leases?all=true")["data"]}
 
-    assert isinstance(raised, AgentTaskDied) and raised.name == "run-units"
+    assert isinstance(raised, AgentTaskDied) and raised.name == "plan"
     assert isinstance(raised.cause, RuntimeError)
     # The unit the dead loop held went back at once, not after its 600 s lease.
     assert (leases[took[0]]["state"], leases[took[0]]["end_reason"]) == ("released", "shutdown")

@@ -1,19 +1,26 @@
-"""The vehicle agent's main loop: register, heartbeat, lease units, run the model, report.
+"""The vehicle agent's shell: NATS, threads and timers around the decision core.
 
-The agent keeps one outbound NATS connection (it never listens on a port). A fetcher task keeps
-one leased unit in hand ahead of the one running, so the model never waits on the network. The
-loop itself knows no workload: a unit goes to the `UnitRunner` of its model, which plans it into
-runs and runs them; each run's finished results (opaque bytes) are sent at once (which commits
-them and extends the lease) while the next run computes. On shutdown the agent releases what it
-holds, so the coordinator re-queues it at once instead of waiting for the lease to expire.
+Every decision (register, ask for work, plan and run a unit, report, give a lease back, pause,
+resume, exit) is :class:`idlefleet.agent.core.AgentCore`'s, a pure state machine. This shell
+turns what happens into its events (a reply from the coordinator, a model run that ended on the
+compute thread, the compute gate's verdict, a reconnect, a stop), feeds them to it one at a time
+on one task (``_decide``), and carries out the instructions it answers with, each as a task that
+ends in exactly one event. It knows no workload: a unit goes to the `UnitRunner` of its model,
+which plans it into runs and runs them; each run's finished results (opaque bytes) are sent at
+once (which commits them and extends the lease) while the next run computes.
 
-Whether the car may compute is decided here, in the car, by the `ComputeGate` and its
-`PolicyGuard`, fed by the state source on its own thread. The agent asks for work only while
-the gate allows it; when the gate says stop, the running model run is cancelled on the spot
-(by the gate, not by this loop), the requests already finished are submitted, the rest of the
-unit and any unit held in reserve are released at once with the reason, and the next
-heartbeat reports the car as paused, with why. The owner's policy comes from the coordinator:
-pushed when the owner changes it, and fetched whenever a heartbeat shows a newer version.
+The agent keeps one outbound NATS connection (it never listens on a port). Whether the car may
+compute is decided in the car by the `ComputeGate` and its `PolicyGuard`, fed by the state
+source on its own thread: when the gate says stop, the running model run is cancelled on the
+spot (by the gate, not by this loop), and the verdict reaches the core as an event (the finished
+requests are reported, every lease handed back, the heartbeat sent at once as paused, with
+why). The owner's policy comes from the coordinator: pushed when the owner changes it, and
+fetched whenever a heartbeat or a registration shows a newer version.
+
+Supervision: the decision loop, the heartbeats and the gate's clock run under
+``supervise.run_until_stopped``; an instruction's task that raises something unexpected ends the
+decision loop with it. Either way the agent winds down (reports, releases) and ``run`` raises
+``AgentTaskDied``: the process exits non-zero, never live and idle.
 """
 
 from __future__ import annotations
@@ -21,21 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from idlefleet import __version__
+from idlefleet.agent import core
 from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
 from idlefleet.agent.energy import EnergyMeter
 from idlefleet.agent.policy_guard import PolicyGuard, Verdict
 from idlefleet.agent.sources.base import StateSource
-from idlefleet.agent.supervise import run_until_stopped
+from idlefleet.agent.supervise import AgentTaskDied, run_until_stopped
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
@@ -61,11 +69,15 @@ from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest, PolicyUpdate
 from idlefleet.protocol.seeds import nats_servers
 from idlefleet.protocol.subjects import Downlink, Uplink
 from idlefleet.workloads import for_model
-from idlefleet.workloads.base import ItemResult, UnitRunner
+from idlefleet.workloads.base import ItemResult, PlannedRun, UnitRunner
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0
+WIND_DOWN_S = 8.0
+"""On a stop, how long the agent may take to report what finished and give its leases back
+(the embedded fleet waits 10 s after SIGTERM before it kills an agent)."""
+_WIRE_ERRORS = (nats.errors.Error, ProtocolError, TimeoutError)
 
 
 class VehicleAgent:
@@ -88,17 +100,22 @@ class VehicleAgent:
             meter=EnergyMeter(config.cache_dir / "state" / f"{config.vehicle_id}.energy.json"),
             on_change=self._verdict_changed_threadsafe,
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._allowed = asyncio.Event()
-        self._beat_now = asyncio.Event()
+        self.core = core.AgentCore(reserve=1 if config.prefetch else 0)
         self.nc: Client | None = None
         self.heartbeat_interval_s = 5.0
-        self._status: Literal["idle", "working", "paused"] = "idle"
-        self._held: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: asyncio.Queue[core.Event] = asyncio.Queue()
+        self._beat_now = asyncio.Event()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._online = ThreadPoolExecutor(1, thread_name_prefix="online")
-        self._registered = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._doing: dict[asyncio.Task[None], core.Instruction] = {}
+        """Instructions being carried out, by their task."""
+        self._failed: BaseException | None = None
+        """What an instruction's task raised that it should not have (ends the agent)."""
+        # What the core refers to by lease and run: the shell keeps the data.
+        self._grants: dict[str, WorkGrant] = {}
+        self._runs: dict[str, list[PlannedRun]] = {}
+        self._finished: dict[tuple[str, int], list[tuple[WorkItem, ItemResult]]] = {}
 
     # -- wire helpers --------------------------------------------------------------------------
     async def _call(
@@ -110,41 +127,13 @@ class VehicleAgent:
         )
         return decode(reply_type, raw.data)
 
-    async def register(self) -> None:
-        request = RegisterRequest(
-            protocol_version=PROTOCOL_VERSION,
-            agent_version=__version__,
-            hardware=self.config.hardware,
-            models=sorted(self.runners),
-        )
-        while True:
-            try:
-                reply = await self._call(Uplink.REGISTER, request, RegisterReply)
-            except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
-                log.warning("registration failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
-            assert isinstance(reply, RegisterReply)
-            if not reply.accepted:
-                raise RuntimeError(f"coordinator refused registration: {reply.error}")
-            self.heartbeat_interval_s = reply.heartbeat_interval_s
-            self._registered.set()
-            log.info("%s registered", self.config.vehicle_id)
-            if reply.policy_version != self.policy_version:
-                await self._fetch_policy()
-            return
-
     # -- main ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; then release held leases and disconnect."""
+        """Serve until ``stop`` is set; then report, release held leases and disconnect."""
 
         async def on_reconnect() -> None:
-            # Re-register on every reconnect: the coordinator may have restarted meanwhile.
-            # Not awaited here: the client runs this callback inside its reconnect logic.
-            self._registered.clear()
-            task = asyncio.create_task(self.register())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            # The coordinator may have restarted meanwhile: the core registers again.
+            self._post(core.Reconnected())
 
         self.nc = await nats.connect(
             servers=nats_servers(self.config.nats_url),
@@ -161,23 +150,22 @@ class VehicleAgent:
         await self.nc.subscribe(
             subjects.downlink(self.config.vehicle_id, Downlink.POLICY), cb=self._on_policy_push
         )
-        await self.register()
-        units: asyncio.Queue[WorkGrant] = asyncio.Queue(maxsize=1 if self.config.prefetch else 0)
+        self._post(core.Started())
+        self._post_verdict(self.gate.verdict)
         died = await run_until_stopped(
             {
+                "decide": self._decide(),
                 "heartbeats": self._heartbeats(),
-                "fetch-units": self._fetch_units(units),
-                "run-units": self._run_units(units),
                 "tick": self._tick(),
             },
             stop,
         )
+        if died is not None and isinstance(died.cause, AgentTaskDied):
+            died = died.cause  # an instruction's task died, and the decision loop with it
         if died is not None:
             log.error("%s: %s; releasing its leases and stopping", self.config.vehicle_id, died)
         self.source.stop()
-        while not units.empty():
-            self._held.add(units.get_nowait().lease_id or "")
-        await self._release_all("shutdown")
+        await self._wind_down()
         self.gate.meter.save()
         with contextlib.suppress(Exception):
             await self.nc.drain()
@@ -186,20 +174,279 @@ class VehicleAgent:
         if died is not None:
             raise died  # the process exits non-zero: its supervisor sees it and restarts it
 
+    async def _decide(self) -> None:
+        """Feed events to the core one at a time and carry out what it says, until it exits."""
+        while not self.core.exited:
+            event = await self._events.get()
+            for instruction in self.core.handle(event):
+                self._do(instruction)
+            if self._failed is not None:
+                raise self._failed
+
+    async def _wind_down(self) -> None:
+        """Stop: the core reports what finished and gives every lease back, then exits.
+        Waits (``WIND_DOWN_S`` at most) are cut short; if the core cannot finish, whatever it
+        still holds is released directly."""
+        for task, instruction in list(self._doing.items()):
+            if isinstance(instruction, core.Fetch | core.FetchLater | core.Register):
+                task.cancel()  # each answers its event on the way out
+        self._post(core.Stop())
+        self._failed = None
+        try:
+            await asyncio.wait_for(self._decide(), WIND_DOWN_S)
+        except Exception as exc:
+            log.error(
+                "%s: winding down failed (%r); releasing directly", self.config.vehicle_id, exc
+            )
+            for lease_id in self.core.held:
+                await self._release(lease_id, "shutdown")
+        for task in list(self._doing):
+            task.cancel()
+
+    def _post(self, event: core.Event) -> None:
+        self._events.put_nowait(event)
+
+    def _do(self, instruction: core.Instruction) -> None:
+        match instruction:
+            case core.BeatNow():
+                self._beat_now.set()
+                return
+            case core.Exit():
+                return
+            case core.Register(delay_s):
+                work: Coroutine[Any, Any, core.Event] = self._register(delay_s)
+            case core.Fetch():
+                work = self._fetch()
+            case core.FetchLater(after_s):
+                work = self._fetch_later(after_s)
+            case core.Plan(lease_id):
+                work = self._plan(lease_id)
+            case core.Run(lease_id, run):
+                work = self._run(lease_id, run)
+            case core.Send(lease_id, run):
+                work = self._send(lease_id, run)
+            case core.Release(lease_id, reason):
+                work = self._give_back(lease_id, reason)
+            case _:
+                raise AssertionError(f"unknown instruction {instruction!r}")
+        task = asyncio.create_task(self._answer(work))
+        self._doing[task] = instruction
+        task.add_done_callback(self._done)
+
+    async def _answer(self, work: Coroutine[Any, Any, core.Event]) -> None:
+        self._post(await work)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        instruction = self._doing.pop(task, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or instruction is None:
+            return
+        # A bug, not a refusal or a network error (those are events): the agent stops. The
+        # core hears of the stop first (its leases go back as "shutdown": the car is leaving,
+        # the requests did nothing wrong), then the instruction's answer as a failure.
+        log.error("%s: %r raised %r", self.config.vehicle_id, instruction, exc)
+        if self._failed is None:
+            self._failed = AgentTaskDied(type(instruction).__name__.lower(), exc)
+        self._post(core.Stop())
+        self._post(_failure(instruction, exc))
+
+    # -- instructions: each returns the event that answers it ----------------------------------
+    async def _register(self, delay_s: float) -> core.Event:
+        try:
+            await asyncio.sleep(delay_s)
+            await self.register()
+        except asyncio.CancelledError:
+            self._post(core.RegistrationFailed())
+            raise
+        except _WIRE_ERRORS as exc:
+            log.warning("registration failed (%s); retrying", exc)
+            return core.RegistrationFailed()
+        return core.Registered()
+
+    async def register(self) -> None:
+        """Register once (``RuntimeError`` if the coordinator refuses this car)."""
+        request = RegisterRequest(
+            protocol_version=PROTOCOL_VERSION,
+            agent_version=__version__,
+            hardware=self.config.hardware,
+            models=sorted(self.runners),
+        )
+        reply = await self._call(Uplink.REGISTER, request, RegisterReply)
+        assert isinstance(reply, RegisterReply)
+        if not reply.accepted:
+            raise RuntimeError(f"coordinator refused registration: {reply.error}")
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        log.info("%s registered", self.config.vehicle_id)
+        if reply.policy_version != self.policy_version:
+            await self._fetch_policy()
+
+    async def _fetch(self) -> core.Event:
+        request = WorkRequest(
+            max_requests=self.config.max_unit_requests,
+            models=sorted(self.runners),
+            wait_s=self.config.long_poll_s,
+        )
+        try:
+            grant = await self._call(
+                Uplink.WORK, request, WorkGrant, timeout=self.config.long_poll_s + 10
+            )
+        except asyncio.CancelledError:
+            self._post(core.NoWork(0.0))  # nothing was granted that this car saw
+            raise
+        except _WIRE_ERRORS as exc:
+            log.warning("work request failed: %s", exc)
+            return core.NoWork(1.0)
+        assert isinstance(grant, WorkGrant)
+        if grant.error is not None:
+            log.warning("work refused: %s", grant.error.message)
+            if grant.error.code == "not_registered":
+                return core.NotRegistered()
+            if grant.error.code == "not_opted_in":
+                # The cloud's record says no: make sure we enforce its latest policy.
+                await self._fetch_policy()
+                return core.NoWork(min(grant.retry_after_s, 5.0))
+            return core.NoWork(1.0)
+        if grant.lease_id is None:
+            return core.NoWork(grant.retry_after_s if request.wait_s == 0 else 0.0)
+        refusal = self._refusal(grant)
+        if refusal is not None:
+            log.warning("%s: giving back %s: %s", self.config.vehicle_id, grant.lease_id, refusal)
+        else:
+            self._grants[grant.lease_id] = grant
+        return core.Granted(grant.lease_id, refusal)
+
+    async def _fetch_later(self, after_s: float) -> core.Event:
+        try:
+            await asyncio.sleep(after_s)
+        except asyncio.CancelledError:
+            self._post(core.FetchAgain())
+            raise
+        return core.FetchAgain()
+
+    def _refusal(self, grant: WorkGrant) -> str | None:
+        """Why this car must not run the granted unit, or None. The cloud filtered already;
+        the car checks again because consent is the car's to enforce. A unit of a model this
+        car has no runner for is an error (the car never asked for that model)."""
+        if grant.model not in self.runners:
+            return f"error: no runner for model {grant.model}"
+        policy = self.gate.policy
+        if not policy.opted_in:
+            return "policy: opted out"
+        if grant.purpose is None or grant.purpose not in policy.purposes:
+            return f"policy: purpose {grant.purpose} not allowed"
+        if grant.data_region is None or grant.data_region not in policy.data_regions:
+            return f"policy: data region {grant.data_region} not allowed"
+        if not self.gate.verdict.allowed:
+            return f"preempted: {self.gate.verdict.summary()}"
+        return None
+
+    async def _plan(self, lease_id: str) -> core.Event:
+        """Plan on the compute thread before any run, so that no run has to tokenise (or do
+        other unstoppable work) before the gate can stop it."""
+        grant = self._grants[lease_id]
+        assert grant.model is not None
+        runner = self.runners[grant.model]  # a grant of another model was refused on arrival
+        try:
+            runs = await asyncio.get_running_loop().run_in_executor(
+                self._compute,
+                runner.plan,
+                [item.payload for item in grant.items],
+                self.config.chunk_requests,
+            )
+        except Exception as exc:  # a payload the runner cannot read: the unit fails, not the car
+            log.exception("%s: planning %s failed", self.config.vehicle_id, lease_id)
+            return core.PlanFailed(lease_id, type(exc).__name__)
+        self._runs[lease_id] = runs
+        return core.Planned(lease_id, len(runs))
+
+    async def _run(self, lease_id: str, index: int) -> core.Event:
+        grant = self._grants[lease_id]
+        assert grant.model is not None
+        run = self._runs[lease_id][index]
+        chunk = [grant.items[i] for i in run.indices]
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                self._compute,
+                self.runners[grant.model].run,
+                self.gate,
+                [item.payload for item in chunk],
+                lease_id,
+                run.prepared,
+            )
+        except Exception as exc:  # one bad unit must not end the agent's work
+            log.exception("%s: a run of %s failed; releasing it", self.config.vehicle_id, lease_id)
+            return core.RunFailed(lease_id, index, type(exc).__name__)
+        finished = [
+            (item, result)
+            for item, result in zip(chunk, outcome.results, strict=True)
+            if result is not None
+        ]
+        if finished:
+            self._finished[(lease_id, index)] = finished
+        if not outcome.complete:
+            log.info(
+                "%s stopped %s: kept %d of %d requests in the run, releasing the rest (%s)",
+                self.config.vehicle_id,
+                lease_id,
+                len(finished),
+                len(chunk),
+                self.gate.verdict.summary(),
+            )
+        return core.RunEnded(lease_id, index, len(finished), outcome.complete)
+
+    async def _send(self, lease_id: str, index: int) -> core.Event:
+        """Send one run's results (three tries); the event says whether the lease lives on."""
+        finished = self._finished.pop((lease_id, index))
+        message = ResultChunk(
+            lease_id=lease_id,
+            seqs=[item.seq for item, _ in finished],
+            token_counts=[result.tokens for _, result in finished],
+            sizes=[len(result.data) for _, result in finished],
+            data_b64=pack(b"".join(result.data for _, result in finished)),
+            energy_j=self.gate.meter.take_lease(lease_id),
+        )
+        for attempt in range(3):
+            try:
+                ack = await self._call(Uplink.RESULTS, message, ResultAck)
+            except _WIRE_ERRORS as exc:
+                log.warning("sending results failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            assert isinstance(ack, ResultAck)
+            if ack.error is not None:
+                log.warning("results refused: %s", ack.error.message)
+                return core.Sent(lease_id, index, lease_active=False)
+            return core.Sent(lease_id, index, lease_active=ack.lease_active)
+        return core.Sent(lease_id, index, lease_active=False)
+
+    async def _give_back(self, lease_id: str, reason: str) -> core.Event:
+        await self._release(lease_id, reason)
+        self._grants.pop(lease_id, None)
+        self._runs.pop(lease_id, None)
+        return core.ReleaseDone(lease_id)
+
+    async def _release(self, lease_id: str, reason: str) -> None:
+        """Give a lease back at once, so its unfinished requests need not wait for expiry."""
+        message = Release(
+            lease_id=lease_id, reason=reason[:200], energy_j=self.gate.meter.take_lease(lease_id)
+        )
+        with contextlib.suppress(Exception):
+            await self._call(Uplink.RELEASE, message, ReleaseAck, 2.0)
+
     # -- the gate's verdict and the owner's policy ---------------------------------------------
     def _verdict_changed_threadsafe(self, verdict: Verdict) -> None:
         """Called by the gate (on the source's thread) after it has already stopped the model."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._verdict_changed, verdict)
+            self._loop.call_soon_threadsafe(self._post_verdict, verdict)
 
-    def _verdict_changed(self, verdict: Verdict) -> None:
+    def _post_verdict(self, verdict: Verdict) -> None:
         if verdict.allowed:
             log.info("%s may compute", self.config.vehicle_id)
-            self._allowed.set()
         else:
             log.info("%s paused: %s", self.config.vehicle_id, verdict.detail)
-            self._allowed.clear()
-        self._beat_now.set()  # tell the coordinator now, not at the next interval
+        self._post(core.VerdictChanged(verdict.allowed, verdict.summary()))
 
     async def _tick(self) -> None:
         """Re-judge the car as time passes: allowed hours, departure, the hysteresis wait."""
@@ -221,7 +468,7 @@ class VehicleAgent:
     async def _fetch_policy(self) -> None:
         try:
             update = await self._call(Uplink.POLICY, PolicyRequest(), PolicyUpdate)
-        except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
+        except _WIRE_ERRORS as exc:
             log.warning("fetching the owner's policy failed: %s", exc)
             return
         assert isinstance(update, PolicyUpdate)
@@ -241,199 +488,33 @@ class VehicleAgent:
             self._apply_policy(update)
         await msg.respond(encode(Ack(policy_version=self.policy_version)))
 
-    async def _release_all(self, reason: str) -> None:
-        for lease_id in list(self._held):
-            await self._release(lease_id, reason)
-
-    async def _release(self, lease_id: str, reason: str) -> None:
-        """Give a lease back at once, so its unfinished requests need not wait for expiry."""
-        if lease_id:
-            message = Release(
-                lease_id=lease_id,
-                reason=reason[:200],
-                energy_j=self.gate.meter.take_lease(lease_id),
-            )
-            with contextlib.suppress(Exception):
-                await self._call(Uplink.RELEASE, message, ReleaseAck, 2.0)
-        self._held.discard(lease_id)
-
     async def _heartbeats(self) -> None:
         seq = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
             self._beat_now.clear()
+            if not self.core.registered:
+                continue
             seq += 1
             verdict = self.gate.verdict
             beat = Heartbeat(
                 seq=seq,
-                status="paused" if not verdict.allowed else self._status,
-                active_leases=sorted(self._held)[:16],
+                status="paused" if not verdict.allowed else self.core.status,
+                active_leases=self.core.held[:16],
                 reason=None if verdict.allowed else verdict.summary()[:200],
                 policy_version=self.policy_version,
             )
             try:
                 ack = await self._call(Uplink.HEARTBEAT, beat, Ack)
-            except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
+            except _WIRE_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
             assert isinstance(ack, Ack)
             if ack.error is not None and ack.error.code == "not_registered":
-                await self.register()
+                self._post(core.Reconnected())
             elif ack.policy_version != self.policy_version:
                 await self._fetch_policy()
-
-    async def _fetch_units(self, units: asyncio.Queue[WorkGrant]) -> None:
-        request = WorkRequest(
-            max_requests=self.config.max_unit_requests,
-            models=sorted(self.runners),
-            wait_s=self.config.long_poll_s,
-        )
-        while True:
-            await self._registered.wait()
-            await self._allowed.wait()  # a car that may not compute does not ask for work
-            try:
-                grant = await self._call(
-                    Uplink.WORK, request, WorkGrant, timeout=self.config.long_poll_s + 10
-                )
-            except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
-                log.warning("work request failed: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            assert isinstance(grant, WorkGrant)
-            if grant.error is not None:
-                log.warning("work refused: %s", grant.error.message)
-                if grant.error.code == "not_registered":
-                    self._registered.clear()
-                    await self.register()
-                elif grant.error.code == "not_opted_in":
-                    # The cloud's record says no: make sure we enforce its latest policy.
-                    await self._fetch_policy()
-                    await asyncio.sleep(min(grant.retry_after_s, 5.0))
-                else:
-                    await asyncio.sleep(1.0)
-                continue
-            if grant.lease_id is None:
-                await asyncio.sleep(grant.retry_after_s if request.wait_s == 0 else 0)
-                continue
-            self._held.add(grant.lease_id)
-            refusal = self._refusal(grant)
-            if refusal is not None:
-                log.warning(
-                    "%s: giving back %s: %s", self.config.vehicle_id, grant.lease_id, refusal
-                )
-                await self._release(grant.lease_id, refusal)
-                continue
-            await units.put(grant)
-
-    def _refusal(self, grant: WorkGrant) -> str | None:
-        """Why this car must not run the granted unit, or None. The cloud filtered already;
-        the car checks again because consent is the car's to enforce. A unit of a model this
-        car has no runner for is an error (the car never asked for that model)."""
-        if grant.model not in self.runners:
-            return f"error: no runner for model {grant.model}"
-        policy = self.gate.policy
-        if not policy.opted_in:
-            return "policy: opted out"
-        if grant.purpose is None or grant.purpose not in policy.purposes:
-            return f"policy: purpose {grant.purpose} not allowed"
-        if grant.data_region is None or grant.data_region not in policy.data_regions:
-            return f"policy: data region {grant.data_region} not allowed"
-        if not self.gate.verdict.allowed:
-            return f"preempted: {self.gate.verdict.summary()}"
-        return None
-
-    async def _run_units(self, units: asyncio.Queue[WorkGrant]) -> None:
-        while True:
-            grant = await units.get()
-            self._status = "working"
-            try:
-                preempted = await self._run_unit(grant)
-            except Exception as exc:  # one bad unit must not end the agent's work loop
-                log.exception("unit %s failed; releasing it", grant.lease_id)
-                await self._release(grant.lease_id or "", f"error: {type(exc).__name__}")
-                preempted = False
-            finally:
-                self._held.discard(grant.lease_id or "")
-                self._status = "idle" if units.empty() else "working"
-            if preempted:
-                # The unit held in reserve goes back too: the car may be gone for hours.
-                reason = f"preempted: {self.gate.verdict.summary()}"
-                while not units.empty():
-                    await self._release(units.get_nowait().lease_id or "", reason)
-
-    async def _run_unit(self, grant: WorkGrant) -> bool:
-        """Run a unit; True if the gate stopped it (the rest of the lease is then released)."""
-        assert grant.lease_id is not None and grant.model is not None
-        runner = self.runners[grant.model]  # a grant of another model was refused on arrival
-        loop = asyncio.get_running_loop()
-        sends: list[asyncio.Task[bool]] = []
-        # Planned on the compute thread before any run, so that no run has to tokenise (or do
-        # other unstoppable work) before the gate can stop it.
-        runs = await loop.run_in_executor(
-            self._compute,
-            runner.plan,
-            [item.payload for item in grant.items],
-            self.config.chunk_requests,
-        )
-        for run in runs:
-            if sends and sends[-1].done() and not sends[-1].result():
-                break  # the lease is gone: the coordinator re-queued the rest
-            chunk = [grant.items[i] for i in run.indices]
-            outcome = await loop.run_in_executor(
-                self._compute,
-                runner.run,
-                self.gate,
-                [item.payload for item in chunk],
-                grant.lease_id,
-                run.prepared,
-            )
-            finished = [
-                (item, result)
-                for item, result in zip(chunk, outcome.results, strict=True)
-                if result is not None
-            ]
-            if finished:
-                sends.append(asyncio.create_task(self._send(grant.lease_id, finished)))
-            if not outcome.complete:
-                await asyncio.gather(*sends, return_exceptions=True)
-                why = f"preempted: {self.gate.verdict.summary()}"
-                log.info(
-                    "%s stopped %s: kept %d of %d requests in the chunk, releasing the rest (%s)",
-                    self.config.vehicle_id,
-                    grant.lease_id,
-                    len(finished),
-                    len(chunk),
-                    why,
-                )
-                await self._release(grant.lease_id, why)
-                return True
-        await asyncio.gather(*sends, return_exceptions=True)
-        return False
-
-    async def _send(self, lease_id: str, finished: list[tuple[WorkItem, ItemResult]]) -> bool:
-        """Send one chunk's results; True while the lease is still active."""
-        message = ResultChunk(
-            lease_id=lease_id,
-            seqs=[item.seq for item, _ in finished],
-            token_counts=[result.tokens for _, result in finished],
-            sizes=[len(result.data) for _, result in finished],
-            data_b64=pack(b"".join(result.data for _, result in finished)),
-            energy_j=self.gate.meter.take_lease(lease_id),
-        )
-        for attempt in range(3):
-            try:
-                ack = await self._call(Uplink.RESULTS, message, ResultAck)
-            except (nats.errors.Error, ProtocolError, TimeoutError) as exc:
-                log.warning("sending results failed (attempt %d): %s", attempt + 1, exc)
-                await asyncio.sleep(0.5 * (attempt + 1))
-                continue
-            assert isinstance(ack, ResultAck)
-            if ack.error is not None:
-                log.warning("results refused: %s", ack.error.message)
-                return False
-            return ack.lease_active
-        return False
 
     # -- online requests -----------------------------------------------------------------------
     async def _on_run(self, msg: Msg) -> None:
@@ -474,3 +555,24 @@ class VehicleAgent:
                 log.exception("online request failed")
                 reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
+
+
+def _failure(instruction: core.Instruction, exc: BaseException) -> core.Event:
+    """The event that answers ``instruction`` when its task raised ``exc`` (a bug)."""
+    why = type(exc).__name__
+    match instruction:
+        case core.Register():
+            return core.RegistrationFailed()
+        case core.Fetch():
+            return core.NoWork(0.0)
+        case core.FetchLater():
+            return core.FetchAgain()
+        case core.Plan(lease_id):
+            return core.PlanFailed(lease_id, why)
+        case core.Run(lease_id, run):
+            return core.RunFailed(lease_id, run, why)
+        case core.Send(lease_id, run):
+            return core.Sent(lease_id, run, lease_active=True)
+        case core.Release(lease_id, _):
+            return core.ReleaseDone(lease_id)
+    raise AssertionError(f"{instruction!r} has no answer")
