@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -443,3 +445,87 @@ def test_results_that_do_not_match_their_requests_are_refused_and_counted_agains
     assert batches.get_batch(batch_id).request_counts.completed == 0
     right = _results(grant, _unit_vectors(4), text_counts=[2, 2], token_counts=[9, 9])
     assert work.results("car-1", right).committed == 2
+
+
+# -- lease while validating ---------------------------------------------------------------------
+
+
+def _varied_batch(batches: BatchService, n: int = 10) -> str:
+    """``n`` one-text requests whose text lengths are all different (request i: i + 1 words)."""
+    texts = [" ".join(["word"] * (i + 1)) for i in range(n)]
+    record = batches.upload_file("in.jsonl", "batch", batch_input(texts))
+    return batches.create_batch(record.id, "/v1/embeddings", "24h").id
+
+
+def test_cars_lease_a_batch_while_its_requests_are_stored_largest_first(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    batches.limits = dataclasses.replace(batches.limits, first_slice=2, slice=3)
+    _register(work, "car-1")
+    batch_id = _varied_batch(batches)
+    early: list[tuple[str, int, list[int]]] = []
+
+    def cars_start() -> None:  # the first slice is stored; validation goes on after this
+        batch = batches.get_batch(batch_id)
+        grant = work.work("car-1", ASK)
+        early.append((batch.status, batch.request_counts.total, [i.seq for i in grant.items]))
+        assert work.results("car-1", _results(grant)).error is None
+
+    batches.on_work = cars_start
+    assert batches.validate(batch_id).status == "in_progress"
+
+    # The car got the two largest requests while the batch was still validating.
+    assert early == [("validating", 2, [9, 8])]
+    assert batches.get_batch(batch_id).request_counts.total == 10
+    seen = [9, 8]
+    while (grant := work.work("car-1", ASK)).lease_id is not None:
+        seen += [i.seq for i in grant.items]
+        work.results("car-1", _results(grant))
+    assert seen == list(range(9, -1, -1))  # largest first across slices, each once
+    batch = batches.get_batch(batch_id)
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+
+
+def test_a_validation_that_dies_half_way_stores_only_the_rest_next_time(
+    services: tuple[BatchService, WorkService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches, work = services
+    batches.limits = dataclasses.replace(batches.limits, first_slice=2, slice=3)
+    batch_id = _varied_batch(batches)
+    add = work.store.add_requests
+    calls: list[int] = []
+
+    def add_failing_once(batch: str, requests: Any) -> int:
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return add(batch, requests)
+
+    monkeypatch.setattr(work.store, "add_requests", add_failing_once)
+
+    assert batches.validate(batch_id).status == "validating"  # one failed attempt
+    assert batches.get_batch(batch_id).request_counts.total == 2
+    assert batches.validate(batch_id).status == "in_progress"
+
+    assert calls == [2, 3, 3, 3, 2]  # the second attempt began after the stored slice
+    rows = list(work.store.iter_requests(batch_id))
+    assert sorted(r.custom_id for r in rows) == sorted(f"req-{i}" for i in range(10))
+
+
+def test_a_batch_cancelled_while_its_requests_are_stored_stops_storing_and_ends_cancelled(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, _ = services
+    batches.limits = dataclasses.replace(batches.limits, first_slice=2, slice=3)
+    batch_id = _varied_batch(batches)
+    batches.on_work = lambda: batches.cancel(batch_id) and None
+
+    batches.validate(batch_id)
+    batches.sweep()  # the claim was let go at once: the cancel finishes now
+
+    batch = batches.get_batch(batch_id)
+    assert batch.status == "cancelled"
+    assert batch.request_counts.total == 2  # nothing stored after the cancel
+    lines = b"".join(batches.file_content(batch.error_file_id or "")).splitlines()
+    assert sorted(json.loads(line)["error"]["code"] for line in lines) == ["batch_cancelled"] * 2

@@ -65,6 +65,10 @@ class BatchLimits:
     validation_attempts: int = 3
     """Attempts at storing a validated batch's requests before the batch fails (a store outage,
     ``StoreUnavailable``, does not count): no input may keep a batch validating for ever."""
+    first_slice: int = 1024
+    """Requests stored (largest first) before the batch may be leased; the rest follow in
+    slices of ``slice`` while cars already work (lease while validating)."""
+    slice: int = 8192
 
 
 class BatchService:
@@ -83,6 +87,9 @@ class BatchService:
         self.clock = clock
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
+        self.on_work: Callable[[], None] = lambda: None
+        """Called (from the validating thread) once a batch's first requests may be leased,
+        before its validation ends; the coordinator announces the work to the cars."""
 
     def _claim(self, batch_id: str, expect: list[str], **changes: Any) -> str | None:
         """Claim a duty on the batch for a new attempt; its owner id, or None if taken."""
@@ -247,16 +254,16 @@ class BatchService:
                 errors={"object": "list", "data": errors},
             )
             return updated or self.get_batch(batch_id)
-        # An attempt that died after this step left the requests in place (it is atomic).
-        if self.store.request_counts(batch_id).total == 0:
-            try:
-                self.store.add_requests(
-                    batch_id, (_new_request(i, r) for i, r in enumerate(parsed.requests))
-                )
-            except StoreUnavailable:
-                raise  # an outage: the sweeper tries again when the store is back
-            except Exception as exc:
-                return self._validation_crashed(batch_id, owner, exc)
+        try:
+            self._store_requests(batch_id, owner, parsed.requests)
+        except StoreUnavailable:
+            raise  # an outage: the sweeper tries again when the store is back
+        except _ClaimLost:
+            # Cancelled meanwhile, or taken over: let go at once (a no-op if not ours).
+            self.store.finish_batch(batch_id, ["validating"], owner)
+            return self.get_batch(batch_id)
+        except Exception as exc:
+            return self._validation_crashed(batch_id, owner, exc)
         self._validation_failures.pop(batch_id, None)
         updated = self.store.finish_batch(
             batch_id, ["validating"], owner, status="in_progress", in_progress_at=now
@@ -264,6 +271,32 @@ class BatchService:
         batch = updated or self.get_batch(batch_id)
         self.maybe_finalize(batch_id)
         return batch
+
+    def _store_requests(self, batch_id: str, owner: str, specs: list[Any]) -> None:
+        """Store a validated batch's requests, largest first, a slice per transaction. The
+        batch is leasable while ``validating`` (the store leases from it as soon as it holds
+        requests; it is never finalised before ``in_progress``), so cars start on the first
+        slice while the rest is stored: they take the largest requests first either way.
+
+        A slice is stored whole or not at all, in a fixed order, so an attempt after one that
+        died half-way stores only the rest. Each slice first renews the claim: a validation
+        that lost it (it stalled past ``claim_seconds``) stores nothing more.
+        """
+        planned = [_new_request(i, spec) for i, spec in enumerate(specs)]
+        planned.sort(key=lambda r: (-r.sort_key, r.seq))
+        start = self.store.request_counts(batch_id).total
+        announced = start > 0
+        while start < len(planned):
+            size = self.limits.slice if announced else self.limits.first_slice
+            if start > 0 and not self.store.claim_batch(
+                batch_id, ["validating"], owner, self.clock(), self.limits.claim_seconds
+            ):
+                raise _ClaimLost(batch_id)
+            self.store.add_requests(batch_id, planned[start : start + size])
+            start += size
+            if not announced:
+                announced = True
+                self.on_work()
 
     def _validation_crashed(self, batch_id: str, owner: str, exc: Exception) -> BatchRecord:
         """Count a failed attempt at storing a batch's requests; fail the batch after
@@ -277,7 +310,7 @@ class BatchService:
         error = {
             "code": "validation_error",
             "message": f"The batch's requests could not be stored after {tries} attempts "
-            f"({type(exc).__name__}); nothing of it was run.",
+            f"({type(exc).__name__}); the batch was not run to the end.",
             "param": None,
             "line": None,
         }
@@ -457,6 +490,14 @@ class BatchService:
         return record.id
 
 
+class _ClaimLost(Exception):
+    """This attempt no longer holds the batch's claim (another one took it over, or a cancel
+    changed its status): it must stop storing."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"lost the claim on {batch_id} while storing its requests")
+
+
 def _render_block(
     workload: Workload,
     batch_id: str,
@@ -468,20 +509,28 @@ def _render_block(
     """Write the lines of consecutive requests; the workload renders the block's response
     bodies at once (for embeddings, one numpy pass over every vector: most of the cost)."""
     bodies = workload.render_batch(block)
+    lines: list[bytes] = []
+    errors: list[bytes] = []
     for req in block:
         request_id = derived_id("batch_req_", batch_id, req.seq)
         body = bodies.get(req.seq)
         if req.state == "done" and body is not None:
             response_id = derived_id("", batch_id, req.seq, "response")
-            out.write(output_line_json(request_id, req.custom_id, 200, body, response_id))
-            counts[0] += 1
+            lines.append(output_line_json(request_id, req.custom_id, 200, body, response_id))
         elif req.error_body is not None and req.error_status is not None:
             error = req.error_body.get("error", {})
             if error.get("code") in ("batch_cancelled", "batch_expired"):
-                err.write(error_line(request_id, req.custom_id, error["code"], error["message"]))
+                errors.append(
+                    error_line(request_id, req.custom_id, error["code"], error["message"])
+                )
             else:
-                err.write(output_line(request_id, req.custom_id, req.error_status, req.error_body))
-            counts[1] += 1
+                errors.append(
+                    output_line(request_id, req.custom_id, req.error_status, req.error_body)
+                )
+    out.write(b"".join(lines))  # one write per block, not per line
+    err.write(b"".join(errors))
+    counts[0] += len(lines)
+    counts[1] += len(errors)
 
 
 def _new_request(seq: int, spec: Any) -> NewRequest:

@@ -69,23 +69,18 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 _ID_LENGTH = 24
 
 
-# Base62 two digits at a time (least significant first, as one digit at a time would): every
-# output line of a batch gets two ids, and this halves their cost.
-_ID_PAIRS = [_ID_ALPHABET[v % 62] + _ID_ALPHABET[v // 62] for v in range(62 * 62)]
-
-
-def _base62(number: int) -> str:
-    pairs = []
-    for _ in range(_ID_LENGTH // 2):
-        number, pair = divmod(number, 3844)
-        pairs.append(_ID_PAIRS[pair])
-    return "".join(pairs)
+# Each byte of a random draw or a digest becomes one base62 character (byte % 62, one
+# ``bytes.translate`` for the whole id): 24 bytes give 24 characters of ~5.94 bits each, ~143
+# bits in all (the residues 0-7 are a little likelier: 5/256 against 4/256). Every output line of
+# a batch gets two ids; a derived one takes 1.2 µs this way, 2.3 µs by base62 division.
+_TO_BASE62 = bytes.maketrans(
+    bytes(range(256)), bytes(ord(_ID_ALPHABET[b % 62]) for b in range(256))
+)
 
 
 def new_id(prefix: str) -> str:
     """A random OpenAI-style id: ``prefix`` + 24 base62 characters (~143 bits)."""
-    # One draw of 18 random bytes, not 24 draws of one character: ids are made per output line.
-    return prefix + _base62(int.from_bytes(secrets.token_bytes(18), "big"))
+    return prefix + secrets.token_bytes(_ID_LENGTH).translate(_TO_BASE62).decode("ascii")
 
 
 def derived_id(prefix: str, *parts: object) -> str:
@@ -94,8 +89,9 @@ def derived_id(prefix: str, *parts: object) -> str:
     Used for the ``batch_req_`` ids of output lines, so that rendering a batch's files again
     (after a crash in finalisation) gives the same bytes.
     """
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=18).digest()
-    return prefix + _base62(int.from_bytes(digest, "big"))
+    key = "\x1f".join(map(str, parts)).encode()
+    digest = hashlib.blake2b(key, digest_size=_ID_LENGTH).digest()
+    return prefix + digest.translate(_TO_BASE62).decode("ascii")
 
 
 def new_request_id() -> str:

@@ -81,6 +81,15 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     edge = CoordinatorNats(nc, work, edge_limits)
     await edge.start()
 
+    loop = asyncio.get_running_loop()
+
+    def announce_from_thread() -> None:
+        # A batch's first requests are stored and leasable while the rest are (validation
+        # runs on a worker thread): wake the long-polling cars now, not when it ends.
+        asyncio.run_coroutine_threadsafe(edge.announce_work(), loop)
+
+    batches.on_work = announce_from_thread
+
     async def validate_and_announce(batch_id: str) -> None:
         try:
             await asyncio.to_thread(batches.validate, batch_id)

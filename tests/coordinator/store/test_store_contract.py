@@ -524,8 +524,10 @@ def test_iter_requests_of_a_large_batch_yields_each_request_once(store: Store) -
 # -- lease_unit ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", ["validating", "finalizing", "cancelling", "completed"])
-def test_lease_unit_only_leases_batches_in_progress(store: Store, status: str) -> None:
+@pytest.mark.parametrize("status", ["finalizing", "cancelling", "completed", "failed"])
+def test_lease_unit_only_leases_batches_in_progress_or_validating(
+    store: Store, status: str
+) -> None:
     add_batch(store, "batch-other", status=status, created_at=int(NOW))
     add_batch(store, "batch-run", status="in_progress", created_at=int(NOW) + 1)
 
@@ -533,6 +535,21 @@ def test_lease_unit_only_leases_batches_in_progress(store: Store, status: str) -
 
     assert leased.batch_id == "batch-run"
     assert store.request_counts("batch-other").pending == 6
+
+
+@pytest.mark.parametrize("later", ["in_progress", "validating"])
+def test_lease_unit_leases_a_validating_batch_whose_requests_are_stored(
+    store: Store, later: str
+) -> None:
+    """Requests are stored while the batch validates (largest first) and leased meanwhile;
+    among leasable batches, whatever their status, the oldest goes first."""
+    add_batch(store, "batch-validating", status="validating", created_at=int(NOW))
+    add_batch(store, "batch-later", status=later, created_at=int(NOW) + 1)
+
+    first = must_lease(store, size=6)
+    second = must_lease(store, size=6)
+
+    assert (first.batch_id, second.batch_id) == ("batch-validating", "batch-later")
 
 
 def test_lease_unit_serves_the_oldest_batch_first(store: Store) -> None:

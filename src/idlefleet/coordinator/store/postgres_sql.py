@@ -7,7 +7,7 @@ to that with EXPLAIN, also as generic plans (psycopg prepares a statement after 
 
 from __future__ import annotations
 
-from idlefleet.coordinator.store.sql_common import BATCH_COLUMNS
+from idlefleet.coordinator.store.sql_common import BATCH_COLUMNS, LEASABLE
 
 BATCH_SELECT = (
     f"SELECT {BATCH_COLUMNS}, n.pending, n.leased, n.done, n.failed FROM batches b "
@@ -18,18 +18,23 @@ BATCH_SELECT = (
 )
 """A batch with its request counts: the trigger's shards summed (at most 16 rows per batch)."""
 
-CHOOSE_BATCH_SQL = """
+CHOOSE_BATCH_SQL = (
+    """
 SELECT b.id, b.purpose, b.data_region, b.endpoint,
     (SELECT COALESCE(SUM(c.pending), 0)::bigint FROM batch_counts c WHERE c.batch_id = b.id)
 FROM batches b
-WHERE b.status = 'in_progress' AND b.purpose = ANY(%(purposes)s::text[])
+WHERE b.status IN ("""
+    + LEASABLE
+    + """) AND b.purpose = ANY(%(purposes)s::text[])
     AND b.data_region = ANY(%(regions)s::text[]) AND b.id <> ALL(%(skip)s::text[])
     AND (SELECT r.seq FROM requests r
          WHERE r.batch_id = b.id AND r.state = 'pending' AND r.model = ANY(%(models)s::text[])
          ORDER BY r.sort_key DESC, r.seq LIMIT 1) IS NOT NULL
 ORDER BY b.seq_no LIMIT 1
 """
-"""The oldest in-progress batch the ask may work on, with its pending count for unit_size.
+)
+"""The oldest leasable batch (in progress, or validating with its first requests stored) the
+ask may work on, with its pending count for unit_size.
 
 Whether a batch has pending work is asked in lease order, which only ``requests_ready``
 answers without a sort, so it is always that index: an ``EXISTS`` may be planned as a walk

@@ -12,6 +12,12 @@ from typing import Any
 
 from idlefleet.coordinator.store.base import NewRequest, VehicleLiveness, VehicleRecord
 
+LEASABLE_STATUSES = ("validating", "in_progress")
+"""Statuses of a batch whose pending requests may be leased: a batch is validating while its
+requests are stored, largest first, and cars start on the first ones meanwhile."""
+LEASABLE = ", ".join(f"'{status}'" for status in LEASABLE_STATUSES)
+"""The same, as an SQL list."""
+
 FILE_CHUNK_BYTES = 4 * 1024 * 1024
 """Files are stored in pieces of this size, so a large one streams in and out."""
 

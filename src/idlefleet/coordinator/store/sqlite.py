@@ -41,6 +41,7 @@ from idlefleet.coordinator.store.sql_common import (
     BATCH_COLUMNS,
     BATCH_FIELDS,
     FILE_CHUNK_BYTES,
+    LEASABLE_STATUSES,
     NO_PAYLOAD,
     REQUEST_COLUMNS,
     VEHICLE_COLUMNS,
@@ -458,16 +459,26 @@ class SqliteStore(Store):
             return None  # nothing allowed (and ``IN ()`` is not SQL everywhere)
         key = (models, purposes, regions)
         model_marks = ",".join("?" * len(models))
+        purpose_marks = ",".join("?" * len(purposes))
+        region_marks = ",".join("?" * len(regions))
         while True:
             if key not in chosen:
-                chosen[key] = db.execute(
-                    "SELECT b.id, b.purpose, b.data_region, b.endpoint FROM batches b WHERE "
-                    f"b.status = 'in_progress' AND b.purpose IN ({','.join('?' * len(purposes))}) "
-                    f"AND b.data_region IN ({','.join('?' * len(regions))}) AND EXISTS ("
-                    "SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending' "
-                    f"AND r.model IN ({model_marks})) ORDER BY b.seq_no LIMIT 1",
-                    (*purposes, *regions, *models),
-                ).fetchone()
+                # The oldest leasable batch: one query per leasable status, each an ordered
+                # walk of the (status, seq_no) index (an IN over statuses would sort them).
+                found_by_status = [
+                    db.execute(
+                        "SELECT b.seq_no, b.id, b.purpose, b.data_region, b.endpoint FROM "
+                        f"batches b WHERE b.status = ? AND b.purpose IN ({purpose_marks}) "
+                        f"AND b.data_region IN ({region_marks}) AND EXISTS ("
+                        "SELECT 1 FROM requests r WHERE r.batch_id = b.id "
+                        f"AND r.state = 'pending' AND r.model IN ({model_marks})) "
+                        "ORDER BY b.seq_no LIMIT 1",
+                        (status, *purposes, *regions, *models),
+                    ).fetchone()
+                    for status in LEASABLE_STATUSES
+                ]
+                oldest = min((row for row in found_by_status if row), default=None)
+                chosen[key] = None if oldest is None else oldest[1:]
             found = chosen[key]
             if found is None:
                 return None
