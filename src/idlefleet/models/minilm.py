@@ -18,12 +18,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from idlefleet.models.onnx_graph import GraphWriter
 from idlefleet.models.safetensors_io import load_safetensors
 
 __all__ = [
@@ -100,31 +100,7 @@ def default_model_dir() -> Path:
     return Path(get_model_path())
 
 
-class _GraphWriter:
-    """Accumulates nodes and initializers with deterministic, readable names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        if name in self._names:
-            raise ValueError(f"duplicate initializer {name!r}")
-        self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
-        """Add a single-output node; its output tensor carries the node's name."""
-        if name in self._names:
-            raise ValueError(f"duplicate tensor {name!r}")
-        self._names.add(name)
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-        return name
-
-
-def _linear(g: _GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
+def _linear(g: GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
     # torch stores Linear weights as [out, in]; MatMul wants [in, out], so transpose once here
     # rather than adding a Transpose node the optimiser would have to fold.
     w = g.const(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T.astype(np.float32))
@@ -133,7 +109,7 @@ def _linear(g: _GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str
 
 
 def _layer_norm(
-    g: _GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float
+    g: GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float
 ) -> str:
     gamma = g.const(f"{prefix}.weight", weights[f"{prefix}.weight"].astype(np.float32))
     beta = g.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
@@ -141,7 +117,7 @@ def _layer_norm(
 
 
 def _encoder_layer(
-    g: _GraphWriter, x: str, mask_bias: str, w: dict[str, np.ndarray], i: int, cfg: BertConfig
+    g: GraphWriter, x: str, mask_bias: str, w: dict[str, np.ndarray], i: int, cfg: BertConfig
 ) -> str:
     p = f"encoder.layer.{i}"
     heads = f"{p}/heads_shape"
@@ -199,7 +175,7 @@ def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
     # Some exports prefix every tensor with the architecture name; accept both layouts.
     w = {k.removeprefix("bert."): v for k, v in w.items()}
 
-    g = _GraphWriter()
+    g = GraphWriter()
     ids, mask = "input_ids", "attention_mask"
 
     # Embeddings. token_type_ids are always zero for single-sentence inputs, so row 0 of the
