@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,27 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
     """A private server of this test's own, which it may stop, restart or kill."""
     with _running_private_postgres(tmp_path) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """SmolLM2-135M-Instruct's GGUF, opened (a ``GGUFModel``)."""
+    from idlefleet.models.gguf_llama import GGUFModel, smollm2_path
+
+    return GGUFModel(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def llama_session(smollm2: Any) -> Any:
+    """An ONNX Runtime session (1 thread) on SmolLM2's graph, built once for the whole run:
+    ~10 s and ~650 MB of float32 weights, shared by the model and engine tests."""
+    import onnxruntime as ort
+
+    from idlefleet.models.llama_onnx import build_llama_model
+
+    model = build_llama_model(smollm2.config, smollm2.weights())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )

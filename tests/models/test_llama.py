@@ -10,14 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from idlefleet.models.gguf_llama import GGUFModel, LlamaConfig, smollm2_path
+from idlefleet.models.gguf_llama import GGUFModel, LlamaConfig
 from idlefleet.models.llama_numpy import llama_logits
-from idlefleet.models.llama_onnx import build_llama_model, cache_names
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> GGUFModel:
-    return GGUFModel(smollm2_path())
+from idlefleet.models.llama_onnx import cache_names
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +20,9 @@ def weights(smollm2: GGUFModel) -> dict[str, np.ndarray]:
     return smollm2.weights()
 
 
-@pytest.fixture(scope="module")
-def session(smollm2: GGUFModel, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
-    # Built once for the module: ~7 s and ~650 MB (float32 weights).
-    model = build_llama_model(smollm2.config, weights)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+@pytest.fixture
+def session(llama_session: ort.InferenceSession) -> ort.InferenceSession:
+    return llama_session
 
 
 def test_the_configuration_comes_from_the_gguf_metadata(smollm2: GGUFModel) -> None:

@@ -1,0 +1,1 @@
+"""Running LLMs on a car: choosing tokens, and generating many sequences together."""

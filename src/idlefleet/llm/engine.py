@@ -1,0 +1,217 @@
+"""Many sequences decoded together (continuous batching) on the llama ONNX graph.
+
+Each :meth:`Engine.step` first admits waiting sequences into free slots — each is prefilled
+alone (its prompt plus any tokens it already has, e.g. from a car that left mid-sentence) and
+its first new token chosen — then runs ONE decode call for every sequence that was already
+running, and chooses each one's next token. A sequence that finishes (end of text, a stop
+token, its token budget) leaves at once and its slot is refilled on the next step.
+
+The batch's key/value cache is one array per layer, [live sequences, kv heads, columns, head
+dim], right-aligned: every sequence's latest token is in the last column, shorter ones are
+padded on the left and the padding masked out (``attention_mask``); positions for RoPE are kept
+per sequence, so where a token sits in the cache does not matter. Columns that are padding for
+every sequence are dropped after each step.
+
+Tokens are chosen by :func:`idlefleet.llm.sampling.choose`, keyed by (seed, sequence id,
+position): the same sequence gives the same tokens whatever it is batched with, and a sequence
+continued from a prefix gives what the uninterrupted run would have (up to float near-ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from idlefleet.llm.sampling import SamplingParams, choose
+from idlefleet.models.gguf_llama import LlamaConfig
+from idlefleet.models.llama_onnx import cache_names
+
+__all__ = ["Engine", "GenerationRequest", "Token"]
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate."""
+
+    id: str
+    prompt: list[int]
+    max_new_tokens: int
+    """Tokens to generate at most, counting ``prefix``."""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prefix: list[int] = field(default_factory=list)
+    """Tokens already generated (by a car that stopped): generation continues after them."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end the sequence (end of text); they are not part of the output."""
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("a generation needs a prompt of at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class Token:
+    """What a step produced for one sequence: a new token (None if the sequence ended on a
+    stop token) and, if it ended, why."""
+
+    request: str
+    token: int | None
+    position: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class _Live:
+    request: GenerationRequest
+    generated: list[int]
+    next_token: int
+    """Chosen, not yet fed to the model."""
+
+
+class Engine:
+    """Continuous batching of :class:`GenerationRequest`s (one thread: not thread-safe)."""
+
+    def __init__(
+        self,
+        session: Any,
+        cfg: LlamaConfig,
+        slots: int = 8,
+        run_options: Any = None,
+    ) -> None:
+        self.session = session
+        self.cfg = cfg
+        self.slots = slots
+        self.run_options = run_options
+        self._past, _ = cache_names(cfg.layers)
+        self._waiting: list[GenerationRequest] = []
+        self._live: list[_Live] = []
+        self._cache: list[np.ndarray] = self._empty(0, 0)
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._live)
+
+    def add(self, request: GenerationRequest) -> None:
+        self._waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a sequence, waiting or running (its tokens so far were already reported)."""
+        self._waiting = [r for r in self._waiting if r.id != request_id]
+        keep = [i for i, live in enumerate(self._live) if live.request.id != request_id]
+        self._keep_rows(keep)
+
+    def step(self) -> list[Token]:
+        """Admit waiting sequences into free slots, then one decode step for the others."""
+        out: list[Token] = []
+        running = len(self._live)
+        if running:
+            out += self._decode()
+        while self._waiting and len(self._live) < self.slots:
+            out += self._admit(self._waiting.pop(0))
+        self._trim()
+        return out
+
+    # -- internals -----------------------------------------------------------------------------
+    def _empty(self, batch: int, columns: int) -> list[np.ndarray]:
+        shape = (batch, self.cfg.kv_heads, columns, self.cfg.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in self._past]
+
+    def _run(self, ids: Any, positions: Any, mask: np.ndarray, cache: list[np.ndarray]) -> Any:
+        feed: dict[str, Any] = {
+            "input_ids": np.asarray(ids, dtype=np.int64),
+            "position_ids": np.asarray(positions, dtype=np.int64),
+            "attention_mask": mask,
+        }
+        feed.update(zip(self._past, cache, strict=True))
+        return self.session.run(None, feed, self.run_options)
+
+    def _admit(self, request: GenerationRequest) -> list[Token]:
+        context = request.prompt + request.prefix
+        if len(request.prefix) >= request.max_new_tokens:
+            return [Token(request.id, None, len(context), "length")]
+        mask = np.ones((1, len(context)), dtype=np.int64)
+        logits, *cache = self._run([context], [list(range(len(context)))], mask, self._empty(1, 0))
+        live = _Live(request, list(request.prefix), -1)
+        token = self._choose(live, logits[0, -1], len(context))
+        if token.finish_reason is None:
+            self._join(live, cache, mask)
+        return [token]
+
+    def _decode(self) -> list[Token]:
+        positions = [[len(live.request.prompt) + len(live.generated) - 1] for live in self._live]
+        ids = [[live.next_token] for live in self._live]
+        self._mask = np.concatenate(
+            [self._mask, np.ones((len(self._live), 1), dtype=np.int64)], axis=1
+        )
+        logits, *self._cache = self._run(ids, positions, self._mask, self._cache)
+        out: list[Token] = []
+        keep: list[int] = []
+        for row, live in enumerate(self._live):
+            token = self._choose(live, logits[row, -1], positions[row][0] + 1)
+            out.append(token)
+            if token.finish_reason is None:
+                keep.append(row)
+        if len(keep) < len(self._live):
+            self._keep_rows(keep)
+        return out
+
+    def _choose(self, live: _Live, logits: np.ndarray, position: int) -> Token:
+        """Choose the token at ``position``; record it, or finish the sequence."""
+        request = live.request
+        token = choose(logits, request.params, request.id, position)
+        if token in request.stop_ids:
+            return Token(request.id, None, position, "stop")
+        live.generated.append(token)
+        live.next_token = token
+        if len(live.generated) >= request.max_new_tokens:
+            return Token(request.id, token, position, "length")
+        return Token(request.id, token, position)
+
+    def _join(self, live: _Live, cache: list[np.ndarray], mask: np.ndarray) -> None:
+        """Add a prefilled sequence to the batch, right-aligned with the others."""
+        width, own = self._mask.shape[1], mask.shape[1]
+        if own < width:
+            cache = [_pad_left(c, width - own) for c in cache]
+            mask = _pad_left_2d(mask, width - own)
+        elif own > width:
+            self._cache = [_pad_left(c, own - width) for c in self._cache]
+            self._mask = _pad_left_2d(self._mask, own - width)
+        self._cache = [
+            np.concatenate([a, b], axis=0) for a, b in zip(self._cache, cache, strict=True)
+        ]
+        self._mask = np.concatenate([self._mask, mask], axis=0)
+        self._live.append(live)
+
+    def _keep_rows(self, rows: Seq[int]) -> None:
+        self._live = [self._live[i] for i in rows]
+        index = np.asarray(rows, dtype=np.int64)
+        self._cache = [c[index] for c in self._cache]
+        self._mask = self._mask[index]
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding for every sequence."""
+        if not self._live:
+            self._cache = self._empty(0, 0)
+            self._mask = np.zeros((0, 0), dtype=np.int64)
+            return
+        used = np.flatnonzero(self._mask.any(axis=0))
+        start = int(used[0]) if used.size else self._mask.shape[1]
+        if start:
+            self._cache = [np.ascontiguousarray(c[:, :, start:]) for c in self._cache]
+            self._mask = self._mask[:, start:]
+
+
+def _pad_left(cache: np.ndarray, columns: int) -> np.ndarray:
+    pad = np.zeros((*cache.shape[:2], columns, cache.shape[3]), dtype=cache.dtype)
+    return np.concatenate([pad, cache], axis=2)
+
+
+def _pad_left_2d(mask: np.ndarray, columns: int) -> np.ndarray:
+    return np.concatenate([np.zeros((mask.shape[0], columns), dtype=mask.dtype), mask], axis=1)
