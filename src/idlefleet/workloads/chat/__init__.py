@@ -1,5 +1,276 @@
 """Chat completions (``/v1/chat/completions``): the second workload (issue #11, in progress).
 
-``request.py`` validates OpenAI chat bodies; the workload class, its runner on the car (the
-engine in ``idlefleet.llm``) and its registration come next.
+- request: an OpenAI chat body (``request.validate_chat_body``); the coordinator renders the
+  model's chat template and tokenizes it, so the context window is checked where the request
+  enters and the car gets token ids. Payload: ``{"prompt": [ids], "max_tokens", "temperature",
+  "top_p", "seed", "stop"}``.
+- result: UTF-8 JSON ``{"tokens": [ids], "text", "finish_reason", "prompt_tokens"}`` — the
+  completion's tokens (the end-of-text token left out), its text (cut before a stop sequence)
+  and why it ended (``stop`` or ``length``).
+- check, before a commit: a JSON object of that shape, no more tokens than ``max_tokens`` (and
+  exactly that many when it ended for ``length``), every id in the vocabulary, the text what
+  the tokens decode to (or, for a stop sequence, a prefix of it), the prompt's length as sent.
+- compare: the same tokens (within one hardware class; teacher-forced re-scoring across
+  classes is #13's).
+- render: OpenAI's ``chat.completion`` object.
+- cost: the prompt's tokens plus ``max_tokens``.
+
+Not registered yet (``idlefleet.workloads``): the car's runner needs progress messages that
+carry the tokens so far and extend the lease before generations longer than a lease can run.
 """
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from idlefleet.coordinator.errors import InvalidRequest
+from idlefleet.coordinator.openai_format import derived_id
+from idlefleet.models.gguf_llama import SMOLLM2_ID, GGUFModel, smollm2_path
+from idlefleet.workloads.base import Cost, Planned, UnitRunner, Workload
+from idlefleet.workloads.chat.request import ChatJob, validate_chat_body
+
+if TYPE_CHECKING:
+    from idlefleet.coordinator.store.base import StoredRequest
+
+__all__ = ["CHAT", "DEFAULT_MAX_TOKENS", "ChatWorkload"]
+
+DEFAULT_MAX_TOKENS = 2048
+"""Completion tokens when the request names no limit (OpenAI's is the context window; a unit
+of such requests would be unbounded, so ours is this, and never more than the window allows)."""
+ALIASES = {SMOLLM2_ID: SMOLLM2_ID, f"HuggingFaceTB/{SMOLLM2_ID}": SMOLLM2_ID}
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What the coordinator needs of a chat model: tokenizer, template, limits."""
+
+    tokenizer: Any
+    template: Any
+    context: int
+    vocab: int
+
+
+@functools.cache
+def _model(model: str) -> _Model:
+    gguf = GGUFModel(_PATHS[model]())
+    return _Model(gguf.tokenizer(), gguf.chat_template(), gguf.config.context, gguf.config.vocab)
+
+
+_PATHS = {SMOLLM2_ID: smollm2_path}
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+class ChatWorkload(Workload):
+    kind = "chat"
+    endpoint = "/v1/chat/completions"
+
+    def canonical_model(self, name: str) -> str | None:
+        return ALIASES.get(name)
+
+    def models(self) -> tuple[str, ...]:
+        return tuple(_PATHS)
+
+    def plan(self, body: object) -> Planned:
+        job = validate_chat_body(body, self.canonical_model)
+        model = _model(job.model)
+        text = model.template.render([{"role": r, "content": c} for r, c in job.messages])
+        prompt = list(model.tokenizer.encode(text, add_special_tokens=False).ids)
+        room = model.context - len(prompt)
+        wanted = job.max_tokens if job.max_tokens is not None else 1
+        if room < wanted:
+            raise InvalidRequest(
+                f"This model's maximum context length is {model.context} tokens. However, your "
+                f"messages resulted in {len(prompt)} tokens"
+                + (
+                    f" and you asked for {job.max_tokens} completion tokens"
+                    if job.max_tokens
+                    else ""
+                )
+                + ". Please reduce the length of the messages or completion.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        max_tokens = job.max_tokens or min(room, DEFAULT_MAX_TOKENS)
+        payload = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": job.temperature,
+            "top_p": job.top_p,
+            "seed": job.seed,
+            "stop": list(job.stop),
+        }
+        cost = Cost(
+            inputs=1,
+            input_bytes=len(text.encode("utf-8", "surrogatepass")),
+            tokens=len(prompt) + max_tokens,
+            compute=len(prompt) + max_tokens,
+        )
+        return Planned(model=job.model, payload=payload, options="", cost=cost, job=job)
+
+    # -- results -------------------------------------------------------------------------------
+    def expectation(self, payload: Any) -> tuple[int, int]:
+        """(prompt tokens, max_tokens)."""
+        return len(payload["prompt"]), int(payload["max_tokens"])
+
+    def check(
+        self,
+        model: str,
+        seqs: Sequence[int],
+        expected: Sequence[Any],
+        sizes: Sequence[int],
+        tokens: Sequence[int],
+        data: bytes,
+    ) -> str | None:
+        if model not in _PATHS:
+            return f"model {model} is not a chat model"
+        start = 0
+        for seq, limits, size, used in zip(seqs, expected, sizes, tokens, strict=True):
+            raw = data[start : start + size]
+            start += size
+            parsed = _parse(raw)
+            if isinstance(parsed, str):
+                return f"request {seq}: {parsed}"
+            problem = _check_one(_model(model), parsed, limits, used)
+            if problem:
+                return f"request {seq}: {problem}"
+        return None
+
+    def compare(self, model: str, a: bytes, b: bytes) -> bool:
+        first, second = _parse(a), _parse(b)
+        if isinstance(first, str) or isinstance(second, str):
+            return False
+        return first.tokens == second.tokens and first.finish_reason == second.finish_reason
+
+    # -- responses -----------------------------------------------------------------------------
+    def render_batch(self, requests: Sequence[StoredRequest]) -> Mapping[int, bytes]:
+        created = int(time.time())
+        bodies: dict[int, bytes] = {}
+        for req in requests:
+            if req.state != "done" or req.result is None:
+                continue
+            parsed = _parse(req.result)
+            if isinstance(parsed, str):
+                continue  # checked at commit: cannot happen
+            completion_id = "chatcmpl-" + derived_id("", req.model, req.custom_id, req.seq)[:24]
+            bodies[req.seq] = orjson.dumps(_completion(completion_id, created, req.model, parsed))
+        return bodies
+
+    def render_online(self, planned: Planned, result: bytes, tokens: int) -> dict[str, Any]:
+        parsed = _parse(result)
+        if isinstance(parsed, str):
+            raise ValueError(parsed)
+        job: ChatJob = planned.job
+        completion_id = "chatcmpl-" + derived_id("", job.model, time.time_ns())[:24]
+        return _completion(completion_id, int(time.time()), job.model, parsed)
+
+    # -- the car -------------------------------------------------------------------------------
+    def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
+        raise NotImplementedError("the chat runner lands with progress messages (issue #11)")
+
+
+def encode_result(
+    tokens: Sequence[int], text: str, finish_reason: str, prompt_tokens: int
+) -> bytes:
+    """A finished generation as the car sends it (what ``check`` reads)."""
+    return json.dumps(
+        {
+            "tokens": list(tokens),
+            "text": text,
+            "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens,
+        },
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def _parse(raw: bytes) -> _Parsed | str:
+    """The result, or why it is not one."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "result is not JSON"
+    if not isinstance(value, dict) or set(value) != {
+        "tokens",
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+    }:
+        return "result must be an object of tokens, text, finish_reason and prompt_tokens"
+    tokens, text = value["tokens"], value["text"]
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        return "tokens must be a list of integers"
+    if not isinstance(text, str):
+        return "text must be a string"
+    if value["finish_reason"] not in FINISH_REASONS:
+        return f"finish_reason must be one of {', '.join(FINISH_REASONS)}"
+    prompt = value["prompt_tokens"]
+    if not isinstance(prompt, int) or isinstance(prompt, bool):
+        return "prompt_tokens must be an integer"
+    return _Parsed(tokens, text, value["finish_reason"], prompt)
+
+
+def _check_one(model: _Model, parsed: _Parsed, limits: Any, used: int) -> str | None:
+    if limits is not None:
+        prompt_tokens, max_tokens = limits
+        if parsed.prompt_tokens != prompt_tokens:
+            return f"prompt_tokens {parsed.prompt_tokens}, the prompt has {prompt_tokens}"
+        if len(parsed.tokens) > max_tokens:
+            return f"{len(parsed.tokens)} tokens, max_tokens is {max_tokens}"
+        if parsed.finish_reason == "length" and len(parsed.tokens) != max_tokens:
+            return f"finish_reason length after {len(parsed.tokens)} of {max_tokens} tokens"
+    if any(not 0 <= t < model.vocab for t in parsed.tokens):
+        return "a token id outside the vocabulary"
+    if used != parsed.prompt_tokens + len(parsed.tokens):
+        return f"reports {used} tokens for {parsed.prompt_tokens} + {len(parsed.tokens)}"
+    decoded = model.tokenizer.decode(parsed.tokens)
+    if parsed.text != decoded and not (
+        parsed.finish_reason == "stop" and decoded.startswith(parsed.text)
+    ):
+        return "text is not what the tokens decode to"
+    return None
+
+
+def _completion(completion_id: str, created: int, model: str, parsed: _Parsed) -> dict[str, Any]:
+    """OpenAI's ``chat.completion`` object."""
+    completion = len(parsed.tokens)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": parsed.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": parsed.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": parsed.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": parsed.prompt_tokens + completion,
+        },
+        "system_fingerprint": None,
+    }
+
+
+CHAT = ChatWorkload()
