@@ -47,6 +47,9 @@ class GenerationRequest:
     """Tokens already generated (by a car that stopped): generation continues after them."""
     stop_ids: frozenset[int] = frozenset()
     """Tokens that end the sequence (end of text); they are not part of the output."""
+    key: str = ""
+    """Keys the random stream with the seed (default: the id). It must be the same on every car
+    that runs this request, so that a generation that moves continues as it would have."""
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -165,7 +168,7 @@ class Engine:
     def _choose(self, live: _Live, logits: np.ndarray, position: int) -> Token:
         """Choose the token at ``position``; record it, or finish the sequence."""
         request = live.request
-        token = choose(logits, request.params, request.id, position)
+        token = choose(logits, request.params, request.key or request.id, position)
         if token in request.stop_ids:
             return Token(request.id, None, position, "stop")
         live.generated.append(token)

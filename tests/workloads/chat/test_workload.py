@@ -27,6 +27,8 @@ def test_plan_renders_the_template_and_sends_token_ids(smollm2: Any) -> None:
     text = smollm2.chat_template().render([{"role": "user", "content": "Hi"}])
     prompt = smollm2.tokenizer().encode(text, add_special_tokens=False).ids
     assert planned.model == MODEL
+    nonce = planned.payload.pop("nonce")
+    assert isinstance(nonce, str) and nonce != plan().payload["nonce"]
     assert planned.payload == {
         "prompt": prompt,
         "max_tokens": 12,

@@ -3,7 +3,7 @@
 - request: an OpenAI chat body (``request.validate_chat_body``); the coordinator renders the
   model's chat template and tokenizes it, so the context window is checked where the request
   enters and the car gets token ids. Payload: ``{"prompt": [ids], "max_tokens", "temperature",
-  "top_p", "seed", "stop"}``.
+  "top_p", "seed", "stop", "nonce"}`` (the nonce keys the random stream when there is no seed).
 - result: UTF-8 JSON ``{"tokens": [ids], "text", "finish_reason", "prompt_tokens"}`` — the
   completion's tokens (the end-of-text token left out), its text (cut before a stop sequence)
   and why it ended (``stop`` or ``length``).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class ChatWorkload(Workload):
             "top_p": job.top_p,
             "seed": job.seed,
             "stop": list(job.stop),
+            # Keys the random stream when there is no seed: the same on every car.
+            "nonce": secrets.token_hex(8),
         }
         cost = Cost(
             inputs=1,

@@ -1,0 +1,144 @@
+"""The car's chat runner on the real SmolLM2 graph and a real compute gate: plans, generations
+that pass the coordinator's check, stop sequences, reproducible sampling, and the gate's stop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from idlefleet.workloads.chat import CHAT
+from idlefleet.workloads.chat.runner import ChatRunner
+from tests.workloads.embeddings.test_runner import (
+    SessionThatCallsBack,
+    allowed_gate,
+    driver_sits_in,
+)
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2: Any, llama_session: Any) -> ChatRunner:
+    return ChatRunner(
+        MODEL, llama_session, smollm2.config, smollm2.tokenizer(), frozenset({smollm2.eos_id}), 4
+    )
+
+
+def payload(question: str, **fields: Any) -> dict[str, Any]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], **fields}
+    result: dict[str, Any] = CHAT.plan(body).payload
+    return result
+
+
+def checked(
+    runner: ChatRunner, payloads: list[dict[str, Any]], outcome: Any
+) -> list[dict[str, Any]]:
+    """Every finished result through the coordinator's own check; their decoded JSON."""
+    out = []
+    for p, result in zip(payloads, outcome.results, strict=True):
+        if result is None:
+            continue
+        problem = CHAT.check(
+            MODEL, [0], [CHAT.expectation(p)], [len(result.data)], [result.tokens], result.data
+        )
+        assert problem is None, problem
+        out.append(json.loads(result.data))
+    return out
+
+
+def test_a_plan_covers_every_request_once_longest_prompt_first(runner: ChatRunner) -> None:
+    payloads = [payload("x " * n, max_tokens=4) for n in (1, 30, 5, 12, 3, 40, 2, 8, 9, 20)]
+    runs = runner.plan(payloads, max_requests=64)
+    order = [i for run in runs for i in run.indices]
+    assert sorted(order) == list(range(10))
+    lengths = [len(payloads[i]["prompt"]) for i in order]
+    assert lengths == sorted(lengths, reverse=True)
+    assert all(len(run.indices) <= 8 for run in runs)  # 2 x 4 slots
+    assert all(len(run.indices) <= 3 for run in runner.plan(payloads, max_requests=3))
+
+
+def test_a_run_generates_every_request_as_the_coordinator_expects(runner: ChatRunner) -> None:
+    payloads = [
+        payload("What is the capital of France?", temperature=0, max_tokens=20),
+        payload("Count from one to ten.", temperature=0, max_tokens=6),
+        payload("Say hello.", temperature=0.7, seed=3, max_tokens=12),
+    ]
+    outcome = runner.run(allowed_gate(), payloads, "lease-1")
+
+    assert outcome.complete and outcome.energy_j > 0
+    first, second, _ = checked(runner, payloads, outcome)
+    assert (first["text"], first["finish_reason"]) == ("The capital of France is Paris.", "stop")
+    assert (len(second["tokens"]), second["finish_reason"]) == (6, "length")
+
+
+def test_a_stop_sequence_ends_the_text_before_it(runner: ChatRunner) -> None:
+    payloads = [
+        payload("What is the capital of France?", temperature=0, max_tokens=20, stop=["Paris"])
+    ]
+    (result,) = checked(runner, payloads, runner.run(allowed_gate(), payloads, "lease-2"))
+    assert (result["text"], result["finish_reason"]) == ("The capital of France is ", "stop")
+
+
+def test_sampling_is_reproducible_on_any_car_with_any_neighbours(runner: ChatRunner) -> None:
+    seeded = payload("Tell me a joke.", temperature=1.0, seed=77, max_tokens=16)
+    unseeded = payload("Tell me a fact.", temperature=1.0, max_tokens=16)
+    neighbour = payload("Name a fruit.", temperature=0, max_tokens=8)
+
+    alone = checked(runner, [seeded, unseeded], runner.run(allowed_gate(), [seeded, unseeded], "a"))
+    mixed = checked(
+        runner,
+        [neighbour, unseeded, seeded],
+        runner.run(allowed_gate(), [neighbour, unseeded, seeded], "b"),
+    )
+    assert mixed[2]["tokens"] == alone[0]["tokens"]
+    assert mixed[1]["tokens"] == alone[1]["tokens"]
+    # Another request without a seed gets another nonce, so another stream.
+    other = payload("Tell me a fact.", temperature=1.0, max_tokens=16)
+    assert other["nonce"] != unseeded["nonce"]
+
+
+def test_the_gate_stops_a_run_within_a_step_and_keeps_what_finished(
+    smollm2: Any, llama_session: Any
+) -> None:
+    gate = allowed_gate()
+    session = SessionThatCallsBack(llama_session, 6, lambda: driver_sits_in(gate))
+    runner = ChatRunner(
+        MODEL, session, smollm2.config, smollm2.tokenizer(), frozenset({smollm2.eos_id}), 4
+    )
+    payloads = [
+        payload("Say yes.", temperature=0, max_tokens=2),
+        payload("Write a long story about the sea.", temperature=0, max_tokens=200),
+    ]
+
+    outcome = runner.run(gate, payloads, "lease-3")
+
+    assert outcome.stopped_at is not None and not outcome.complete
+    assert session.runs <= 7  # the call that saw the stop, at most one more
+    assert outcome.results[1] is None
+    assert [r["finish_reason"] for r in checked(runner, payloads, outcome)] == ["length"]
+
+
+def test_a_gate_that_forbids_refuses_the_run(runner: ChatRunner) -> None:
+    gate = allowed_gate()
+    driver_sits_in(gate)
+    outcome = runner.run(gate, [payload("Hi", max_tokens=3)], "lease-4")
+    assert outcome.refused and outcome.results == [None]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "text",
+        {"prompt": [], "max_tokens": 3, "nonce": "n"},
+        {"prompt": [10**9], "max_tokens": 3, "nonce": "n"},
+        {"prompt": [1, 2], "max_tokens": 0, "nonce": "n"},
+        {"prompt": [1, 2], "max_tokens": 3},
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "stop": ["a"] * 5},
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "temperature": 9},
+    ],
+)
+def test_a_payload_that_is_not_a_chat_request_is_refused(runner: ChatRunner, bad: Any) -> None:
+    with pytest.raises(ValueError):
+        runner.plan([bad], 8)
