@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from idlefleet.coordinator.liveness import UNKNOWN_TTL_S, VehicleRegistry
+from idlefleet.coordinator.liveness import ASKED_FOR_WORK, UNKNOWN_TTL_S, VehicleRegistry
 from idlefleet.coordinator.store import VehicleLiveness, VehicleRecord, VehicleSeen
 
 NOW = 1_700_000_000.0
@@ -53,6 +53,22 @@ def test_a_work_request_refreshes_last_seen_but_keeps_the_status() -> None:
 
     car = registry.get("car-1")
     assert car is not None and (car.last_seen, car.status) == (NOW + 2, "paused")
+
+
+def test_a_work_request_says_a_car_held_as_paused_may_compute_again() -> None:
+    """Heartbeats go to any replica: the one that heard "paused" may not hear the resume."""
+    registry = VehicleRegistry()
+    registered(registry)
+    registered(registry, "car-2")
+    registry.seen("car-1", NOW + 1, "paused", "not_parked")
+    registry.seen("car-2", NOW + 1, "working")
+
+    registry.seen("car-1", NOW + 2, ASKED_FOR_WORK)
+    registry.seen("car-2", NOW + 2, ASKED_FOR_WORK)
+
+    one, two = registry.get("car-1"), registry.get("car-2")
+    assert one is not None and (one.status, one.status_reason) == ("idle", None)
+    assert two is not None and two.status == "working"  # not paused: kept as it is
 
 
 def test_a_failed_flush_is_written_again() -> None:

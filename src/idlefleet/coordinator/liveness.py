@@ -50,6 +50,10 @@ class LiveVehicle:
         )
 
 
+ASKED_FOR_WORK = "asked_for_work"
+"""A sighting from a work request: the car's gate allows computing (agents ask only then)."""
+
+
 class VehicleRegistry:
     """In-memory liveness of the cars this replica hears from; see the module docstring."""
 
@@ -128,15 +132,20 @@ class VehicleRegistry:
     ) -> bool:
         """Record a message from a car; False if it is not known here (look it up first).
 
-        ``status`` None keeps the status (a work request says the car is alive, not what it
-        is doing); otherwise status and reason are replaced, a None reason clearing the old.
+        ``status`` None keeps the status; ``ASKED_FOR_WORK`` (a work request) says the car may
+        compute, so a car this replica holds as paused is idle again (its heartbeats go to any
+        replica: the one that heard it pause may not hear it resume for a few intervals);
+        otherwise status and reason are replaced, a None reason clearing the old.
         """
         car = self._cars.get(vehicle_id)
         if car is None:
             return False
         if now > car.last_seen:
             car.last_seen = now
-        if status is not None:
+        if status == ASKED_FOR_WORK:
+            if car.status == "paused":
+                car.status, car.status_reason = "idle", None
+        elif status is not None:
             car.status, car.status_reason = status, reason
         if car.needs_writing(self.write_every_s):
             self._unwritten.add(vehicle_id)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.liveness import VehicleRegistry
+from idlefleet.coordinator.liveness import ASKED_FOR_WORK, VehicleRegistry
 from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
 from idlefleet.coordinator.store import (
@@ -341,7 +341,7 @@ class WorkService:
                     retry_after_s=NOT_OPTED_IN_RETRY_S,
                 )
                 continue
-            sightings.append((vehicle_id, None, None))
+            sightings.append((vehicle_id, ASKED_FOR_WORK, None))
             models = tuple(m for m in msg.models if for_model(m) is not None)
             if not models:
                 continue
