@@ -98,6 +98,7 @@ class Cached:
             "input_ids": np.asarray(ids, dtype=np.int64),
             "position_ids": np.asarray(positions, dtype=np.int64),
             "attention_mask": self.mask,
+            "logits_from": np.array([0], dtype=np.int64),  # every position's logits
         }
         feed.update(zip(self.past, self.cache, strict=True))
         logits, *self.cache = self.session.run(None, feed)
@@ -160,6 +161,25 @@ def test_sequences_of_different_lengths_share_a_call_through_the_mask(
         single.step([seq], [range(len(seq))], [[1] * len(seq)])
         expected = single.step([[nxt[row]]], [[len(seq)]], [[1]])
         np.testing.assert_allclose(both[row, -1], expected[0, -1], atol=2e-4)
+
+
+def test_logits_from_a_position_are_those_positions_logits(
+    smollm2: GGUFModel, session: ort.InferenceSession
+) -> None:
+    ids = prompt_ids(smollm2, "Hi")
+    past, _ = cache_names(smollm2.config.layers)
+    feed: dict[str, Any] = {
+        "input_ids": np.array([ids]),
+        "position_ids": np.array([list(range(len(ids)))]),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "logits_from": np.array([len(ids) - 1]),
+    }
+    empty = (1, smollm2.config.kv_heads, 0, smollm2.config.head_dim)
+    feed.update({name: np.zeros(empty, dtype=np.float32) for name in past})
+    last = session.run(["logits"], feed)[0]
+    every = Cached(session, smollm2.config, 1).step([ids], [range(len(ids))], [[1] * len(ids)])
+    assert last.shape == (1, 1, smollm2.config.vocab)
+    np.testing.assert_allclose(last[0, 0], every[0, -1], atol=1e-4)
 
 
 def test_greedy_decoding_answers_the_question(

@@ -127,10 +127,12 @@ class Engine:
         return [np.zeros(shape, dtype=np.float32) for _ in self._past]
 
     def _run(self, ids: Any, positions: Any, mask: np.ndarray, cache: list[np.ndarray]) -> Any:
+        ids = np.asarray(ids, dtype=np.int64)
         feed: dict[str, Any] = {
-            "input_ids": np.asarray(ids, dtype=np.int64),
+            "input_ids": ids,
             "position_ids": np.asarray(positions, dtype=np.int64),
             "attention_mask": mask,
+            "logits_from": np.array([ids.shape[1] - 1], dtype=np.int64),  # the last only
         }
         feed.update(zip(self._past, cache, strict=True))
         return self.session.run(None, feed, self.run_options)

@@ -4,10 +4,11 @@ Inputs and outputs (B sequences, S new tokens each, P cached positions, T = P + 
 
 - ``input_ids`` int64 [B, S]; ``position_ids`` int64 [B, S] (each token's position in its
   sequence, for RoPE); ``attention_mask`` int64 [B, T] (1: a real cached or new token, 0: a
-  slot's padding), so sequences of different lengths share one call;
+  slot's padding), so sequences of different lengths share one call; ``logits_from`` int64 [1]:
+  the first new position whose logits are wanted (``S - 1``: the last only; 0: all);
 - ``past_key.{i}`` / ``past_value.{i}`` float32 [B, kv_heads, P, head_dim] per layer (P may be 0);
-- ``logits`` float32 [B, S, vocab]; ``present_key.{i}`` / ``present_value.{i}`` [B, kv_heads, T,
-  head_dim]: the cache after this call (the past with the new tokens appended).
+- ``logits`` float32 [B, S - logits_from, vocab]; ``present_key.{i}`` / ``present_value.{i}``
+  [B, kv_heads, T, head_dim]: the cache after this call (the past with the new tokens appended).
 
 A query at cache index P + s sees key j if j ≤ P + s and ``attention_mask[b, j]`` is 1. Plain
 opset-17 operators with float32 weights: this first graph is the reference for faster ones
@@ -219,6 +220,13 @@ def build_llama_model(cfg: LlamaConfig, weights: Mapping[str, np.ndarray]) -> on
 
     x = _rms_norm(g, x, weights["output_norm.weight"], "output_norm", cfg.rms_eps)
     output = weights["token_embd.weight"] if cfg.tied_embeddings else weights["output.weight"]
+    # Logits only from position ``logits_from`` on: generation needs the last one, and the
+    # output projection of every prompt position (S x vocab x dim) was most of a prefill.
+    x = g.op(
+        "Slice",
+        [x, "logits_from", _ints(g, "slice_end", [2**62]), _ints(g, "slice_axis", [1])],
+        "from_position",
+    )
     logits = _linear(g, x, output, "lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
@@ -228,6 +236,7 @@ def build_llama_model(cfg: LlamaConfig, weights: Mapping[str, np.ndarray]) -> on
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "new"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]),
         *(
             helper.make_tensor_value_info(
                 name, TensorProto.FLOAT, ["batch", cache_type[1], "past", hd]
@@ -236,7 +245,7 @@ def build_llama_model(cfg: LlamaConfig, weights: Mapping[str, np.ndarray]) -> on
         ),
     ]
     outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "new", cfg.vocab]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", cfg.vocab]),
         *(
             helper.make_tensor_value_info(
                 name, TensorProto.FLOAT, ["batch", cache_type[1], "total", hd]
