@@ -15,9 +15,11 @@ from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
+from idlefleet.protocol.codec import decode, encode
 from idlefleet.protocol.messages import (
     Hardware,
     Heartbeat,
+    Progress,
     RegisterRequest,
     Release,
     ResultChunk,
@@ -26,6 +28,7 @@ from idlefleet.protocol.messages import (
     pack,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyRequest
+from idlefleet.workloads.embeddings import EMBEDDINGS
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -529,3 +532,59 @@ def test_a_batch_cancelled_while_its_requests_are_stored_stops_storing_and_ends_
     assert batch.request_counts.total == 2  # nothing stored after the cancel
     lines = b"".join(batches.file_content(batch.error_file_id or "")).splitlines()
     assert sorted(json.loads(line)["error"]["code"] for line in lines) == ["batch_cancelled"] * 2
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+def _progress(grant: WorkGrant, parts: dict[int, bytes]) -> Progress:
+    seqs = sorted(parts)
+    return Progress(
+        lease_id=grant.lease_id or "",
+        seqs=seqs,
+        sizes=[len(parts[s]) for s in seqs],
+        data_b64=pack(b"".join(parts[s] for s in seqs)),
+    )
+
+
+def test_progress_of_a_workload_without_progress_is_refused_and_counted(
+    services: tuple[BatchService, WorkService],
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    _batch(batches, 2)
+    grant = work.work("car-1", ASK)
+
+    ack = work.progress("car-1", _progress(grant, {grant.items[0].seq: b"half"}))
+
+    assert ack.error is not None and ack.error.code == "bad_progress"
+    assert "report no progress" in ack.error.message
+    assert work.refused_results["car-1"] == 1
+
+
+def test_progress_is_kept_extends_the_lease_and_travels_to_the_next_car(
+    services: tuple[BatchService, WorkService], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches, work = services
+    # Embeddings report no progress; as a workload that does, accept any.
+    monkeypatch.setattr(EMBEDDINGS, "check_progress", lambda *args: None)
+    _register(work, "car-1")
+    _register(work, "car-2")
+    _batch(batches, 2)
+    grant = work.work("car-1", ASK)
+    first, second = (i.seq for i in grant.items)
+    clock.now += 8
+
+    ack = work.progress("car-1", _progress(grant, {first: b"\x00tokens so far\xff"}))
+
+    assert ack.error is None and ack.recorded == 1 and ack.lease_active
+    assert ack.lease_seconds == pytest.approx(10)  # extended from now, as a commit would
+    stolen = work.progress("car-2", _progress(grant, {first: b"mine"}))
+    assert stolen.error is not None and stolen.error.code == "unknown_lease"
+
+    work.release("car-1", Release(lease_id=grant.lease_id or "", reason="preempted: not_parked"))
+    regrant = work.work("car-2", ASK)
+    carried = {i.seq: i.progress_b64 for i in regrant.items}
+    assert carried == {first: pack(b"\x00tokens so far\xff"), second: None}
+    # The grant goes through the wire as it is.
+    assert decode(WorkGrant, encode(regrant)).items == regrant.items

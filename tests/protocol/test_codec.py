@@ -9,6 +9,8 @@ from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import MAX_MESSAGE_BYTES, ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
     Hardware,
+    Progress,
+    ProgressAck,
     RegisterRequest,
     ResultChunk,
     RunReply,
@@ -134,3 +136,16 @@ def test_foreign_subjects_do_not_parse() -> None:
         subjects.parse_uplink("idlefleet.v1.uplink.car-1.rm-rf")
     with pytest.raises(ValueError):
         subjects.parse_uplink("other.v1.uplink.car-1.work")
+
+
+def test_progress_round_trips_and_must_match_its_sizes() -> None:
+    report = Progress(lease_id="l", seqs=[3, 7], sizes=[2, 1], data_b64=pack(b"\x00\x01\x02"))
+    back = decode(Progress, encode(report))
+    assert back.data() == b"\x00\x01\x02" and back.seqs == [3, 7]
+    with pytest.raises(ValueError, match="must hold the 4 bytes"):
+        Progress(lease_id="l", seqs=[3, 7], sizes=[2, 2], data_b64=pack(b"\x00\x01\x02"))
+    with pytest.raises(ValueError, match="repeat"):
+        Progress(lease_id="l", seqs=[3, 3], sizes=[2, 1], data_b64=pack(b"\x00\x01\x02"))
+    assert decode(ProgressAck, encode(ProgressAck(recorded=2, lease_active=True))).recorded == 2
+    item = WorkItem(seq=1, payload={"prompt": [1]}, progress_b64=pack(b"{}"))
+    assert decode(WorkItem, encode(item)) == item

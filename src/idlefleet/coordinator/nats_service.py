@@ -52,6 +52,7 @@ from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
     Ack,
     Heartbeat,
+    Progress,
     RegisterReply,
     RegisterRequest,
     Release,
@@ -166,6 +167,7 @@ class CoordinatorNats:
             Uplink.WORK: self._on_work,
             Uplink.RESULTS: self._on_results,
             Uplink.RELEASE: self._on_release,
+            Uplink.PROGRESS: self._on_progress,
             Uplink.POLICY: self._on_policy,
         }
         for verb, handler in handlers.items():
@@ -344,6 +346,17 @@ class CoordinatorNats:
             await self._answer(msg, ack)
             if ack.released:
                 await self.announce_work()
+
+        self._slow_path(msg, slow)
+
+    async def _on_progress(self, msg: Msg) -> None:
+        admitted = await self._admit(msg, Uplink.PROGRESS, Progress)
+        if admitted is None:
+            return
+        vehicle_id, report = admitted
+
+        async def slow() -> None:
+            await self._answer(msg, await asyncio.to_thread(self.work.progress, vehicle_id, report))
 
         self._slow_path(msg, slow)
 

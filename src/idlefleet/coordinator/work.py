@@ -47,6 +47,8 @@ from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Heartbeat,
+    Progress,
+    ProgressAck,
     RegisterReply,
     RegisterRequest,
     Release,
@@ -57,6 +59,7 @@ from idlefleet.protocol.messages import (
     WorkGrant,
     WorkItem,
     WorkRequest,
+    pack,
 )
 from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
 from idlefleet.workloads import Workload, by_endpoint, for_model
@@ -385,7 +388,14 @@ class WorkService:
             purpose=outcome.purpose,
             data_region=outcome.data_region,
             lease_seconds=self.units.lease_seconds,
-            items=[WorkItem.model_construct(seq=i.seq, payload=i.payload) for i in outcome.items],
+            items=[
+                WorkItem.model_construct(
+                    seq=i.seq,
+                    payload=i.payload,
+                    progress_b64=None if i.progress is None else pack(i.progress),
+                )
+                for i in outcome.items
+            ],
         )
 
     # -- results -------------------------------------------------------------------------------
@@ -518,6 +528,49 @@ class WorkService:
             lease_active=outcome.lease_active,
             lease_seconds=(outcome.deadline - now) if outcome.deadline else 0.0,
         )
+
+    # -- progress ------------------------------------------------------------------------------
+    def progress(self, vehicle_id: str, msg: Progress) -> ProgressAck:
+        """Keep a car's progress on its lease's requests (checked by their workload first) and
+        extend the lease; a request leased again later carries the newest progress."""
+        (remembered,) = self._lease_infos.get_many([msg.lease_id])
+        lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
+        if lease is None:
+            return ProgressAck(error=_unknown_lease(msg.lease_id))
+        expected = lease.expected
+        if expected is None:  # granted by another replica: ask the store
+            payloads = self.store.request_payloads(lease.batch_id, msg.seqs)
+            expected = {seq: lease.workload.expectation(p) for seq, p in payloads.items()}
+        try:
+            data = msg.data()
+        except ValueError:
+            return self._bad_progress(vehicle_id, "data_b64 is not valid base64")
+        problem = lease.workload.check_progress(
+            lease.model, msg.seqs, [expected.get(seq) for seq in msg.seqs], msg.sizes, data
+        )
+        if problem:
+            return self._bad_progress(vehicle_id, problem)
+        items = []
+        start = 0
+        for seq, size in zip(msg.seqs, msg.sizes, strict=True):
+            items.append((seq, data[start : start + size]))
+            start += size
+        now = self.clock()
+        outcome = self.store.record_progress(
+            vehicle_id, msg.lease_id, items, now, self.units.lease_seconds
+        )
+        if outcome.unknown_lease:
+            return ProgressAck(error=_unknown_lease(msg.lease_id))
+        return ProgressAck(
+            recorded=outcome.committed,
+            lease_active=outcome.lease_active,
+            lease_seconds=(outcome.deadline - now) if outcome.deadline else 0.0,
+        )
+
+    def _bad_progress(self, vehicle_id: str, problem: str) -> ProgressAck:
+        self.refused_results[vehicle_id] += 1
+        log.warning("refused progress of %s: %s", vehicle_id, problem)
+        return ProgressAck(error=WireError(code="bad_progress", message=problem))
 
     # -- release -------------------------------------------------------------------------------
     def release(self, vehicle_id: str, msg: Release) -> ReleaseAck:

@@ -121,6 +121,9 @@ class WorkItem(WireModel):
     """Position of the request in its batch; the unit-local key for results."""
     payload: JsonValue
     """The request's input in its workload's encoding (embeddings: the list of texts)."""
+    progress_b64: str | None = None
+    """Base64 of what a car that held the request before reported of its work on it (its
+    workload's encoding, e.g. the tokens so far): continue from there. None: start afresh."""
 
 
 class WorkGrant(WireModel):
@@ -145,6 +148,18 @@ class WorkGrant(WireModel):
     error: WireError | None = None
 
 
+def _check_blob(seqs: list[int], counts: list[list[int]], sizes: list[int], data_b64: str) -> None:
+    """Per-request lists of one length, seqs unique, base64 the length ``sizes`` add up to."""
+    if any(len(c) != len(seqs) for c in counts) or len(sizes) != len(seqs):
+        raise ValueError("seqs, sizes and the per-request lists must have the same length")
+    if len(set(seqs)) != len(seqs):
+        raise ValueError("seqs must not repeat")
+    expected = sum(sizes)
+    # base64 length is 4 * ceil(n / 3): check before decoding anything large.
+    if len(data_b64) != 4 * ((expected + 2) // 3):
+        raise ValueError(f"data_b64 must hold the {expected} bytes that sizes add up to")
+
+
 class ResultChunk(WireModel):
     """Finished requests of a lease (any subset, any number of times: commits are idempotent)."""
 
@@ -166,14 +181,7 @@ class ResultChunk(WireModel):
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> ResultChunk:
-        if not (len(self.seqs) == len(self.token_counts) == len(self.sizes)):
-            raise ValueError("seqs, token_counts and sizes must have the same length")
-        if len(set(self.seqs)) != len(self.seqs):
-            raise ValueError("seqs must not repeat")
-        expected = sum(self.sizes)
-        # base64 length is 4 * ceil(n / 3): check before decoding anything large.
-        if len(self.data_b64) != 4 * ((expected + 2) // 3):
-            raise ValueError(f"data_b64 must hold the {expected} bytes that sizes add up to")
+        _check_blob(self.seqs, [self.token_counts], self.sizes, self.data_b64)
         return self
 
     def data(self) -> bytes:
@@ -182,6 +190,41 @@ class ResultChunk(WireModel):
         ``binascii.Error`` (a ``ValueError``) if ``data_b64`` is not strict base64.
         """
         return binascii.a2b_base64(self.data_b64, strict_mode=True)
+
+
+class Progress(WireModel):
+    """A car's progress on requests of its lease, while it works (any subset, any number of
+    times: the newest replaces the older). It extends the lease as a result chunk does, and a
+    request leased again later carries the newest progress to the next car, which continues
+    from there (an LLM's tokens so far: a generation survives the car leaving)."""
+
+    lease_id: Identifier
+    seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)]
+    sizes: list[Annotated[int, Field(ge=0)]]
+    """Bytes of each request's progress in ``data_b64`` (same order as ``seqs``)."""
+    data_b64: str
+    """Base64 of the requests' progress, concatenated, in their workload's encoding."""
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> Progress:
+        _check_blob(self.seqs, [], self.sizes, self.data_b64)
+        return self
+
+    def data(self) -> bytes:
+        """The decoded progress; ``binascii.Error`` (a ``ValueError``) if not strict base64."""
+        return binascii.a2b_base64(self.data_b64, strict_mode=True)
+
+
+class ProgressAck(WireModel):
+    """The coordinator's answer to a :class:`Progress`."""
+
+    recorded: int = 0
+    """Requests whose progress was kept (those the lease still holds)."""
+    lease_active: bool = False
+    """If not, the car should stop working on the lease."""
+    lease_seconds: float = 0.0
+    """New time to expiry of the lease."""
+    error: WireError | None = None
 
 
 class ResultAck(WireModel):

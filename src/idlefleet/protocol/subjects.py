@@ -27,6 +27,8 @@ class Uplink(StrEnum):
     WORK = "work"
     RESULTS = "results"
     RELEASE = "release"
+    PROGRESS = "progress"
+    """Report work in progress (``Progress``): kept for the next car, extends the lease."""
     POLICY = "policy"
     """Fetch the owner's current policy (after a heartbeat shows a newer version)."""
 

@@ -170,6 +170,19 @@ class Workload(ABC):
         results concatenated) and the tokens reported. Runs on the coordinator before a
         commit, for a whole chunk at once: cheap and strict."""
 
+    def check_progress(
+        self,
+        model: str,
+        seqs: Sequence[int],
+        expected: Sequence[Any],
+        sizes: Sequence[int],
+        data: bytes,
+    ) -> str | None:
+        """Why a car's progress reports (``Progress``) cannot belong to these requests, or None;
+        as :meth:`check`. A workload whose requests are short does not report progress: by
+        default every report is refused."""
+        return f"{self.kind} requests report no progress"
+
     @abstractmethod
     def compare(self, model: str, a: bytes, b: bytes) -> bool:
         """Whether two cars' results of the same request agree (across hardware classes;

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -1927,7 +1927,12 @@ _SCHEMA_5_ROWS: tuple[tuple[str, tuple[Any, ...]], ...] = (
 longer), one that failed validation."""
 
 
-def _sqlite_v5_with_rows(url: str) -> None:
+Rows = Sequence[tuple[str, tuple[Any, ...]]]
+"""INSERT statements (with ``?`` marks) and their arguments."""
+
+
+def _sqlite_at(url: str, version: int, rows: Rows) -> None:
+    """A database of schema ``version`` (the first ``version`` migrations) holding ``rows``."""
     import sqlite3
 
     db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
@@ -1935,36 +1940,38 @@ def _sqlite_v5_with_rows(url: str) -> None:
         "CREATE TABLE schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
-    for migration in MIGRATIONS[:5]:
+    for migration in MIGRATIONS[:version]:
         db.executescript(migration.sql("sqlite"))
         db.execute(
             "INSERT INTO schema_migrations VALUES (?, ?, ?)",
             (migration.version, migration.name, NOW),
         )
-    for statement, args in _SCHEMA_5_ROWS:
+    for statement, args in rows:
         db.execute(statement, args)
     db.close()
 
 
-def _postgresql_v5_with_rows(url: str) -> None:
+def _postgresql_at(url: str, version: int, rows: Rows) -> None:
+    """The same as ``_sqlite_at``, in a PostgreSQL schema."""
     with psycopg.connect(url, autocommit=True) as db:
         db.execute(
             "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
             "applied_at DOUBLE PRECISION NOT NULL)"
         )
-        for migration in MIGRATIONS[:5]:
+        for migration in MIGRATIONS[:version]:
             db.execute(migration.sql("postgresql"))
             db.execute(
                 "INSERT INTO schema_migrations VALUES (%s, %s, %s)",
                 (migration.version, migration.name, NOW),
             )
-        for statement, args in _SCHEMA_5_ROWS:
+        for statement, args in rows:
             db.execute(statement.replace("?", "%s"), args)
 
 
-SCHEMA_5_BUILDERS: dict[str, Callable[[str], None]] = {
-    "postgresql": _postgresql_v5_with_rows,
-    "sqlite": _sqlite_v5_with_rows,
+# name -> builder of a database of an older schema with rows, at a URL that BACKENDS gave.
+SCHEMA_BUILDERS: dict[str, Callable[[str, int, Rows], None]] = {
+    "postgresql": _postgresql_at,
+    "sqlite": _sqlite_at,
 }
 
 
@@ -1974,7 +1981,7 @@ def test_migration_6_turns_a_schema_5_databases_texts_and_vectors_into_payloads_
 ) -> None:
     assert MIGRATIONS[4].version == 5  # the builders above are of this schema
     url = BACKENDS[backend](request)
-    SCHEMA_5_BUILDERS[backend](url)
+    SCHEMA_BUILDERS[backend](url, 5, _SCHEMA_5_ROWS)
 
     with opened(url) as upgraded:
         version = _schema_version(upgraded)
@@ -2013,6 +2020,79 @@ def test_migration_6_turns_a_schema_5_databases_texts_and_vectors_into_payloads_
     assert rows[3].result == result(3).result
     assert (rows[2].error_status, rows[2].error_body, rows[2].result) == (400, _OLD_ERROR, None)
     assert usage == {"car-1": 1, "car-2": 2}
+
+
+# -- migration 7 on a database of migration 6 ----------------------------------------------------
+
+_OLD_RESULT = struct.pack("<2f", 0.5, -1.0)
+
+_SCHEMA_6_ROWS: Rows = (
+    (
+        "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, "
+        "created_at, expires_at, seq_no) VALUES "
+        "('batch-old', 'file-1', '/v1/chat/completions', '24h', 'in_progress', ?, ?, 1)",
+        (int(NOW), int(NOW) + 86_400),
+    ),
+    (
+        "INSERT INTO requests (batch_id, seq, custom_id, model, options, payload, sort_key, "
+        "state, lease_id) VALUES ('batch-old', 0, 'req-0', ?, '', '[\"a\"]', 3, 'leased', "
+        "'lease-old')",
+        (MODEL,),
+    ),
+    (
+        "INSERT INTO requests (batch_id, seq, custom_id, model, options, payload, sort_key, "
+        "state) VALUES ('batch-old', 1, 'req-1', ?, '', '[\"b\"]', 2, 'pending')",
+        (MODEL,),
+    ),
+    (
+        "INSERT INTO requests (batch_id, seq, custom_id, model, options, payload, sort_key, "
+        "state, lease_id, vehicle_id, result, token_count) VALUES "
+        "('batch-old', 2, 'req-2', ?, '', '[\"c\"]', 1, 'done', 'lease-old', 'car-1', ?, 4)",
+        (MODEL, _OLD_RESULT),
+    ),
+    (
+        "INSERT INTO batch_counts (batch_id, shard, pending, leased, done) "
+        "VALUES ('batch-old', 0, 1, 1, 1)",
+        (),
+    ),
+    (
+        "INSERT INTO leases (id, batch_id, vehicle_id, model, seqs, created_at, deadline, state) "
+        "VALUES ('lease-old', 'batch-old', 'car-1', ?, '[0, 2]', ?, ?, 'active')",
+        (MODEL, NOW, NOW + LEASE_SECONDS),
+    ),
+    (
+        "INSERT INTO vehicles (id, hardware, models, registered_at, last_seen, status, "
+        "completed) VALUES ('car-1', '{}', ?, ?, ?, 'working', 1)",
+        (json.dumps([MODEL]), NOW, NOW),
+    ),
+)
+"""A batch as a coordinator of schema 6 left it: car-1's lease holds request 0 and finished
+request 2; request 1 is pending."""
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_migration_7_leaves_a_schema_6_databases_requests_without_progress_until_reported(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    assert MIGRATIONS[5].version == 6  # the rows above are of this schema
+    url = BACKENDS[backend](request)
+    SCHEMA_BUILDERS[backend](url, 6, _SCHEMA_6_ROWS)
+
+    with opened(url) as upgraded:
+        version = _schema_version(upgraded)
+        pending = must_lease(upgraded, "car-2")
+        kept = upgraded.record_progress(
+            "car-1", "lease-old", [(0, TOKENS), (2, b"done")], NOW + 1, LEASE_SECONDS
+        )
+        upgraded.release_lease("car-1", "lease-old", NOW + 2, "preempted: not_parked")
+        resumed = must_lease(upgraded, "car-3", now=NOW + 3)
+        rows = stored(upgraded, "batch-old")
+
+    assert version == LATEST_SCHEMA
+    assert [(i.seq, i.payload, i.progress) for i in pending.items] == [(1, ["b"], None)]
+    assert (kept.committed, kept.lease_active, kept.deadline) == (1, True, NOW + 1 + LEASE_SECONDS)
+    assert [(i.seq, i.payload, i.progress) for i in resumed.items] == [(0, ["a"], TOKENS)]
+    assert (rows[2].state, rows[2].result, rows[2].token_count) == ("done", _OLD_RESULT, 4)
 
 
 # -- batch operations: many leases or commits in one transaction ---------------------------------
@@ -2584,3 +2664,196 @@ def test_a_unit_is_cut_at_its_byte_bound_and_its_first_request_always_goes(store
     assert isinstance(second, Lease) and len(second.items) == 2
     assert isinstance(third, Lease) and len(third.items) == 5
     assert store.request_counts("batch-1").pending == 0
+
+
+# -- progress: a request resumes where its last car left off -------------------------------------
+
+TOKENS = struct.pack("<4I", 17, 0, 0xFFFF_FFFF, 42)
+"""A progress record as a workload might encode it: zero bytes, not UTF-8."""
+
+
+def record(
+    store: Store,
+    leased: Lease,
+    progress: dict[int, bytes],
+    *,
+    now: float = NOW,
+    vehicle_id: str | None = None,
+) -> CommitOutcome:
+    return store.record_progress(
+        vehicle_id or leased.vehicle_id, leased.id, list(progress.items()), now, LEASE_SECONDS
+    )
+
+
+def progress_of(leased: Lease) -> dict[int, bytes | None]:
+    return {item.seq: item.progress for item in leased.items}
+
+
+def test_a_fresh_request_leases_without_progress(store: Store) -> None:
+    add_batch(store, n=3)
+
+    leased = must_lease(store)
+
+    assert progress_of(leased) == {0: None, 1: None, 2: None}
+
+
+@pytest.mark.parametrize("ending", ["released", "expired", "returned"])
+def test_progress_travels_with_the_request_to_its_next_lease(store: Store, ending: str) -> None:
+    add_batch(store, n=3)
+    first = must_lease(store, "car-1")
+
+    outcome = record(store, first, {0: b"\x00zero", 2: TOKENS}, now=NOW + 5)
+    if ending == "released":
+        store.release_lease("car-1", first.id, NOW + 6, "preempted: not_parked")
+    elif ending == "expired":
+        store.expire_leases(NOW + 5 + LEASE_SECONDS + 1)
+    else:
+        store.return_requests("car-1", first.id, [0, 1, 2])
+    relet = must_lease(store, "car-2", now=NOW + 100)
+
+    assert (outcome.committed, outcome.duplicates, outcome.unknown_lease) == (2, 0, False)
+    assert progress_of(relet) == {0: b"\x00zero", 1: None, 2: TOKENS}
+
+
+def test_newer_progress_replaces_the_older_also_from_the_next_car(store: Store) -> None:
+    add_batch(store, n=2)
+    first = must_lease(store, "car-1")
+    record(store, first, {0: b"one", 1: b"one"})
+
+    # Two records of one request in one call: the last one is kept, and counted once.
+    again = store.record_progress(
+        "car-1", first.id, [(0, b"two"), (0, b"three")], NOW + 1, LEASE_SECONDS
+    )
+    store.release_lease("car-1", first.id, NOW + 2)
+    second = must_lease(store, "car-2", now=NOW + 3)
+    record(store, second, {1: b"four"}, now=NOW + 4)
+    store.release_lease("car-2", second.id, NOW + 5)
+    third = must_lease(store, "car-3", now=NOW + 6)
+
+    assert again.committed == 1
+    assert progress_of(second) == {0: b"three", 1: b"one"}
+    assert progress_of(third) == {0: b"three", 1: b"four"}
+
+
+def test_progress_for_requests_the_lease_does_not_hold_is_ignored(store: Store) -> None:
+    add_batch(store, n=6)
+    mine = must_lease(store, "car-1", size=3)
+    theirs = must_lease(store, "car-2", size=2)
+    commit(store, mine, [1])
+    store.return_requests("car-1", mine.id, [2])
+
+    outcome = record(
+        store,
+        mine,
+        {0: b"mine", 1: b"done", 2: b"returned", 3: b"theirs", 5: b"pending", 99: b"unknown"},
+    )
+
+    assert (seqs_of(mine), seqs_of(theirs)) == ([0, 1, 2], [3, 4])
+    assert (outcome.committed, outcome.duplicates, outcome.lease_active) == (1, 0, True)
+    store.release_lease("car-1", mine.id, NOW + 1)
+    store.release_lease("car-2", theirs.id, NOW + 1)
+    assert progress_of(must_lease(store, "car-3", now=NOW + 2)) == {
+        0: b"mine",
+        2: None,
+        3: None,
+        4: None,
+        5: None,
+    }
+
+
+def test_progress_on_a_lease_that_is_not_the_vehicles_is_refused(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store, "car-1")
+
+    stranger = record(store, leased, {0: b"x"}, now=NOW + 20, vehicle_id="car-2")
+    unknown = store.record_progress("car-1", "lease-missing", [(0, b"x")], NOW + 20, LEASE_SECONDS)
+
+    assert stranger == unknown == CommitOutcome(0, 0, False, None, unknown_lease=True)
+    got = store.get_lease("car-1", leased.id)
+    assert got is not None and got.deadline == leased.deadline
+    store.release_lease("car-1", leased.id, NOW + 21)
+    assert progress_of(must_lease(store, "car-3", now=NOW + 22)) == {0: None, 1: None}
+
+
+def test_recording_progress_extends_an_active_lease(store: Store) -> None:
+    add_batch(store, n=2)
+    leased = must_lease(store)
+
+    outcome = record(store, leased, {0: b"x"}, now=NOW + 20)
+    nothing_new = record(store, leased, {}, now=NOW + 25)
+
+    assert (outcome.lease_active, outcome.deadline) == (True, NOW + 20 + LEASE_SECONDS)
+    assert outcome.lease_finished is False
+    assert (nothing_new.committed, nothing_new.deadline) == (0, NOW + 25 + LEASE_SECONDS)
+    got = store.get_lease("car-1", leased.id)
+    assert got is not None and (got.state, got.deadline) == ("active", NOW + 25 + LEASE_SECONDS)
+    assert store.expire_leases(NOW + LEASE_SECONDS + 5) == 0
+    assert store.expire_leases(NOW + 25 + LEASE_SECONDS + 1) == 2
+
+
+@pytest.mark.parametrize("ending", ["released", "expired"])
+def test_progress_on_a_lease_that_ended_writes_nothing(store: Store, ending: str) -> None:
+    add_batch(store, n=2)
+    old = must_lease(store, "car-1")
+    record(store, old, {0: b"before"})
+    if ending == "released":
+        store.release_lease("car-1", old.id, NOW + 1)
+    else:
+        store.expire_leases(old.deadline + 1)
+    relet = must_lease(store, "car-2", now=NOW + 50)
+
+    # The old car, late: its requests are the new lease's now.
+    late = record(store, old, {0: b"late", 1: b"late"}, now=NOW + 51)
+
+    assert late == CommitOutcome(0, 0, False, None)
+    got = store.get_lease("car-2", relet.id)
+    assert got is not None and got.deadline == relet.deadline
+    store.release_lease("car-2", relet.id, NOW + 52)
+    assert progress_of(must_lease(store, "car-3", now=NOW + 53)) == {0: b"before", 1: None}
+
+
+def test_progress_on_a_finished_lease_writes_nothing(store: Store) -> None:
+    add_batch(store, n=1)
+    leased = must_lease(store)
+    commit(store, leased, [0])
+
+    outcome = record(store, leased, {0: b"late"}, now=NOW + 1)
+
+    assert outcome == CommitOutcome(0, 0, False, None)
+    got = store.get_lease("car-1", leased.id)
+    assert got is not None and (got.state, got.deadline) == ("finished", leased.deadline)
+
+
+@pytest.mark.parametrize(
+    "progress",
+    [
+        b"",
+        b"\x00",
+        bytes(range(256)),
+        b"\xff\xfe\x80 not UTF-8 \x00 inside",
+        random.Random(5).randbytes(256 * 1024),
+    ],
+    ids=["empty", "zero-byte", "every-byte", "not-utf8", "256KiB"],
+)
+def test_progress_bytes_round_trip_exactly(store: Store, progress: bytes) -> None:
+    add_batch(store, n=1)
+    leased = must_lease(store)
+    record(store, leased, {0: progress})
+    store.release_lease("car-1", leased.id, NOW + 1)
+
+    (item,) = must_lease(store, "car-2", now=NOW + 2).items
+
+    assert type(item.progress) is bytes and item.progress == progress
+
+
+def test_progress_survives_close_and_reopen(store_url: str) -> None:
+    with opened(store_url) as first:
+        add_batch(first, n=2)
+        leased = must_lease(first, "car-1")
+        record(first, leased, {1: TOKENS})
+
+    with opened(store_url) as second:
+        second.release_lease("car-1", leased.id, NOW + 1)
+        resumed = must_lease(second, "car-2", now=NOW + 2)
+
+    assert progress_of(resumed) == {0: None, 1: TOKENS}

@@ -140,6 +140,9 @@ class LeasedItem:
     seq: int
     custom_id: str
     payload: Any
+    progress: bytes | None = None
+    """What a car that held the request before reported of its work on it (its workload's
+    encoding, e.g. the tokens generated so far): the new car continues from there."""
 
 
 @dataclass(frozen=True)
@@ -482,6 +485,25 @@ class Store(ABC):
     @abstractmethod
     def list_leases(self, active_only: bool = True, limit: int = 1000) -> list[Lease]:
         """Leases (``items`` left empty), newest first."""
+
+    @abstractmethod
+    def record_progress(
+        self,
+        vehicle_id: str,
+        lease_id: str,
+        items: Sequence[tuple[int, bytes]],
+        now: float,
+        lease_seconds: float,
+    ) -> CommitOutcome:
+        """Keep a car's progress on requests of its lease, and extend the lease like a commit.
+
+        ``items``: (seq, progress) pairs; only requests this lease still holds (``leased`` by
+        it) get theirs replaced, the rest are ignored. The progress travels with the request
+        from then on: a later lease of it (after this one is released or expires) carries it
+        in ``LeasedItem.progress``. An active lease's deadline becomes ``now + lease_seconds``.
+        Returns ``committed`` = progress records written, ``lease_active``, ``deadline`` (None
+        once the lease is over), ``unknown_lease`` if the lease is not this vehicle's.
+        """
 
     @abstractmethod
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:

@@ -395,4 +395,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         UPDATE requests SET payload = 'null' WHERE payload = '[]' AND state = 'failed';
         """,
     ),
+    Migration(
+        7,
+        "resumable requests: each keeps the progress its cars reported, for the next car",
+        # Opaque bytes of the workload (an LLM generation's tokens so far), NULL until a car
+        # reports some. Kept when a lease ends or a request goes back to the queue: that is
+        # what the next car continues from. A request that finishes keeps it too; nothing
+        # reads it then, and clearing it would add a column to every result commit.
+        "ALTER TABLE requests ADD COLUMN progress BLOB;",
+        "ALTER TABLE requests ADD COLUMN progress BYTEA;",
+    ),
 )

@@ -58,6 +58,7 @@ from idlefleet.coordinator.store.postgres_sql import (
     FIND_LEASE_SQL,
     LEASE_SEQS,
     PICK_UNIT_SQL,
+    RECORD_PROGRESS_SQL,
     REQUEUE_SQL,
 )
 from idlefleet.coordinator.store.sql_common import (
@@ -539,7 +540,7 @@ class PostgresStore(Store):
             del chosen[key]
             skip.append(found.batch_id)
         pending[found.batch_id] -= len(picked)
-        items = tuple(LeasedItem(p[0], p[1], json.loads(p[2])) for p in picked)
+        items = tuple(LeasedItem(p[0], p[1], json.loads(p[2]), p[4]) for p in picked)
         return Lease(
             ask.lease_id,
             found.batch_id,
@@ -680,6 +681,34 @@ class PostgresStore(Store):
             Lease(r[0], r[1], r[2], r[3], r[4], (), r[5], r[6], r[7], r[8], r[9], r[10])
             for r in rows
         ]
+
+    def record_progress(
+        self,
+        vehicle_id: str,
+        lease_id: str,
+        items: Sequence[tuple[int, bytes]],
+        now: float,
+        lease_seconds: float,
+    ) -> CommitOutcome:
+        latest = dict(items)  # the last of a request's records wins
+        seqs = sorted(latest)
+        deadline = now + lease_seconds
+        params = {
+            "deadline": deadline,
+            "lease": lease_id,
+            "vehicle": vehicle_id,
+            "seqs": seqs,
+            "progress": [latest[seq] for seq in seqs],
+        }
+        row = self._run(
+            lambda conn: conn.execute(RECORD_PROGRESS_SQL, params).fetchone(), write=True
+        )
+        if row is None:
+            return CommitOutcome(0, 0, False, None, unknown_lease=True)
+        state, written = row
+        if state != "active":
+            return CommitOutcome(0, 0, False, None)
+        return CommitOutcome(int(written), 0, True, deadline)
 
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:
         def work(conn: Conn) -> int:

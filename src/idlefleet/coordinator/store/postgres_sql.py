@@ -43,7 +43,7 @@ along the primary key that passes every finished request of the batch first.
 
 PICK_UNIT_SQL = """
 WITH picked AS MATERIALIZED (
-    SELECT seq, custom_id, payload, model, sort_key FROM requests
+    SELECT seq, custom_id, payload, model, sort_key, progress FROM requests
     WHERE batch_id = %(batch)s AND state = 'pending' AND model = ANY(%(models)s::text[])
     ORDER BY sort_key DESC, seq LIMIT %(size)s
     FOR UPDATE SKIP LOCKED
@@ -53,7 +53,7 @@ WITH picked AS MATERIALIZED (
     WHERE model = (SELECT model FROM picked ORDER BY sort_key DESC, seq LIMIT 1)
     WINDOW w AS (ORDER BY sort_key DESC, seq)
 ), unit AS MATERIALIZED (
-    SELECT seq, custom_id, payload, model, sort_key FROM same_model
+    SELECT seq, custom_id, payload, model, sort_key, progress FROM same_model
     WHERE n = 1 OR %(max_bytes)s::bigint IS NULL OR running <= %(max_bytes)s::bigint
 ), leased AS (
     UPDATE requests r SET state = 'leased', lease_id = %(lease)s
@@ -65,7 +65,7 @@ WITH picked AS MATERIALIZED (
         'active'
     FROM unit HAVING count(*) > 0
 )
-SELECT seq, custom_id, payload, model FROM unit ORDER BY sort_key DESC, seq
+SELECT seq, custom_id, payload, model, progress FROM unit ORDER BY sort_key DESC, seq
 """
 """Cut a unit off the batch, lease it and record the lease: one statement, one round trip.
 
@@ -142,6 +142,33 @@ row first: a concurrent late answer commits after us and finishes the lease itse
 finished its last request. The lease's requests are looked up by primary key, from the seqs
 the lease was given, and only then filtered on holder and state (``OFFSET 0`` keeps those out
 of the scan, which an index on state would otherwise walk).
+"""
+
+RECORD_PROGRESS_SQL = """
+WITH lease AS (
+    UPDATE leases l
+    SET deadline = CASE WHEN l.state = 'active' THEN %(deadline)s::float8 ELSE l.deadline END
+    WHERE l.id = %(lease)s AND l.vehicle_id = %(vehicle)s
+    RETURNING l.batch_id, l.state
+), written AS (
+    UPDATE requests r SET progress = i.progress
+    FROM lease, unnest(%(seqs)b::bigint[], %(progress)b::bytea[]) AS i(seq, progress)
+    WHERE lease.state = 'active' AND r.batch_id = lease.batch_id AND r.seq = i.seq
+        AND r.lease_id = %(lease)s AND r.state = 'leased'
+    RETURNING r.seq
+)
+SELECT state, (SELECT count(*) FROM written) FROM lease
+"""
+"""Keep a car's progress on the requests its lease still holds, and extend the lease if active.
+
+Answers the lease's state and how many requests got their progress; no row: the lease is not
+this vehicle's. The lease's row is locked before any of its requests, as everywhere (see
+:data:`FIND_LEASE_SQL`): the requests' update joins the row the lease's update returns, so it
+has nothing to update before that. ``seqs`` come one of each (of several rows for one request,
+which would win is not defined) and sorted, so concurrent writers lock requests in one order.
+Each request is found by primary key and its holder and state checked on the row found, which
+READ COMMITTED checks again after waiting for a concurrent commit: a request that a late
+answer finished meanwhile is left alone.
 """
 
 LEASE_SEQS = "ARRAY(SELECT value::bigint FROM json_array_elements_text({}.seqs::json))"

@@ -490,7 +490,7 @@ class SqliteStore(Store):
             except Exception as exc:
                 raise _AskFailed(exc) from exc
             picked = db.execute(
-                "SELECT seq, custom_id, payload, model FROM requests "
+                "SELECT seq, custom_id, payload, model, progress FROM requests "
                 f"WHERE batch_id = ? AND state = 'pending' AND model IN ({model_marks}) "
                 "ORDER BY sort_key DESC, seq LIMIT ?",
                 (batch_id, *models, size),
@@ -519,7 +519,8 @@ class SqliteStore(Store):
         # One JSON parse for every request's payload.
         payloads = json.loads("[" + ",".join(p[2] for p in picked) + "]")
         items = tuple(
-            LeasedItem(p[0], p[1], payload) for p, payload in zip(picked, payloads, strict=True)
+            LeasedItem(p[0], p[1], payload, p[4])
+            for p, payload in zip(picked, payloads, strict=True)
         )
         return Lease(
             ask.lease_id,
@@ -791,6 +792,39 @@ class SqliteStore(Store):
             )
             for r in rows
         ]
+
+    def record_progress(
+        self,
+        vehicle_id: str,
+        lease_id: str,
+        items: Sequence[tuple[int, bytes]],
+        now: float,
+        lease_seconds: float,
+    ) -> CommitOutcome:
+        with self._write() as db:
+            lease = db.execute(
+                "SELECT batch_id, seqs, state FROM leases WHERE id = ? AND vehicle_id = ?",
+                (lease_id, vehicle_id),
+            ).fetchone()
+            if lease is None:
+                return CommitOutcome(0, 0, False, None, unknown_lease=True)
+            batch_id, seqs_json, state = lease
+            if state != "active":  # its requests went back to the queue or are finished
+                return CommitOutcome(0, 0, False, None)
+            given = set(json.loads(seqs_json))
+            latest = {seq: progress for seq, progress in items if seq in given}  # last wins
+            written = 0
+            if latest:
+                # By primary key; the holder and state conditions leave out what the lease no
+                # longer holds (finished, or returned to the queue).
+                written = db.executemany(
+                    "UPDATE requests SET progress = ? WHERE batch_id = ? AND seq = ? "
+                    "AND lease_id = ? AND state = 'leased'",
+                    [(progress, batch_id, seq, lease_id) for seq, progress in latest.items()],
+                ).rowcount
+            deadline = now + lease_seconds
+            db.execute("UPDATE leases SET deadline = ? WHERE id = ?", (deadline, lease_id))
+        return CommitOutcome(written, 0, True, deadline)
 
     def return_requests(self, vehicle_id: str, lease_id: str, seqs: Collection[int]) -> int:
         with self._write() as db:

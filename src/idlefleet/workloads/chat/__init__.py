@@ -154,6 +154,39 @@ class ChatWorkload(Workload):
                 return f"request {seq}: {problem}"
         return None
 
+    def check_progress(
+        self,
+        model: str,
+        seqs: Sequence[int],
+        expected: Sequence[Any],
+        sizes: Sequence[int],
+        data: bytes,
+    ) -> str | None:
+        """Progress is ``{"tokens": [ids]}``: the generation so far, within its budget."""
+        if model not in _PATHS:
+            return f"model {model} is not a chat model"
+        vocab = _model(model).vocab
+        start = 0
+        for seq, limits, size in zip(seqs, expected, sizes, strict=True):
+            raw = data[start : start + size]
+            start += size
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):
+                return f"request {seq}: progress is not JSON"
+            tokens = (
+                value.get("tokens")
+                if isinstance(value, dict) and set(value) == {"tokens"}
+                else None
+            )
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+            ):
+                return f'request {seq}: progress must be {{"tokens": [ids of the vocabulary]}}'
+            if limits is not None and len(tokens) > limits[1]:
+                return f"request {seq}: {len(tokens)} tokens of progress, max_tokens is {limits[1]}"
+        return None
+
     def compare(self, model: str, a: bytes, b: bytes) -> bool:
         first, second = _parse(a), _parse(b)
         if isinstance(first, str) or isinstance(second, str):
