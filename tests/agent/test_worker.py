@@ -21,6 +21,8 @@ from idlefleet.agent.worker import VehicleAgent
 from idlefleet.models.catalog import MINILM
 from idlefleet.protocol.codec import decode, encode
 from idlefleet.protocol.messages import (
+    Progress,
+    ProgressAck,
     RegisterReply,
     RegisterRequest,
     Release,
@@ -33,6 +35,7 @@ from idlefleet.protocol.messages import (
     WorkGrant,
     WorkItem,
     WorkRequest,
+    pack,
 )
 from idlefleet.protocol.subjects import Uplink
 from idlefleet.workloads.base import ItemResult, PlannedRun, RunOutcome, UnitRunner
@@ -45,7 +48,12 @@ class ScriptedRunner(UnitRunner):
     model = MINILM.id
 
     def __init__(
-        self, *, stop_in_run: int | None = None, refuse: bool = False, fail: bool = False
+        self,
+        *,
+        stop_in_run: int | None = None,
+        refuse: bool = False,
+        fail: bool = False,
+        report: bool = False,
     ) -> None:
         self.stop_in_run = stop_in_run
         """In this run the gate 'stops' after the first request."""
@@ -53,6 +61,8 @@ class ScriptedRunner(UnitRunner):
         self.fail = fail
         self.planned_with: list[int] = []
         self.ran: list[tuple[list[Any], str | None, Any]] = []
+        self.progress_given: list[list[bytes | None]] = []
+        self.report = report
 
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
         self.planned_with.append(max_requests)
@@ -60,9 +70,18 @@ class ScriptedRunner(UnitRunner):
         return [PlannedRun(order[k : k + 2], k // 2) for k in range(0, len(order), 2)]
 
     def run(
-        self, gate: ComputeGate, payloads: Sequence[Any], lease_id: str | None, prepared: Any = None
+        self,
+        gate: ComputeGate,
+        payloads: Sequence[Any],
+        lease_id: str | None,
+        prepared: Any = None,
+        progress: Sequence[bytes | None] | None = None,
+        report: Any = None,
     ) -> RunOutcome:
         self.ran.append((list(payloads), lease_id, prepared))
+        self.progress_given.append(list(progress or []))
+        if self.report and report is not None:
+            report([(0, b"half of " + payloads[0].encode())])
         if self.fail:
             raise ValueError("payload 0 is not what this runner reads")
         if self.refuse:
@@ -104,6 +123,8 @@ class Coordinator:
             return ResultAck(committed=len(message.seqs), lease_active=True)
         if isinstance(message, Release):
             return ReleaseAck()
+        if isinstance(message, Progress):
+            return ProgressAck(recorded=len(message.seqs), lease_active=True)
         if isinstance(message, RegisterRequest):
             return RegisterReply(accepted=True)
         raise AssertionError(f"unexpected {verb}")
@@ -190,6 +211,29 @@ def test_a_unit_goes_out_as_one_result_chunk_per_planned_run(make_agent: Any) ->
     assert coordinator.of(Release) == []  # finished: its commits ended the lease
 
 
+def test_progress_a_run_reports_is_sent_and_progress_granted_reaches_the_runner(
+    make_agent: Any,
+) -> None:
+    runner = ScriptedRunner(report=True)
+    unit = grant(["aa", "b"])
+    resumed = unit.model_copy(
+        update={
+            "items": [
+                unit.items[0].model_copy(update={"progress_b64": pack(b"\x00earlier")}),
+                unit.items[1],
+            ]
+        }
+    )
+    agent, coordinator = make_agent(runner, [resumed])
+
+    asyncio.run(serve(agent, lambda: coordinator.until(lambda: bool(coordinator.of(ResultChunk)))))
+
+    # The run got each request's progress as bytes (None: none), in the run's order.
+    assert runner.progress_given == [[b"\x00earlier", None]]
+    (report,) = coordinator.of(Progress)
+    assert (report.lease_id, report.seqs, report.data()) == ("lease-1", [10], b"half of aa")
+
+
 def test_a_stopped_run_sends_the_finished_requests_and_releases_the_rest(
     make_agent: Any,
 ) -> None:
@@ -237,11 +281,17 @@ class HeldRunner(ScriptedRunner):
         self.hold = threading.Event()
 
     def run(
-        self, gate: ComputeGate, payloads: Sequence[Any], lease_id: str | None, prepared: Any = None
+        self,
+        gate: ComputeGate,
+        payloads: Sequence[Any],
+        lease_id: str | None,
+        prepared: Any = None,
+        progress: Sequence[bytes | None] | None = None,
+        report: Any = None,
     ) -> RunOutcome:
         if not self.ran:
             self.hold.wait(5)
-        return super().run(gate, payloads, lease_id, prepared)
+        return super().run(gate, payloads, lease_id, prepared, progress, report)
 
 
 def test_a_stop_reports_the_run_in_progress_and_gives_back_every_lease(make_agent: Any) -> None:

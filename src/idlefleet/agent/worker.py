@@ -26,6 +26,7 @@ decision loop with it. Either way the agent winds down (reports, releases) and `
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 from collections.abc import Coroutine, Mapping
@@ -50,6 +51,8 @@ from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Heartbeat,
+    Progress,
+    ProgressAck,
     RegisterReply,
     RegisterRequest,
     Release,
@@ -116,6 +119,7 @@ class VehicleAgent:
         self._grants: dict[str, WorkGrant] = {}
         self._runs: dict[str, list[PlannedRun]] = {}
         self._finished: dict[tuple[str, int], list[tuple[WorkItem, ItemResult]]] = {}
+        self._progress_sends: set[asyncio.Task[None]] = set()
 
     # -- wire helpers --------------------------------------------------------------------------
     async def _call(
@@ -366,14 +370,26 @@ class VehicleAgent:
         assert grant.model is not None
         run = self._runs[lease_id][index]
         chunk = [grant.items[i] for i in run.indices]
+        loop = asyncio.get_running_loop()
+
+        def report(parts: list[tuple[int, bytes]]) -> None:  # on the compute thread
+            items = [(chunk[i].seq, data) for i, data in parts]
+            loop.call_soon_threadsafe(self._report_progress, lease_id, items)
+
         try:
-            outcome = await asyncio.get_running_loop().run_in_executor(
+            progress = [
+                None if item.progress_b64 is None else binascii.a2b_base64(item.progress_b64)
+                for item in chunk
+            ]
+            outcome = await loop.run_in_executor(
                 self._compute,
                 self.runners[grant.model].run,
                 self.gate,
                 [item.payload for item in chunk],
                 lease_id,
                 run.prepared,
+                progress,
+                report,
             )
         except Exception as exc:  # one bad unit must not end the agent's work
             log.exception("%s: a run of %s failed; releasing it", self.config.vehicle_id, lease_id)
@@ -420,6 +436,29 @@ class VehicleAgent:
                 return core.Sent(lease_id, index, lease_active=False)
             return core.Sent(lease_id, index, lease_active=ack.lease_active)
         return core.Sent(lease_id, index, lease_active=False)
+
+    def _report_progress(self, lease_id: str, items: list[tuple[int, bytes]]) -> None:
+        """Send a run's progress (its unfinished requests' work so far) without waiting: the
+        coordinator keeps it for the next car and extends the lease; the run goes on."""
+        task = asyncio.create_task(self._send_progress(lease_id, items))
+        self._progress_sends.add(task)
+        task.add_done_callback(self._progress_sends.discard)
+
+    async def _send_progress(self, lease_id: str, items: list[tuple[int, bytes]]) -> None:
+        message = Progress(
+            lease_id=lease_id,
+            seqs=[seq for seq, _ in items],
+            sizes=[len(data) for _, data in items],
+            data_b64=pack(b"".join(data for _, data in items)),
+        )
+        try:
+            ack = await self._call(Uplink.PROGRESS, message, ProgressAck)
+        except _WIRE_ERRORS as exc:
+            log.warning("sending progress of %s failed: %s", lease_id, exc)
+            return
+        assert isinstance(ack, ProgressAck)
+        if ack.error is not None:
+            log.warning("progress of %s refused: %s", lease_id, ack.error.message)
 
     async def _give_back(self, lease_id: str, reason: str) -> core.Event:
         await self._release(lease_id, reason)

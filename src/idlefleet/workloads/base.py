@@ -16,7 +16,7 @@ Adding a workload: a module (or package) under ``idlefleet/workloads/`` with a s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,9 +123,14 @@ class UnitRunner(ABC):
         payloads: Sequence[Any],
         lease_id: str | None,
         prepared: Any = None,
+        progress: Sequence[bytes | None] | None = None,
+        report: Callable[[list[tuple[int, bytes]]], None] | None = None,
     ) -> RunOutcome:
         """Run these requests if and while the gate allows it (``gate.begin``/``gate.end``
-        around the model; a stop keeps what finished). ``prepared``: the plan's, if any."""
+        around the model; a stop keeps what finished). ``prepared``: the plan's, if any.
+        ``progress``: per request, what a car before reported of it (continue from there), or
+        None. ``report``: call it now and then with (index, progress) of unfinished requests
+        (long runs: the coordinator keeps it and extends the lease); short ones never do."""
 
 
 class Workload(ABC):

@@ -142,3 +142,49 @@ def test_a_gate_that_forbids_refuses_the_run(runner: ChatRunner) -> None:
 def test_a_payload_that_is_not_a_chat_request_is_refused(runner: ChatRunner, bad: Any) -> None:
     with pytest.raises(ValueError):
         runner.plan([bad], 8)
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "seeded"]
+)
+def test_a_generation_stopped_mid_run_continues_from_its_reported_progress(
+    smollm2: Any, llama_session: Any, sampling: dict[str, Any]
+) -> None:
+    story = payload("Write a story about a lighthouse.", max_tokens=24, **sampling)
+
+    def make(session: Any) -> ChatRunner:
+        return ChatRunner(
+            MODEL,
+            session,
+            smollm2.config,
+            smollm2.tokenizer(),
+            frozenset({smollm2.eos_id}),
+            4,
+            report_every_s=0.0,  # report after every step
+        )
+
+    (whole,) = checked(
+        make(llama_session), [story], make(llama_session).run(allowed_gate(), [story], "a")
+    )
+
+    # First car: stopped after 10 model calls; what it reported is kept by the coordinator.
+    gate = allowed_gate()
+    stopping = SessionThatCallsBack(llama_session, 10, lambda: driver_sits_in(gate))
+    reports: list[list[tuple[int, bytes]]] = []
+    first = make(stopping).run(gate, [story], "lease-x", None, None, reports.append)
+    assert first.results == [None] and first.stopped_at is not None
+    progress = reports[-1][0][1]
+    assert 0 < len(json.loads(progress)["tokens"]) < 24
+    assert (
+        CHAT.check_progress(MODEL, [0], [CHAT.expectation(story)], [len(progress)], progress)
+        is None
+    )
+
+    # Second car: continues from the progress and ends as the uninterrupted run.
+    (resumed,) = checked(
+        make(llama_session),
+        [story],
+        make(llama_session).run(allowed_gate(), [story], "lease-y", None, [progress]),
+    )
+    assert resumed["tokens"] == whole["tokens"]
+    assert resumed["text"] == whole["text"]

@@ -4,7 +4,9 @@ A run is a handful of requests (at most ``2 × slots``, so the engine refills it
 run's own waiting ones); it holds one permit of the compute gate for all its decode steps, and
 the gate's stop (the driver is back) is seen within one step: ONNX Runtime is terminated
 mid-call, or the loop sees the flag between calls. Generations that finished are results; the
-others are not (their tokens so far will travel in progress messages, issue #11). Stop
+others are not, but every ``report_every_s`` the run reports their tokens so far (the agent sends
+them as ``Progress``: the coordinator keeps them and extends the lease), and a request given its
+progress continues from there (the tokens are the engine's prefix). Stop
 sequences are matched on the decoded text after each step; the text is cut before the first
 one and the generation ends with ``stop``.
 
@@ -15,8 +17,9 @@ to 4 stop strings) is a ``ValueError``.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idlefleet.llm.engine import Engine, GenerationRequest
@@ -42,6 +45,7 @@ class ChatRunner(UnitRunner):
         tokenizer: Any,
         stop_ids: frozenset[int],
         slots: int = 8,
+        report_every_s: float = 5.0,
     ) -> None:
         self.model = model
         self.session = session
@@ -49,6 +53,8 @@ class ChatRunner(UnitRunner):
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.slots = slots
+        self.report_every_s = report_every_s
+        """How often a run reports its unfinished generations' tokens (well inside a lease)."""
 
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
         """Runs of up to ``2 × slots`` requests (and ``max_requests``), longest prompt first."""
@@ -63,15 +69,21 @@ class ChatRunner(UnitRunner):
         payloads: Sequence[Any],
         lease_id: str | None,
         prepared: Any = None,
+        progress: Sequence[bytes | None] | None = None,
+        report: Callable[[list[tuple[int, bytes]]], None] | None = None,
     ) -> RunOutcome:
         requests = [self._request(f"{lease_id}/{i}", p) for i, p in enumerate(payloads)]
+        for i, earlier in enumerate(progress or ()):
+            if earlier is not None:
+                requests[i].prefix = _tokens_of(earlier, requests[i])
         stops = [tuple(p.get("stop") or ()) for p in payloads]
         step = gate.begin(lease_id)
         if step is None:
             return RunOutcome([None] * len(payloads), refused=True)
         engine = Engine(self.session, self.cfg, self.slots, run_options=step.options)
         index = {r.id: i for i, r in enumerate(requests)}
-        tokens: list[list[int]] = [[] for _ in requests]
+        tokens: list[list[int]] = [list(r.prefix) for r in requests]
+        reported_at = time.monotonic()
         finished: list[tuple[str, str] | None] = [None] * len(requests)
         for request in requests:
             engine.add(request)
@@ -88,6 +100,15 @@ class ChatRunner(UnitRunner):
                         if cut is not None:
                             finished[i] = ("stop", cut)
                             engine.cancel(token.request)
+                if report is not None and time.monotonic() - reported_at >= self.report_every_s:
+                    reported_at = time.monotonic()
+                    report(
+                        [
+                            (i, _progress_bytes(tokens[i]))
+                            for i in range(len(requests))
+                            if finished[i] is None and tokens[i]
+                        ]
+                    )
         except Exception:
             if not step.options.terminate:
                 raise  # a real failure, not the gate's stop
@@ -146,6 +167,26 @@ class ChatRunner(UnitRunner):
         return GenerationRequest(
             request_id, prompt, max_tokens, params, stop_ids=self.stop_ids, key=key
         )
+
+
+def _progress_bytes(tokens: Sequence[int]) -> bytes:
+    return json.dumps({"tokens": list(tokens)}).encode("ascii")
+
+
+def _tokens_of(progress: bytes, request: GenerationRequest) -> list[int]:
+    """The tokens a car before reported (checked by the coordinator; checked again here)."""
+    try:
+        value = json.loads(progress)
+    except ValueError:
+        raise ValueError(f"chat progress of {request.id} is not JSON") from None
+    tokens = value.get("tokens") if isinstance(value, dict) else None
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+    ):
+        raise ValueError(f"chat progress of {request.id} must be {{'tokens': [ids]}}")
+    if len(tokens) > request.max_new_tokens:
+        raise ValueError(f"chat progress of {request.id} is longer than its max_tokens")
+    return list(tokens)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:

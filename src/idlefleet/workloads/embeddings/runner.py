@@ -12,7 +12,7 @@ the cloud, so they are checked here again: anything but a non-empty list of stri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idlefleet.agent.chunk_runner import plan_chunks, run_chunk, vectors_per_chunk
@@ -50,7 +50,10 @@ class EmbeddingRunner(UnitRunner):
         payloads: Sequence[Any],
         lease_id: str | None,
         prepared: Any = None,
+        progress: Sequence[bytes | None] | None = None,
+        report: Callable[[list[tuple[int, bytes]]], None] | None = None,
     ) -> RunOutcome:
+        # An embedding run takes well under a lease: it neither reports nor resumes progress.
         texts = _texts_of(payloads)
         flat = [t for request in texts for t in request]
         if prepared is not None and len(prepared) != len(flat):
