@@ -27,10 +27,13 @@ from idlefleet.protocol.messages import (
     Ack,
     Hardware,
     Heartbeat,
+    Progress,
+    ProgressAck,
     RegisterRequest,
     WireError,
     WorkGrant,
     WorkRequest,
+    pack,
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
@@ -91,6 +94,7 @@ def serve(coordinator: CoordinatorNats, *msgs: UplinkMsg) -> None:
             Uplink.WORK: coordinator._on_work,
             Uplink.RESULTS: coordinator._on_results,
             Uplink.RELEASE: coordinator._on_release,
+            Uplink.PROGRESS: coordinator._on_progress,
             Uplink.POLICY: coordinator._on_policy,
         }
         runners = [
@@ -346,3 +350,17 @@ def test_a_backlog_on_one_subscription_lets_the_rest_of_the_edge_run(work: WorkS
 
     assert all(len(m.responses) == 1 for m in msgs)
     assert other_ran_after and other_ran_after[0] <= YIELD_EVERY
+
+
+def test_progress_is_admitted_and_answered_by_the_work_service(work: WorkService) -> None:
+    _register(work)
+    report = Progress(lease_id="lease-x", seqs=[0], sizes=[2], data_b64=pack(b"ok"))
+    ok = UplinkMsg(subjects.uplink("car-1", Uplink.PROGRESS), encode(report))
+    garbage = UplinkMsg(subjects.uplink("car-1", Uplink.PROGRESS), b'{"lease_id": "x"}')
+
+    serve(edge(work, FakeNats()), ok, garbage)
+
+    # No such lease of this car: the work service's answer, through the edge.
+    assert _error_code(ok.responses[0]) == "unknown_lease"
+    assert decode(ProgressAck, ok.responses[0]).recorded == 0
+    assert _error_code(garbage.responses[0]) == "bad_message"
