@@ -38,6 +38,7 @@ __all__ = [
     "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
+    "invalid_type",
     "json_kind",
 ]
 
@@ -140,3 +141,13 @@ def json_kind(value: object) -> str:
     if isinstance(value, list | tuple):
         return "an array"
     return "an object"
+
+
+def invalid_type(param: str, expected: str, value: object) -> InvalidRequest:
+    """OpenAI's 400 for a JSON value of the wrong type ("Invalid type for 'x': expected ...,
+    but got ... instead.", code ``invalid_type``)."""
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {json_kind(value)} instead.",
+        code="invalid_type",
+        param=param,
+    )

@@ -464,10 +464,7 @@ class WorkService:
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
-        expected = lease.expected
-        if expected is None:  # granted by another replica: ask the store
-            payloads = self.store.request_payloads(lease.batch_id, msg.seqs)
-            expected = {seq: lease.workload.expectation(p) for seq, p in payloads.items()}
+        expected = self._expected(lease, msg.seqs)
         try:
             data = msg.data()
         except ValueError:  # the right length, but not base64: refused alone, not the turn
@@ -488,6 +485,14 @@ class WorkService:
             results.append(RequestResult(seq, data[start : start + size], tokens))
             start += size
         return lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
+
+    def _expected(self, lease: _LeaseInfo, seqs: Sequence[int]) -> Mapping[int, Any]:
+        """What checking needs of these requests: remembered from the grant, or (granted by
+        another replica) worked out from their payloads in the store."""
+        if lease.expected is not None:
+            return lease.expected
+        payloads = self.store.request_payloads(lease.batch_id, seqs)
+        return {seq: lease.workload.expectation(p) for seq, p in payloads.items()}
 
     def _bad_results(self, vehicle_id: str, problem: str) -> ResultAck:
         """Refuse a chunk whose results cannot be right, and count it against the car."""
@@ -537,10 +542,7 @@ class WorkService:
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ProgressAck(error=_unknown_lease(msg.lease_id))
-        expected = lease.expected
-        if expected is None:  # granted by another replica: ask the store
-            payloads = self.store.request_payloads(lease.batch_id, msg.seqs)
-            expected = {seq: lease.workload.expectation(p) for seq, p in payloads.items()}
+        expected = self._expected(lease, msg.seqs)
         try:
             data = msg.data()
         except ValueError:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from idlefleet.coordinator.errors import InvalidRequest, NotFound, json_kind
+from idlefleet.coordinator.errors import InvalidRequest, NotFound, invalid_type
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatJob", "validate_chat_body"]
 
@@ -90,14 +90,6 @@ class ChatJob:
     include_usage: bool = False
 
 
-def _invalid_type(param: str, expected: str, value: object) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {json_kind(value)} instead.",
-        code="invalid_type",
-        param=param,
-    )
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -111,7 +103,7 @@ def _number(body: Mapping[str, Any], name: str, low: float, high: float, default
     if value is None:
         return default
     if not _is_number(value):
-        raise _invalid_type(name, "a number", value)
+        raise invalid_type(name, "a number", value)
     if not low <= value <= high:  # NaN too (json.loads reads it)
         raise InvalidRequest(
             f"Invalid '{name}': {value} is out of range; it must be between {low} and {high}.",
@@ -133,12 +125,12 @@ def _content(message: Mapping[str, Any], index: int) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _invalid_type(param, "a string or an array of content parts", content)
+        raise invalid_type(param, "a string or an array of content parts", content)
     texts = []
     for k, part in enumerate(content):
         where = f"{param}[{k}]"
         if not isinstance(part, dict):
-            raise _invalid_type(where, "an object", part)
+            raise invalid_type(where, "an object", part)
         kind = part.get("type")
         if kind != "text":
             if kind in ("image_url", "input_audio", "file", "input_image"):
@@ -155,7 +147,7 @@ def _content(message: Mapping[str, Any], index: int) -> str:
             )
         text = part.get("text")
         if not isinstance(text, str):
-            raise _invalid_type(f"{where}.text", "a string", text)
+            raise invalid_type(f"{where}.text", "a string", text)
         texts.append(text)
     return "".join(texts)
 
@@ -169,7 +161,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
             param="messages",
         )
     if not isinstance(value, list):
-        raise _invalid_type("messages", "an array", value)
+        raise invalid_type("messages", "an array", value)
     if not value:
         raise InvalidRequest(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
@@ -180,7 +172,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise _invalid_type(f"messages[{i}]", "an object", message)
+            raise invalid_type(f"messages[{i}]", "an object", message)
         unknown = sorted(set(message) - {"role", "content", "name"})
         if unknown:
             raise InvalidRequest(
@@ -189,7 +181,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
             )
         role = message.get("role")
         if not isinstance(role, str):
-            raise _invalid_type(f"messages[{i}].role", "a string", role)
+            raise invalid_type(f"messages[{i}].role", "a string", role)
         if role not in _ROLES:
             supported = ", ".join(f"'{r}'" for r in _ROLES)
             raise InvalidRequest(
@@ -199,7 +191,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
             )
         name = message.get("name")
         if name is not None and not isinstance(name, str):
-            raise _invalid_type(f"messages[{i}].name", "a string", name)
+            raise invalid_type(f"messages[{i}].name", "a string", name)
         out.append((_ROLES[role], _content(message, i)))
     return tuple(out)
 
@@ -210,7 +202,7 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
         if value is None:
             continue
         if not _is_int(value):
-            raise _invalid_type(name, "an integer", value)
+            raise invalid_type(name, "an integer", value)
         if value < 1:
             raise InvalidRequest(
                 f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got "
@@ -228,7 +220,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise _invalid_type("stop", "a string or an array of strings", value)
+        raise invalid_type("stop", "a string or an array of strings", value)
     if len(items) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(
             f"Invalid 'stop': array too long. Expected an array with maximum length "
@@ -238,7 +230,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         )
     for k, item in enumerate(items):
         if not isinstance(item, str):
-            raise _invalid_type(f"stop[{k}]", "a string", item)
+            raise invalid_type(f"stop[{k}]", "a string", item)
         if not item or len(item) > MAX_STOP_CHARS:
             raise InvalidRequest(
                 f"Invalid 'stop[{k}]': a stop sequence has 1 to {MAX_STOP_CHARS} characters.",
@@ -256,7 +248,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
     raised.
     """
     if not isinstance(body, dict):
-        raise _invalid_type("body", "an object", body)
+        raise invalid_type("body", "an object", body)
     unsupported = sorted(key for key in body if key in _UNSUPPORTED)
     if unsupported:
         raise InvalidRequest(
@@ -274,7 +266,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
             "Missing required parameter: 'model'.", code="missing_required_parameter", param="model"
         )
     if not isinstance(name, str):
-        raise _invalid_type("model", "a string", name)
+        raise invalid_type("model", "a string", name)
     model = canonical_model(name)
     if model is None:
         raise NotFound(
@@ -293,11 +285,11 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
         )
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
-        raise _invalid_type("seed", "an integer", seed)
+        raise invalid_type("seed", "an integer", seed)
     n = body.get("n")
     if n is not None:
         if not _is_int(n):
-            raise _invalid_type("n", "an integer", n)
+            raise invalid_type("n", "an integer", n)
         if n != 1:
             raise InvalidRequest(
                 f"Invalid 'n': {n} completions per request are not supported; send 1 (or "
@@ -309,7 +301,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
         value = body.get(penalty)
         if value is not None:
             if not _is_number(value):
-                raise _invalid_type(penalty, "a number", value)
+                raise invalid_type(penalty, "a number", value)
             if value != 0:
                 raise InvalidRequest(
                     f"Invalid '{penalty}': only 0 is supported by this service.",
@@ -319,7 +311,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
     logprobs = body.get("logprobs")
     if logprobs is not None:
         if not isinstance(logprobs, bool):
-            raise _invalid_type("logprobs", "a boolean", logprobs)
+            raise invalid_type("logprobs", "a boolean", logprobs)
         if logprobs:
             raise InvalidRequest(
                 "Invalid 'logprobs': log probabilities are not supported by this service.",
@@ -328,11 +320,11 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
             )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise _invalid_type("user", "a string", user)
+        raise invalid_type("user", "a string", user)
     stop = _stop(body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _invalid_type("stream", "a boolean", stream)
+        raise invalid_type("stream", "a boolean", stream)
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
@@ -343,7 +335,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
                 param="stream_options",
             )
         if not isinstance(options, dict):
-            raise _invalid_type("stream_options", "an object", options)
+            raise invalid_type("stream_options", "an object", options)
         extra = sorted(set(options) - {"include_usage"})
         if extra:
             raise InvalidRequest(
@@ -352,7 +344,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
             )
         usage = options.get("include_usage")
         if usage is not None and not isinstance(usage, bool):
-            raise _invalid_type("stream_options.include_usage", "a boolean", usage)
+            raise invalid_type("stream_options.include_usage", "a boolean", usage)
         include_usage = bool(usage)
     return ChatJob(
         model=model,

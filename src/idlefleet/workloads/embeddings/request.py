@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from idlefleet.coordinator.errors import InvalidRequest, NotFound, json_kind
+from idlefleet.coordinator.errors import InvalidRequest, NotFound, invalid_type
 from idlefleet.models.catalog import MINILM, resolve_model
 
 __all__ = [
@@ -96,14 +96,6 @@ def canonical_model(name: str) -> str | None:
     return info.id if info else None
 
 
-def _invalid_type(param: str, expected: str, value: object) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {json_kind(value)} instead.",
-        code="invalid_type",
-        param=param,
-    )
-
-
 def _missing(param: str) -> InvalidRequest:
     return InvalidRequest(
         f"Missing required parameter: '{param}'.",
@@ -129,7 +121,7 @@ def _validate_model(body: Mapping[str, object]) -> str:
         raise _missing("model")
     name = body["model"]
     if not isinstance(name, str):
-        raise _invalid_type("model", "a string", name)
+        raise invalid_type("model", "a string", name)
     canonical = canonical_model(name)
     if canonical is None:
         raise NotFound(
@@ -149,7 +141,7 @@ def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
         _check_input_bytes([value])
         return (value,), True
     if not isinstance(value, list):
-        raise _invalid_type("input", "a string or an array of strings", value)
+        raise invalid_type("input", "a string or an array of strings", value)
     if not value:
         raise InvalidRequest(_EMPTY_INPUT_MESSAGE)
     if len(value) > MAX_INPUTS_PER_REQUEST:
@@ -172,7 +164,7 @@ def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
                 code="unsupported_value",
                 param="input",
             )
-        raise _invalid_type(f"input[{index}]", "a string", item)
+        raise invalid_type(f"input[{index}]", "a string", item)
     _check_input_bytes(value)
     return tuple(value), False
 
@@ -197,7 +189,7 @@ def _validate_encoding_format(body: Mapping[str, object]) -> EncodingFormat:
     if value is None:
         return "float"
     if not isinstance(value, str):
-        raise _invalid_type("encoding_format", "a string", value)
+        raise invalid_type("encoding_format", "a string", value)
     if value == "float":
         return "float"
     if value == "base64":
@@ -214,7 +206,7 @@ def _validate_dimensions(body: Mapping[str, object]) -> None:
     if value is None:
         return
     if not _is_token_id(value):
-        raise _invalid_type("dimensions", "an integer", value)
+        raise invalid_type("dimensions", "an integer", value)
     if value != EMBEDDING_DIMENSIONS:
         raise InvalidRequest(
             f"This model does not support specifying dimensions other than {EMBEDDING_DIMENSIONS}.",
@@ -231,7 +223,7 @@ def validate_embedding_body(body: object) -> EmbeddingJob:
     model, input, encoding_format, dimensions, user) and the first failure is raised.
     """
     if not isinstance(body, dict):
-        raise _invalid_type("body", "an object", body)
+        raise invalid_type("body", "an object", body)
     unknown = sorted(key for key in body if key not in _KNOWN_FIELDS)
     if unknown:
         noun = "argument" if len(unknown) == 1 else "arguments"
@@ -242,5 +234,5 @@ def validate_embedding_body(body: object) -> EmbeddingJob:
     _validate_dimensions(body)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise _invalid_type("user", "a string", user)
+        raise invalid_type("user", "a string", user)
     return EmbeddingJob(model=model, texts=texts, encoding_format=encoding_format, single=single)
