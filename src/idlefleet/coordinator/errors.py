@@ -26,6 +26,7 @@ OpenAI does), 429 is ``requests`` and 5xx are ``server_error``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 __all__ = [
@@ -38,8 +39,11 @@ __all__ = [
     "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
+    "array_too_long",
     "invalid_type",
     "json_kind",
+    "missing_parameter",
+    "model_of",
 ]
 
 
@@ -151,3 +155,37 @@ def invalid_type(param: str, expected: str, value: object) -> InvalidRequest:
         code="invalid_type",
         param=param,
     )
+
+
+def missing_parameter(param: str) -> InvalidRequest:
+    """OpenAI's 400 for an absent field ("Missing required parameter: 'x'.")."""
+    return InvalidRequest(
+        f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
+    )
+
+
+def array_too_long(param: str, limit: int, length: int) -> InvalidRequest:
+    """OpenAI's 400 for an array over its maximum length (``array_above_max_length``)."""
+    return InvalidRequest(
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+        f"but got an array with length {length} instead.",
+        code="array_above_max_length",
+        param=param,
+    )
+
+
+def model_of(body: Mapping[str, object], canonical: Callable[[str], str | None]) -> str:
+    """The canonical id of a body's ``model`` (``canonical`` resolves names and aliases), or
+    OpenAI's error: 400 if absent or not a string, 404 ``model_not_found`` if not served."""
+    name = body.get("model")
+    if name is None:
+        raise missing_parameter("model")
+    if not isinstance(name, str):
+        raise invalid_type("model", "a string", name)
+    model = canonical(name)
+    if model is None:
+        raise NotFound(
+            f"The model `{name}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+    return model

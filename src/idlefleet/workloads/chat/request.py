@@ -30,7 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from idlefleet.coordinator.errors import InvalidRequest, NotFound, invalid_type
+from idlefleet.coordinator.errors import (
+    InvalidRequest,
+    array_too_long,
+    invalid_type,
+    missing_parameter,
+    model_of,
+)
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatJob", "validate_chat_body"]
 
@@ -117,11 +123,7 @@ def _content(message: Mapping[str, Any], index: int) -> str:
     param = f"messages[{index}].content"
     content = message.get("content")
     if content is None:
-        raise InvalidRequest(
-            f"Missing required parameter: '{param}'.",
-            code="missing_required_parameter",
-            param=param,
-        )
+        raise missing_parameter(param)
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -155,11 +157,7 @@ def _content(message: Mapping[str, Any], index: int) -> str:
 def _messages(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     value = body.get("messages")
     if value is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'messages'.",
-            code="missing_required_parameter",
-            param="messages",
-        )
+        raise missing_parameter("messages")
     if not isinstance(value, list):
         raise invalid_type("messages", "an array", value)
     if not value:
@@ -222,12 +220,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     if not isinstance(items, list):
         raise invalid_type("stop", "a string or an array of strings", value)
     if len(items) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(
-            f"Invalid 'stop': array too long. Expected an array with maximum length "
-            f"{MAX_STOP_SEQUENCES}, but got an array with length {len(items)} instead.",
-            code="array_above_max_length",
-            param="stop",
-        )
+        raise array_too_long("stop", MAX_STOP_SEQUENCES, len(items))
     for k, item in enumerate(items):
         if not isinstance(item, str):
             raise invalid_type(f"stop[{k}]", "a string", item)
@@ -260,19 +253,7 @@ def validate_chat_body(body: object, canonical_model: Any) -> ChatJob:
     if unknown:
         noun = "argument" if len(unknown) == 1 else "arguments"
         raise InvalidRequest(f"Unrecognized request {noun} supplied: {', '.join(unknown)}")
-    name = body.get("model")
-    if name is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'model'.", code="missing_required_parameter", param="model"
-        )
-    if not isinstance(name, str):
-        raise invalid_type("model", "a string", name)
-    model = canonical_model(name)
-    if model is None:
-        raise NotFound(
-            f"The model `{name}` does not exist or you do not have access to it.",
-            code="model_not_found",
-        )
+    model = model_of(body, canonical_model)
     messages = _messages(body)
     max_tokens = _max_tokens(body)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)

@@ -43,7 +43,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from idlefleet.coordinator.errors import InvalidRequest, NotFound, invalid_type
+from idlefleet.coordinator.errors import (
+    InvalidRequest,
+    array_too_long,
+    invalid_type,
+    missing_parameter,
+    model_of,
+)
 from idlefleet.models.catalog import MINILM, resolve_model
 
 __all__ = [
@@ -96,14 +102,6 @@ def canonical_model(name: str) -> str | None:
     return info.id if info else None
 
 
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"Missing required parameter: '{param}'.",
-        code="missing_required_parameter",
-        param=param,
-    )
-
-
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -116,24 +114,9 @@ def _looks_like_tokens(items: list[object]) -> bool:
     )
 
 
-def _validate_model(body: Mapping[str, object]) -> str:
-    if "model" not in body or body["model"] is None:
-        raise _missing("model")
-    name = body["model"]
-    if not isinstance(name, str):
-        raise invalid_type("model", "a string", name)
-    canonical = canonical_model(name)
-    if canonical is None:
-        raise NotFound(
-            f"The model `{name}` does not exist or you do not have access to it.",
-            code="model_not_found",
-        )
-    return canonical
-
-
 def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
     if "input" not in body or body["input"] is None:
-        raise _missing("input")
+        raise missing_parameter("input")
     value = body["input"]
     if isinstance(value, str):
         if not value:
@@ -145,12 +128,7 @@ def _validate_input(body: Mapping[str, object]) -> tuple[tuple[str, ...], bool]:
     if not value:
         raise InvalidRequest(_EMPTY_INPUT_MESSAGE)
     if len(value) > MAX_INPUTS_PER_REQUEST:
-        raise InvalidRequest(
-            f"Invalid 'input': array too long. Expected an array with maximum length "
-            f"{MAX_INPUTS_PER_REQUEST}, but got an array with length {len(value)} instead.",
-            code="array_above_max_length",
-            param="input",
-        )
+        raise array_too_long("input", MAX_INPUTS_PER_REQUEST, len(value))
     for index, item in enumerate(value):
         if isinstance(item, str):
             if not item:
@@ -228,7 +206,7 @@ def validate_embedding_body(body: object) -> EmbeddingJob:
     if unknown:
         noun = "argument" if len(unknown) == 1 else "arguments"
         raise InvalidRequest(f"Unrecognized request {noun} supplied: {', '.join(unknown)}")
-    model = _validate_model(body)
+    model = model_of(body, canonical_model)
     texts, single = _validate_input(body)
     encoding_format = _validate_encoding_format(body)
     _validate_dimensions(body)
