@@ -77,6 +77,7 @@ class ScriptedRunner(UnitRunner):
         prepared: Any = None,
         progress: Sequence[bytes | None] | None = None,
         report: Any = None,
+        report_every_s: float | None = None,
     ) -> RunOutcome:
         self.ran.append((list(payloads), lease_id, prepared))
         self.progress_given.append(list(progress or []))
@@ -288,6 +289,7 @@ class HeldRunner(ScriptedRunner):
         prepared: Any = None,
         progress: Sequence[bytes | None] | None = None,
         report: Any = None,
+        report_every_s: float | None = None,
     ) -> RunOutcome:
         if not self.ran:
             self.hold.wait(5)
@@ -361,18 +363,85 @@ def test_a_grant_of_a_model_without_a_runner_is_refused_as_an_error(tmp_path: Pa
     assert agent._refusal(grant(UNIT)) == "policy: opted out"  # the default policy
 
 
-def online(agent: VehicleAgent, message: WireModel | bytes) -> RunReply:
+def online_replies(
+    agent: VehicleAgent, message: WireModel | bytes, reply: str = "_INBOX.test"
+) -> tuple[list[RunReply], RunReply | None]:
+    """The partial replies the agent published to the request's inbox, and its final one."""
+
     class Incoming:
         def __init__(self) -> None:
             self.data = message if isinstance(message, bytes) else encode(message)
-            self.response = b""
+            self.reply = reply
+            self.response: bytes | None = None
 
         async def respond(self, data: bytes) -> None:
             self.response = data
 
-    incoming = Incoming()
+    class Wire:
+        def __init__(self) -> None:
+            self.published: list[tuple[str, bytes]] = []
+
+        async def publish(self, subject: str, data: bytes) -> None:
+            self.published.append((subject, data))
+
+    incoming, wire = Incoming(), Wire()
+    agent.nc = wire  # type: ignore[assignment]  # a Client as far as online requests use it
     asyncio.run(agent._on_run(incoming))  # type: ignore[arg-type]  # a Msg as far as it reads
-    return decode(RunReply, incoming.response)
+    assert {subject for subject, _ in wire.published} <= {reply}
+    partials = [decode(RunReply, data) for _, data in wire.published]
+    final = None if incoming.response is None else decode(RunReply, incoming.response)
+    return partials, final
+
+
+def online(agent: VehicleAgent, message: WireModel | bytes) -> RunReply:
+    _, final = online_replies(agent, message)
+    assert final is not None
+    return final
+
+
+def test_an_online_request_reports_progress_and_resumes_from_what_it_is_given(
+    make_agent: Any,
+) -> None:
+    runner = ScriptedRunner(report=True)
+    agent, _ = make_agent(runner)
+    request = RunRequest(
+        request_id="r1",
+        kind="embeddings",
+        model=MINILM.id,
+        payload="xyz",
+        progress_b64=pack(b"so far"),
+        stream=True,
+    )
+
+    partials, final = online_replies(agent, request)
+
+    assert runner.progress_given == [[b"so far"]]
+    assert [(p.partial, p.progress()) for p in partials] == [(True, b"half of xyz")]
+    assert final is not None and final.error is None and final.data() == b"xyz"
+
+
+def test_an_online_request_stopped_midway_hands_back_its_progress(make_agent: Any) -> None:
+    runner = ScriptedRunner(report=True, refuse=True)
+    agent, _ = make_agent(runner)
+
+    _, final = online_replies(
+        agent, RunRequest(request_id="r1", kind="embeddings", model=MINILM.id, payload="xyz")
+    )
+
+    assert final is not None and final.error is not None
+    assert final.error.code == "vehicle_paused"
+    assert final.progress() == b"half of xyz"  # the next car goes on from here
+
+
+def test_an_online_request_without_an_inbox_is_ignored(make_agent: Any) -> None:
+    runner = ScriptedRunner()
+    agent, _ = make_agent(runner)
+
+    partials, final = online_replies(
+        agent, RunRequest(request_id="r1", kind="embeddings", model=MINILM.id, payload="x"), ""
+    )
+
+    assert (partials, final, runner.ran) == ([], None, [])
 
 
 def test_an_online_request_is_answered_with_its_result_bytes(make_agent: Any) -> None:

@@ -300,13 +300,15 @@ def test_reported_errors_are_capped() -> None:
 
 def test_unsupported_batch_endpoint_is_a_400_invalid_value() -> None:
     with pytest.raises(InvalidRequest) as caught:
-        validate_batch_endpoint("/v1/chat/completions")
+        validate_batch_endpoint("/v1/responses")
 
     assert (caught.value.code, caught.value.param) == ("invalid_value", "endpoint")
     assert caught.value.message == (
-        "Invalid value: '/v1/chat/completions'. Supported values are: '/v1/embeddings'."
+        "Invalid value: '/v1/responses'. Supported values are: "
+        "'/v1/embeddings', '/v1/chat/completions'."
     )
     assert validate_batch_endpoint(ENDPOINT) == ENDPOINT
+    assert validate_batch_endpoint("/v1/chat/completions") == "/v1/chat/completions"
 
 
 def test_failed_batch_errors_validate_as_the_sdk_batch_errors_field() -> None:

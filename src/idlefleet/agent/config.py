@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from idlefleet.models.catalog import MODELS
 from idlefleet.protocol.messages import Hardware
 from idlefleet.protocol.seeds import nats_servers
 from idlefleet.protocol.subjects import is_valid_vehicle_id
@@ -34,6 +35,9 @@ class AgentConfig:
     (in the state source's clock). BOINC's Android client waits five minutes."""
     battery_kwh: float = 75.0
     """Usable traction-battery capacity, to turn compute energy into state of charge."""
+    models: tuple[str, ...] = ()
+    """The catalogue's models this car serves (loads, registers and asks work for); empty:
+    every model of the catalogue."""
 
     def __post_init__(self) -> None:
         if not is_valid_vehicle_id(self.vehicle_id):
@@ -51,3 +55,10 @@ class AgentConfig:
             raise ValueError("resume_after_s must be between 0 and 86400 seconds")
         if not 1 <= self.battery_kwh <= 1000:
             raise ValueError("battery_kwh must be between 1 and 1000")
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; the catalogue has {', '.join(MODELS)}")
+
+    def served_models(self) -> tuple[str, ...]:
+        """What ``models`` says, in catalogue order (every model if it is empty)."""
+        return tuple(m for m in MODELS if not self.models or m in self.models)

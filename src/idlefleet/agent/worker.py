@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
 import logging
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,11 @@ from idlefleet.workloads.base import ItemResult, PlannedRun, UnitRunner
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0
+ONLINE_REPORT_S = 1.0
+"""How often an online request's run reports its progress: the coordinator keeps it, so a car
+that leaves loses at most this much, and hears from the car at least this often."""
+ONLINE_STREAM_REPORT_S = 0.0
+"""The same for a streamed request: after every step (the client is watching)."""
 WIND_DOWN_S = 8.0
 """On a stop, how long the agent may take to report what finished and give its leases back
 (the embedded fleet waits 10 s after SIGTERM before it kills an agent)."""
@@ -383,13 +389,17 @@ class VehicleAgent:
             ]
             outcome = await loop.run_in_executor(
                 self._compute,
-                self.runners[grant.model].run,
-                self.gate,
-                [item.payload for item in chunk],
-                lease_id,
-                run.prepared,
-                progress,
-                report,
+                functools.partial(
+                    self.runners[grant.model].run,
+                    self.gate,
+                    [item.payload for item in chunk],
+                    lease_id,
+                    run.prepared,
+                    progress,
+                    report,
+                    # Progress extends the lease: report well inside it.
+                    report_every_s=grant.lease_seconds / 3 if grant.lease_seconds > 0 else None,
+                ),
             )
         except Exception as exc:  # one bad unit must not end the agent's work
             log.exception("%s: a run of %s failed; releasing it", self.config.vehicle_id, lease_id)
@@ -557,11 +567,15 @@ class VehicleAgent:
 
     # -- online requests -----------------------------------------------------------------------
     async def _on_run(self, msg: Msg) -> None:
+        """Run an online request: partial replies while it runs (progress), then the result."""
+        if not msg.reply:
+            return  # nobody to answer (not the coordinator's request)
         try:
             request = decode(RunRequest, msg.data)
-        except ProtocolError as exc:
+            progress = request.progress()
+        except ValueError as exc:  # ProtocolError, or progress_b64 not base64
             await msg.respond(
-                encode(RunReply(error=WireError(code="bad_message", message=str(exc))))
+                encode(RunReply(error=WireError(code="bad_message", message=str(exc)[:500])))
             )
             return
         runner = self.runners.get(request.model)
@@ -573,26 +587,52 @@ class VehicleAgent:
                     message=f"model {request.model} of {request.kind} not here",
                 )
             )
-        else:
-            loop = asyncio.get_running_loop()
-            try:
-                outcome = await loop.run_in_executor(
-                    self._online, runner.run, self.gate, [request.payload], None
+            await msg.respond(encode(reply))
+            return
+        assert self.nc is not None
+        nc, loop = self.nc, asyncio.get_running_loop()
+        latest: list[bytes] = []
+
+        def publish(data: bytes) -> None:  # on the loop
+            latest[:] = [data]
+            partial = RunReply(partial=True, progress_b64=pack(data))
+            task = asyncio.ensure_future(nc.publish(msg.reply, encode(partial)))
+            self._progress_sends.add(task)
+            task.add_done_callback(self._progress_sends.discard)
+
+        def report(parts: list[tuple[int, bytes]]) -> None:  # on the online thread
+            for _, data in parts:
+                loop.call_soon_threadsafe(publish, data)
+
+        try:
+            outcome = await loop.run_in_executor(
+                self._online,
+                functools.partial(
+                    runner.run,
+                    self.gate,
+                    [request.payload],
+                    None,
+                    progress=None if progress is None else [progress],
+                    report=report,
+                    report_every_s=ONLINE_STREAM_REPORT_S if request.stream else ONLINE_REPORT_S,
+                ),
+            )
+            await asyncio.sleep(0)  # the last reports' publishes go out before the reply
+            result = outcome.results[0] if outcome.complete else None
+            if result is not None:
+                reply = RunReply(token_count=result.tokens, data_b64=pack(result.data))
+            else:
+                # The coordinator goes on on another car, from the progress reported.
+                reply = RunReply(
+                    progress_b64=pack(latest[0]) if latest else "",
+                    error=WireError(
+                        code="vehicle_paused",
+                        message=f"vehicle may not compute: {self.gate.verdict.summary()}",
+                    ),
                 )
-                result = outcome.results[0] if outcome.complete else None
-                if result is not None:
-                    reply = RunReply(token_count=result.tokens, data_b64=pack(result.data))
-                else:
-                    # The coordinator fails over to another car on an error reply.
-                    reply = RunReply(
-                        error=WireError(
-                            code="vehicle_paused",
-                            message=f"vehicle may not compute: {self.gate.verdict.summary()}",
-                        )
-                    )
-            except Exception as exc:  # the car answers with an error rather than silence
-                log.exception("online request failed")
-                reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
+        except Exception as exc:  # the car answers with an error rather than silence
+            log.exception("online request failed")
+            reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
 
 

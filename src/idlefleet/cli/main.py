@@ -29,6 +29,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _model_list(text: str) -> tuple[str, ...]:
+    """``--models``: catalogue ids or aliases, comma-separated; ``all``: every model (``()``)."""
+    from idlefleet.models.catalog import MODELS, resolve_model
+
+    if text.strip() == "all":
+        return ()
+    names = [n.strip() for n in text.split(",")]
+    models = []
+    for name in names:
+        info = resolve_model(name)
+        if info is None:
+            raise argparse.ArgumentTypeError(
+                f"unknown model {name!r}; the catalogue has {', '.join(MODELS)} (or 'all')"
+            )
+        models.append(info.id)
+    return tuple(dict.fromkeys(models))
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -72,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, default=Path(".idlefleet"), help="state directory")
     up.add_argument("--agents", type=_positive_int, default=2, help="vehicle agents (default 2)")
     up.add_argument("--threads", type=_positive_int, default=1, help="ONNX threads per agent")
+    up.add_argument(
+        "--models",
+        type=_model_list,
+        default=(),
+        help="comma-separated models the agents serve (default: every model of the catalogue)",
+    )
     up.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     up.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000; demo: free)")
     up.add_argument("--lease-seconds", type=_positive_float, default=30.0)
@@ -168,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--memory-gb", type=_positive_float, default=4.0)
     ag.add_argument("--power-w", type=_positive_float, default=65.0)
     ag.add_argument("--max-unit", type=_positive_int, default=256)
+    ag.add_argument(
+        "--models",
+        type=_model_list,
+        default=(),
+        help="comma-separated models this car serves (default: every model of the catalogue)",
+    )
     state = ag.add_mutually_exclusive_group(required=True)
     state.add_argument(
         "--trace", type=Path, help="replay this state trace (JSON Lines) as the car's VSS state"
@@ -268,7 +298,7 @@ def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.supervise import AgentTaskDied
     from idlefleet.agent.worker import VehicleAgent
     from idlefleet.protocol.messages import Hardware
-    from idlefleet.workloads import WORKLOADS
+    from idlefleet.workloads import for_model
 
     config = AgentConfig(
         vehicle_id=args.vehicle_id,
@@ -285,15 +315,17 @@ def _agent(args: argparse.Namespace) -> int:
         chunk_requests=min(64, args.max_unit),
         resume_after_s=args.resume_after,
         battery_kwh=args.battery_kwh,
+        models=args.models,
     )
     source = _state_source(args)
-    # The car serves every model of every workload (one, today), each loaded before the agent
-    # registers it, so that registering never promises a model that cannot run.
-    runners = {
-        model: workload.runner(model, config.cache_dir, config.threads)
-        for workload in WORKLOADS.values()
-        for model in workload.models()
-    }
+    # Each model is loaded before the agent registers it, so that registering never promises
+    # a model that cannot run.
+    runners = {}
+    for model in config.served_models():
+        workload = for_model(model)
+        if workload is None:
+            raise ValueError(f"no workload serves model {model}")
+        runners[model] = workload.runner(model, config.cache_dir, config.threads)
 
     async def serve() -> None:
         stop = asyncio.Event()

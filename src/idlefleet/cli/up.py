@@ -43,6 +43,7 @@ def run_up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir.resolve(),
         agents=args.agents,
         threads=args.threads,
+        models=args.models,
         host=args.host,
         port=port,
         lease_seconds=args.lease_seconds,

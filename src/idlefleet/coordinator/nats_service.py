@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,6 @@ from nats.aio.subscription import Subscription
 
 from idlefleet.coordinator.batching import BatchRunner
 from idlefleet.coordinator.dispatch import Dispatcher
-from idlefleet.coordinator.errors import ServiceUnavailable
 from idlefleet.coordinator.ratelimit import RateLimit, TokenBuckets
 from idlefleet.coordinator.turns import StoreTurns
 from idlefleet.coordinator.work import WorkService
@@ -57,8 +54,6 @@ from idlefleet.protocol.messages import (
     RegisterRequest,
     Release,
     ResultChunk,
-    RunReply,
-    RunRequest,
     WireError,
     WireModel,
     WorkGrant,
@@ -66,8 +61,6 @@ from idlefleet.protocol.messages import (
 )
 from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
-from idlefleet.workloads import Workload
-from idlefleet.workloads.base import Planned
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +201,8 @@ class CoordinatorNats:
             "registrations": self.registrations.items,
             "lookups": self.lookups.items,
             "cars_known": len(self.work.registry),
+            "progress_recorded": self.work.progress_recorded,
+            "resumed_with_progress": self.work.resumed,
             "slow_in_flight": self._slow,
         }
 
@@ -465,66 +460,3 @@ def _error_bytes(code: str, message: str) -> bytes:
 
 def _not_registered(vehicle_id: str) -> WireError:
     return WireError(code="not_registered", message=f"vehicle {vehicle_id} must register first")
-
-
-class OnlineRouter:
-    """Sends online requests to live vehicles, round-robin, failing over."""
-
-    def __init__(self, nc: Client, work: WorkService, timeout_s: float = 30.0) -> None:
-        self.nc = nc
-        self.work = work
-        self.timeout_s = timeout_s
-        self._rr = itertools.count()
-
-    async def run(self, workload: Workload, planned: Planned) -> tuple[bytes, int]:
-        """Run ``planned`` on a car: its result, checked by the workload as a batch result
-        is, and its tokens. A car's error, silence or a result that fails the check moves the
-        request to the next car (at most three)."""
-        model = planned.model
-        # A paused car (driving, opted out, battery low) would only refuse: ask it never.
-        candidates = self.work.online(model)
-        if not candidates:
-            raise ServiceUnavailable(
-                f"No vehicle serving model '{model}' is available right now; retry later.",
-                code="no_capacity",
-            )
-        start = next(self._rr) % len(candidates)
-        order = candidates[start:] + candidates[:start]
-        request = RunRequest(
-            request_id=f"run_{uuid.uuid4().hex}",
-            kind=workload.kind,
-            model=model,
-            payload=planned.payload,
-        )
-        expected = workload.expectation(planned.payload)
-        last_problem = "no vehicle answered"
-        for vehicle_id in order[:3]:
-            try:
-                raw = await self.nc.request(
-                    subjects.downlink(vehicle_id, Downlink.RUN),
-                    encode(request),
-                    timeout=self.timeout_s,
-                )
-                reply = decode(RunReply, raw.data)
-                result = reply.data()
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-                last_problem = f"{vehicle_id}: {type(exc).__name__}"
-                continue
-            except ValueError as exc:  # ProtocolError, or data_b64 not base64
-                last_problem = f"{vehicle_id}: {exc}"
-                continue
-            if reply.error is not None:
-                last_problem = f"{vehicle_id}: {reply.error.message}"
-                continue
-            problem = workload.check(
-                model, [0], [expected], [len(result)], [reply.token_count], result
-            )
-            if problem is not None:
-                self.work.refused_results[vehicle_id] += 1
-                last_problem = f"{vehicle_id}: {problem}"
-                continue
-            return result, reply.token_count
-        raise ServiceUnavailable(
-            f"The fleet could not serve this request ({last_problem}); retry later.",
-            code="no_capacity",
-        )

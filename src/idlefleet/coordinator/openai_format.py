@@ -27,12 +27,14 @@ import hashlib
 import secrets
 import string
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from idlefleet.coordinator.batch_input import BatchFileError
 from idlefleet.coordinator.errors import IdlefleetError
+
+if TYPE_CHECKING:
+    from idlefleet.coordinator.batch_input import BatchFileError
 
 __all__ = [
     "BATCH_CANCELLED",

@@ -31,7 +31,8 @@ import uvicorn
 
 from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.batches import BatchLimits, BatchService
-from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits, OnlineRouter
+from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
+from idlefleet.coordinator.online import OnlineRouter
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
@@ -141,13 +142,14 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             store.close()
             log.info("replica %s stopped", replica)
 
+    online = OnlineRouter(nc, work)
     app = create_app(
         batches,
         work,
-        OnlineRouter(nc, work),
+        online,
         validate_and_announce,
         edge.push_policy,
-        dispatch_status=lambda: status() | edge.snapshot(),
+        dispatch_status=lambda: status() | edge.snapshot() | online.snapshot(),
         lifespan=lifespan,
     )
     server = uvicorn.Server(

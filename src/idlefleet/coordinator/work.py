@@ -93,6 +93,10 @@ class WorkService:
         self._registry_lock = threading.Lock()
         self._lease_infos = _LeaseInfos()
         self.refused_results: Counter[str] = Counter()
+        self.progress_recorded = 0
+        """Requests' progress kept (a car's report on unfinished work)."""
+        self.resumed = 0
+        """Requests leased with another car's progress (they continue where it stopped)."""
         """Result chunks refused as impossible, per car (this replica's count since it started)."""
         self.live_vehicles = 1
         """Cars seen within the liveness horizon, fleet-wide (refreshed by the coordinator's
@@ -380,6 +384,7 @@ class WorkService:
         # Built from the store's own rows, which were validated when the batch was: no second
         # validation of every payload on the hot path (it was ~40 µs a grant).
         workload = by_endpoint(outcome.endpoint)
+        self.resumed += sum(1 for i in outcome.items if i.progress is not None)
         return WorkGrant.model_construct(
             lease_id=outcome.id,
             batch_id=outcome.batch_id,
@@ -563,6 +568,7 @@ class WorkService:
         )
         if outcome.unknown_lease:
             return ProgressAck(error=_unknown_lease(msg.lease_id))
+        self.progress_recorded += outcome.committed
         return ProgressAck(
             recorded=outcome.committed,
             lease_active=outcome.lease_active,

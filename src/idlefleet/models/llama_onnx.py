@@ -26,9 +26,11 @@ from onnx import TensorProto, helper
 from idlefleet.models.gguf_llama import LlamaConfig
 from idlefleet.models.onnx_graph import GraphWriter
 
-__all__ = ["build_llama_model", "cache_names"]
+__all__ = ["GRAPH_BUILDER_VERSION", "build_llama_model", "cache_names"]
 
 OPSET = 17
+GRAPH_BUILDER_VERSION = 2
+"""Bumped whenever the graph this module builds changes, so cached graphs are rebuilt."""
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
@@ -166,7 +168,9 @@ def build_llama_model(cfg: LlamaConfig, weights: Mapping[str, np.ndarray]) -> on
     x = g.op("Gather", [g.const("token_embd", embedding), "input_ids"], "embed", axis=0)
     heads_shape = _ints(g, "q_heads", [0, 0, cfg.heads, hd])
     kv_shape = _ints(g, "kv_heads", [0, 0, cfg.kv_heads, hd])
-    group = _ints(g, "group_expand", [1, 1, cfg.group, 1, 1])
+    grouped = _ints(g, "grouped", [0, cfg.kv_heads, cfg.group, -1, hd])
+    axis2 = _ints(g, "axis_group", [2])
+    mask_bias5 = g.op("Unsqueeze", [mask_bias, axis2], "mask_bias/5d")  # [B, 1, 1, S, T]
     all_heads = _ints(g, "all_heads", [0, cfg.heads, -1, hd])
     merged = _ints(g, "merged", [0, 0, cfg.dim])
     scale = g.const("attn_scale", np.array(1 / np.sqrt(hd), dtype=np.float32))
@@ -185,22 +189,23 @@ def build_llama_model(cfg: LlamaConfig, weights: Mapping[str, np.ndarray]) -> on
         k_all = g.op("Concat", [f"past_key.{i}", k], f"present_key.{i}", axis=2)
         v_all = g.op("Concat", [f"past_value.{i}", v], f"present_value.{i}", axis=2)
 
-        def expand(t: str, label: str, n: str = n) -> str:
-            wide = g.op("Unsqueeze", [t, _ints(g, f"{n}.{label}.ax2", [2])], f"{n}.{label}/5d")
-            wide = g.op("Expand", [wide, group], f"{n}.{label}/groups")
-            return g.op("Reshape", [wide, all_heads], f"{n}.{label}/heads")
-
-        k_heads, v_heads = expand(k_all, "k"), expand(v_all, "v")
+        # Grouped-query attention without copying the cache per query head: the query heads
+        # of one key/value head are a dimension of their own, [B, kv, group, S, hd], against
+        # the cache as [B, kv, 1, T, hd]; MatMul broadcasts over the group.
+        q5 = g.op("Reshape", [q, grouped], f"{n}.q/groups")
+        k5 = g.op("Unsqueeze", [k_all, axis2], f"{n}.k/5d")
+        v5 = g.op("Unsqueeze", [v_all, axis2], f"{n}.v/5d")
         scores = g.op(
             "MatMul",
-            [q, g.op("Transpose", [k_heads], f"{n}.kT", perm=[0, 1, 3, 2])],
+            [q5, g.op("Transpose", [k5], f"{n}.kT", perm=[0, 1, 2, 4, 3])],
             f"{n}.scores",
         )
         scores = g.op(
-            "Add", [g.op("Mul", [scores, scale], f"{n}.scaled"), mask_bias], f"{n}.masked"
+            "Add", [g.op("Mul", [scores, scale], f"{n}.scaled"), mask_bias5], f"{n}.masked"
         )
         attn = g.op("Softmax", [scores], f"{n}.attn", axis=-1)
-        out = g.op("MatMul", [attn, v_heads], f"{n}.context")
+        out = g.op("MatMul", [attn, v5], f"{n}.context/groups")
+        out = g.op("Reshape", [out, all_heads], f"{n}.context")
         out = g.op("Transpose", [out], f"{n}.context/bshd", perm=[0, 2, 1, 3])
         out = g.op("Reshape", [out, merged], f"{n}.context/merged")
         x = g.op(

@@ -260,7 +260,9 @@ class ReleaseAck(WireModel):
 
 
 class RunRequest(WireModel):
-    """An online request the coordinator sends to one vehicle, to run at once."""
+    """An online request the coordinator sends to one vehicle, to run at once. The vehicle
+    answers on the request's reply subject: zero or more partial :class:`RunReply` (progress),
+    then one final (the result, or an error)."""
 
     request_id: Identifier
     kind: Identifier
@@ -268,20 +270,41 @@ class RunRequest(WireModel):
     model: Identifier
     payload: JsonValue
     """The request's input in its workload's encoding (as ``WorkItem.payload``)."""
+    progress_b64: str | None = None
+    """What a vehicle before this one did of the request (continue from there), as
+    ``WorkItem.progress_b64``."""
+    stream: bool = False
+    """The client is watching: report progress after every step, not now and then."""
+
+    def progress(self) -> bytes | None:
+        """The decoded progress; ``binascii.Error`` (a ``ValueError``) if not strict base64."""
+        if self.progress_b64 is None:
+            return None
+        return binascii.a2b_base64(self.progress_b64, strict_mode=True)
 
 
 class RunReply(WireModel):
-    """A vehicle's answer to a :class:`RunRequest`."""
+    """A vehicle's answer to a :class:`RunRequest`: partial (progress so far) or final."""
 
+    partial: bool = False
+    """Progress, not the end: more replies follow."""
+    progress_b64: str = ""
+    """Partial, or an error after some work: base64 of the request's progress so far, in its
+    workload's encoding (as ``Progress``), for the client to see and the next car to go on."""
     token_count: Annotated[int, Field(ge=0)] = 0
-    """Tokens the request consumed."""
+    """Final: tokens the request consumed."""
     data_b64: str = ""
-    """Base64 of the result in its workload's encoding (as one request of a ``ResultChunk``)."""
+    """Final: base64 of the result in its workload's encoding (as one request of a
+    ``ResultChunk``)."""
     error: WireError | None = None
 
     def data(self) -> bytes:
         """The decoded result; ``binascii.Error`` (a ``ValueError``) if not strict base64."""
         return binascii.a2b_base64(self.data_b64, strict_mode=True)
+
+    def progress(self) -> bytes:
+        """The decoded progress (empty: none); ``binascii.Error`` if not strict base64."""
+        return binascii.a2b_base64(self.progress_b64, strict_mode=True)
 
 
 def pack(data: bytes) -> str:

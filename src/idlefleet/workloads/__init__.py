@@ -7,12 +7,14 @@ here, by its ``kind`` (on the wire), its OpenAI ``endpoint`` (a batch's) or one 
 from __future__ import annotations
 
 from idlefleet.workloads.base import Workload
+from idlefleet.workloads.chat import CHAT
 from idlefleet.workloads.embeddings import EMBEDDINGS
 
 __all__ = ["WORKLOADS", "Workload", "by_endpoint", "for_model"]
 
 _REGISTERED: list[Workload] = [
     EMBEDDINGS,
+    CHAT,
 ]
 WORKLOADS: dict[str, Workload] = {w.kind: w for w in _REGISTERED}
 """Every workload, by kind. Adding one is its module plus one line here."""

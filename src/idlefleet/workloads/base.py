@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Cost",
     "ItemResult",
+    "OnlineStream",
     "Planned",
     "PlannedRun",
     "RunOutcome",
@@ -125,12 +126,31 @@ class UnitRunner(ABC):
         prepared: Any = None,
         progress: Sequence[bytes | None] | None = None,
         report: Callable[[list[tuple[int, bytes]]], None] | None = None,
+        report_every_s: float | None = None,
     ) -> RunOutcome:
         """Run these requests if and while the gate allows it (``gate.begin``/``gate.end``
         around the model; a stop keeps what finished). ``prepared``: the plan's, if any.
         ``progress``: per request, what a car before reported of it (continue from there), or
         None. ``report``: call it now and then with (index, progress) of unfinished requests
         (long runs: the coordinator keeps it and extends the lease); short ones never do."""
+
+
+class OnlineStream(ABC):
+    """An online response streamed as its request runs: the events' JSON payloads (the API
+    sends each as a server-sent event). Built per request by ``Workload.stream_online``."""
+
+    @abstractmethod
+    def start(self) -> list[dict[str, Any]]:
+        """The events sent before the car has done anything."""
+
+    @abstractmethod
+    def progress(self, data: bytes) -> list[dict[str, Any]]:
+        """The events for a car's progress (checked by ``check_progress``); ``ValueError`` if
+        it does not follow what was streamed already (the car is refused, nothing is sent)."""
+
+    @abstractmethod
+    def result(self, data: bytes, tokens: int) -> list[dict[str, Any]]:
+        """The last events, for the result (checked by ``check``); ``ValueError`` as above."""
 
 
 class Workload(ABC):
@@ -203,10 +223,20 @@ class Workload(ABC):
     def render_online(self, planned: Planned, result: bytes, tokens: int) -> dict[str, Any]:
         """The response of an online request."""
 
+    def stream_online(self, planned: Planned) -> OnlineStream | None:
+        """The streamed response of an online request that asked for one (None: it did not,
+        or this workload does not stream)."""
+        return None
+
     # -- the car -------------------------------------------------------------------------------
     @abstractmethod
     def models(self) -> tuple[str, ...]:
         """Canonical ids of the models this workload serves."""
+
+    @abstractmethod
+    def provision(self, model: str, cache_dir: Path) -> None:
+        """Put ``model``'s graph in the car's model cache (``cache_dir``), built or fetched
+        once; a no-op when an intact copy is there. ``runner`` does it too, if needed."""
 
     @abstractmethod
     def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:

@@ -27,8 +27,16 @@ def unit_rows(n: int, seed: int = 0) -> np.ndarray:
 def test_registered_by_kind_endpoint_and_model() -> None:
     assert WORKLOADS["embeddings"] is EMBEDDINGS
     assert by_endpoint("/v1/embeddings") is EMBEDDINGS
-    assert by_endpoint("/v1/chat/completions") is None
+    assert by_endpoint("/v1/chat/completions") is WORKLOADS["chat"]
+    assert by_endpoint("/v1/responses") is None
     assert for_model(MINILM.id) is EMBEDDINGS
+    assert for_model("SmolLM2-135M-Instruct") is WORKLOADS["chat"]
+    # A model serves only its own workload's endpoint.
+    assert EMBEDDINGS.canonical_model("SmolLM2-135M-Instruct") is None
+    assert WORKLOADS["chat"].canonical_model(MINILM.id) is None
+    assert WORKLOADS["chat"].canonical_model("HuggingFaceTB/SmolLM2-135M-Instruct") == (
+        "SmolLM2-135M-Instruct"
+    )
     assert for_model("sentence-transformers/all-MiniLM-L6-v2") is None  # aliases are resolved first
 
 

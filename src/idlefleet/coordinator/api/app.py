@@ -15,10 +15,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol, TypeVar
 
+import orjson
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,6 +38,7 @@ from idlefleet.coordinator.api.shapes import (
 )
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
+from idlefleet.coordinator.online import Watch
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
 from idlefleet.coordinator.store import VehicleRecord
 from idlefleet.coordinator.text_check import (
@@ -55,14 +57,17 @@ from idlefleet.protocol.policy import (
     Purpose,
 )
 from idlefleet.workloads import WORKLOADS, Workload
-from idlefleet.workloads.base import Planned
+from idlefleet.workloads.base import OnlineStream, Planned
 
 log = logging.getLogger(__name__)
 
 
 class OnlineRunner(Protocol):
-    async def run(self, workload: Workload, planned: Planned) -> tuple[bytes, int]:
-        """Run one request on a car now: its result (checked) and its tokens."""
+    async def run(
+        self, workload: Workload, planned: Planned, watch: Watch | None = None
+    ) -> tuple[bytes, int]:
+        """Run one request on a car now: its result (checked) and its tokens; ``watch`` sees
+        its progress as it runs."""
         ...
 
 
@@ -119,6 +124,71 @@ def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI request body of a route that parses ``model`` itself (``_parse_body``)."""
     schema = {"schema": model.model_json_schema()}
     return {"requestBody": {"required": True, "content": {"application/json": schema}}}
+
+
+_END = object()
+
+
+async def _streamed(
+    online: OnlineRunner, workload: Workload, planned: Planned, stream: OnlineStream
+) -> StreamingResponse:
+    """A streamed online response (server-sent events, as OpenAI sends them). The request runs
+    in a task that queues the events; the response starts once the first car has reported (a
+    request no car can take is an HTTP error, not a stream), and an error after that is an
+    ``error`` event. A client that goes away cancels the request."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    class Watch:
+        def progress(self, data: bytes) -> None:
+            for event in stream.progress(data):
+                queue.put_nowait(event)
+
+        def result(self, data: bytes, tokens: int) -> None:
+            for event in stream.result(data, tokens):
+                queue.put_nowait(event)
+
+    async def drive() -> None:
+        try:
+            await online.run(workload, planned, Watch())
+        except IdlefleetError as exc:
+            queue.put_nowait(exc)
+        except Exception:
+            log.exception("a streamed %s request failed", workload.kind)
+            failed = "The server had an error while processing your request."
+            queue.put_nowait(IdlefleetError(failed))
+        queue.put_nowait(_END)
+
+    task = asyncio.create_task(drive())
+    first = await queue.get()
+    if isinstance(first, IdlefleetError):
+        raise first
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            for event in [*stream.start(), first]:
+                if event is not _END:
+                    yield _sse(event)
+            item = first
+            while item is not _END:
+                item = await queue.get()
+                if isinstance(item, IdlefleetError):
+                    yield _sse(item.to_openai())
+                    return
+                if item is not _END:
+                    yield _sse(item)
+            yield b"data: [DONE]\n\n"
+        finally:
+            task.cancel()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def create_app(
@@ -246,8 +316,8 @@ def create_app(
             )
         return model_json(info)
 
-    def online_route(workload: Workload) -> Callable[[Request], Awaitable[dict[str, Any]]]:
-        async def create(request: Request) -> dict[str, Any]:
+    def online_route(workload: Workload) -> Callable[[Request], Awaitable[Any]]:
+        async def create(request: Request) -> Any:
             raw = await request.body()
             try:
                 body = json.loads(raw)
@@ -260,15 +330,20 @@ def create_app(
             planned = workload.plan(body)
             if online is None:
                 raise IdlefleetError("online inference is not configured", code="no_capacity")
-            result, tokens = await online.run(workload, planned)
-            return workload.render_online(planned, result, tokens)
+            stream = workload.stream_online(planned)
+            if stream is None:
+                result, tokens = await online.run(workload, planned)
+                return workload.render_online(planned, result, tokens)
+            return await _streamed(online, workload, planned, stream)
 
         create.__name__ = f"create_{workload.kind}"
         return create
 
     # Every workload's OpenAI endpoint, online (its batches go through /v1/batches).
     for workload in WORKLOADS.values():
-        app.post(workload.endpoint, tags=[workload.kind])(online_route(workload))
+        app.post(workload.endpoint, tags=[workload.kind], response_model=None)(
+            online_route(workload)
+        )
 
     # -- fleet and health ----------------------------------------------------------------------
     @app.get("/fleet/vehicles", tags=["fleet"])

@@ -15,8 +15,9 @@
 - render: OpenAI's ``chat.completion`` object.
 - cost: the prompt's tokens plus ``max_tokens``.
 
-Not registered yet (``idlefleet.workloads``): the car's runner needs progress messages that
-carry the tokens so far and extend the lease before generations longer than a lease can run.
+The car's side is ``runner.py`` (a continuous-batching engine on the model's ONNX graph, built
+from the GGUF once and cached by sha256); its generations report their tokens so far as
+progress, so a car that leaves mid-sentence loses nothing (another continues from there).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import orjson
 
 from idlefleet.coordinator.errors import InvalidRequest
 from idlefleet.coordinator.openai_format import derived_id
-from idlefleet.models.gguf_llama import SMOLLM2_ID, GGUFModel, smollm2_path
-from idlefleet.workloads.base import Cost, Planned, UnitRunner, Workload
+from idlefleet.models.catalog import SMOLLM2, resolve_model
+from idlefleet.models.gguf_llama import GGUFModel, smollm2_path
+from idlefleet.workloads.base import Cost, OnlineStream, Planned, UnitRunner, Workload
 from idlefleet.workloads.chat.request import ChatJob, validate_chat_body
 
 if TYPE_CHECKING:
@@ -43,10 +45,13 @@ if TYPE_CHECKING:
 
 __all__ = ["CHAT", "DEFAULT_MAX_TOKENS", "ChatWorkload"]
 
+DEFAULT_SLOTS = 16
+"""Sequences a car decodes together (bench/llm.py: 16 is where tokens/s stops growing on two
+cores; the key/value cache of 16 full 8k-token contexts of SmolLM2 is 6 GB, of typical ones
+a few hundred MB)."""
 DEFAULT_MAX_TOKENS = 2048
 """Completion tokens when the request names no limit (OpenAI's is the context window; a unit
 of such requests would be unbounded, so ours is this, and never more than the window allows)."""
-ALIASES = {SMOLLM2_ID: SMOLLM2_ID, f"HuggingFaceTB/{SMOLLM2_ID}": SMOLLM2_ID}
 FINISH_REASONS = ("stop", "length")
 
 
@@ -66,7 +71,8 @@ def _model(model: str) -> _Model:
     return _Model(gguf.tokenizer(), gguf.chat_template(), gguf.config.context, gguf.config.vocab)
 
 
-_PATHS = {SMOLLM2_ID: smollm2_path}
+_PATHS = {SMOLLM2.id: smollm2_path}
+"""Each chat model's GGUF (the catalogue's chat models)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class ChatWorkload(Workload):
     endpoint = "/v1/chat/completions"
 
     def canonical_model(self, name: str) -> str | None:
-        return ALIASES.get(name)
+        info = resolve_model(name, self.kind)
+        return info.id if info is not None and info.id in _PATHS else None
 
     def models(self) -> tuple[str, ...]:
         return tuple(_PATHS)
@@ -108,6 +115,7 @@ class ChatWorkload(Workload):
                 param="messages",
             )
         max_tokens = job.max_tokens or min(room, DEFAULT_MAX_TOKENS)
+        nonce = secrets.token_hex(8)
         payload = {
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -116,7 +124,7 @@ class ChatWorkload(Workload):
             "seed": job.seed,
             "stop": list(job.stop),
             # Keys the random stream when there is no seed: the same on every car.
-            "nonce": secrets.token_hex(8),
+            "nonce": nonce,
         }
         cost = Cost(
             inputs=1,
@@ -124,7 +132,9 @@ class ChatWorkload(Workload):
             tokens=len(prompt) + max_tokens,
             compute=len(prompt) + max_tokens,
         )
-        return Planned(model=job.model, payload=payload, options="", cost=cost, job=job)
+        # options: the nonce, from which a batch's completion ids are derived (the same on a render
+        # again after a crash, different for every request).
+        return Planned(model=job.model, payload=payload, options=nonce, cost=cost, job=job)
 
     # -- results -------------------------------------------------------------------------------
     def expectation(self, payload: Any) -> tuple[int, int]:
@@ -203,7 +213,7 @@ class ChatWorkload(Workload):
             parsed = _parse(req.result)
             if isinstance(parsed, str):
                 continue  # checked at commit: cannot happen
-            completion_id = "chatcmpl-" + derived_id("", req.model, req.custom_id, req.seq)[:24]
+            completion_id = "chatcmpl-" + derived_id("", req.options, req.seq)[:24]
             bodies[req.seq] = orjson.dumps(_completion(completion_id, created, req.model, parsed))
         return bodies
 
@@ -215,9 +225,53 @@ class ChatWorkload(Workload):
         completion_id = "chatcmpl-" + derived_id("", job.model, time.time_ns())[:24]
         return _completion(completion_id, int(time.time()), job.model, parsed)
 
+    def stream_online(self, planned: Planned) -> OnlineStream | None:
+        from idlefleet.workloads.chat.stream import ChatStream
+
+        job: ChatJob = planned.job
+        if not job.stream:
+            return None
+        completion_id = "chatcmpl-" + derived_id("", planned.options, time.time_ns())[:24]
+        return ChatStream(
+            completion_id,
+            job.model,
+            _model(job.model).tokenizer,
+            job.stop,
+            job.include_usage,
+            _parse,
+        )
+
     # -- the car -------------------------------------------------------------------------------
+    def provision(self, model: str, cache_dir: Path) -> None:
+        from idlefleet.models.cache import ensure_llama
+
+        ensure_llama(cache_dir, model, _PATHS[model]())
+
     def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
-        raise NotImplementedError("the chat runner lands with progress messages (issue #11)")
+        import onnxruntime as ort
+
+        from idlefleet.models.cache import ModelCache, ensure_llama
+        from idlefleet.workloads.chat.runner import ChatRunner
+
+        path = _PATHS[model]()
+        sha, _ = ensure_llama(cache_dir, model, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The bytes just hashed, not the path: the session runs the graph whose sha256 we know.
+        session = ort.InferenceSession(
+            ModelCache(cache_dir).get(sha), options, providers=["CPUExecutionProvider"]
+        )
+        gguf = GGUFModel(path)
+        return ChatRunner(
+            model,
+            session,
+            gguf.config,
+            gguf.tokenizer(),
+            frozenset({gguf.eos_id}),
+            slots=DEFAULT_SLOTS,
+        )
 
 
 def encode_result(

@@ -71,6 +71,7 @@ class ChatRunner(UnitRunner):
         prepared: Any = None,
         progress: Sequence[bytes | None] | None = None,
         report: Callable[[list[tuple[int, bytes]]], None] | None = None,
+        report_every_s: float | None = None,
     ) -> RunOutcome:
         requests = [self._request(f"{lease_id}/{i}", p) for i, p in enumerate(payloads)]
         for i, earlier in enumerate(progress or ()):
@@ -83,6 +84,7 @@ class ChatRunner(UnitRunner):
         engine = Engine(self.session, self.cfg, self.slots, run_options=step.options)
         index = {r.id: i for i, r in enumerate(requests)}
         tokens: list[list[int]] = [list(r.prefix) for r in requests]
+        every = self.report_every_s if report_every_s is None else report_every_s
         reported_at = time.monotonic()
         finished: list[tuple[str, str] | None] = [None] * len(requests)
         for request in requests:
@@ -100,19 +102,15 @@ class ChatRunner(UnitRunner):
                         if cut is not None:
                             finished[i] = ("stop", cut)
                             engine.cancel(token.request)
-                if report is not None and time.monotonic() - reported_at >= self.report_every_s:
+                if report is not None and time.monotonic() - reported_at >= every:
                     reported_at = time.monotonic()
-                    report(
-                        [
-                            (i, _progress_bytes(tokens[i]))
-                            for i in range(len(requests))
-                            if finished[i] is None and tokens[i]
-                        ]
-                    )
+                    _report(report, tokens, finished)
         except Exception:
             if not step.options.terminate:
                 raise  # a real failure, not the gate's stop
         ended = time.perf_counter()
+        if report is not None and step.options.terminate:
+            _report(report, tokens, finished)  # what the stop cut short, to the last token
         energy = gate.end(step)
         results: list[ItemResult | None] = []
         for i, request in enumerate(requests):
@@ -167,6 +165,17 @@ class ChatRunner(UnitRunner):
         return GenerationRequest(
             request_id, prompt, max_tokens, params, stop_ids=self.stop_ids, key=key
         )
+
+
+def _report(
+    report: Callable[[list[tuple[int, bytes]]], None],
+    tokens: Sequence[Sequence[int]],
+    finished: Sequence[tuple[str, str] | None],
+) -> None:
+    """Report the unfinished generations that have tokens."""
+    parts = [(i, _progress_bytes(t)) for i, t in enumerate(tokens) if finished[i] is None and t]
+    if parts:
+        report(parts)
 
 
 def _progress_bytes(tokens: Sequence[int]) -> bytes:

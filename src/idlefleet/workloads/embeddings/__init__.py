@@ -141,6 +141,11 @@ class EmbeddingsWorkload(Workload):
         return embedding_response(job.model, vectors, tokens, job.encoding_format)
 
     # -- the car -------------------------------------------------------------------------------
+    def provision(self, model: str, cache_dir: Path) -> None:
+        from idlefleet.models.cache import ensure_minilm
+
+        ensure_minilm(cache_dir)
+
     def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
         # Imported here: the coordinator never loads ONNX Runtime or a tokenizer.
         from idlefleet.agent.runtime import Embedder

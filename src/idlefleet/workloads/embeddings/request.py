@@ -98,7 +98,7 @@ class EmbeddingJob:
 
 def canonical_model(name: str) -> str | None:
     """The canonical id for a model name or alias, or None if we do not serve it."""
-    info = resolve_model(name)
+    info = resolve_model(name, "embeddings")
     return info.id if info else None
 
 

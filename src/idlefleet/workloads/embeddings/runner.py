@@ -52,6 +52,7 @@ class EmbeddingRunner(UnitRunner):
         prepared: Any = None,
         progress: Sequence[bytes | None] | None = None,
         report: Callable[[list[tuple[int, bytes]]], None] | None = None,
+        report_every_s: float | None = None,
     ) -> RunOutcome:
         # An embedding run takes well under a lease: it neither reports nor resumes progress.
         texts = _texts_of(payloads)
