@@ -17,7 +17,7 @@ but near-ties), and the batched engine's tokens/s per core against llama.cpp's s
 speed on the same GGUF on this kind of machine (``--anchor``, 114 tokens/s on 1 thread; see
 ../shared/FIELD-NOTES.md). Prompts are prefilled inside the measured time, as in the fleet.
 
-Usage: ``python bench/llm.py [--n 200] [--slots 16] [--json out.json]``; ``--no-fleet`` skips (a).
+Usage: ``python bench/llm.py [--n 200] [--slots 32] [--json out.json]``; ``--no-fleet`` skips (a).
 """
 
 from __future__ import annotations
@@ -199,7 +199,14 @@ def _span(completions: Sequence[Sequence[int]], seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="chat requests (default 200)")
-    parser.add_argument("--slots", type=int, default=16, help="sequences decoded together")
+    from idlefleet.workloads.chat import DEFAULT_SLOTS
+
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=DEFAULT_SLOTS,
+        help=f"sequences decoded together (default {DEFAULT_SLOTS}, as on the cars)",
+    )
     parser.add_argument("--anchor", type=float, default=LLAMA_CPP_1_THREAD)
     parser.add_argument("--no-fleet", action="store_true", help="skip (a), the fleet")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

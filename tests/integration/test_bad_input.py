@@ -174,7 +174,7 @@ def test_unknown_ids_are_404(client: OpenAI) -> None:
 
 def test_bad_batch_parameters_are_400(client: OpenAI) -> None:
     uploaded = client.files.create(file=("a.jsonl", io.BytesIO(_file(_good("a")))), purpose="batch")
-    for endpoint, window in [("/v1/chat/completions", "24h"), ("/v1/embeddings", "1h")]:
+    for endpoint, window in [("/v1/responses", "24h"), ("/v1/embeddings", "1h")]:
         with pytest.raises(openai.BadRequestError):
             client.batches.create(
                 input_file_id=uploaded.id, endpoint=endpoint, completion_window=window

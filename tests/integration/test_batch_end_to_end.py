@@ -93,4 +93,4 @@ def test_batches_list_pages_and_models(client: OpenAI) -> None:
     assert len(first.data) == 2 and first.has_more
     seen = [b.id for b in client.batches.list(limit=2)]  # the SDK follows has_more/after
     assert len(seen) == len(set(seen)) >= 3
-    assert [m.id for m in client.models.list()] == ["all-MiniLM-L6-v2"]
+    assert [m.id for m in client.models.list()] == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"]

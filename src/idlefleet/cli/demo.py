@@ -13,7 +13,7 @@ import numpy as np
 from openai import OpenAI
 from tqdm import tqdm
 
-from idlefleet.models.catalog import MINILM
+from idlefleet.models.catalog import MINILM, SMOLLM2
 
 _SUBJECTS = [
     "The parked car",
@@ -95,10 +95,50 @@ class DemoSummary:
     failed: int
     seconds: float
     vehicles: dict[str, int]
+    chat: ChatDemo | None = None
+
+
+@dataclass
+class ChatDemo:
+    """One streamed chat completion: what came back, in how many chunks and how long."""
+
+    question: str
+    answer: str
+    chunks: int
+    completion_tokens: int
+    seconds: float
 
     @property
     def throughput(self) -> float:
         return self.completed / self.seconds if self.seconds else 0.0
+
+
+CHAT_QUESTION = "In one sentence: why could a parked electric car run AI models?"
+
+
+def run_chat_demo(client: OpenAI) -> ChatDemo:
+    """Stream one chat completion from the fleet (greedy, so the demo's answer is the same
+    every time)."""
+    started = time.monotonic()
+    stream = client.chat.completions.create(
+        model=SMOLLM2.id,
+        messages=[{"role": "user", "content": CHAT_QUESTION}],
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, chunks, tokens = [], 0, 0
+    for chunk in stream:
+        chunks += 1
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    answer = "".join(pieces).strip()
+    if not answer or not tokens:
+        raise RuntimeError("the demo's chat completion came back empty")
+    return ChatDemo(CHAT_QUESTION, answer, chunks, tokens, time.monotonic() - started)
 
 
 def run_demo(
@@ -106,7 +146,9 @@ def run_demo(
     n: int,
     usage_lookup: Callable[[str], dict[str, int]],
     show_progress: bool = True,
+    chat: bool = False,
 ) -> DemoSummary:
+    """The demo batch of ``n`` embeddings; with ``chat``, then one streamed chat completion."""
     client = OpenAI(base_url=f"{base_url}/v1", api_key="idlefleet-local")
     texts = demo_texts(n)
     uploaded = client.files.create(
@@ -145,4 +187,5 @@ def run_demo(
         failed=batch.request_counts.failed,
         seconds=seconds,
         vehicles=usage_lookup(batch.id),
+        chat=run_chat_demo(client) if chat else None,
     )

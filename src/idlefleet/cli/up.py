@@ -130,7 +130,10 @@ def _demo(fleet: EmbeddedFleet, n: int) -> int:
         found = fleet.get(f"/fleet/batches/{batch_id}/vehicles")
         return dict(found["completed_by_vehicle"]) if found else {}
 
-    summary = run_demo(fleet.base_url, n, usage)
+    from idlefleet.models.catalog import SMOLLM2
+
+    models = fleet.options.models
+    summary = run_demo(fleet.base_url, n, usage, chat=not models or SMOLLM2.id in models)
     print()
     print(f"batch        {summary.batch_id}: {summary.status}")
     print(
@@ -142,4 +145,12 @@ def _demo(fleet: EmbeddedFleet, n: int) -> int:
     )
     print(f"wall time    {summary.seconds:.2f} s (create → completed)")
     print(f"throughput   {summary.throughput:.0f} requests/s")
+    if summary.chat is not None:
+        chat = summary.chat
+        print(f"chat         {chat.question}")
+        print(f"             {chat.answer}")
+        print(
+            f"             ({chat.completion_tokens} tokens from a car in {chat.chunks} "
+            f"server-sent events, {chat.seconds:.2f} s)"
+        )
     return 0

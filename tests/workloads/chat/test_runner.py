@@ -49,13 +49,14 @@ def checked(
 
 
 def test_a_plan_covers_every_request_once_longest_prompt_first(runner: ChatRunner) -> None:
-    payloads = [payload("x " * n, max_tokens=4) for n in (1, 30, 5, 12, 3, 40, 2, 8, 9, 20)]
+    sizes = (1, 30, 5, 12, 3, 40, 2, 8, 9, 20, 6, 7, 4, 11, 13, 15, 17, 19)
+    payloads = [payload("x " * n, max_tokens=4) for n in sizes]
     runs = runner.plan(payloads, max_requests=64)
     order = [i for run in runs for i in run.indices]
-    assert sorted(order) == list(range(10))
+    assert sorted(order) == list(range(len(sizes)))
     lengths = [len(payloads[i]["prompt"]) for i in order]
     assert lengths == sorted(lengths, reverse=True)
-    assert all(len(run.indices) <= 8 for run in runs)  # 2 x 4 slots
+    assert [len(run.indices) for run in runs] == [16, 2]  # 4 x 4 slots
     assert all(len(run.indices) <= 3 for run in runner.plan(payloads, max_requests=3))
 
 

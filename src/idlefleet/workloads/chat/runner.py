@@ -1,7 +1,7 @@
 """The car's side of chat completions: a unit's generations on the continuous-batching engine.
 
-A run is a handful of requests (at most ``2 × slots``, so the engine refills its slots from the
-run's own waiting ones); it holds one permit of the compute gate for all its decode steps, and
+A run is some requests (at most ``4 × slots``, so the engine refills its slots from the run's
+own waiting ones); it holds one permit of the compute gate for all its decode steps, and
 the gate's stop (the driver is back) is seen within one step: ONNX Runtime is terminated
 mid-call, or the loop sees the flag between calls. Generations that finished are results; the
 others are not, but every ``report_every_s`` the run reports their tokens so far (the agent sends
@@ -57,10 +57,12 @@ class ChatRunner(UnitRunner):
         """How often a run reports its unfinished generations' tokens (well inside a lease)."""
 
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
-        """Runs of up to ``2 × slots`` requests (and ``max_requests``), longest prompt first."""
+        """Runs of up to ``4 × slots`` requests (and ``max_requests``), longest prompt first:
+        the engine keeps its slots full until a run's last requests, so fewer, longer runs
+        waste less."""
         requests = [self._request(f"{i}", p) for i, p in enumerate(payloads)]
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
-        size = max(1, min(max_requests, 2 * self.slots))
+        size = max(1, min(max_requests, 4 * self.slots))
         return [PlannedRun(order[k : k + size]) for k in range(0, len(order), size)]
 
     def run(
