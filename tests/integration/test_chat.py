@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -103,6 +106,58 @@ def hand_over(fleet: EmbeddedFleet, leaving: str, taking: str) -> None:
 def test_models_lists_the_chat_model(client: OpenAI) -> None:
     ids = [m.id for m in client.models.list().data]
     assert MODEL in ids and "all-MiniLM-L6-v2" in ids
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param"),
+    [
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            400,
+            "messages[0].content[0].type",
+        ),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_tokens": 9000}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+        ({"temperature": 2.5}, 400, "temperature"),
+        ({"top_p": 1.5}, 400, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"n": 2}, 400, "n"),
+        # OpenAI's model_not_found names no param.
+        ({"model": "all-MiniLM-L6-v2"}, 404, None),
+        ({"model": "no-such-model"}, 404, None),
+    ],
+)
+def test_bad_chat_requests_get_openais_errors(
+    client: OpenAI, fields: dict[str, Any], status: int, param: str | None
+) -> None:
+    body = {**chat("Hi"), **fields}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(**body)
+    assert caught.value.status_code == status
+    assert caught.value.body["param"] == param, caught.value.body
+
+
+def test_chat_bodies_that_are_not_unicode_are_400(fleet: EmbeddedFleet) -> None:
+    for body in (
+        b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b"\xff\xfe",
+    ):
+        request = urllib.request.Request(
+            f"{fleet.base_url}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == 400
+        assert json.loads(caught.value.read())["error"]["type"] == "invalid_request_error"
 
 
 def test_a_chat_batch_through_the_sdk(
