@@ -101,19 +101,10 @@ def logit_gap(session: Any, cfg: Any, prompt: list[int], tokens: list[int], at: 
     """The gap between the two best logits for token ``at`` of the uninterrupted completion."""
     import numpy as np
 
-    from idlefleet.models.llama_onnx import cache_names
+    from idlefleet.models.llama_onnx import prefill_feed
 
     ids = prompt + tokens[:at]
-    past, _ = cache_names(cfg.layers)
-    feed: dict[str, Any] = {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "position_ids": np.arange(len(ids), dtype=np.int64)[None, :],
-        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "logits_from": np.array([len(ids) - 1], dtype=np.int64),
-    }
-    for name in past:
-        feed[name] = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), dtype=np.float32)
-    logits = session.run(["logits"], feed)[0][0, -1]
+    logits = session.run(["logits"], prefill_feed(cfg, ids, len(ids) - 1))[0][0, -1]
     top = np.sort(logits)[-2:]
     return float(top[1] - top[0])
 

@@ -100,9 +100,7 @@ def conversations() -> list[list[dict[str, str]]]:
             ]
         )
     for i in range(6):
-        out.append(
-            [{"role": "user", "content": f"{_LONG} Question {i}: what is this text about?"}]
-        )
+        out.append([{"role": "user", "content": f"{_LONG} Question {i}: what is this text about?"}])
     return out
 
 
@@ -116,7 +114,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from idlefleet.models.gguf_llama import GGUFModel, smollm2_path
-    from idlefleet.models.llama_onnx import build_llama_model, cache_names
+    from idlefleet.models.llama_onnx import build_llama_model, prefill_feed
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -131,7 +129,6 @@ def main() -> None:
         build_llama_model(cfg, ours.weights()).SerializeToString(),
         providers=["CPUExecutionProvider"],
     )
-    past, _ = cache_names(cfg.layers)
 
     records: list[dict[str, Any]] = []
     identical = same_prompt = 0
@@ -155,14 +152,7 @@ def main() -> None:
             tokens = generated[0, len(prompt) :].tolist()
             full = torch.tensor([prompt + tokens])
             ref_logits = model(full).logits[0, len(prompt) - 1 : -1].numpy()
-        feed: dict[str, Any] = {
-            "input_ids": np.array([prompt + tokens], dtype=np.int64),
-            "position_ids": np.arange(len(prompt) + len(tokens), dtype=np.int64)[None, :],
-            "attention_mask": np.ones((1, len(prompt) + len(tokens)), dtype=np.int64),
-            "logits_from": np.array([len(prompt) - 1], dtype=np.int64),
-        }
-        for name in past:
-            feed[name] = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), dtype=np.float32)
+        feed = prefill_feed(cfg, prompt + tokens, len(prompt) - 1)
         our_logits = session.run(["logits"], feed)[0][0, :-1]
         diff = float(np.abs(our_logits - ref_logits).max())
         max_diff = max(max_diff, diff)
@@ -180,8 +170,11 @@ def main() -> None:
                 "max_abs_logit_diff": round(diff, 6),
             }
         )
-        print(f"{len(records):2d}: prompt same {our_prompt == prompt}, greedy same {agree}, "
-              f"max |logit diff| {diff:.2e}", flush=True)
+        print(
+            f"{len(records):2d}: prompt same {our_prompt == prompt}, greedy same {agree}, "
+            f"max |logit diff| {diff:.2e}",
+            flush=True,
+        )
     n = len(records)
     print(
         f"{identical}/{n} prompts: our greedy tokens equal transformers' at every one of up to "

@@ -18,6 +18,7 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
+from openai.types import Batch
 
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.workloads.chat import CHAT
@@ -64,6 +65,25 @@ def uninterrupted(local: ChatRunner, bodies: list[dict[str, Any]]) -> list[dict[
     outcome = local.run(allowed_gate(), payloads, "reference")
     assert outcome.complete
     return [json.loads(r.data) for r in outcome.results if r is not None]
+
+
+def submit_chat(client: OpenAI, bodies: list[dict[str, Any]], prefix: str) -> Batch:
+    """A chat batch of ``bodies``, their custom ids ``prefix`` + index."""
+    content = "\n".join(
+        json.dumps(
+            {
+                "custom_id": f"{prefix}{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
+        )
+        for i, body in enumerate(bodies)
+    )
+    uploaded = client.files.create(file=("chat.jsonl", content.encode()), purpose="batch")
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
 
 def chat(content: str, **fields: Any) -> dict[str, Any]:
@@ -171,16 +191,7 @@ def test_a_chat_batch_through_the_sdk(
     ]
     bodies.append(chat("Name three colours.", max_tokens=40, temperature=0.9, seed=11))
     bodies.append(chat("Say hello.", max_tokens=40, temperature=0, stop=["!", "."]))
-    content = "\n".join(
-        json.dumps(
-            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
-        )
-        for i, b in enumerate(bodies)
-    )
-    uploaded = client.files.create(file=("chat.jsonl", content.encode()), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    batch = submit_chat(client, bodies, "c")
     done = wait_for(client, batch.id, timeout=240)
 
     assert done.status == "completed", done
@@ -251,16 +262,7 @@ def test_a_batch_continues_on_another_car_when_its_car_is_preempted(
     expected = uninterrupted(local, bodies)
     only(fleet, "car-002")
     before = fleet.get("/fleet/dispatch")
-    content = "\n".join(
-        json.dumps(
-            {"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
-        )
-        for i, b in enumerate(bodies)
-    )
-    uploaded = client.files.create(file=("long.jsonl", content.encode()), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    batch = submit_chat(client, bodies, "p")
     # car-002 reports its progress every 2 s (a third of the lease): wait for some, then its
     # owner takes it back.
     deadline = time.monotonic() + 120

@@ -54,3 +54,5 @@ def test_up_runs_the_demo_on_postgresql_with_two_replicas_and_a_nats_cluster(
     assert out.count("idlefleet: OpenAI API") == 2
     assert out.count("nats://") >= 3
     assert "completed" in out and "200 (200 completed, 0 failed)" in out
+    # The agents serve every model by default: the demo ends with a streamed chat answer.
+    assert "tokens from a car in" in out and "server-sent events" in out

@@ -14,7 +14,7 @@ import pytest
 
 from idlefleet.llm.engine import Engine, GenerationRequest
 from idlefleet.llm.sampling import SamplingParams
-from idlefleet.models.llama_onnx import cache_names
+from idlefleet.models.llama_onnx import prefill_feed
 
 REFERENCE = Path(__file__).parents[1] / "data" / "smollm2_reference.json"
 
@@ -69,19 +69,10 @@ def test_greedy_tokens_equal_the_reference_on_95_percent_of_prompts(
 def test_first_position_logits_match_the_reference(
     smollm2: Any, llama_session: Any, reference: dict[str, Any]
 ) -> None:
-    cfg = smollm2.config
-    past, _ = cache_names(cfg.layers)
     worst = 0.0
     for record in reference["records"][:12]:
         ids = record["prompt_ids"]
-        feed: dict[str, Any] = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "position_ids": np.arange(len(ids), dtype=np.int64)[None, :],
-            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-            "logits_from": np.array([len(ids) - 1], dtype=np.int64),
-        }
-        for name in past:
-            feed[name] = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), dtype=np.float32)
+        feed = prefill_feed(smollm2.config, ids, len(ids) - 1)
         logits = llama_session.run(["logits"], feed)[0][0, -1]
         top = record["first_top10_ids"]
         worst = max(

@@ -97,6 +97,10 @@ class DemoSummary:
     vehicles: dict[str, int]
     chat: ChatDemo | None = None
 
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
 
 @dataclass
 class ChatDemo:
@@ -107,10 +111,6 @@ class ChatDemo:
     chunks: int
     completion_tokens: int
     seconds: float
-
-    @property
-    def throughput(self) -> float:
-        return self.completed / self.seconds if self.seconds else 0.0
 
 
 CHAT_QUESTION = "In one sentence: why could a parked electric car run AI models?"

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from idlefleet.models.gguf_llama import LlamaConfig
 from idlefleet.models.onnx_graph import GraphWriter
 
-__all__ = ["GRAPH_BUILDER_VERSION", "build_llama_model", "cache_names"]
+__all__ = ["GRAPH_BUILDER_VERSION", "build_llama_model", "cache_names", "prefill_feed"]
 
 OPSET = 17
 GRAPH_BUILDER_VERSION = 2
@@ -38,6 +38,21 @@ def cache_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
     present = [f"present_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
     return past, present
+
+
+def prefill_feed(cfg: LlamaConfig, ids: list[int], logits_from: int) -> dict[str, np.ndarray]:
+    """The inputs that run one sequence's tokens ``ids`` from an empty cache, with logits from
+    position ``logits_from`` on (teacher forcing, reference checks)."""
+    feed: dict[str, np.ndarray] = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "position_ids": np.arange(len(ids), dtype=np.int64)[None, :],
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "logits_from": np.array([logits_from], dtype=np.int64),
+    }
+    empty = np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), dtype=np.float32)
+    for name in cache_names(cfg.layers)[0]:
+        feed[name] = empty
+    return feed
 
 
 def _ints(g: GraphWriter, name: str, values: list[int]) -> str:
