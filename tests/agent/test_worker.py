@@ -496,3 +496,17 @@ def test_an_online_message_that_does_not_parse_is_refused(make_agent: Any) -> No
     reply = online(agent, b'{"request_id": "r1"}')
 
     assert reply.error is not None and reply.error.code == "bad_message"
+
+
+def test_work_requests_ask_for_units_the_runner_runs_at_full_speed(make_agent: Any) -> None:
+    runner = ScriptedRunner()
+    runner.preferred_requests = 32  # an LLM engine's slots
+    agent, coordinator = make_agent(runner)
+
+    async def until() -> None:
+        await coordinator.until(lambda: len(coordinator.of(WorkRequest)) >= 1)
+
+    asyncio.run(serve(agent, until))
+
+    (ask, *_) = coordinator.of(WorkRequest)
+    assert (ask.min_requests, ask.max_requests) == (32, 256)

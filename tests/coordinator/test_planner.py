@@ -15,6 +15,10 @@ def test_early_units_are_a_share_of_the_work_and_late_ones_small() -> None:
     assert unit_size(400, 2, 1000, policy) == 100
     assert unit_size(10, 2, 1000, policy) == 4
     assert unit_size(3, 2, 1000, policy) == 3
+    # A car whose engine decodes 32 sequences together gets 32 while there are that many.
+    assert unit_size(100, 2, 1000, policy, vehicle_min=32) == 32
+    assert unit_size(20, 2, 1000, policy, vehicle_min=32) == 20
+    assert unit_size(5000, 2, 1000, policy, vehicle_min=32) == 256
 
 
 def test_vehicle_limit_bounds_the_unit() -> None:

@@ -295,6 +295,10 @@ class VehicleAgent:
     async def _fetch(self) -> core.Event:
         request = WorkRequest(
             max_requests=self.config.max_unit_requests,
+            min_requests=min(
+                self.config.max_unit_requests,
+                max(r.preferred_requests for r in self.runners.values()),
+            ),
             models=sorted(self.runners),
             wait_s=self.config.long_poll_s,
         )

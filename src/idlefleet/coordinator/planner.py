@@ -31,8 +31,15 @@ class UnitPolicy:
             raise ValueError("lease_seconds must be positive")
 
 
-def unit_size(pending: int, active_vehicles: int, vehicle_max: int, policy: UnitPolicy) -> int:
-    """Number of requests to lease to one vehicle now."""
+def unit_size(
+    pending: int,
+    active_vehicles: int,
+    vehicle_max: int,
+    policy: UnitPolicy,
+    vehicle_min: int = 1,
+) -> int:
+    """Number of requests to lease to one vehicle now (at least ``vehicle_min``, what the
+    vehicle runs at full speed, e.g. an LLM engine's sequences decoded together)."""
     share = math.ceil(pending / (2 * max(1, active_vehicles)))
-    size = max(policy.min_requests, share)
+    size = max(policy.min_requests, vehicle_min, share)
     return max(1, min(size, policy.max_requests, vehicle_max, pending))

@@ -357,6 +357,7 @@ class WorkService:
                 active_vehicles=self.live_vehicles,
                 vehicle_max=msg.max_requests,
                 policy=self.units,
+                vehicle_min=min(msg.min_requests, msg.max_requests),
             )
             store_asks.append(
                 LeaseAsk(

@@ -108,6 +108,10 @@ class WorkRequest(WireModel):
 
     max_requests: Annotated[int, Field(ge=1, le=10_000)]
     """Upper bound of requests the vehicle will take in this unit."""
+    min_requests: Annotated[int, Field(ge=1, le=10_000)] = 1
+    """The vehicle runs units of fewer requests than this below its speed (an LLM engine
+    decodes this many sequences together): the coordinator leases at least this many while the
+    batch has them (and never more than ``max_requests``)."""
     models: Annotated[list[Identifier], Field(min_length=1, max_length=64)]
     """Models the vehicle can run."""
     wait_s: Annotated[float, Field(ge=0, le=30)] = 0.0

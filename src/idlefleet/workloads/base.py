@@ -108,6 +108,9 @@ class UnitRunner(ABC):
     """Runs one model of one workload on the car. Blocking: call on a compute thread."""
 
     model: str
+    preferred_requests: int = 1
+    """The fewest requests a unit should hold for this runner to run at full speed (an LLM
+    engine's slots); the car asks for units of at least this many."""
 
     @abstractmethod
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:

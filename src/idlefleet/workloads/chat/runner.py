@@ -53,6 +53,8 @@ class ChatRunner(UnitRunner):
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.slots = slots
+        self.preferred_requests = slots
+        """A unit of fewer requests leaves slots empty (decode steps cost nearly as much)."""
         self.report_every_s = report_every_s
         """How often a run reports its unfinished generations' tokens (well inside a lease)."""
 
