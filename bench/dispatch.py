@@ -58,6 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from idlefleet.cli.demo import batch_input
+from idlefleet.coordinator.access import Quotas, Role, new_api_key
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
 from idlefleet.embedded.ports import free_port
@@ -282,8 +283,17 @@ def _healthy(port: int) -> bool:
         return False
 
 
+_KEYS: dict[Role, str] = {}
+"""API keys made by `_prepare_store`: the customer's for /v1, the operator's for /fleet."""
+
+
+def _key(url: str) -> dict[str, str]:
+    role = Role.OPERATOR if "/fleet/" in url else Role.CUSTOMER
+    return {"Authorization": f"Bearer {_KEYS[role]}"}
+
+
 def _http(method: str, url: str, body: Any = None, raw: bool = False) -> Any:
-    headers, data = {}, None
+    headers, data = _key(url), None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
@@ -309,7 +319,7 @@ def _upload(base_url: str, content: bytes) -> str:
         f"{base_url}/v1/files",
         data=body.getvalue(),
         method="POST",
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", **_key(base_url)},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return str(json.loads(response.read())["id"])
@@ -595,6 +605,11 @@ def _prepare_store(store_url: str, n_cars: int, idle: int) -> None:
         now = time.time()
         for i in range(n_cars):
             store.append_policy(car_id(i), research if i < idle else anything, "bench", now)
+        for role, principal in ((Role.CUSTOMER, "bench"), (Role.OPERATOR, "bench-operator")):
+            # No quotas: the bench measures the edge, not a customer's limits.
+            secret, record = new_api_key(role, principal, quotas=Quotas())
+            store.put_api_key(record)
+            _KEYS[role] = secret
     finally:
         store.close()
 

@@ -158,7 +158,7 @@ def run_fleet(requests: Sequence[dict[str, Any]]) -> tuple[list[str], list[int],
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         options = FleetOptions(data_dir=Path(tmp), agents=2, threads=1, models=(MODEL,))
         with EmbeddedFleet(options) as fleet:
-            client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="bench")
+            client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key)
             upload = client.files.create(
                 file=("bench.jsonl", "\n".join(lines).encode()), purpose="batch"
             )

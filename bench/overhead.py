@@ -555,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"vehicles {', '.join(fleet.online_vehicles())}; data dir {data_dir}"
         )
         cache_root = data_dir / "models"
-        client = OpenAI(base_url=fleet.base_url + "/v1", api_key="x", max_retries=0)
+        client = OpenAI(base_url=fleet.base_url + "/v1", api_key=fleet.api_key, max_retries=0)
 
         embedder = Embedder.load(cache_root, threads=2)
         embedder.embed(["warm up", "the session before timing starts"])

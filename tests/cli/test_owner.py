@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from idlefleet.cli.main import main
-from idlefleet.cli.owner import DEFAULT_COORDINATOR
+from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR
 from idlefleet.cli.up import DEFAULT_PORT
 from idlefleet.protocol.policy import OwnerPolicy
 from tests.coordinator.api.live import LiveCoordinator, live_coordinator
@@ -27,13 +27,23 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCoordinator]:
 
 @pytest.fixture
 def car(live: LiveCoordinator) -> str:
+    """A fresh car per test, enrolled under alice."""
     live.pushes.clear()
     live.push_answer = True
-    return f"cli-car-{next(_ids)}"
+    vehicle_id = f"cli-car-{next(_ids)}"
+    live.enrol(vehicle_id)
+    return vehicle_id
 
 
-def owner(live: LiveCoordinator, *argv: str) -> int:
-    return main(["owner", *argv, "--coordinator", live.base_url])
+@pytest.fixture(autouse=True)
+def no_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a test about the environment variable sets it; the caller's shell never leaks in."""
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+
+
+def owner(live: LiveCoordinator, *argv: str, key: str = "alice") -> int:
+    """``idlefleet owner ...`` against ``live`` with the API key named ``key``."""
+    return main(["owner", *argv, "--coordinator", live.base_url, "--api-key", live.keys[key]])
 
 
 def test_the_default_coordinator_is_where_idlefleet_up_listens() -> None:
@@ -60,8 +70,6 @@ def test_opt_in_with_purposes_and_regions_then_opt_out_are_recorded(
         "opt-in",
         "--vehicle",
         car,
-        "--actor",
-        "owner:alice",
         "--purposes",
         "research,healthcare",
         "--regions",
@@ -69,7 +77,7 @@ def test_opt_in_with_purposes_and_regions_then_opt_out_are_recorded(
     )
     in_out = capsys.readouterr().out
     live.push_answer = False
-    opted_out = owner(live, "opt-out", "--vehicle", car, "--actor", "owner:bob")
+    opted_out = owner(live, "opt-out", "--vehicle", car, key="operator")
     out_out = capsys.readouterr().out
     history = owner(live, "history", "--vehicle", car)
     table = capsys.readouterr().out.splitlines()
@@ -86,7 +94,7 @@ def test_opt_in_with_purposes_and_regions_then_opt_out_are_recorded(
     )
     assert len(table) == 3
     assert table[1].split()[0] == "1" and "owner:alice" in table[1] and "opted in" in table[1]
-    assert table[2].split()[0] == "2" and "owner:bob" in table[2] and "opted out" in table[2]
+    assert table[2].split()[0] == "2" and "operator:ops" in table[2] and "opted out" in table[2]
 
 
 def test_set_policy_from_a_file_and_show_json_round_trips(
@@ -96,23 +104,19 @@ def test_set_policy_from_a_file_and_show_json_round_trips(
     policy = OwnerPolicy(opted_in=True, soc_floor_percent=65, allowed_hours=["22:00-06:00"])
     policy_file.write_text(policy.model_dump_json())
 
-    set_code = owner(
-        live, "set-policy", "--vehicle", car, "--file", str(policy_file), "--actor", "owner:a"
-    )
+    set_code = owner(live, "set-policy", "--vehicle", car, "--file", str(policy_file))
     set_out = capsys.readouterr().out
     show_code = owner(live, "show", "--vehicle", car, "--json")
     shown = capsys.readouterr().out
     (tmp_path / "shown.json").write_text(shown)
-    again = owner(
-        live, "set-policy", "--vehicle", car, "--file", str(tmp_path / "shown.json"), "--actor", "a"
-    )
+    again = owner(live, "set-policy", "--vehicle", car, "--file", str(tmp_path / "shown.json"))
     capsys.readouterr()
 
     assert (set_code, show_code, again) == (0, 0, 0)
     assert "policy set, policy version 1" in set_out
     assert "allowed hours     22:00-06:00" in set_out
     body = json.loads(shown)
-    assert (body["vehicle_id"], body["version"], body["actor"]) == (car, 1, "owner:a")
+    assert (body["vehicle_id"], body["version"], body["actor"]) == (car, 1, "owner:alice")
     assert OwnerPolicy.model_validate(body["policy"]) == policy
     assert live.work.owners.current(car).version == 2
     assert live.work.owners.current(car).policy == policy
@@ -124,7 +128,7 @@ def test_a_refused_policy_prints_the_coordinators_reason_and_exits_1(
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"opted_in": True, "soc_floor_percent": 140}))
 
-    code = owner(live, "set-policy", "--vehicle", car, "--file", str(policy_file), "--actor", "a")
+    code = owner(live, "set-policy", "--vehicle", car, "--file", str(policy_file))
 
     err = capsys.readouterr().err
     assert code == 1
@@ -142,7 +146,10 @@ def test_an_unreachable_coordinator_is_a_clear_error_with_exit_1(
         port = sock.getsockname()[1]
 
     code = main(
-        ["owner", "show", "--vehicle", "car-1", "--coordinator", f"http://127.0.0.1:{port}"]
+        [
+            *("owner", "show", "--vehicle", "car-1", "--api-key", "ifk_o_anything"),
+            *("--coordinator", f"http://127.0.0.1:{port}"),
+        ]
     )
 
     err = capsys.readouterr().err
@@ -155,12 +162,12 @@ def test_an_unreachable_coordinator_is_a_clear_error_with_exit_1(
     [
         (["show", "--vehicle", "bad id"], "vehicle id"),
         (["show"], "--vehicle"),
-        (["opt-in", "--vehicle", "c"], "--actor"),
-        (["opt-in", "--vehicle", "c", "--actor", ""], "actor must be"),
-        (["opt-in", "--vehicle", "c", "--actor", "a", "--purposes", "mining"], "unknown purpose"),
-        (["opt-in", "--vehicle", "c", "--actor", "a", "--regions", "eu,mars"], "mars"),
-        (["opt-out", "--vehicle", "c", "--actor", "a", "--purposes", "research"], "unrecognized"),
-        (["set-policy", "--vehicle", "c", "--actor", "a", "--file", "/nope.json"], "cannot read"),
+        # Who made a change is the API key's business now, never a flag's.
+        (["opt-in", "--vehicle", "c", "--actor", "owner:a"], "unrecognized arguments: --actor"),
+        (["opt-in", "--vehicle", "c", "--purposes", "mining"], "unknown purpose"),
+        (["opt-in", "--vehicle", "c", "--regions", "eu,mars"], "mars"),
+        (["opt-out", "--vehicle", "c", "--purposes", "research"], "unrecognized"),
+        (["set-policy", "--vehicle", "c", "--file", "/nope.json"], "cannot read"),
         (["show", "--vehicle", "c", "--coordinator", "ftp://x"], "coordinator URL"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -182,7 +189,82 @@ def test_a_policy_file_that_is_not_json_exits_2(
     broken.write_text("{opted_in: yes")
 
     with pytest.raises(SystemExit) as exited:
-        main(["owner", "set-policy", "--vehicle", "c", "--actor", "a", "--file", str(broken)])
+        main(["owner", "set-policy", "--vehicle", "c", "--file", str(broken)])
 
     assert exited.value.code == 2
     assert "is not JSON" in capsys.readouterr().err
+
+
+# -- the API key --------------------------------------------------------------------------------
+
+
+def test_the_key_comes_from_the_environment_when_no_flag_gives_it(
+    live: LiveCoordinator,
+    car: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(API_KEY_ENV, live.keys["alice"] + "\n")  # as `$(cat key.txt)` gives it
+
+    code = main(["owner", "opt-in", "--vehicle", car, "--coordinator", live.base_url])
+
+    assert code == 0
+    assert "opted in" in capsys.readouterr().out
+    assert live.work.owners.current(car).actor == "owner:alice"
+
+
+def test_the_flag_wins_over_the_environment(
+    live: LiveCoordinator,
+    car: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(API_KEY_ENV, live.keys["bob"])
+
+    code = owner(live, "opt-in", "--vehicle", car, key="alice")
+
+    assert code == 0
+    assert live.work.owners.current(car).actor == "owner:alice"
+
+
+@pytest.mark.parametrize("command", ["show", "opt-in", "opt-out", "history"])
+def test_without_a_key_the_command_exits_2_naming_both_ways_to_give_one(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code = main(["owner", command, "--vehicle", car, "--coordinator", live.base_url])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"idlefleet owner {command}: no API key" in err
+    assert "--api-key" in err and API_KEY_ENV in err
+    assert live.work.owners.current(car).version == 0
+
+
+def test_a_wrong_key_is_refused_with_401_and_a_hint(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            *("owner", "opt-in", "--vehicle", car, "--coordinator", live.base_url),
+            *("--api-key", "ifk_o_not-a-key-the-coordinator-ever-made"),
+        ]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "refused (401): Incorrect API key provided" in err
+    assert f"is --api-key or ${API_KEY_ENV} right?" in err
+    assert "not-a-key-the-coordinator-ever-made" not in err  # the coordinator redacts it
+    assert live.work.owners.current(car).version == 0
+
+
+@pytest.mark.parametrize("command", ["show", "opt-in", "history"])
+def test_another_owners_car_is_not_found(
+    live: LiveCoordinator, car: str, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code = owner(live, command, "--vehicle", car, key="bob")
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"refused (404): No vehicle '{car}' is enrolled under your name." in err
+    assert live.work.owners.current(car).version == 0

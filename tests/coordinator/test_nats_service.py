@@ -42,24 +42,43 @@ from idlefleet.protocol.subjects import Downlink, Uplink
 @dataclass
 class Reply:
     data: bytes
+    headers: dict[str, str] | None = None
+
+
+@dataclass
+class FakeSubscription:
+    nc: FakeNats
+    subject: str
+
+    async def next_msg(self, timeout: float) -> Reply:
+        self.nc.waited.append(timeout)
+        if isinstance(self.nc.answer, Exception):
+            raise self.nc.answer
+        return Reply(self.nc.answer)
+
+    async def unsubscribe(self) -> None:
+        return None
 
 
 @dataclass
 class FakeNats:
-    """Answers requests with ``answer`` (bytes) or raises it (an exception)."""
+    """Answers each request (a subscription to a reply subject, then a publish with it) with
+    ``answer`` (bytes) or raises it (an exception)."""
 
     answer: bytes | Exception = b""
     is_connected: bool = True
-    sent: list[tuple[str, bytes, float]] = field(default_factory=list)
+    sent: list[tuple[str, bytes, str]] = field(default_factory=list)
+    """(subject, payload, reply subject) of every publish."""
+    waited: list[float] = field(default_factory=list)
 
     async def flush(self, timeout: float) -> None:
         return None
 
-    async def request(self, subject: str, payload: bytes, timeout: float) -> Reply:
-        self.sent.append((subject, payload, timeout))
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return Reply(self.answer)
+    async def subscribe(self, subject: str, max_msgs: int = 0) -> FakeSubscription:
+        return FakeSubscription(self, subject)
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        self.sent.append((subject, payload, reply))
 
 
 @dataclass
@@ -151,10 +170,12 @@ def test_push_policy_sends_the_update_on_the_cars_downlink(work: WorkService) ->
     delivered = asyncio.run(edge(work, nc).push_policy("car-1", UPDATE))
 
     assert delivered is True
-    ((subject, payload, timeout),) = nc.sent
+    ((subject, payload, reply),) = nc.sent
     assert subject == subjects.downlink("car-1", Downlink.POLICY)
     assert decode(PolicyUpdate, payload) == UPDATE
-    assert timeout <= 1.0
+    # The answer comes back in the car's own reply namespace, the one its credentials allow.
+    assert reply.startswith(f"{subjects.REPLY_PREFIX}.car-1.")
+    assert nc.waited == [pytest.approx(1.0, abs=1.0)] and nc.waited[0] <= 1.0
 
 
 @pytest.mark.parametrize(

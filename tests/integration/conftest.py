@@ -34,7 +34,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedFleet]:
 
 @pytest.fixture
 def client(fleet: EmbeddedFleet) -> OpenAI:
-    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0)
+    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ def test_sigkill_mid_lease_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         data_dir=tmp_path, agents=2, lease_seconds=3.0, heartbeat_seconds=1.0, max_unit=64
     )
     with EmbeddedFleet(options) as fleet:
-        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0)
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
         uploaded = client.files.create(
             file=("in.jsonl", io.BytesIO(batch_input(demo_texts(n)))), purpose="batch"
         )

@@ -30,12 +30,13 @@ def test_an_agent_whose_task_dies_releases_its_lease_and_stops_loudly(
     tmp_path: Path,
 ) -> None:
     with EmbeddedFleet(FleetOptions(data_dir=tmp_path, agents=0, lease_seconds=600)) as fleet:
-        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="t", max_retries=0)
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
         config = AgentConfig(
             vehicle_id="car-broken",
             nats_url=fleet.nats_url,
             cache_dir=tmp_path / "models",
             resume_after_s=0,
+            nkey_seed=fleet.enrol("car-broken"),
         )
         source = TraceSource(StateTrace.load(fleet.default_trace()), speed=60.0)
         runners = {MINILM.id: EmbeddingRunner(Embedder.load(config.cache_dir))}

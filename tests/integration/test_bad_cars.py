@@ -54,11 +54,13 @@ def test_flood_garbage_and_strangers_are_refused_and_nothing_else_suffers(
     with EmbeddedFleet(options) as fleet:
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="t", max_retries=0)
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
         batch = submit(client, batch_input(demo_texts(N)))
 
         async def scenario() -> tuple[Counter[str | None], Counter[str | None], list[str]]:
-            nc = await nats.connect(fleet.nats_url, pending_size=64 * 1024 * 1024)
+            nc = await nats.connect(
+                fleet.nats_url, pending_size=64 * 1024 * 1024, **fleet.nats_credentials
+            )
             try:
                 for vid in ("flooder", "garbler", *(f"good-{i}" for i in range(GOOD))):
                     await _register(nc, vid)

@@ -234,9 +234,8 @@ def test_online_embedding_errors(client: OpenAI) -> None:
     ],
 )
 def test_garbage_bodies_are_400_not_500(fleet: EmbeddedFleet, path: str, body: bytes) -> None:
-    request = urllib.request.Request(
-        fleet.base_url + path, data=body, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {fleet.api_key}"}
+    request = urllib.request.Request(fleet.base_url + path, data=body, headers=headers)
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert caught.value.code == 400

@@ -48,7 +48,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedFleet]:
 
 @pytest.fixture(scope="module")
 def client(fleet: EmbeddedFleet) -> OpenAI:
-    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0, timeout=300)
+    return OpenAI(
+        base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,10 @@ def test_chat_bodies_that_are_not_unicode_are_400(fleet: EmbeddedFleet) -> None:
         request = urllib.request.Request(
             f"{fleet.base_url}/v1/chat/completions",
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {fleet.api_key}",
+            },
         )
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)

@@ -96,7 +96,7 @@ def test_opting_out_mid_batch_stops_the_car_and_it_gets_no_further_lease(
     assert all(lease["state"] != "active" for lease in _leases_of(fleet, "car-001"))
     history = fleet.get("/fleet/vehicles/car-001/consent")["data"]
     assert [h["opted_in"] for h in history][-2:] == [True, False]
-    assert history[-1]["actor"] == "embedded-fleet"
+    assert history[-1]["actor"] == "owner:embedded-fleet"
     assert history[-1]["version"] == history[-2]["version"] + 1
 
     fleet.set_consent("car-001", True)  # leave the fleet as the next test expects it

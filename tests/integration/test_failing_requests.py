@@ -45,11 +45,11 @@ def _vectors(n: int) -> str:
 @pytest.mark.integration
 def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: Path) -> None:
     with EmbeddedFleet(FleetOptions(data_dir=tmp_path, agents=0, lease_seconds=10)) as fleet:
-        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="t", max_retries=0)
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
         car = "car-poisoned"
 
         async def run_car(batch_id: str) -> Counter[str]:
-            nc = await nats.connect(fleet.nats_url)
+            nc = await nats.connect(fleet.nats_url, **fleet.nats_credentials)
             try:
                 hello = RegisterRequest(
                     protocol_version=1,
@@ -61,6 +61,7 @@ def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: 
                     subjects.uplink(car, Uplink.REGISTER), hello.model_dump_json().encode(), 10
                 )
                 assert json.loads(reply.data)["accepted"]
+                await asyncio.to_thread(fleet.enrol, car)  # the owner API needs its owner
                 await asyncio.to_thread(fleet.set_consent, car, True)
                 ask = WorkRequest(max_requests=8, models=[MODEL], wait_s=1).model_dump_json()
                 leased: Counter[str] = Counter()

@@ -53,7 +53,7 @@ async def _register(nc: nats.NATS, vehicle_id: str) -> None:
 
 
 async def _run_crowd(fleet: EmbeddedFleet, stop: asyncio.Event, crowd: Crowd) -> None:
-    nc = await nats.connect(fleet.nats_url)
+    nc = await nats.connect(fleet.nats_url, **fleet.nats_credentials)
     try:
         idle = [f"idle-{i:04d}" for i in range(IDLE)]
         beating = [f"beat-{i:03d}" for i in range(BEATING)]
@@ -101,9 +101,9 @@ def test_a_thousand_idle_cars_cost_nothing_while_a_batch_runs(tmp_path: Path) ->
     options = FleetOptions(data_dir=tmp_path, agents=2, heartbeat_seconds=1.0, lease_seconds=10)
     with EmbeddedFleet(options) as fleet:
         for i in range(IDLE):  # their owners allow research only; the batch is general work
-            fleet.set_consent(f"idle-{i:04d}", True, purposes=["research"])
+            fleet.set_consent(f"idle-{i:04d}", True, key="operator", purposes=["research"])
         for i in range(BEATING):
-            fleet.set_consent(f"beat-{i:03d}", True)
+            fleet.set_consent(f"beat-{i:03d}", True, key="operator")
         crowd = Crowd()
 
         async def scenario() -> str:
@@ -145,7 +145,7 @@ def _parked(fleet: EmbeddedFleet) -> int:
 def _client(fleet: EmbeddedFleet):  # type: ignore[no-untyped-def]
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0)
+    return OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
 
 
 def _submit(fleet: EmbeddedFleet) -> str:

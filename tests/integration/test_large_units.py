@@ -33,7 +33,7 @@ def test_a_batch_larger_than_a_unit_in_bytes_is_split_and_completes(tmp_path: Pa
     assert len(content) > 7 * UnitPolicy().max_bytes
 
     with EmbeddedFleet(FleetOptions(data_dir=tmp_path, agents=1)) as fleet:
-        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="t", max_retries=0)
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
         batch = wait_for(client, submit(client, content).id, timeout=240)
         assert batch.status == "completed", batch
         assert batch.output_file_id is not None

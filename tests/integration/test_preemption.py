@@ -49,7 +49,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedFleet]:
 def test_leaving_park_mid_unit_stops_the_run_and_the_rest_is_re_leased(
     fleet: EmbeddedFleet, tmp_path: Path
 ) -> None:
-    client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key="test", max_retries=0)
+    client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
     content = "\n".join(
         request_line(f"req-{i}", {"model": "all-MiniLM-L6-v2", "input": text})
         for i, text in enumerate(demo_texts(N))

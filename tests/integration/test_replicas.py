@@ -28,7 +28,7 @@ N = 2_000  # per batch
 
 
 def _client(fleet: EmbeddedFleet, replica: int) -> OpenAI:
-    return OpenAI(base_url=f"{fleet.replica_url(replica)}/v1", api_key="t", max_retries=3)
+    return OpenAI(base_url=f"{fleet.replica_url(replica)}/v1", api_key=fleet.api_key, max_retries=3)
 
 
 def _until(what: str, ready: Callable[[], bool], timeout: float = 180) -> None:

@@ -57,7 +57,7 @@ def test_each_agent_is_a_model_car_with_its_hardware_and_owner_policy(sim_fleet)
 
 
 def test_the_stack_follows_the_model_timetable(sim_fleet) -> None:
-    client = OpenAI(base_url=f"{sim_fleet.base_url}/v1", api_key="test", max_retries=0)
+    client = OpenAI(base_url=f"{sim_fleet.base_url}/v1", api_key=sim_fleet.api_key, max_retries=0)
     cars = {f"car-{c.index + 1:03d}": c for c in sim_fleet.sim_cars}
     # The model's timetable (trace seconds): who computes from the start, who leaves first.
     early = [vid for vid, c in cars.items() if c.sessions and c.sessions[0][0] <= 600]

@@ -38,6 +38,11 @@ class AgentConfig:
     models: tuple[str, ...] = ()
     """The catalogue's models this car serves (loads, registers and asks work for); empty:
     every model of the catalogue."""
+    nkey_seed: str | None = None
+    """The car's private nkey seed (``SU...``), with which it proves its identity to NATS
+    (None: connect without credentials, to a server that asks for none)."""
+    nats_ca: Path | None = None
+    """CA certificate to verify the NATS servers' TLS with (None: NATS without TLS)."""
 
     def __post_init__(self) -> None:
         if not is_valid_vehicle_id(self.vehicle_id):

@@ -30,7 +30,9 @@ import binascii
 import contextlib
 import functools
 import logging
-from collections.abc import Coroutine, Mapping
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,6 +80,7 @@ from idlefleet.workloads.base import ItemResult, PlannedRun, UnitRunner
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0
+CONNECT_PATIENCE_S = 30.0
 ONLINE_REPORT_S = 1.0
 """How often an online request's run reports its progress: the coordinator keeps it, so a car
 that leaves loses at most this much, and hears from the car at least this often."""
@@ -137,6 +140,42 @@ class VehicleAgent:
         )
         return decode(reply_type, raw.data)
 
+    async def _connect(self, on_reconnect: Callable[[], Awaitable[None]]) -> Client:
+        """One outbound connection, as this car (its nkey) with its own reply inbox.
+
+        Refused credentials at the first connect are retried for ``CONNECT_PATIENCE_S``: a
+        car may start a moment before its enrolment reaches the NATS server."""
+        vid = self.config.vehicle_id
+        credentials: dict[str, Any] = {"inbox_prefix": subjects.inbox_prefix(vid)}
+        if self.config.nkey_seed is not None:
+            credentials["nkeys_seed_str"] = self.config.nkey_seed
+        if self.config.nats_ca is not None:
+            credentials["tls"] = ssl.create_default_context(cafile=str(self.config.nats_ca))
+
+        async def on_error(exc: Exception) -> None:
+            if "authorization violation" in str(exc).lower():
+                log.error("NATS refused this car's credentials (revoked or not enrolled)")
+            elif "permissions violation" in str(exc).lower():
+                log.error("NATS refused: %s", exc)
+
+        deadline = time.monotonic() + CONNECT_PATIENCE_S
+        while True:
+            try:
+                return await nats.connect(
+                    servers=nats_servers(self.config.nats_url),
+                    name=f"idlefleet-agent-{vid}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                    **credentials,
+                )
+            except nats.errors.Error as exc:
+                if "authorization" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                log.warning("NATS refused this car's credentials; retrying: %s", exc)
+                await asyncio.sleep(0.5)
+
     # -- main ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then report, release held leases and disconnect."""
@@ -145,13 +184,7 @@ class VehicleAgent:
             # The coordinator may have restarted meanwhile: the core registers again.
             self._post(core.Reconnected())
 
-        self.nc = await nats.connect(
-            servers=nats_servers(self.config.nats_url),
-            name=f"idlefleet-agent-{self.config.vehicle_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            reconnected_cb=on_reconnect,
-        )
+        self.nc = await self._connect(on_reconnect)
         self._loop = asyncio.get_running_loop()
         self.source.start(self.gate.on_reading)
         await self.nc.subscribe(

@@ -8,11 +8,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from openai import OpenAI
+from openai import DefaultHttpxClient, OpenAI
 from tqdm import tqdm
 
+from idlefleet.embedded.tls import client_context
 from idlefleet.models.catalog import MINILM, SMOLLM2
 
 _SUBJECTS = [
@@ -145,11 +148,17 @@ def run_demo(
     base_url: str,
     n: int,
     usage_lookup: Callable[[str], dict[str, int]],
+    api_key: str,
     show_progress: bool = True,
     chat: bool = False,
+    ca: Path | None = None,
 ) -> DemoSummary:
-    """The demo batch of ``n`` embeddings; with ``chat``, then one streamed chat completion."""
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="idlefleet-local")
+    """The demo batch of ``n`` embeddings; with ``chat``, then one streamed chat completion;
+    as the customer whose key is ``api_key`` (over HTTPS checked against ``ca``, if given)."""
+    http: dict[str, Any] = (
+        {} if ca is None else {"http_client": DefaultHttpxClient(verify=client_context(ca))}
+    )
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, **http)
     texts = demo_texts(n)
     uploaded = client.files.create(
         file=("demo.jsonl", io.BytesIO(batch_input(texts)), "application/jsonl"), purpose="batch"

@@ -54,6 +54,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return path
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -100,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000; demo: free)")
     up.add_argument("--lease-seconds", type=_positive_float, default=30.0)
     up.add_argument("--demo", action="store_true", help="submit a demo batch, summarise, exit")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS and NATS over TLS, with a CA made for this machine (in the data directory)",
+    )
     up.add_argument("--demo-requests", type=_positive_int, default=1000)
     up.add_argument(
         "--fleet",
@@ -168,12 +180,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="how long a replica's claim on a batch duty lasts unless renewed (default 30)",
     )
+    co.add_argument(
+        "--nats-seed",
+        type=_readable_file,
+        default=None,
+        help="file holding the coordinators' NATS nkey seed (SU...); needed when nats-server "
+        "requires authentication",
+    )
+    co.add_argument(
+        "--nats-auth-file",
+        type=Path,
+        default=None,
+        help="keep this nats-server accounts file equal to the enrolled cars (needs --nats-seed)",
+    )
+    co.add_argument(
+        "--nats-pid-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="nats-server pid file to signal after rewriting --nats-auth-file (repeatable)",
+    )
+    co.add_argument(
+        "--nats-log",
+        type=Path,
+        action="append",
+        default=[],
+        help="nats-server log file in which to count refused connections (repeatable)",
+    )
+    co.add_argument(
+        "--nats-ca", type=_readable_file, default=None, help="CA to verify NATS's TLS with"
+    )
+    co.add_argument("--tls-cert", type=_readable_file, default=None, help="serve HTTPS: cert")
+    co.add_argument("--tls-key", type=_readable_file, default=None, help="serve HTTPS: key")
 
     from idlefleet.cli.capacity import add_capacity_parser
     from idlefleet.cli.owner import add_owner_parser
     from idlefleet.cli.sim import add_sim_parser
 
     add_owner_parser(sub)
+    from idlefleet.cli.admin import add_admin_parsers
+
+    add_admin_parsers(sub)
     add_sim_parser(sub)
     add_capacity_parser(sub)
 
@@ -218,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the car must stay fit to compute before work resumes (default 300)",
     )
     ag.add_argument("--battery-kwh", type=_positive_float, default=75.0)
+    ag.add_argument(
+        "--nkey-seed",
+        type=Path,
+        default=None,
+        help="the car's NATS identity: a seed file, made (mode 0600) if missing; its public "
+        "key, printed at start, is what the operator enrols",
+    )
+    ag.add_argument(
+        "--nats-ca", type=_readable_file, default=None, help="CA to verify NATS's TLS with"
+    )
     return parser
 
 
@@ -238,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idlefleet.cli.owner import run_owner
 
             return run_owner(args)
+        if args.command in ("keys", "cars"):
+            from idlefleet.cli.admin import run_cars, run_keys
+
+            return run_keys(args) if args.command == "keys" else run_cars(args)
         if args.command == "sim":
             from idlefleet.cli.sim import run_sim
 
@@ -272,7 +333,18 @@ def _coordinator(args: argparse.Namespace) -> int:
             claim_seconds=args.claim_seconds,
         ),
         replica=args.replica,
+        nats_seed=args.nats_seed,
+        nats_auth_file=args.nats_auth_file,
+        nats_pid_files=tuple(args.nats_pid_file),
+        nats_logs=tuple(args.nats_log),
+        nats_ca=args.nats_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise SystemExit("idlefleet coordinator: --tls-cert and --tls-key go together")
+    if config.nats_auth_file is not None and config.nats_seed is None:
+        raise SystemExit("idlefleet coordinator: --nats-auth-file needs --nats-seed")
     asyncio.run(run_coordinator(config))
     return 0
 
@@ -297,6 +369,7 @@ def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.config import AgentConfig
     from idlefleet.agent.supervise import AgentTaskDied
     from idlefleet.agent.worker import VehicleAgent
+    from idlefleet.protocol.identity import load_or_create_seed, public_nkey
     from idlefleet.protocol.messages import Hardware
     from idlefleet.workloads import for_model
 
@@ -316,7 +389,11 @@ def _agent(args: argparse.Namespace) -> int:
         resume_after_s=args.resume_after,
         battery_kwh=args.battery_kwh,
         models=args.models,
+        nkey_seed=None if args.nkey_seed is None else load_or_create_seed(args.nkey_seed),
+        nats_ca=args.nats_ca,
     )
+    if config.nkey_seed is not None:
+        print(f"idlefleet agent {config.vehicle_id}: nkey {public_nkey(config.nkey_seed)}")
     source = _state_source(args)
     # Each model is loaded before the agent registers it, so that registering never promises
     # a model that cannot run.

@@ -3,15 +3,19 @@
 A thin client of the coordinator's owner API (``/fleet/vehicles/{id}/policy`` and
 ``/consent``) over plain ``urllib``: show the policy, opt in or out (optionally narrowing the
 purposes and data regions), replace the whole policy from a JSON file, and list the consent
-record. The coordinator validates every change; this command only checks what argparse can
-(ids, names, files), so a bad argument exits 2 before any request, a refused change prints
-the coordinator's reason and exits 1, and so does a coordinator that cannot be reached.
+record. Every request carries the owner's API key (``--api-key``, or ``IDLEFLEET_API_KEY``,
+which keeps it out of the shell history and the process list) as a Bearer token, and the
+coordinator records the change as made by that key (``owner:<name>``). The coordinator
+validates every change; this command only checks what argparse can (ids, names, files), so a
+bad argument or a missing key exits 2 before any request, a refused change prints the
+coordinator's reason and exits 1, and so does a coordinator that cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -23,10 +27,12 @@ from typing import Any
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 from idlefleet.protocol.subjects import is_valid_vehicle_id
 
-__all__ = ["DEFAULT_COORDINATOR", "add_owner_parser", "run_owner"]
+__all__ = ["API_KEY_ENV", "DEFAULT_COORDINATOR", "add_owner_parser", "run_owner"]
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 """Where ``idlefleet up`` serves HTTP by default (``cli/up.py``: 127.0.0.1, port 8000)."""
+API_KEY_ENV = "IDLEFLEET_API_KEY"
+"""The environment variable ``--api-key`` defaults to."""
 TIMEOUT_S = 10.0
 
 
@@ -42,12 +48,6 @@ def _vehicle(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"vehicle id {text!r} must be 1-64 characters of letters, digits, '_' or '-'"
         )
-    return text
-
-
-def _actor(text: str) -> str:
-    if not 1 <= len(text) <= 128 or not text.strip():
-        raise argparse.ArgumentTypeError("actor must be 1-128 characters, e.g. owner:alice")
     return text
 
 
@@ -102,6 +102,10 @@ def add_owner_parser(sub: Any) -> None:
         help=f"coordinator HTTP URL (default {DEFAULT_COORDINATOR}, as `idlefleet up`)",
     )
     common.add_argument("--vehicle", type=_vehicle, required=True, help="vehicle id")
+    common.add_argument(
+        "--api-key",
+        help=f"the owner's API key (default: ${API_KEY_ENV}, which keeps it out of `ps`)",
+    )
     common.add_argument("--json", action="store_true", help="print the coordinator's JSON")
 
     owner = sub.add_parser("owner", help="show and change a car owner's policy and consent")
@@ -110,7 +114,6 @@ def add_owner_parser(sub: Any) -> None:
     opt_in = commands.add_parser(
         "opt-in", parents=[common], help="let the car compute (keeps the rest of the policy)"
     )
-    opt_in.add_argument("--actor", type=_actor, required=True, help="who consents, e.g. owner:a")
     opt_in.add_argument(
         "--purposes",
         type=_choices(PURPOSES, "purpose"),
@@ -122,8 +125,7 @@ def add_owner_parser(sub: Any) -> None:
         help=f"comma-separated data regions to allow (of {', '.join(DATA_REGIONS)}); "
         "default: unchanged",
     )
-    opt_out = commands.add_parser("opt-out", parents=[common], help="stop the car computing")
-    opt_out.add_argument("--actor", type=_actor, required=True, help="who withdraws consent")
+    commands.add_parser("opt-out", parents=[common], help="stop the car computing")
     set_policy = commands.add_parser(
         "set-policy", parents=[common], help="replace the whole policy with a JSON file"
     )
@@ -134,7 +136,6 @@ def add_owner_parser(sub: Any) -> None:
         dest="policy",
         help="JSON policy (or the output of `owner show --json`)",
     )
-    set_policy.add_argument("--actor", type=_actor, required=True, help="who sets the policy")
     commands.add_parser("history", parents=[common], help="list the consent record, oldest first")
 
 
@@ -142,31 +143,34 @@ def add_owner_parser(sub: Any) -> None:
 
 
 def run_owner(args: argparse.Namespace) -> int:
-    """Run one ``owner`` command; 0 on success, 1 if refused or unreachable."""
-    base = f"{args.coordinator}/fleet/vehicles/{args.vehicle}"
+    """Run one ``owner`` command; 0 on success, 1 if refused or unreachable, 2 without a key."""
+    api_key = (args.api_key or os.environ.get(API_KEY_ENV) or "").strip()
+    if not api_key:
+        print(
+            f"idlefleet owner {args.owner_command}: no API key: pass --api-key or set "
+            f"{API_KEY_ENV} (ask the fleet operator for an owner key)",
+            file=sys.stderr,
+        )
+        return 2
+    coordinator = _Coordinator(args.coordinator, api_key)
+    base = f"/fleet/vehicles/{args.vehicle}"
     try:
         if args.owner_command == "show":
-            body = _call(args.coordinator, "GET", f"{base}/policy")
+            body = coordinator.call("GET", f"{base}/policy")
             lines = _policy_lines(body)
         elif args.owner_command == "history":
-            body = _call(args.coordinator, "GET", f"{base}/consent")
+            body = coordinator.call("GET", f"{base}/consent")
             lines = _history_lines(args.vehicle, body)
         elif args.owner_command == "set-policy":
-            body = _call(
-                args.coordinator,
-                "PUT",
-                f"{base}/policy",
-                {"policy": args.policy, "actor": args.actor},
-            )
+            body = coordinator.call("PUT", f"{base}/policy", {"policy": args.policy})
             lines = [_changed(body, "policy set"), *_policy_lines(body)]
         else:
             consent: dict[str, Any] = {"opted_in": args.owner_command == "opt-in"}
-            consent["actor"] = args.actor
             if getattr(args, "purposes", None) is not None:
                 consent["purposes"] = args.purposes
             if getattr(args, "regions", None) is not None:
                 consent["data_regions"] = args.regions
-            body = _call(args.coordinator, "POST", f"{base}/consent", consent)
+            body = coordinator.call("POST", f"{base}/consent", consent)
             policy = body["policy"]
             what = (
                 f"opted in (purposes: {_listed(policy['purposes'], PURPOSES)}; "
@@ -182,23 +186,34 @@ def run_owner(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(coordinator: str, method: str, url: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode("utf-8")
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise OwnerCommandError(f"refused ({exc.code}): {_error_message(exc)}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OwnerCommandError(
-            f"cannot reach the coordinator at {coordinator} ({reason}); is it running "
-            "(`idlefleet up`), and is --coordinator right?"
-        ) from None
-    except json.JSONDecodeError:
-        raise OwnerCommandError(f"{url} did not answer JSON; is it a coordinator?") from None
+class _Coordinator:
+    """The coordinator's HTTP API as one API key sees it."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.base_url = base_url
+        self._api_key = api_key
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            hint = f" (is --api-key or ${API_KEY_ENV} right?)" if exc.code == 401 else ""
+            raise OwnerCommandError(f"refused ({exc.code}): {_error_message(exc)}{hint}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise OwnerCommandError(
+                f"cannot reach the coordinator at {self.base_url} ({reason}); is it running "
+                "(`idlefleet up`), and is --coordinator right?"
+            ) from None
+        except json.JSONDecodeError:
+            raise OwnerCommandError(f"{url} did not answer JSON; is it a coordinator?") from None
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

@@ -51,6 +51,10 @@ def run_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         nats_nodes=args.nats_cluster,
     )
+    if args.tls:
+        from idlefleet.embedded.tls import make_local_tls
+
+        options.tls = make_local_tls(options.data_dir / "secrets" / "tls", (args.host,))
     if args.fleet == "sim":
         options.fleet = "sim"
         options.trace_speed = args.sim_speed
@@ -71,6 +75,10 @@ def run_up(args: argparse.Namespace) -> int:
         for index in range(args.replicas):
             url = fleet.replica_url(index)
             print(f"idlefleet: OpenAI API  {url}/v1   (docs: {url}/docs)")
+        print(f"idlefleet: API key     {fleet.api_key}   (a customer's)")
+        print(f"idlefleet: all keys    {fleet.secrets.keys_file}")
+        if fleet.ca_file is not None:
+            print(f"idlefleet: TLS CA      {fleet.ca_file}")
         print(f"idlefleet: vehicles    {', '.join(fleet.online_vehicles())}", flush=True)
         days = options.sim_params.days if options.sim_params else 0
         for car in fleet.sim_cars:
@@ -133,7 +141,8 @@ def _demo(fleet: EmbeddedFleet, n: int) -> int:
     from idlefleet.models.catalog import SMOLLM2
 
     models = fleet.options.models
-    summary = run_demo(fleet.base_url, n, usage, chat=not models or SMOLLM2.id in models)
+    with_chat = not models or SMOLLM2.id in models
+    summary = run_demo(fleet.base_url, n, usage, fleet.api_key, chat=with_chat, ca=fleet.ca_file)
     print()
     print(f"batch        {summary.batch_id}: {summary.status}")
     print(

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS, parse_batch_input
-from idlefleet.coordinator.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from idlefleet.coordinator.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+)
 from idlefleet.coordinator.openai_format import (
     batch_errors_object,
     derived_id,
@@ -87,6 +93,9 @@ class BatchService:
         self.clock = clock
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
+        self.on_foreign: Callable[[str, str], None] = lambda principal, object_id: None
+        """Called when ``principal`` asks for an object that exists but is another's (the
+        answer is still "not found"); the API counts these as refusals."""
         self.on_work: Callable[[], None] = lambda: None
         """Called (from the validating thread) once a batch's first requests may be leased,
         before its validation ends; the coordinator announces the work to the cars."""
@@ -116,7 +125,13 @@ class BatchService:
                 param="file",
             )
 
-    def upload_file(self, filename: str, purpose: str, data: bytes) -> FileRecord:
+    # Ownership: ``principal`` None is the coordinator itself or an operator (sees all); a
+    # customer's principal sees only what it made, and a batch's output files through the
+    # batch. Another principal's object is "not found", never "forbidden": its existence is
+    # not the caller's business (OpenAI answers the same).
+    def upload_file(
+        self, filename: str, purpose: str, data: bytes, principal: str | None = None
+    ) -> FileRecord:
         self.check_upload(purpose, len(data))
         record = FileRecord(
             id=new_id("file-"),
@@ -124,18 +139,32 @@ class BatchService:
             filename=filename or "upload.jsonl",
             bytes=len(data),
             created_at=int(self.clock()),
+            principal=principal,
         )
         self.store.put_file(record, [data])
         return record
 
-    def get_file(self, file_id: str) -> FileRecord:
+    def get_file(
+        self, file_id: str, principal: str | None = None, param: str = "file_id"
+    ) -> FileRecord:
         record = self.store.get_file(file_id)
+        if record is not None and not self._owns_file(record, principal):
+            self.on_foreign(principal or "", file_id)
+            record = None
         if record is None:
-            raise NotFound(f"No such File object: {file_id}", param="file_id")
+            raise NotFound(f"No such File object: {file_id}", param=param)
         return record
 
-    def file_content(self, file_id: str) -> Iterator[bytes]:
-        self.get_file(file_id)
+    def _owns_file(self, record: FileRecord, principal: str | None) -> bool:
+        if principal is None or record.principal == principal:
+            return True
+        if record.principal is None and record.batch_id is not None:
+            batch = self.store.get_batch(record.batch_id)
+            return batch is not None and batch.principal == principal
+        return False
+
+    def file_content(self, file_id: str, principal: str | None = None) -> Iterator[bytes]:
+        self.get_file(file_id, principal)
         return self.store.read_file(file_id)
 
     # -- batches -------------------------------------------------------------------------------
@@ -147,8 +176,10 @@ class BatchService:
         metadata: dict[str, str] | None = None,
         purpose: str = DEFAULT_PURPOSE,
         data_region: str = DEFAULT_DATA_REGION,
+        principal: str | None = None,
+        queued_limit: int | None = None,
     ) -> BatchRecord:
-        """Accept a batch (status ``validating``).
+        """Accept a batch (status ``validating``) for ``principal``.
 
         ``purpose`` and ``data_region`` are our extensions to OpenAI's request: what the
         results are used for and where the data may be processed. Only cars whose owners allow
@@ -172,9 +203,7 @@ class BatchService:
                 code="invalid_value",
             )
         _check_metadata(metadata, self.limits.max_metadata_pairs)
-        record = self.store.get_file(input_file_id)
-        if record is None:
-            raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
+        record = self.get_file(input_file_id, principal, param="input_file_id")
         if record.purpose != "batch":
             raise InvalidRequest(
                 f"File {input_file_id} has purpose {record.purpose!r}; a batch input file "
@@ -182,6 +211,9 @@ class BatchService:
                 param="input_file_id",
                 code="invalid_value",
             )
+        expected = None
+        if principal is not None and queued_limit is not None:
+            expected = self._check_queue(principal, input_file_id, queued_limit)
         now = int(self.clock())
         batch = BatchRecord(
             id=new_id("batch_"),
@@ -194,26 +226,60 @@ class BatchService:
             metadata=metadata,
             purpose=purpose,
             data_region=data_region,
+            principal=principal,
+            expected_requests=expected,
         )
         self.store.create_batch(batch)
         return batch
 
-    def get_batch(self, batch_id: str) -> BatchRecord:
+    def _check_queue(self, principal: str, input_file_id: str, limit: int) -> int:
+        """Refuse a batch that would take ``principal`` past ``limit`` queued requests: its
+        lines (one request each) plus what its unfinished batches still have to do. Returns
+        the batch's lines."""
+        queued = self.store.queued_requests(principal)
+        lines = 0
+        ends_with_newline = True
+        for chunk in self.store.read_file(input_file_id):
+            lines += chunk.count(b"\n")
+            if chunk:
+                ends_with_newline = chunk.endswith(b"\n")
+        lines += 0 if ends_with_newline else 1
+        if queued + lines > limit:
+            raise RateLimited(
+                f"Enqueued request limit reached: this key may have {limit} batch requests "
+                f"queued; {queued} are queued and this batch adds {lines}. Wait for batches "
+                "to finish, or ask the operator for a higher limit.",
+                code="request_limit_exceeded",
+                headers={
+                    "x-ratelimit-limit-queued-requests": str(limit),
+                    "x-ratelimit-remaining-queued-requests": str(max(0, limit - queued)),
+                },
+            )
+        return lines
+
+    def get_batch(self, batch_id: str, principal: str | None = None) -> BatchRecord:
         batch = self.store.get_batch(batch_id)
+        if batch is not None and principal is not None and batch.principal != principal:
+            self.on_foreign(principal, batch_id)
+            batch = None
         if batch is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         return batch
 
-    def list_batches(self, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
+    def list_batches(
+        self, limit: int, after: str | None, principal: str | None = None
+    ) -> tuple[list[BatchRecord], bool]:
         if not 1 <= limit <= 100:
             raise InvalidRequest(
                 f"Invalid 'limit': {limit}. Expected a value between 1 and 100.",
                 param="limit",
                 code="invalid_value",
             )
-        if after is not None and self.store.get_batch(after) is None:
-            raise NotFound(f"No batch found with id '{after}'.", param="after")
-        page = self.store.list_batches(limit + 1, after)
+        if after is not None:
+            found = self.store.get_batch(after)
+            if found is None or (principal is not None and found.principal != principal):
+                raise NotFound(f"No batch found with id '{after}'.", param="after")
+        page = self.store.list_batches(limit + 1, after, principal)
         return page[:limit], len(page) > limit
 
     def validate(self, batch_id: str) -> BatchRecord:
@@ -324,8 +390,8 @@ class BatchService:
         )
         return updated or self.get_batch(batch_id)
 
-    def cancel(self, batch_id: str) -> BatchRecord:
-        batch = self.get_batch(batch_id)
+    def cancel(self, batch_id: str, principal: str | None = None) -> BatchRecord:
+        batch = self.get_batch(batch_id, principal)
         if batch.status in ("cancelling", "cancelled"):
             return batch
         now = int(self.clock())

@@ -11,6 +11,7 @@ Hierarchy (status, OpenAI ``type``)::
     IdlefleetError                  500  server_error
     ├── InvalidRequest              400  invalid_request_error
     ├── Unauthorized                401  invalid_request_error
+    ├── Forbidden                   403  invalid_request_error
     ├── NotFound                    404  invalid_request_error
     ├── Conflict                    409  invalid_request_error
     ├── PayloadTooLarge             413  invalid_request_error
@@ -31,6 +32,7 @@ from typing import ClassVar
 
 __all__ = [
     "Conflict",
+    "Forbidden",
     "IdlefleetError",
     "InternalError",
     "InvalidRequest",
@@ -53,11 +55,20 @@ class IdlefleetError(Exception):
     http_status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+        """Response headers to send with the error (a 429's ``x-ratelimit-*``)."""
 
     def to_openai(self) -> dict[str, dict[str, str | None]]:
         """The body OpenAI sends for this error: ``{"error": {message, type, param, code}}``."""
@@ -85,6 +96,13 @@ class Unauthorized(IdlefleetError):
     """Missing or wrong API key (401)."""
 
     http_status = 401
+    type = "invalid_request_error"
+
+
+class Forbidden(IdlefleetError):
+    """A valid key whose role may not do this (403)."""
+
+    http_status = 403
     type = "invalid_request_error"
 
 

@@ -425,10 +425,12 @@ class CoordinatorNats:
             log.info("policy %d for %s not pushed: NATS not connected", update.version, vehicle_id)
             return False
         try:
-            raw = await self.nc.request(
+            raw = await request_car(
+                self.nc,
                 subjects.downlink(vehicle_id, Downlink.POLICY),
+                subjects.reply_inbox(vehicle_id),
                 encode(update),
-                timeout=POLICY_PUSH_TIMEOUT_S,
+                POLICY_PUSH_TIMEOUT_S,
             )
             ack = decode(Ack, raw.data)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
@@ -440,6 +442,21 @@ class CoordinatorNats:
         if not ack.ok:
             log.warning("car %s refused policy %d: %s", vehicle_id, update.version, ack.error)
         return ack.ok
+
+
+async def request_car(nc: Client, subject: str, inbox: str, payload: bytes, timeout: float) -> Msg:
+    """``nc.request`` with the reply subject ``inbox`` (in the car's reply namespace, which its
+    credentials let it publish to) instead of this connection's shared inbox."""
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, payload, reply=inbox)
+        msg = await sub.next_msg(timeout=timeout)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    if msg.headers and msg.headers.get("Status") == "503":
+        raise nats.errors.NoRespondersError
+    return msg
 
 
 def _failure(exc: BaseException) -> str:

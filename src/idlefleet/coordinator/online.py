@@ -140,7 +140,7 @@ class OnlineRouter:
             progress_b64=None if progress[0] is None else pack(progress[0]),
             stream=watch is not None,
         )
-        inbox = self.nc.new_inbox()
+        inbox = subjects.reply_inbox(vehicle_id)  # the one namespace the car may answer on
         sub = await self.nc.subscribe(inbox)
         try:
             await self.nc.publish(

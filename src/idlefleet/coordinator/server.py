@@ -25,17 +25,24 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import nats
 import uvicorn
 
 from idlefleet.coordinator.api import create_app
+from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.batches import BatchLimits, BatchService
+from idlefleet.coordinator.nats_auth import AuthSync, CloudUsers
+from idlefleet.coordinator.nats_log import NatsLogWatch
 from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
 from idlefleet.coordinator.online import OnlineRouter
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
+from idlefleet.embedded.tls import client_context
+from idlefleet.protocol.identity import public_nkey
 from idlefleet.protocol.seeds import nats_servers
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,21 @@ class CoordinatorConfig:
     flush_interval_s: float = 1.0
     replica: str = ""
     """This replica's name in claims and logs (default: host-pid)."""
+    nats_seed: Path | None = None
+    """The coordinators' nkey seed file (None: connect without credentials, to a server that
+    asks for none)."""
+    nats_auth_file: Path | None = None
+    """Where to keep nats-server's accounts file up to date with the enrolments (None: another
+    replica or process does it)."""
+    nats_pid_files: tuple[Path, ...] = ()
+    """nats-server pid files to signal (SIGHUP) after rewriting ``nats_auth_file``."""
+    nats_logs: tuple[Path, ...] = ()
+    """nats-server log files to count refused connections and permissions in."""
+    nats_ca: Path | None = None
+    """CA certificate to verify the NATS servers with (None: NATS without TLS)."""
+    tls_cert: Path | None = None
+    """Serve HTTPS with this certificate and ``tls_key`` (None: plain HTTP)."""
+    tls_key: Path | None = None
 
 
 async def run_coordinator(config: CoordinatorConfig) -> None:
@@ -70,11 +92,17 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     store = open_store(config.store_url)
     batches = BatchService(store, config.limits, replica=replica)
     work = WorkService(store, batches, config.units, config.heartbeat_interval_s)
+    credentials: dict[str, Any] = {}
+    if config.nats_seed is not None:
+        credentials["nkeys_seed_str"] = config.nats_seed.read_text().strip()
+    if config.nats_ca is not None:
+        credentials["tls"] = client_context(config.nats_ca)
     nc = await nats.connect(
         servers=nats_servers(config.nats_url),
         name=f"idlefleet-coordinator-{replica}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        **credentials,
     )
     edge_limits = config.edge
     if not config.store_url.startswith("sqlite"):
@@ -112,7 +140,36 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         await asyncio.to_thread(work.flush_liveness)
         edge.forget_idle_budgets()
 
+    auth_sync: AuthSync | None = None
+    if config.nats_auth_file is not None:
+        if config.nats_seed is None:
+            raise ValueError("keeping NATS authorization needs the coordinators' nkey seed")
+        cloud = CloudUsers(coordinator=public_nkey(config.nats_seed.read_text()))
+        auth_sync = AuthSync(store, cloud, config.nats_auth_file, config.nats_pid_files)
+    nkeys_to_cars: dict[str, str] = {}
+
+    def vehicle_of(nkey: str) -> str | None:
+        if nkey not in nkeys_to_cars:
+            nkeys_to_cars.update({e.nkey: e.vehicle_id for e in store.enrolments()})
+        return nkeys_to_cars.get(nkey)
+
+    nats_log = NatsLogWatch(config.nats_logs, vehicle_of) if config.nats_logs else None
+    sync_lock = asyncio.Lock()
+
+    async def sync_auth() -> None:
+        # Serialised: an enrolment's immediate sync and the periodic one must not interleave
+        # their writes and reloads.
+        if auth_sync is not None:
+            async with sync_lock:
+                await asyncio.to_thread(auth_sync.sync)
+
+    async def watch_nats_log() -> None:
+        if nats_log is not None:
+            await asyncio.to_thread(nats_log.poll)
+
     loops = [
+        _every(1.0, "NATS authorization sync", sync_auth),
+        _every(1.0, "NATS log watch", watch_nats_log),
         _every(config.flush_interval_s, "liveness flush", flush),
         _every(config.heartbeat_interval_s / 2, "live count", _threaded(work.refresh_liveness)),
         _every(1.0, "policy catch-up", catch_up_policies),
@@ -143,17 +200,27 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             log.info("replica %s stopped", replica)
 
     online = OnlineRouter(nc, work)
+    access = Access(store)
     app = create_app(
         batches,
         work,
+        access,
         online,
         validate_and_announce,
         edge.push_policy,
         dispatch_status=lambda: status() | edge.snapshot() | online.snapshot(),
+        security_status=lambda: {
+            **(nats_log.snapshot() if nats_log is not None else {}),
+            "nats_authorization_reloads": auth_sync.reloads if auth_sync is not None else None,
+        },
+        on_enrolment=sync_auth,
         lifespan=lifespan,
     )
+    tls: dict[str, Any] = {}
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
     server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", **tls)
     )
     await server.serve()
 

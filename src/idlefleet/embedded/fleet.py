@@ -10,6 +10,12 @@ queue group on the shared store, each with its own HTTP port; every agent and re
 whole seed list and fails over between the nodes. :meth:`EmbeddedFleet.kill_coordinator` and
 :meth:`EmbeddedFleet.kill_nats_node` are there for fault drills.
 
+Security is on, as in production (`idlefleet.embedded.credentials`): the fleet makes an
+operator, an owner (``embedded-fleet``) and a customer API key in the store before the
+coordinators start (``keys.json`` in the data directory, mode 0600, reused on a restart), each
+car makes its own nkey and the fleet enrols it through the operator API, and nats-server
+accepts only the coordinators' key and enrolled cars, each confined to its own subjects.
+
 Each agent reads its car from a replayed state trace, and the fleet sets each car's owner policy
 through the owner API as its owner would, so the consent record shows who switched the embedded
 cars on. Two kinds of fleet:
@@ -26,6 +32,7 @@ import functools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -36,9 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from idlefleet.coordinator.store.factory import sqlite_url
+from idlefleet.embedded.credentials import OWNER, FleetSecrets, prepare_security
 from idlefleet.embedded.nats_cluster import NatsCluster, start_nats_cluster
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
 from idlefleet.embedded.ports import free_port
+from idlefleet.embedded.tls import TlsFiles, client_context
+from idlefleet.protocol.identity import public_nkey
 
 
 @dataclass
@@ -75,6 +85,9 @@ class FleetOptions:
     """1: one nats-server; 3 (or 2+): a routed cluster with clustered JetStream."""
     claim_seconds: float = 30.0
     """How soon a replica takes over a batch duty of one that died."""
+    tls: TlsFiles | None = None
+    """Serve HTTPS and NATS over TLS with these files (``make_local_tls`` makes a CA and a
+    certificate for this machine); None: plain HTTP and NATS, as on a developer's machine."""
     models: tuple[str, ...] = ("all-MiniLM-L6-v2",)
     """The models every agent serves (empty: the whole catalogue). Tests name what they use,
     so a fleet of embedding cars does not load the LLM; ``idlefleet up`` serves them all."""
@@ -96,6 +109,9 @@ class EmbeddedFleet:
         self.port = first
         self.log_dir = options.data_dir / "logs"
         self.sim_cars: list[Any] = []
+        self.secrets = FleetSecrets(options.data_dir / "secrets")
+        self.keys: dict[str, str] = {}
+        """API key secrets: ``operator``, ``owner`` (of every embedded car) and ``customer``."""
         self._killed: set[int] = set()
         """Processes killed on purpose (fault drills): their exit is not a failure."""
 
@@ -109,7 +125,16 @@ class EmbeddedFleet:
         return self.replica_url(0)
 
     def replica_url(self, index: int) -> str:
-        return f"http://{self.options.host}:{self.ports[index]}"
+        scheme = "https" if self.options.tls is not None else "http"
+        return f"{scheme}://{self.options.host}:{self.ports[index]}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA that signed the fleet's certificates (None: no TLS)."""
+        return self.options.tls.ca if self.options.tls is not None else None
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        return client_context(self.options.tls.ca) if self.options.tls is not None else None
 
     @property
     def nats_url(self) -> str:
@@ -118,6 +143,25 @@ class EmbeddedFleet:
             return self.cluster.url
         assert self.nats is not None
         return self.nats.url
+
+    @property
+    def api_key(self) -> str:
+        """The customer's API key (what an OpenAI client uses)."""
+        return self.keys["customer"]
+
+    @property
+    def nats_credentials(self) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments with the coordinators' identity (every subject),
+        and TLS if the fleet uses it: for tests and tools that speak for the cloud, or for many
+        scripted cars at once."""
+        found: dict[str, Any] = {"nkeys_seed_str": self.secrets.coordinator_seed()}
+        if self.options.tls is not None:
+            found["tls"] = self._ssl()
+        return found
+
+    @property
+    def auth_file(self) -> Path:
+        return self.options.data_dir / "nats" / "auth.conf"
 
     @property
     def store_url(self) -> str:
@@ -157,10 +201,18 @@ class EmbeddedFleet:
             if workload is None:
                 raise ValueError(f"no workload serves model {model}")
             workload.provision(model, opts.data_dir / "models")
+        self.keys = prepare_security(self.store_url, self.secrets, self.auth_file)
         if opts.nats_nodes > 1:
-            self.cluster = start_nats_cluster(opts.data_dir / "nats", nodes=opts.nats_nodes)
+            self.cluster = start_nats_cluster(
+                opts.data_dir / "nats",
+                nodes=opts.nats_nodes,
+                auth_file=self.auth_file,
+                tls=opts.tls,
+            )
         else:
-            self.nats = start_nats_server(opts.data_dir / "nats")
+            self.nats = start_nats_server(
+                opts.data_dir / "nats", auth_file=self.auth_file, tls=opts.tls
+            )
         for index in range(opts.replicas):
             self.coordinators.append(self._start_coordinator(index))
         deadline = time.monotonic() + timeout
@@ -201,8 +253,34 @@ class EmbeddedFleet:
                 str(opts.max_requests),
                 "--claim-seconds",
                 str(opts.claim_seconds),
+                "--nats-seed",
+                str(self.secrets.coordinator_seed_file),
+                "--nats-auth-file",
+                str(self.auth_file),
+                *self._nats_files(),
+                *self._tls_args(server=True),
             ],
         )
+
+    def _tls_args(self, server: bool) -> list[str]:
+        tls = self.options.tls
+        if tls is None:
+            return []
+        args = ["--nats-ca", str(tls.ca)]
+        if server:
+            args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        return args
+
+    def _nats_files(self) -> list[str]:
+        servers = [self.nats] if self.nats is not None else []
+        if self.cluster is not None:
+            servers = [node.server for node in self.cluster.nodes if node.server is not None]
+        args = []
+        for server in servers:
+            assert server is not None
+            args += ["--nats-pid-file", str(server.pid_file)]
+            args += ["--nats-log", str(server.data_dir / "nats-server.log")]
+        return args
 
     def _healthy(self, index: int) -> bool:
         return self.get("/healthz", index) is not None
@@ -242,9 +320,10 @@ class EmbeddedFleet:
             vehicle_id = f"{opts.vehicle_prefix}-{car.index + 1:03d}"
             path = folder / f"sim-{vehicle_id}.jsonl"
             car.trace.save(path)
+            self.enrol(vehicle_id)
             self.put(
                 f"/fleet/vehicles/{vehicle_id}/policy",
-                {"policy": car.policy.model_dump(mode="json"), "actor": "embedded-fleet"},
+                {"policy": car.policy.model_dump(mode="json")},
             )
             self.add_agent(
                 vehicle_id,
@@ -277,23 +356,46 @@ class EmbeddedFleet:
             trace.save(path)
         return path
 
-    def set_consent(self, vehicle_id: str, opted_in: bool, **fields: Any) -> Any:
-        """Opt a car in or out through the owner API, as the embedded fleet's owner."""
-        body = {"opted_in": opted_in, "actor": "embedded-fleet", **fields}
-        return self.post(f"/fleet/vehicles/{vehicle_id}/consent", body)
+    def set_consent(
+        self, vehicle_id: str, opted_in: bool, key: str = "owner", **fields: Any
+    ) -> Any:
+        """Opt a car in or out through the owner API, as the embedded fleet's owner (or, with
+        ``key="operator"``, as its operator: for scripted cars that are not enrolled)."""
+        body = {"opted_in": opted_in, **fields}
+        return self.post(f"/fleet/vehicles/{vehicle_id}/consent", body, key=key)
 
-    def post(self, path: str, body: Any, method: str = "POST") -> Any:
+    def post(self, path: str, body: Any, method: str = "POST", key: str = "operator") -> Any:
+        """A JSON request with the API key named ``key`` (``operator``, ``owner``,
+        ``customer``); the decoded answer. HTTP errors raise."""
         request = urllib.request.Request(
             self.base_url + path,
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.keys[key]}",
+            },
             method=method,
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=self._ssl()) as response:
             return json.loads(response.read())
 
-    def put(self, path: str, body: Any) -> Any:
-        return self.post(path, body, method="PUT")
+    def put(self, path: str, body: Any, key: str = "owner") -> Any:
+        return self.post(path, body, method="PUT", key=key)
+
+    def enrol(self, vehicle_id: str) -> str:
+        """The car's nkey seed (made once, kept in the data directory), enrolled through the
+        operator API under the fleet's owner if it is not yet."""
+        seed = self.secrets.car_seed(vehicle_id)
+        public = public_nkey(seed)
+        enrolments = self.get("/fleet/enrolments") or {"data": []}
+        current = {e["vehicle_id"]: e for e in enrolments["data"]}.get(vehicle_id)
+        if current is not None and current["status"] == "enrolled" and current["nkey"] == public:
+            return seed
+        if current is not None and current["status"] == "enrolled":
+            self.post(f"/fleet/enrolments/{vehicle_id}", None, method="DELETE")
+        body = {"vehicle_id": vehicle_id, "nkey": public, "owner": OWNER}
+        self.post("/fleet/enrolments", body)
+        return seed
 
     def add_agent(
         self,
@@ -304,6 +406,7 @@ class EmbeddedFleet:
         extra_args: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
         opts = self.options
+        self.enrol(vehicle_id)
         if opts.opt_in and set_policy:
             self.set_consent(vehicle_id, True)
         trace = trace or opts.trace or self.default_trace()
@@ -330,6 +433,9 @@ class EmbeddedFleet:
                 str(resume),
                 "--models",
                 ",".join(opts.models) or "all",
+                "--nkey-seed",
+                str(self.secrets.car_seed_file(vehicle_id)),
+                *self._tls_args(server=False),
                 *(extra_args or []),
             ],
         )
@@ -364,9 +470,14 @@ class EmbeddedFleet:
             children.append(("coordinator" if index == 0 else f"coordinator-{index}", process))
         return children
 
-    def get(self, path: str, replica: int = 0) -> Any:
+    def get(self, path: str, replica: int = 0, key: str = "operator") -> Any:
+        """GET with the named API key; the decoded answer, or None if the replica is down."""
+        request = urllib.request.Request(
+            self.replica_url(replica) + path,
+            headers={"Authorization": f"Bearer {self.keys[key]}"} if self.keys else {},
+        )
         try:
-            with urllib.request.urlopen(self.replica_url(replica) + path, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=self._ssl()) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None

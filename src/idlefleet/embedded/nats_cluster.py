@@ -32,8 +32,10 @@ from idlefleet.embedded.nats_server import (
     NatsServerStartError,
     jetstream_config,
     launch_nats_server,
+    security_config,
 )
 from idlefleet.embedded.ports import free_ports as _free_ports
+from idlefleet.embedded.tls import TlsFiles
 
 __all__ = ["ClusterNode", "NatsCluster", "start_nats_cluster"]
 
@@ -71,6 +73,10 @@ class ClusterNode:
     @property
     def config_path(self) -> Path:
         return self.data_dir / "nats-server.conf"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "nats-server.pid"
 
     @property
     def log_path(self) -> Path:
@@ -179,7 +185,12 @@ class NatsCluster:
 
 
 def start_nats_cluster(
-    data_dir: Path, nodes: int = 3, host: str = "127.0.0.1", timeout: float = 30
+    data_dir: Path,
+    nodes: int = 3,
+    host: str = "127.0.0.1",
+    timeout: float = 30,
+    auth_file: Path | None = None,
+    tls: TlsFiles | None = None,
 ) -> NatsCluster:
     """Start ``nodes`` routed servers with clustered JetStream under ``data_dir/node-<i>``.
 
@@ -198,7 +209,7 @@ def start_nats_cluster(
     stores = [_node_dir(data_dir, i) / "jetstream" for i in range(nodes)]
     new_stores = [store for store in stores if not store.exists()]
     try:
-        return _start(_plan(data_dir, nodes, host), deadline)
+        return _start(_plan(data_dir, nodes, host, auth_file, tls), deadline)
     except NatsServerStartError as error:
         if not error.address_in_use:
             raise
@@ -206,7 +217,7 @@ def start_nats_cluster(
     # election timeout (4-9 s): start those from empty again. Older stores are kept.
     for store in new_stores:
         shutil.rmtree(store, ignore_errors=True)
-    return _start(_plan(data_dir, nodes, host), deadline)
+    return _start(_plan(data_dir, nodes, host, auth_file, tls), deadline)
 
 
 def _start(nodes: list[ClusterNode], deadline: float) -> NatsCluster:
@@ -222,7 +233,13 @@ def _start(nodes: list[ClusterNode], deadline: float) -> NatsCluster:
     return cluster
 
 
-def _plan(data_dir: Path, count: int, host: str) -> list[ClusterNode]:
+def _plan(
+    data_dir: Path,
+    count: int,
+    host: str,
+    auth_file: Path | None = None,
+    tls: TlsFiles | None = None,
+) -> list[ClusterNode]:
     """Name, ports and directory for each node, with its config file written."""
     ports = _free_ports(host, 3 * count)
     nodes = [
@@ -245,6 +262,7 @@ def _plan(data_dir: Path, count: int, host: str) -> list[ClusterNode]:
             f'listen: "{host}:{node.client_port}"\n'
             f'http: "{host}:{node.monitor_port}"\n'
             + jetstream_config(node.data_dir / "jetstream")
+            + security_config(node.data_dir, auth_file, node.pid_file, tls)
             + f'cluster {{\n  name: "{CLUSTER_NAME}"\n  listen: "{host}:{node.route_port}"\n'
             f"  routes: [\n{routes}  ]\n}}\n"
         )

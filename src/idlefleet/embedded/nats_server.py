@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from idlefleet.embedded.tls import TlsFiles
+
 _CLIENT_LINE = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
 READY_LINE = re.compile(r"Server is ready")
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
@@ -62,6 +64,25 @@ def jetstream_config(store_dir: Path) -> str:
     return f'max_payload: {MAX_PAYLOAD_BYTES}\njetstream {{\n  store_dir: "{store_dir}"\n}}\n'
 
 
+def security_config(
+    config_dir: Path, auth_file: Path | None, pid_file: Path, tls: TlsFiles | None = None
+) -> str:
+    """Config lines for authentication: an ``include`` of the accounts file that
+    `idlefleet.coordinator.nats_auth` writes (None: no authentication, for tests of other
+    things), the pid file through which a coordinator signals a reload, and with ``tls`` the
+    server's certificate: every client connection must then be TLS."""
+    lines = f'pid_file: "{pid_file}"\n'
+    if auth_file is not None:
+        # nats-server resolves an include relative to the including file.
+        lines += f'include "{os.path.relpath(auth_file, config_dir)}"\n'
+    if tls is not None:
+        lines += (
+            f'tls {{\n  cert_file: "{tls.cert.resolve()}"\n  key_file: "{tls.key.resolve()}"\n'
+            "  timeout: 5\n}\n"
+        )
+    return lines
+
+
 @dataclass
 class NatsServer:
     """A running nats-server process."""
@@ -75,6 +96,10 @@ class NatsServer:
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "nats-server.pid"
 
     def terminate(self) -> None:
         """Ask the server to shut down (SIGTERM) without waiting for it."""
@@ -155,12 +180,24 @@ def launch_nats_server(
 
 
 def start_nats_server(
-    data_dir: Path, host: str = "127.0.0.1", port: int = -1, timeout: float = 20.0
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = -1,
+    timeout: float = 20.0,
+    auth_file: Path | None = None,
+    tls: TlsFiles | None = None,
 ) -> NatsServer:
-    """Start nats-server with JetStream storing in ``data_dir/jetstream``; wait until ready."""
+    """Start nats-server with JetStream storing in ``data_dir/jetstream``; wait until ready.
+
+    With ``auth_file`` (an accounts block, `idlefleet.coordinator.nats_auth`), clients must
+    authenticate; its pid file is ``data_dir/nats-server.pid`` (`NatsServer.pid_file`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
-    config.write_text("# written by idlefleet\n" + jetstream_config(data_dir / "jetstream"))
+    config.write_text(
+        "# written by idlefleet\n"
+        + jetstream_config(data_dir / "jetstream")
+        + security_config(data_dir, auth_file, data_dir / "nats-server.pid", tls)
+    )
     process, drainer, (client, _) = launch_nats_server(
         ["-c", str(config), "-a", host, "-p", str(port)],
         data_dir / "nats-server.log",

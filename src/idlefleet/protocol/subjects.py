@@ -1,16 +1,20 @@
 """NATS subject names for the work protocol.
 
-Every subject a vehicle touches carries its vehicle id, so that per-vehicle NATS permissions
-("car X may publish only to idlefleet.v1.uplink.X.>" and subscribe only to
-"idlefleet.v1.downlink.X.>") can be switched on later without a redesign. Uplink subjects are
-requests from a car to the cloud (served by coordinator replicas in one queue group); downlink
-subjects are requests from the cloud to one car (the car answers on its one outbound connection).
+Every subject a vehicle touches carries its vehicle id, and the NATS server's permissions for
+a car's key allow exactly these (`car_subjects`): it publishes requests on its uplink
+(``idlefleet.v1.uplink.<car>.>``, served by coordinator replicas in one queue group) and
+answers on its reply namespace (``idlefleet.v1.reply.<car>.>``); it receives requests on its
+downlink (``idlefleet.v1.downlink.<car>.>``) and replies in its own inbox
+(``_INBOX.<car>.>``, the car connects with that ``inbox_prefix``). A downlink request's reply
+subject is in the car's reply namespace (`reply_inbox`), so a car can answer the cloud, and
+only the cloud, without NATS's per-message response permissions, which a config reload resets.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import uuid
 from enum import StrEnum
 
 PREFIX = "idlefleet.v1"
@@ -44,6 +48,27 @@ class Downlink(StrEnum):
 
 WORK_AVAILABLE = f"{PREFIX}.cloud.work_available"
 """Coordinator replicas tell each other that requests entered the queue (wakes long polls)."""
+
+
+REPLY_PREFIX = f"{PREFIX}.reply"
+
+
+def inbox_prefix(vehicle_id: str) -> str:
+    """The inbox prefix a car connects with: replies to its requests come under it."""
+    return f"_INBOX.{_checked(vehicle_id)}"
+
+
+def reply_inbox(vehicle_id: str) -> str:
+    """A fresh reply subject for one downlink request to ``vehicle_id``."""
+    return f"{REPLY_PREFIX}.{_checked(vehicle_id)}.{uuid.uuid4().hex}"
+
+
+def car_subjects(vehicle_id: str) -> tuple[list[str], list[str]]:
+    """(publish, subscribe) subjects a car's credentials allow, and nothing else."""
+    vid = _checked(vehicle_id)
+    publish = [f"{PREFIX}.uplink.{vid}.>", f"{REPLY_PREFIX}.{vid}.>"]
+    subscribe = [f"{PREFIX}.downlink.{vid}.>", f"_INBOX.{vid}.>"]
+    return publish, subscribe
 
 
 def is_valid_vehicle_id(vehicle_id: str) -> bool:

@@ -21,11 +21,23 @@ from typing import Any
 
 import uvicorn
 
+from idlefleet.coordinator.access import Role, new_api_key
 from idlefleet.coordinator.api import create_app
+from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.store import open_store, sqlite_url
+from idlefleet.coordinator.store import Enrolment, open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
+from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from idlefleet.protocol.policy import PolicyUpdate
+
+KEYS = {
+    # name -> (role, principal)
+    "operator": (Role.OPERATOR, "ops"),
+    "alice": (Role.OWNER, "alice"),
+    "bob": (Role.OWNER, "bob"),
+    "acme": (Role.CUSTOMER, "acme"),
+    "globex": (Role.CUSTOMER, "globex"),
+}
 
 
 class LiveCoordinator:
@@ -33,6 +45,10 @@ class LiveCoordinator:
         self.base_url = base_url
         self.batches = batches
         self.work = work
+        self.keys: dict[str, str] = {}
+        """API key secrets by name (``KEYS``): an operator, owners alice and bob, customers
+        acme and globex."""
+        self.key_ids: dict[str, str] = {}
         self.pushes: list[tuple[str, PolicyUpdate]] = []
         self.push_answer: bool | Exception = True
         """What the next pushes return (True: the car acknowledged), or raise."""
@@ -43,16 +59,28 @@ class LiveCoordinator:
             raise self.push_answer
         return self.push_answer
 
+    def enrol(self, vehicle_id: str, owner: str = "alice") -> str:
+        """Enrol ``vehicle_id`` under ``owner`` with a fresh nkey; returns its seed."""
+        seed = new_nkey_seed()
+        self.work.store.enrol(Enrolment(vehicle_id, public_nkey(seed), owner, time.time()))
+        return seed
+
     def call(
-        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        key: str | None = "alice",
     ) -> tuple[int, Any]:
-        """One HTTP request; (status, decoded JSON body), also for error statuses."""
+        """One HTTP request as the key named ``key`` (None: no key); (status, decoded JSON
+        body), also for error statuses."""
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {self.keys[key]}"
         request = urllib.request.Request(
-            self.base_url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"} if data is not None else {},
+            self.base_url + path, data=data, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -70,11 +98,16 @@ def live_coordinator(directory: Path) -> Iterator[LiveCoordinator]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     live = LiveCoordinator(f"http://127.0.0.1:{port}", batches, work)
+    for name, (role, principal) in KEYS.items():
+        secret, record = new_api_key(role, principal, name)
+        store.put_api_key(record)
+        live.keys[name] = secret
+        live.key_ids[name] = record.id
 
     async def validate(batch_id: str) -> None:
         batches.validate(batch_id)
 
-    app = create_app(batches, work, None, validate, live.push)
+    app = create_app(batches, work, Access(store), None, validate, live.push)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

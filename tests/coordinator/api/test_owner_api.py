@@ -1,5 +1,6 @@
 """The owner API (policy, consent) and the consent extensions of the fleet and batch APIs,
-over real HTTP against the real app (see ``live.py``)."""
+over real HTTP against the real app (see ``live.py``). Requests go as alice, the owner of
+each test's car, unless a test says otherwise; who may call what is ``test_access_api.py``."""
 
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCoordinator]:
 
 @pytest.fixture
 def car(live: LiveCoordinator) -> str:
-    """A fresh vehicle id per test (the server is shared by the module)."""
+    """A fresh vehicle id per test (the server is shared by the module), enrolled under alice."""
     live.pushes.clear()
     live.push_answer = True
-    return f"car-{next(_ids)}"
+    vehicle_id = f"car-{next(_ids)}"
+    live.enrol(vehicle_id)
+    return vehicle_id
 
 
 def full_policy(**changes: Any) -> dict[str, Any]:
@@ -80,9 +83,7 @@ def test_put_policy_appends_a_version_and_pushes_it_to_the_car(
 ) -> None:
     policy = full_policy(opted_in=True, soc_floor_percent=70, timezone="Europe/Berlin")
 
-    status, put = live.call(
-        "PUT", f"/fleet/vehicles/{car}/policy", {"policy": policy, "actor": "owner:alice"}
-    )
+    status, put = live.call("PUT", f"/fleet/vehicles/{car}/policy", {"policy": policy})
     _, got = live.call("GET", f"/fleet/vehicles/{car}/policy")
 
     assert status == 200
@@ -98,20 +99,17 @@ def test_put_policy_appends_a_version_and_pushes_it_to_the_car(
 def test_consent_replaces_only_its_fields_and_keeps_the_rest_of_the_policy(
     live: LiveCoordinator, car: str
 ) -> None:
-    live.call(
-        "PUT",
-        f"/fleet/vehicles/{car}/policy",
-        {"policy": full_policy(soc_floor_percent=80), "actor": "owner:alice"},
-    )
+    live.call("PUT", f"/fleet/vehicles/{car}/policy", {"policy": full_policy(soc_floor_percent=80)})
 
     status, body = live.call(
         "POST",
         f"/fleet/vehicles/{car}/consent",
-        {"opted_in": True, "actor": "owner:bob", "purposes": ["research"]},
+        {"opted_in": True, "purposes": ["research"]},
+        key="operator",
     )
 
     assert status == 200
-    assert body["version"] == 2 and body["actor"] == "owner:bob"
+    assert body["version"] == 2 and body["actor"] == "operator:ops"
     policy = body["policy"]
     assert (policy["opted_in"], policy["purposes"], policy["soc_floor_percent"]) == (
         True,
@@ -125,13 +123,9 @@ def test_consent_replaces_only_its_fields_and_keeps_the_rest_of_the_policy(
 def test_the_consent_record_lists_every_version_oldest_first(
     live: LiveCoordinator, car: str
 ) -> None:
-    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True, "actor": "owner:a"})
-    live.call(
-        "POST",
-        f"/fleet/vehicles/{car}/consent",
-        {"opted_in": True, "actor": "owner:a", "data_regions": ["eu"]},
-    )
-    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": False, "actor": "owner:b"})
+    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True})
+    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True, "data_regions": ["eu"]})
+    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": False}, key="operator")
 
     status, body = live.call("GET", f"/fleet/vehicles/{car}/consent")
     _, latest = live.call("GET", f"/fleet/vehicles/{car}/consent?limit=1")
@@ -139,9 +133,9 @@ def test_the_consent_record_lists_every_version_oldest_first(
     assert status == 200 and body["object"] == "list"
     rows = [(r["version"], r["opted_in"], r["data_regions"], r["actor"]) for r in body["data"]]
     assert rows == [
-        (1, True, list(DATA_REGIONS), "owner:a"),
-        (2, True, ["eu"], "owner:a"),
-        (3, False, ["eu"], "owner:b"),
+        (1, True, list(DATA_REGIONS), "owner:alice"),
+        (2, True, ["eu"], "owner:alice"),
+        (3, False, ["eu"], "operator:ops"),
     ]
     assert all(r["purposes"] == list(PURPOSES) for r in body["data"])
     times = [r["created_at"] for r in body["data"]]
@@ -154,9 +148,7 @@ def test_a_car_that_does_not_take_the_push_does_not_fail_the_change(
 ) -> None:
     live.push_answer = ConnectionError("NATS is down")
 
-    status, body = live.call(
-        "POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True, "actor": "owner:a"}
-    )
+    status, body = live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True})
 
     assert status == 200
     assert body["pushed_to_vehicle"] is False
@@ -167,7 +159,7 @@ def test_a_car_that_does_not_take_the_push_does_not_fail_the_change(
 
 
 def _put(policy_changes: dict[str, Any], **top: Any) -> dict[str, Any]:
-    return {"policy": full_policy() | policy_changes, "actor": "owner:a"} | top
+    return {"policy": full_policy() | policy_changes} | top
 
 
 BAD_PUTS: list[tuple[str, bytes | dict[str, Any], str]] = [
@@ -193,10 +185,9 @@ BAD_PUTS: list[tuple[str, bytes | dict[str, Any], str]] = [
     ("unknown-region", _put({"data_regions": ["mars"]}), "policy.data_regions.0: Input should"),
     ("bad-timezone", _put({"timezone": "Mars/Olympus"}), "policy.timezone: Value error, unknown"),
     ("bad-hours", _put({"allowed_hours": ["25:00-07:00"]}), "policy.allowed_hours"),
-    ("no-actor", {"policy": full_policy()}, "actor: Field required"),
-    ("empty-actor", _put({}, actor=""), "actor: String should have at least 1 character"),
-    ("long-actor", _put({}, actor="x" * 129), "actor: String should have at most 128"),
-    ("no-policy", {"actor": "owner:a"}, "policy: Field required"),
+    # Who made a change is the caller's key: a body that names someone is refused, not obeyed.
+    ("actor-in-body", _put({}, actor="owner:bob"), "actor: Extra inputs are not permitted"),
+    ("no-policy", {}, "policy: Field required"),
 ]
 
 
@@ -219,14 +210,14 @@ def test_a_bad_policy_is_refused_with_400_naming_field_and_problem(
 
 
 BAD_CONSENTS: list[tuple[str, dict[str, Any], str]] = [
-    ("opted-in-as-text", {"opted_in": "yes", "actor": "a"}, "opted_in: Input should be a valid"),
-    ("opted-in-as-number", {"opted_in": 1, "actor": "a"}, "opted_in: Input should be a valid"),
-    ("no-opted-in", {"actor": "a"}, "opted_in: Field required"),
-    ("unknown-purpose", {"opted_in": True, "actor": "a", "purposes": ["x"]}, "purposes.0"),
-    ("empty-purposes", {"opted_in": True, "actor": "a", "purposes": []}, "purposes: List should"),
-    ("repeated-region", {"opted_in": True, "actor": "a", "data_regions": ["eu", "eu"]}, "repeat"),
-    ("blank-actor", {"opted_in": True, "actor": "   "}, "Invalid 'actor'"),
-    ("extra", {"opted_in": True, "actor": "a", "soc": 3}, "soc: Extra inputs are not permitted"),
+    ("opted-in-as-text", {"opted_in": "yes"}, "opted_in: Input should be a valid"),
+    ("opted-in-as-number", {"opted_in": 1}, "opted_in: Input should be a valid"),
+    ("no-opted-in", {}, "opted_in: Field required"),
+    ("unknown-purpose", {"opted_in": True, "purposes": ["x"]}, "purposes.0"),
+    ("empty-purposes", {"opted_in": True, "purposes": []}, "purposes: List should"),
+    ("repeated-region", {"opted_in": True, "data_regions": ["eu", "eu"]}, "repeat"),
+    ("actor-in-body", {"opted_in": True, "actor": "owner:bob"}, "actor: Extra inputs are not"),
+    ("extra", {"opted_in": True, "soc": 3}, "soc: Extra inputs are not permitted"),
 ]
 
 
@@ -251,9 +242,9 @@ def test_a_bad_consent_is_refused_with_400_and_records_nothing(
 def test_an_invalid_vehicle_id_is_refused_with_400(
     live: LiveCoordinator, method: str, suffix: str, vehicle_id: str
 ) -> None:
-    body = {"opted_in": True, "actor": "a"} if method == "POST" else None
+    body: dict[str, Any] | None = {"opted_in": True} if method == "POST" else None
     if method == "PUT":
-        body = {"policy": full_policy(), "actor": "a"}
+        body = {"policy": full_policy()}
 
     status, error = live.call(method, f"/fleet/vehicles/{vehicle_id}/{suffix}", body)
 
@@ -269,7 +260,7 @@ def test_vehicles_show_their_status_reason_and_consent(live: LiveCoordinator, ca
     register(live, car)
     live.work.heartbeat(car, Heartbeat(seq=1, status="paused", reason="not_charging"))
     before = _vehicle(live, car)
-    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True, "actor": "owner:a"})
+    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True})
 
     after = _vehicle(live, car)
 
@@ -286,7 +277,7 @@ def _vehicle(live: LiveCoordinator, vehicle_id: str) -> dict[str, Any]:
 
 def test_leases_show_purpose_region_energy_and_end_reason(live: LiveCoordinator, car: str) -> None:
     register(live, car)
-    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True, "actor": "owner:a"})
+    live.call("POST", f"/fleet/vehicles/{car}/consent", {"opted_in": True})
     record = live.batches.upload_file("in.jsonl", "batch", batch_input(["a", "b", "c"]))
     batch = live.batches.create_batch(
         record.id, "/v1/embeddings", "24h", purpose="research", data_region="eu"
@@ -308,7 +299,7 @@ def test_leases_show_purpose_region_energy_and_end_reason(live: LiveCoordinator,
     live.work.results(car, chunk)
     live.work.release(car, Release(lease_id=grant.lease_id, reason="shutdown", energy_j=1.5))
 
-    _, body = live.call("GET", "/fleet/leases?all=true")
+    _, body = live.call("GET", "/fleet/leases?all=true", key="operator")
 
     (lease,) = [row for row in body["data"] if row["vehicle_id"] == car]
     assert (lease["state"], lease["end_reason"], lease["energy_j"]) == (
@@ -324,7 +315,7 @@ def test_leases_show_purpose_region_energy_and_end_reason(live: LiveCoordinator,
 
 @pytest.fixture(scope="module")
 def client(live: LiveCoordinator) -> OpenAI:
-    return OpenAI(base_url=f"{live.base_url}/v1", api_key="test", max_retries=0)
+    return OpenAI(base_url=f"{live.base_url}/v1", api_key=live.keys["acme"], max_retries=0)
 
 
 def _upload(client: OpenAI) -> str:

@@ -34,8 +34,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from idlefleet.coordinator.store import (
+    ApiKeyRecord,
     BatchRecord,
     CommitOutcome,
+    Enrolment,
     FileRecord,
     Lease,
     LeaseAsk,
@@ -53,6 +55,7 @@ from idlefleet.coordinator.store import (
 )
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.embedded.postgres import create_database, drop_database
+from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 
 # -- backends ------------------------------------------------------------------------------------
@@ -2857,3 +2860,275 @@ def test_progress_survives_close_and_reopen(store_url: str) -> None:
         resumed = must_lease(second, "car-2", now=NOW + 2)
 
     assert progress_of(resumed) == {0: None, 1: TOKENS}
+
+
+# -- who may do what: API keys, car enrolments, the principal of files and batches ---------------
+
+
+def api_key(key_id: str = "key_1", digest: str = "a" * 64, **fields: Any) -> ApiKeyRecord:
+    record = ApiKeyRecord(
+        id=key_id,
+        secret_sha256=digest,
+        role="customer",
+        principal="acme",
+        name="acme's script",
+        created_at=NOW,
+    )
+    return replace(record, **fields)
+
+
+def new_nkey() -> str:
+    return public_nkey(new_nkey_seed())
+
+
+def enrolment(vehicle_id: str = "car-1", owner: str = "alice", at: float = NOW) -> Enrolment:
+    return Enrolment(vehicle_id=vehicle_id, nkey=new_nkey(), owner=owner, enrolled_at=at)
+
+
+def test_an_api_key_is_found_by_the_hash_of_its_secret_with_its_quotas(store: Store) -> None:
+    limited = api_key(
+        "key_1", "1" * 64, requests_per_minute=60, tokens_per_minute=10_000, queued_requests=5
+    )
+    unlimited = api_key("key_2", "2" * 64, role="operator", principal="ops")
+    store.put_api_key(limited)
+    store.put_api_key(unlimited)
+
+    assert store.api_key_by_hash("1" * 64) == limited
+    assert store.api_key_by_hash("2" * 64) == unlimited
+    assert store.api_key_by_hash("f" * 64) is None
+
+
+def test_put_api_key_refuses_a_taken_id_or_secret_hash(store: Store) -> None:
+    first = api_key("key_1", "1" * 64)
+    store.put_api_key(first)
+
+    with pytest.raises(ValueError):
+        store.put_api_key(api_key("key_1", "2" * 64, principal="globex"))
+    with pytest.raises(ValueError):
+        store.put_api_key(api_key("key_2", "1" * 64, principal="globex"))
+
+    assert store.list_api_keys() == [first]
+    assert store.api_key_by_hash("2" * 64) is None
+
+
+def test_list_api_keys_is_oldest_first(store: Store) -> None:
+    keys = [
+        api_key("key_c", "3" * 64, created_at=NOW + 1),
+        api_key("key_b", "2" * 64, created_at=NOW),
+        api_key("key_a", "1" * 64, created_at=NOW + 1),
+    ]
+    for record in keys:
+        store.put_api_key(record)
+
+    assert [k.id for k in store.list_api_keys()] == ["key_b", "key_a", "key_c"]
+
+
+def test_a_revoked_key_is_still_found_with_the_time_of_its_first_revocation(
+    store: Store,
+) -> None:
+    store.put_api_key(api_key("key_1", "1" * 64))
+    store.put_api_key(api_key("key_2", "2" * 64))
+
+    revoked = store.revoke_api_key("key_1", NOW + 5)
+    again = store.revoke_api_key("key_1", NOW + 9)
+    unknown = store.revoke_api_key("key_missing", NOW + 5)
+
+    assert (revoked, again, unknown) == (True, False, False)
+    found = store.api_key_by_hash("1" * 64)
+    assert found is not None and found.revoked_at == NOW + 5
+    assert store.api_key_by_hash("2" * 64) == api_key("key_2", "2" * 64)  # untouched
+
+
+def test_enrol_then_get_the_enrolment(store: Store) -> None:
+    car = enrolment("car-1", "alice")
+
+    store.enrol(car)
+
+    assert store.get_enrolment("car-1") == car
+    assert store.get_enrolment("car-missing") is None
+
+
+def test_a_car_that_is_enrolled_cannot_be_enrolled_again(store: Store) -> None:
+    car = enrolment("car-1", "alice")
+    store.enrol(car)
+
+    with pytest.raises(ValueError):
+        store.enrol(enrolment("car-1", "bob", at=NOW + 1))
+
+    assert store.get_enrolment("car-1") == car
+
+
+def test_another_cars_nkey_is_refused_even_once_that_car_is_revoked(store: Store) -> None:
+    first = enrolment("car-1")
+    store.enrol(first)
+
+    with pytest.raises(ValueError):
+        store.enrol(replace(enrolment("car-2"), nkey=first.nkey))
+    store.revoke_enrolment("car-1", NOW + 1)
+    with pytest.raises(ValueError):
+        store.enrol(replace(enrolment("car-2", at=NOW + 2), nkey=first.nkey))
+
+    assert store.get_enrolment("car-2") is None
+
+
+def test_a_revoked_car_is_enrolled_again_only_with_a_new_nkey(store: Store) -> None:
+    old = enrolment("car-1", "alice")
+    store.enrol(old)
+
+    revoked = store.revoke_enrolment("car-1", NOW + 1)
+    again = store.revoke_enrolment("car-1", NOW + 2)
+    unknown = store.revoke_enrolment("car-missing", NOW + 1)
+    cut_off = store.get_enrolment("car-1")
+    with pytest.raises(ValueError):
+        store.enrol(replace(old, enrolled_at=NOW + 3))  # its revoked key: never reinstated
+    new = enrolment("car-1", "bob", at=NOW + 4)
+    store.enrol(new)
+
+    assert (revoked, again, unknown) == (True, False, False)
+    assert cut_off == replace(old, revoked_at=NOW + 1)
+    assert store.get_enrolment("car-1") == new
+    assert store.enrolments("alice") == []
+    assert store.enrolments("bob") == [new]
+
+
+def test_enrolments_are_by_vehicle_id_revoked_ones_too_of_one_owner_if_asked(
+    store: Store,
+) -> None:
+    cars = {
+        vehicle_id: enrolment(vehicle_id, owner)
+        for vehicle_id, owner in (("car-3", "alice"), ("car-1", "bob"), ("car-2", "alice"))
+    }
+    for car in cars.values():
+        store.enrol(car)
+    store.revoke_enrolment("car-3", NOW + 1)
+
+    assert [e.vehicle_id for e in store.enrolments()] == ["car-1", "car-2", "car-3"]
+    assert store.enrolments("alice") == [cars["car-2"], replace(cars["car-3"], revoked_at=NOW + 1)]
+    assert store.enrolments("bob") == [cars["car-1"]]
+    assert store.enrolments("carol") == []
+
+
+def test_the_enrolment_revision_changes_on_every_enrol_and_revoke_only(store: Store) -> None:
+    revisions = [store.enrolment_revision()]
+    store.enrol(enrolment("car-1", at=NOW))
+    revisions.append(store.enrolment_revision())
+    store.enrol(enrolment("car-2", at=NOW + 1))
+    revisions.append(store.enrolment_revision())
+    store.revoke_enrolment("car-1", NOW + 2)
+    revisions.append(store.enrolment_revision())
+    store.enrol(enrolment("car-1", at=NOW + 3))  # again, with a new key
+    revisions.append(store.enrolment_revision())
+
+    # What changes nothing leaves the revision as it is.
+    assert not store.revoke_enrolment("car-2-missing", NOW + 4)
+    with pytest.raises(ValueError):
+        store.enrol(enrolment("car-2", at=NOW + 5))
+    store.enrolments()
+    unchanged = store.enrolment_revision()
+
+    assert len(set(revisions)) == len(revisions) == 5
+    assert unchanged == revisions[-1]
+
+
+def test_the_enrolment_revision_changes_even_when_the_clock_did_not_move(store: Store) -> None:
+    store.enrol(enrolment("car-1", at=NOW))
+    store.enrol(enrolment("car-2", at=NOW + 10))  # by a replica whose clock is ahead
+    before = store.enrolment_revision()
+
+    store.revoke_enrolment("car-1", NOW + 5)
+
+    assert store.enrolment_revision() != before
+
+
+def test_a_files_and_a_batchs_principal_round_trip(store: Store) -> None:
+    theirs = replace(file_record("file-acme"), principal="acme")
+    store.put_file(theirs, [b"{}"])
+    store.create_batch(batch_record("batch-acme", principal="acme"))
+    store.create_batch(batch_record("batch-before-keys"))
+
+    assert store.get_file("file-acme") == theirs
+    acme = store.get_batch("batch-acme")
+    legacy = store.get_batch("batch-before-keys")
+    assert acme is not None and acme.principal == "acme"
+    assert legacy is not None and legacy.principal is None
+
+
+def test_list_batches_of_a_principal_pages_through_only_theirs(store: Store) -> None:
+    owners = ["acme", "globex", "acme", None, "acme", "globex", "acme", "acme"]
+    for i, principal in enumerate(owners):
+        store.create_batch(batch_record(f"batch-{i}", created_at=int(NOW) + i, principal=principal))
+
+    pages: list[list[str]] = []
+    after: str | None = None
+    while page := store.list_batches(limit=2, after=after, principal="acme"):
+        pages.append([b.id for b in page])
+        after = page[-1].id
+
+    acmes = [f"batch-{i}" for i in reversed(range(len(owners))) if owners[i] == "acme"]
+    assert pages == [acmes[0:2], acmes[2:4], acmes[4:]]
+    assert [b.id for b in store.list_batches(10, principal="globex")] == ["batch-5", "batch-1"]
+    assert [b.id for b in store.list_batches(10, after="batch-5", principal="globex")] == [
+        "batch-1"
+    ]
+    assert store.list_batches(10, principal="nobody") == []
+    assert len(store.list_batches(10)) == len(owners)  # no principal: every batch
+
+
+def test_queued_requests_are_the_pending_and_leased_of_a_principals_unfinished_batches(
+    store: Store,
+) -> None:
+    # acme's oldest batch is the one leased from: 6 requests, 2 leased, 1 of them done.
+    store.create_batch(batch_record("acme-running", "in_progress", int(NOW), principal="acme"))
+    store.add_requests("acme-running", [new_request(seq) for seq in range(6)])
+    leased = must_lease(store, size=2)
+    commit(store, leased, seqs_of(leased)[:1])
+    # One still validating with 2 stored, one with an invalid line (failed, not queued).
+    store.create_batch(
+        batch_record("acme-validating", "validating", int(NOW) + 1, principal="acme")
+    )
+    store.add_requests("acme-validating", [new_request(0), new_request(1), invalid_request(2)])
+    # Finalizing is unfinished too (an expiring batch is finalizing until its requests are
+    # abandoned); the rest do not count: ended or cancelling, another's, made before keys.
+    for i, (batch_id, status, principal) in enumerate(
+        [
+            ("acme-finalizing", "finalizing", "acme"),
+            ("acme-cancelling", "cancelling", "acme"),
+            ("acme-completed", "completed", "acme"),
+            ("globex-running", "in_progress", "globex"),
+            ("nobodys-running", "in_progress", None),
+        ]
+    ):
+        store.create_batch(batch_record(batch_id, status, int(NOW) + 2 + i, principal=principal))
+        store.add_requests(batch_id, [new_request(seq) for seq in range(3)])
+
+    assert leased.batch_id == "acme-running"
+    assert store.queued_requests("acme") == 5 + 2 + 3  # running, validating, finalizing
+    assert store.queued_requests("globex") == 3
+    assert store.queued_requests("nobody") == 0
+
+
+def test_keys_and_enrolments_survive_close_and_reopen(store_url: str) -> None:
+    key, car = api_key(), enrolment()
+    with opened(store_url) as first:
+        first.put_api_key(key)
+        first.enrol(car)
+        first.revoke_api_key(key.id, NOW + 1)
+
+    with opened(store_url) as second:
+        assert second.api_key_by_hash(key.secret_sha256) == replace(key, revoked_at=NOW + 1)
+        assert second.get_enrolment(car.vehicle_id) == car
+
+
+def test_a_validating_batch_queues_the_lines_counted_at_creation(store: Store) -> None:
+    # Its requests are still being stored: the count taken from its input file holds until
+    # validation ends, so two batches made at once cannot both slip under a quota.
+    counted = replace(
+        batch_record("acme-big", "validating", int(NOW), principal="acme"), expected_requests=7
+    )
+    store.create_batch(counted)
+    store.add_requests("acme-big", [new_request(0), new_request(1)])
+
+    assert store.queued_requests("acme") == 7
+    assert store.get_batch("acme-big") == replace(
+        counted, request_counts=store.request_counts("acme-big")
+    )

@@ -20,15 +20,18 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol, TypeVar
 
 import orjson
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from idlefleet.coordinator.access import Caller, Role
+from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.api.shapes import (
     batch_json,
     consent_json,
+    enrolment_json,
     file_json,
     lease_json,
     model_json,
@@ -37,10 +40,16 @@ from idlefleet.coordinator.api.shapes import (
     vehicle_json,
 )
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.errors import IdlefleetError, InvalidRequest, NotFound
+from idlefleet.coordinator.errors import (
+    Conflict,
+    IdlefleetError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from idlefleet.coordinator.online import Watch
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
-from idlefleet.coordinator.store import VehicleRecord
+from idlefleet.coordinator.store import Enrolment, VehicleRecord
 from idlefleet.coordinator.text_check import (
     may_hold_surrogates,
     surrogate_message,
@@ -84,16 +93,13 @@ class CreateBatchBody(BaseModel):
     data_region: str = DEFAULT_DATA_REGION
 
 
-Actor = Annotated[str, Field(min_length=1, max_length=128)]
-
-
 class SetPolicyBody(BaseModel):
-    """``PUT /fleet/vehicles/{id}/policy``: a whole policy, and who sets it."""
+    """``PUT /fleet/vehicles/{id}/policy``: a whole policy. Who sets it is the caller's key
+    (``owner:<name>`` or ``operator:<name>``), never what the body says."""
 
     model_config = ConfigDict(extra="forbid")
 
     policy: OwnerPolicy
-    actor: Actor
 
 
 class ConsentBody(BaseModel):
@@ -102,7 +108,6 @@ class ConsentBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     opted_in: StrictBool  # consent is never inferred from 1, "yes" or "true"
-    actor: Actor
     purposes: list[Purpose] | None = None
     data_regions: list[DataRegion] | None = None
 
@@ -191,13 +196,28 @@ def _sse(event: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
+class EnrolBody(BaseModel):
+    """``POST /fleet/enrolments``: enrol a car by the public nkey it will connect with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vehicle_id: Annotated[str, Field(min_length=1, max_length=64)]
+    nkey: Annotated[str, Field(min_length=56, max_length=56, pattern=r"^U[A-Z2-7]{55}$")]
+    owner: Annotated[str, Field(min_length=1, max_length=100)]
+    expires_at: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Unix time after which the car's credentials stop working (None: until revoked)."""
+
+
 def create_app(
     batches: BatchService,
     work: WorkService,
+    access: Access,
     online: OnlineRunner | None = None,
     on_batch_created: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     push_policy: PolicyPush | None = None,
     dispatch_status: Callable[[], dict[str, Any]] | None = None,
+    security_status: Callable[[], dict[str, Any]] | None = None,
+    on_enrolment: Callable[[], Awaitable[None]] | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
     """Build the HTTP app.
@@ -205,8 +225,17 @@ def create_app(
     ``on_batch_created`` runs validation (and announces the new work); ``push_policy`` sends a
     changed owner policy to its car (None: no push, the car catches up by heartbeat);
     ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``);
-    ``lifespan`` starts and stops the replica's own work around the server's.
+    ``lifespan`` starts and stops the replica's own work around the server's. ``access``
+    decides who may call what (every route but ``/healthz`` needs a key).
     """
+    batches.on_foreign = lambda principal, object_id: access.log.refused(
+        "not_yours", f"{principal} asked for {object_id}"
+    )
+    customer = Depends(access.dependency(Role.CUSTOMER))
+    customer_unrated = Depends(access.dependency(Role.CUSTOMER, rate=False))
+    anyone = Depends(access.dependency(Role.CUSTOMER, Role.OWNER, Role.OPERATOR))
+    owner = Depends(access.dependency(Role.OWNER, Role.OPERATOR))
+    operator = Depends(access.dependency(Role.OPERATOR))
     app = FastAPI(
         title="idlefleet coordinator",
         version="0.1.0",
@@ -218,7 +247,7 @@ def create_app(
 
     @app.exception_handler(IdlefleetError)
     async def _our_error(_: Request, exc: IdlefleetError) -> JSONResponse:
-        return JSONResponse(exc.to_openai(), status_code=exc.http_status)
+        return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -239,30 +268,35 @@ def create_app(
     # -- files ---------------------------------------------------------------------------------
     @app.post("/v1/files", tags=["files"])
     async def upload_file(
-        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+        file: Annotated[UploadFile, File()],
+        purpose: Annotated[str, Form()],
+        caller: Caller = customer,
     ) -> dict:
         if file.size is not None:
             batches.check_upload(purpose, file.size)
         data = await file.read()
         record = await asyncio.to_thread(
-            batches.upload_file, file.filename or "upload.jsonl", purpose, data
+            batches.upload_file, file.filename or "upload.jsonl", purpose, data, caller.principal
         )
         return file_json(record)
 
     @app.get("/v1/files/{file_id}", tags=["files"])
-    async def get_file(file_id: str) -> dict:
-        return file_json(await asyncio.to_thread(batches.get_file, file_id))
+    async def get_file(file_id: str, caller: Caller = customer) -> dict:
+        return file_json(await asyncio.to_thread(batches.get_file, file_id, caller.principal))
 
     @app.get("/v1/files/{file_id}/content", tags=["files"])
-    async def get_file_content(file_id: str) -> StreamingResponse:
-        record = await asyncio.to_thread(batches.get_file, file_id)
-        chunks = await asyncio.to_thread(batches.file_content, file_id)
+    async def get_file_content(
+        file_id: str, request: Request, caller: Caller = customer
+    ) -> StreamingResponse:
+        record = await asyncio.to_thread(batches.get_file, file_id, caller.principal)
+        chunks = await asyncio.to_thread(batches.file_content, file_id, caller.principal)
         return StreamingResponse(
             chunks,
             media_type="application/octet-stream",
             headers={
                 "Content-Length": str(record.bytes),
                 "Content-Disposition": f'attachment; filename="{record.filename}"',
+                **request.state.limits,
             },
         )
 
@@ -270,7 +304,7 @@ def create_app(
     # Parsed by pydantic from the raw bytes (not FastAPI's json.loads), which refuses text that
     # is JSON but not Unicode (a lone surrogate escape in metadata was a 500 at the store).
     @app.post("/v1/batches", tags=["batches"], openapi_extra=_json_body_doc(CreateBatchBody))
-    async def create_batch(request: Request) -> dict:
+    async def create_batch(request: Request, caller: Caller = customer) -> dict:
         body = await _parse_body(request, CreateBatchBody)
         batch = await asyncio.to_thread(
             batches.create_batch,
@@ -280,6 +314,8 @@ def create_app(
             body.metadata,
             body.purpose,
             body.data_region,
+            caller.principal,
+            caller.quotas.queued_requests,
         )
         if on_batch_created is not None:
             task = asyncio.create_task(on_batch_created(batch.id))
@@ -288,26 +324,28 @@ def create_app(
         return batch_json(batch)
 
     @app.get("/v1/batches/{batch_id}", tags=["batches"])
-    async def get_batch(batch_id: str) -> dict:
-        return batch_json(await asyncio.to_thread(batches.get_batch, batch_id))
+    async def get_batch(batch_id: str, caller: Caller = customer) -> dict:
+        return batch_json(await asyncio.to_thread(batches.get_batch, batch_id, caller.principal))
 
     @app.get("/v1/batches", tags=["batches"])
     async def list_batches(
-        limit: int = Query(20), after: str | None = Query(None)
+        limit: int = Query(20), after: str | None = Query(None), caller: Caller = customer
     ) -> dict[str, Any]:
-        found, has_more = await asyncio.to_thread(batches.list_batches, limit, after)
+        found, has_more = await asyncio.to_thread(
+            batches.list_batches, limit, after, caller.principal
+        )
         return page([batch_json(b) for b in found], has_more)
 
     @app.post("/v1/batches/{batch_id}/cancel", tags=["batches"])
-    async def cancel_batch(batch_id: str) -> dict:
-        return batch_json(await asyncio.to_thread(batches.cancel, batch_id))
+    async def cancel_batch(batch_id: str, caller: Caller = customer) -> dict:
+        return batch_json(await asyncio.to_thread(batches.cancel, batch_id, caller.principal))
 
     # -- models and embeddings -----------------------------------------------------------------
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], dependencies=[anyone])
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_json(m) for m in MODELS.values()]}
 
-    @app.get("/v1/models/{model_id:path}", tags=["models"])
+    @app.get("/v1/models/{model_id:path}", tags=["models"], dependencies=[anyone])
     async def get_model(model_id: str) -> dict:
         info = resolve_model(model_id)
         if info is None:
@@ -316,8 +354,8 @@ def create_app(
             )
         return model_json(info)
 
-    def online_route(workload: Workload) -> Callable[[Request], Awaitable[Any]]:
-        async def create(request: Request) -> Any:
+    def online_route(workload: Workload) -> Callable[..., Awaitable[Any]]:
+        async def create(request: Request, caller: Caller = customer_unrated) -> Any:
             raw = await request.body()
             try:
                 body = json.loads(raw)
@@ -328,13 +366,16 @@ def create_app(
             if may_hold_surrogates(raw) and (bad := unpaired_surrogate(body)) is not None:
                 raise InvalidRequest(surrogate_message(bad), code="invalid_value", param=bad)
             planned = workload.plan(body)
+            limits = access.take(caller, planned.cost.tokens)
             if online is None:
-                raise IdlefleetError("online inference is not configured", code="no_capacity")
+                raise ServiceUnavailable("online inference is not configured", code="no_capacity")
             stream = workload.stream_online(planned)
             if stream is None:
                 result, tokens = await online.run(workload, planned)
-                return workload.render_online(planned, result, tokens)
-            return await _streamed(online, workload, planned, stream)
+                return JSONResponse(workload.render_online(planned, result, tokens), headers=limits)
+            response = await _streamed(online, workload, planned, stream)
+            response.headers.update(limits)
+            return response
 
         create.__name__ = f"create_{workload.kind}"
         return create
@@ -347,10 +388,13 @@ def create_app(
 
     # -- fleet and health ----------------------------------------------------------------------
     @app.get("/fleet/vehicles", tags=["fleet"])
-    async def list_vehicles() -> dict[str, Any]:
+    async def list_vehicles(caller: Caller = owner) -> dict[str, Any]:
         def read() -> list[tuple[VehicleRecord, PolicyVersion]]:
             # The store is up to a flush behind this replica's memory: show the newer of both.
             vehicles = [work.latest(v) for v in work.store.list_vehicles()]
+            if caller.role is Role.OWNER:
+                mine = {e.vehicle_id for e in work.store.enrolments(caller.principal)}
+                vehicles = [v for v in vehicles if v.id in mine]
             policies = work.owners.refresh([v.id for v in vehicles])
             return [(v, policies[v.id]) for v in vehicles]
 
@@ -365,6 +409,39 @@ def create_app(
             ],
         }
 
+    # -- enrolment: which key may connect as which car -----------------------------------------
+    @app.post("/fleet/enrolments", tags=["fleet"], openapi_extra=_json_body_doc(EnrolBody))
+    async def enrol(request: Request, caller: Caller = operator) -> JSONResponse:
+        body = await _parse_body(request, EnrolBody)
+        check_vehicle_id(body.vehicle_id)
+        enrolment = Enrolment(
+            body.vehicle_id, body.nkey, body.owner, time.time(), expires_at=body.expires_at
+        )
+        try:
+            await asyncio.to_thread(work.store.enrol, enrolment)
+        except ValueError as exc:
+            raise Conflict(str(exc), code="already_enrolled", param="vehicle_id") from None
+        if on_enrolment is not None:
+            await on_enrolment()
+        return JSONResponse(enrolment_json(enrolment), status_code=201)
+
+    @app.get("/fleet/enrolments", tags=["fleet"])
+    async def list_enrolments(caller: Caller = owner) -> dict[str, Any]:
+        scope = None if caller.role is Role.OPERATOR else caller.principal
+        found = await asyncio.to_thread(work.store.enrolments, scope)
+        return {"object": "list", "data": [enrolment_json(e) for e in found]}
+
+    @app.delete("/fleet/enrolments/{vehicle_id}", tags=["fleet"])
+    async def revoke(vehicle_id: str, caller: Caller = operator) -> dict[str, Any]:
+        check_vehicle_id(vehicle_id)
+        revoked = await asyncio.to_thread(work.store.revoke_enrolment, vehicle_id, time.time())
+        found = await asyncio.to_thread(work.store.get_enrolment, vehicle_id)
+        if found is None:
+            raise NotFound(f"No vehicle '{vehicle_id}' is enrolled.", param="vehicle_id")
+        if revoked and on_enrolment is not None:
+            await on_enrolment()  # cut it off now, not at the next sync
+        return enrolment_json(found)
+
     # -- owners: policy and consent ------------------------------------------------------------
     async def pushed(version: PolicyVersion) -> dict[str, Any]:
         body = policy_json(version)
@@ -377,37 +454,55 @@ def create_app(
         body["pushed_to_vehicle"] = delivered
         return body
 
-    @app.get("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
-    async def get_policy(vehicle_id: str) -> dict[str, Any]:
+    async def owned(caller: Caller, vehicle_id: str) -> None:
         check_vehicle_id(vehicle_id)
+        await asyncio.to_thread(access.vehicle, caller, vehicle_id)
+
+    @app.get("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
+    async def get_policy(vehicle_id: str, caller: Caller = owner) -> dict[str, Any]:
+        await owned(caller, vehicle_id)
         return policy_json(await asyncio.to_thread(work.owners.current, vehicle_id))
 
-    @app.put("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
-    async def set_policy(vehicle_id: str, request: Request) -> dict[str, Any]:
-        check_vehicle_id(vehicle_id)
+    @app.put(
+        "/fleet/vehicles/{vehicle_id}/policy",
+        tags=["owners"],
+        openapi_extra=_json_body_doc(SetPolicyBody),
+    )
+    async def set_policy(
+        vehicle_id: str, request: Request, caller: Caller = owner
+    ) -> dict[str, Any]:
+        await owned(caller, vehicle_id)
         body = await _parse_body(request, SetPolicyBody)
         version = await asyncio.to_thread(
-            work.owners.set_policy, vehicle_id, body.policy, body.actor
+            work.owners.set_policy, vehicle_id, body.policy, caller.actor
         )
         return await pushed(version)
 
-    @app.post("/fleet/vehicles/{vehicle_id}/consent", tags=["owners"])
-    async def set_consent(vehicle_id: str, request: Request) -> dict[str, Any]:
-        check_vehicle_id(vehicle_id)
+    @app.post(
+        "/fleet/vehicles/{vehicle_id}/consent",
+        tags=["owners"],
+        openapi_extra=_json_body_doc(ConsentBody),
+    )
+    async def set_consent(
+        vehicle_id: str, request: Request, caller: Caller = owner
+    ) -> dict[str, Any]:
+        await owned(caller, vehicle_id)
         body = await _parse_body(request, ConsentBody)
         version = await asyncio.to_thread(
             work.owners.set_consent,
             vehicle_id,
             body.opted_in,
-            body.actor,
+            caller.actor,
             body.purposes,
             body.data_regions,
         )
         return await pushed(version)
 
     @app.get("/fleet/vehicles/{vehicle_id}/consent", tags=["owners"])
-    async def consent_record(vehicle_id: str, limit: int = Query(1000)) -> dict[str, Any]:
-        check_vehicle_id(vehicle_id)
+    async def consent_record(
+        vehicle_id: str, limit: int = Query(1000), caller: Caller = owner
+    ) -> dict[str, Any]:
+        await owned(caller, vehicle_id)
         if not 1 <= limit <= 1000:
             raise InvalidRequest(
                 f"Invalid 'limit': {limit}. Expected a value between 1 and 1000.",
@@ -421,19 +516,28 @@ def create_app(
             "data": [consent_json(v) for v in history],
         }
 
-    @app.get("/fleet/batches/{batch_id}/vehicles", tags=["fleet"])
+    @app.get("/fleet/batches/{batch_id}/vehicles", tags=["fleet"], dependencies=[operator])
     async def batch_vehicles(batch_id: str) -> dict[str, Any]:
         await asyncio.to_thread(batches.get_batch, batch_id)
         usage = await asyncio.to_thread(work.store.vehicle_usage, batch_id)
         return {"batch_id": batch_id, "completed_by_vehicle": usage}
 
-    @app.get("/fleet/leases", tags=["fleet"])
+    @app.get("/fleet/leases", tags=["fleet"], dependencies=[operator])
     async def list_leases(all: bool = Query(False)) -> dict[str, Any]:
         leases = await asyncio.to_thread(work.store.list_leases, not all)
         now = time.time()
         return {"object": "list", "data": [lease_json(lease, now) for lease in leases]}
 
-    @app.get("/fleet/dispatch", tags=["fleet"])
+    @app.get("/fleet/security", tags=["fleet"], dependencies=[operator])
+    async def security() -> dict[str, Any]:
+        """Refusals by reason: HTTP (keys, roles, quotas, other principals' objects) and, when
+        this replica watches the NATS server, connections refused for bad credentials."""
+        body = access.snapshot()
+        if security_status is not None:
+            body |= security_status()
+        return body
+
+    @app.get("/fleet/dispatch", tags=["fleet"], dependencies=[operator])
     async def dispatch() -> dict[str, Any]:
         """This replica's NATS edge: messages received and refused (by reason), work requests
         parked, dispatch rounds, result batches, cars known."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from idlefleet.coordinator.owners import PolicyVersion
-from idlefleet.coordinator.store import BatchRecord, FileRecord, Lease, VehicleRecord
+from idlefleet.coordinator.store import BatchRecord, Enrolment, FileRecord, Lease, VehicleRecord
 from idlefleet.models.catalog import ModelInfo
 
 
@@ -129,4 +129,17 @@ def consent_json(version: PolicyVersion) -> dict[str, Any]:
         "data_regions": list(version.policy.data_regions),
         "actor": version.actor,
         "created_at": version.created_at,
+    }
+
+
+def enrolment_json(enrolment: Enrolment) -> dict[str, Any]:
+    return {
+        "object": "fleet.enrolment",
+        "vehicle_id": enrolment.vehicle_id,
+        "nkey": enrolment.nkey,
+        "owner": enrolment.owner,
+        "enrolled_at": enrolment.enrolled_at,
+        "revoked_at": enrolment.revoked_at,
+        "expires_at": enrolment.expires_at,
+        "status": "revoked" if enrolment.revoked_at is not None else "enrolled",
     }

@@ -7,8 +7,10 @@ in the data directory) or ``postgresql://…`` (scale-out: coordinator replicas 
 """
 
 from idlefleet.coordinator.store.base import (
+    ApiKeyRecord,
     BatchRecord,
     CommitOutcome,
+    Enrolment,
     FileRecord,
     Lease,
     LeaseAsk,
@@ -28,8 +30,10 @@ from idlefleet.coordinator.store.base import (
 from idlefleet.coordinator.store.factory import open_store, sqlite_url
 
 __all__ = [
+    "ApiKeyRecord",
     "BatchRecord",
     "CommitOutcome",
+    "Enrolment",
     "FileRecord",
     "Lease",
     "LeaseAsk",

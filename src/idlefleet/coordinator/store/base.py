@@ -69,6 +69,9 @@ class FileRecord:
     status: str = "processed"
     batch_id: str | None = None
     """For a batch's output and error files: the batch they belong to (not shown to clients)."""
+    principal: str | None = None
+    """Who owns it: the principal of the API key that uploaded it (None: made by the
+    coordinator itself for a batch, owned through the batch, or made before keys existed)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ class BatchRecord:
     """What the customer uses the results for (one of ``protocol.policy.PURPOSES``)."""
     data_region: str = DEFAULT_DATA_REGION
     """Where the batch's data may be processed (one of ``protocol.policy.DATA_REGIONS``)."""
+    principal: str | None = None
+    """Who owns it: the principal of the API key that created it (None: before keys)."""
+    expected_requests: int | None = None
+    """Lines of its input file, counted at creation when the principal has a queue quota:
+    what the batch will queue while it is still validating."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,40 @@ class PolicyRecord:
     created_at: float
 
 
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored: never its secret, only the secret's sha256."""
+
+    id: str
+    secret_sha256: str
+    role: str
+    """``customer``, ``owner`` or ``operator`` (``coordinator.access.Role``)."""
+    principal: str
+    """Whom the key acts for: a customer account, an owner, an operator. Files and batches
+    belong to a principal; an owner principal owns the cars enrolled under its name."""
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    queued_requests: int | None = None
+    """Quotas; None: the coordinator's default for the role."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A car's identity: the public nkey it connects to NATS with, and its owner."""
+
+    vehicle_id: str
+    nkey: str
+    """Public user nkey (``U...``); the private seed never leaves the car."""
+    owner: str
+    enrolled_at: float
+    revoked_at: float | None = None
+    expires_at: float | None = None
+    """When the credentials stop working unless renewed (None: until revoked)."""
+
+
 class Store(ABC):
     """Persistent coordinator state. See the module docstring for the guarantees."""
 
@@ -324,8 +366,11 @@ class Store(ABC):
         """The batch with live request counts."""
 
     @abstractmethod
-    def list_batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
-        """Newest first; ``after`` is the id of the last batch of the previous page."""
+    def list_batches(
+        self, limit: int, after: str | None = None, principal: str | None = None
+    ) -> list[BatchRecord]:
+        """Newest first; ``after`` is the id of the last batch of the previous page; with
+        ``principal``, only that principal's batches."""
 
     @abstractmethod
     def batches_with_status(self, statuses: Collection[str]) -> list[BatchRecord]: ...
@@ -627,6 +672,49 @@ class Store(ABC):
     @abstractmethod
     def policy_history(self, vehicle_id: str, limit: int = 1000) -> list[PolicyRecord]:
         """The latest ``limit`` versions of ``vehicle_id``'s policy, oldest first."""
+
+    # -- who may do what: API keys and car enrolments -----------------------------------------
+    @abstractmethod
+    def put_api_key(self, record: ApiKeyRecord) -> None:
+        """Store a new key; ``ValueError`` if its id or secret hash is taken."""
+
+    @abstractmethod
+    def api_key_by_hash(self, secret_sha256: str) -> ApiKeyRecord | None:
+        """The key whose secret hashes to this, revoked or not (None: no such key)."""
+
+    @abstractmethod
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key, oldest first."""
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str, now: float) -> bool:
+        """Revoke a key; False if there is no such key or it was revoked already."""
+
+    @abstractmethod
+    def enrol(self, enrolment: Enrolment) -> None:
+        """Register a car's public nkey. A car whose enrolment was revoked may be enrolled again
+        (with a new key); ``ValueError`` if the car is enrolled and not revoked, or the nkey
+        belongs to another car."""
+
+    @abstractmethod
+    def revoke_enrolment(self, vehicle_id: str, now: float) -> bool:
+        """Cut a car off; False if it is not enrolled or revoked already."""
+
+    @abstractmethod
+    def get_enrolment(self, vehicle_id: str) -> Enrolment | None: ...
+
+    @abstractmethod
+    def enrolments(self, owner: str | None = None) -> list[Enrolment]:
+        """Every enrolment (revoked ones too), of one owner if given, by vehicle id."""
+
+    @abstractmethod
+    def enrolment_revision(self) -> tuple[int, int, float, float]:
+        """Changes whenever a car is enrolled, revoked or enrolled again, whatever the clocks
+        of the replicas that did it say (so AuthSync never misses a revocation)."""
+
+    @abstractmethod
+    def queued_requests(self, principal: str) -> int:
+        """Requests of ``principal``'s unfinished batches not yet done (pending or leased)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

@@ -405,4 +405,72 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE requests ADD COLUMN progress BLOB;",
         "ALTER TABLE requests ADD COLUMN progress BYTEA;",
     ),
+    Migration(
+        8,
+        "who may do what: API keys (hashed), car enrolments (nkeys), the principal that owns "
+        "each file and batch",
+        # A key is stored as the sha256 of its secret (keys are 256 random bits, so a plain
+        # hash is as strong as a slow one and lets a replica look a key up by index). A file or
+        # batch belongs to the principal of the key that made it; NULL for those made before
+        # keys existed, which only an operator sees. A revoked car keeps its row, with the
+        # time of revocation, until the operator enrols it again with a new key.
+        """
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            secret_sha256 TEXT NOT NULL,
+            role TEXT NOT NULL,
+            principal TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL,
+            requests_per_minute INTEGER,
+            tokens_per_minute INTEGER,
+            queued_requests INTEGER
+        );
+        CREATE TABLE enrolments (
+            vehicle_id TEXT PRIMARY KEY,
+            nkey TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            enrolled_at REAL NOT NULL,
+            revoked_at REAL,
+            expires_at REAL
+        );
+        CREATE UNIQUE INDEX api_keys_secret ON api_keys(secret_sha256);
+        CREATE UNIQUE INDEX enrolments_nkey ON enrolments(nkey);
+        CREATE INDEX enrolments_owner ON enrolments(owner);
+        ALTER TABLE files ADD COLUMN principal TEXT;
+        ALTER TABLE batches ADD COLUMN principal TEXT;
+        ALTER TABLE batches ADD COLUMN expected_requests INTEGER;
+        CREATE INDEX batches_principal ON batches(principal, seq_no);
+        """,
+        """
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            secret_sha256 TEXT NOT NULL,
+            role TEXT NOT NULL,
+            principal TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION,
+            requests_per_minute BIGINT,
+            tokens_per_minute BIGINT,
+            queued_requests BIGINT
+        );
+        CREATE TABLE enrolments (
+            vehicle_id TEXT PRIMARY KEY,
+            nkey TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            enrolled_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION,
+            expires_at DOUBLE PRECISION
+        );
+        CREATE UNIQUE INDEX api_keys_secret ON api_keys(secret_sha256);
+        CREATE UNIQUE INDEX enrolments_nkey ON enrolments(nkey);
+        CREATE INDEX enrolments_owner ON enrolments(owner);
+        ALTER TABLE files ADD COLUMN principal TEXT;
+        ALTER TABLE batches ADD COLUMN principal TEXT;
+        ALTER TABLE batches ADD COLUMN expected_requests BIGINT;
+        CREATE INDEX batches_principal ON batches(principal, seq_no);
+        """,
+    ),
 )

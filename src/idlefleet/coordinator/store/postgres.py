@@ -49,6 +49,7 @@ from idlefleet.coordinator.store.base import (
     VehicleRecord,
     VehicleSeen,
 )
+from idlefleet.coordinator.store.identity_sql import IdentitySql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.postgres_sql import (
     BATCH_SELECT,
@@ -74,6 +75,7 @@ from idlefleet.coordinator.store.sql_common import (
     check_energy,
     counts_as_failure,
     dump_json,
+    list_batches_filter,
     liveness_from_row,
     load_json,
     rechunk,
@@ -91,7 +93,7 @@ _DEADLOCK_RETRIES = 3
 """Whole-call retries after a deadlock or serialisation failure (nothing of it took effect)."""
 
 
-class PostgresStore(Store):
+class PostgresStore(IdentitySql, Store):
     """The store in a PostgreSQL database, through a pool of ``min_size``..``max_size`` sessions.
 
     ``conninfo`` is a libpq URL or key=value string, passed to psycopg as it is (so
@@ -202,6 +204,11 @@ class PostgresStore(Store):
             finally:
                 self._pool.putconn(conn)
 
+    _mark = "%s"
+
+    def _identity_run(self, work: Callable[[Any], T], write: bool) -> T:
+        return self._run(work, write=write)
+
     def _read(
         self, query: str, params: Sequence[Any] | dict[str, Any] = (), *, binary: bool = False
     ) -> list[tuple[Any, ...]]:
@@ -220,8 +227,8 @@ class PostgresStore(Store):
     def put_file(self, record: FileRecord, chunks: Iterable[bytes]) -> None:
         def work(conn: Conn) -> None:
             conn.execute(
-                "INSERT INTO files (id, purpose, filename, bytes, created_at, status, batch_id) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO files (id, purpose, filename, bytes, created_at, status, batch_id, "
+                "principal) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 astuple(record),  # the record's fields are the columns, in order
             )
             for part, chunk in enumerate(rechunk(chunks, FILE_CHUNK_BYTES)):
@@ -234,7 +241,8 @@ class PostgresStore(Store):
 
     def get_file(self, file_id: str) -> FileRecord | None:
         rows = self._read(
-            "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+            "SELECT id, purpose, filename, bytes, created_at, status, batch_id, principal "
+            "FROM files "
             "WHERE id = %s",
             (file_id,),
         )
@@ -266,7 +274,8 @@ class PostgresStore(Store):
 
     def batch_files(self, batch_id: str) -> list[FileRecord]:
         rows = self._read(
-            "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+            "SELECT id, purpose, filename, bytes, created_at, status, batch_id, principal "
+            "FROM files "
             "WHERE batch_id = %s ORDER BY id",
             (batch_id,),
         )
@@ -312,14 +321,11 @@ class PostgresStore(Store):
     def get_batch(self, batch_id: str) -> BatchRecord | None:
         return self._run(lambda conn: self._get_batch(conn, batch_id), write=False)
 
-    def list_batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
-        if after is None:
-            return self._batches("ORDER BY b.seq_no DESC LIMIT %s", (limit,))
-        return self._batches(
-            "WHERE b.seq_no < (SELECT seq_no FROM batches WHERE id = %s) "
-            "ORDER BY b.seq_no DESC LIMIT %s",
-            (after, limit),
-        )
+    def list_batches(
+        self, limit: int, after: str | None = None, principal: str | None = None
+    ) -> list[BatchRecord]:
+        where, args = list_batches_filter(after, principal, "%s", column_prefix="b.")
+        return self._batches(f"{where} ORDER BY b.seq_no DESC LIMIT %s", (*args, limit))
 
     def batches_with_status(self, statuses: Collection[str]) -> list[BatchRecord]:
         return self._batches(

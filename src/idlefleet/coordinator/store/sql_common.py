@@ -24,7 +24,8 @@ FILE_CHUNK_BYTES = 4 * 1024 * 1024
 BATCH_COLUMNS = (
     "id, input_file_id, endpoint, completion_window, status, created_at, expires_at, metadata, "
     "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region"
+    "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region, principal, "
+    "expected_requests"
 )
 BATCH_FIELDS = tuple(name.strip() for name in BATCH_COLUMNS.split(","))
 UPDATABLE_BATCH_FIELDS = frozenset(
@@ -42,6 +43,21 @@ UPDATABLE_BATCH_FIELDS = frozenset(
         "cancelled_at",
     }
 )
+
+
+def list_batches_filter(
+    after: str | None, principal: str | None, mark: str, column_prefix: str = ""
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause of a page of batches: after a batch id, of one principal."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if after is not None:
+        clauses.append(f"{column_prefix}seq_no < (SELECT seq_no FROM batches WHERE id = {mark})")
+        args.append(after)
+    if principal is not None:
+        clauses.append(f"{column_prefix}principal = {mark}")
+        args.append(principal)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
 def check_batch_changes(changes: dict[str, Any], allow_none: bool = False) -> None:

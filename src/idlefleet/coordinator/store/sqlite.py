@@ -12,9 +12,9 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from idlefleet.coordinator.store.base import (
     BatchRecord,
@@ -35,6 +35,7 @@ from idlefleet.coordinator.store.base import (
     VehicleSeen,
 )
 from idlefleet.coordinator.store.commit_plan import LeaseRow, plan_commits
+from idlefleet.coordinator.store.identity_sql import IdentitySql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.sql_common import (
     ATTEMPTS_EXHAUSTED_STATUS,
@@ -50,6 +51,7 @@ from idlefleet.coordinator.store.sql_common import (
     check_energy,
     counts_as_failure,
     dump_json,
+    list_batches_filter,
     liveness_from_row,
     load_json,
     rechunk,
@@ -58,8 +60,12 @@ from idlefleet.coordinator.store.sql_common import (
     within_bytes,
 )
 
+T = TypeVar("T")
 
-class SqliteStore(Store):
+
+class SqliteStore(IdentitySql, Store):
+    _mark = "?"
+
     def __init__(self, path: str) -> None:
         self._path = path
         self._memory = path == ":memory:" or path.startswith("file::memory:")
@@ -124,6 +130,13 @@ class SqliteStore(Store):
                 self._readers.append(db)
         yield db
 
+    def _identity_run(self, work: Callable[[Any], T], write: bool) -> T:
+        if write:
+            with self._write() as db:
+                return work(db)
+        with self._read() as db:
+            return work(db)
+
     def _migrate(self) -> None:
         with self._write() as db:
             db.execute(
@@ -158,8 +171,8 @@ class SqliteStore(Store):
     def put_file(self, record: FileRecord, chunks: Iterable[bytes]) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO files (id, purpose, filename, bytes, created_at, status, batch_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (id, purpose, filename, bytes, created_at, status, batch_id, "
+                "principal) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.purpose,
@@ -168,6 +181,7 @@ class SqliteStore(Store):
                     record.created_at,
                     record.status,
                     record.batch_id,
+                    record.principal,
                 ),
             )
             for part, chunk in enumerate(rechunk(chunks, FILE_CHUNK_BYTES)):
@@ -176,7 +190,8 @@ class SqliteStore(Store):
     def get_file(self, file_id: str) -> FileRecord | None:
         with self._read() as db:
             row = db.execute(
-                "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+                "SELECT id, purpose, filename, bytes, created_at, status, batch_id, principal "
+                "FROM files "
                 "WHERE id = ?",
                 (file_id,),
             ).fetchone()
@@ -206,7 +221,8 @@ class SqliteStore(Store):
     def batch_files(self, batch_id: str) -> list[FileRecord]:
         with self._read() as db:
             rows = db.execute(
-                "SELECT id, purpose, filename, bytes, created_at, status, batch_id FROM files "
+                "SELECT id, purpose, filename, bytes, created_at, status, batch_id, principal "
+                "FROM files "
                 "WHERE batch_id = ? ORDER BY id",
                 (batch_id,),
             ).fetchall()
@@ -245,6 +261,8 @@ class SqliteStore(Store):
                     batch.cancelled_at,
                     batch.purpose,
                     batch.data_region,
+                    batch.principal,
+                    batch.expected_requests,
                     seq_no,
                 ),
             )
@@ -265,18 +283,15 @@ class SqliteStore(Store):
         ).fetchone()
         return self._batch_from_row(db, row) if row else None
 
-    def list_batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
+    def list_batches(
+        self, limit: int, after: str | None = None, principal: str | None = None
+    ) -> list[BatchRecord]:
+        where, args = list_batches_filter(after, principal, "?")
         with self._read() as db:
-            if after is None:
-                rows = db.execute(
-                    f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY seq_no DESC LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = db.execute(
-                    f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq_no < "
-                    "(SELECT seq_no FROM batches WHERE id = ?) ORDER BY seq_no DESC LIMIT ?",
-                    (after, limit),
-                ).fetchall()
+            rows = db.execute(
+                f"SELECT {BATCH_COLUMNS} FROM batches {where} ORDER BY seq_no DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
             return [self._batch_from_row(db, row) for row in rows]
 
     def batches_with_status(self, statuses: Collection[str]) -> list[BatchRecord]:

@@ -1,0 +1,153 @@
+"""``idlefleet keys`` and ``idlefleet cars``: the operator's commands for who may do what.
+
+``keys`` works on the store directly (``--store``), as a database administrator would: it is
+how the first operator key comes to exist, and it needs no running coordinator. A new key's
+secret is printed once and never stored (only its sha256 is); a revoked key stops working on
+every replica within the key cache's period (2 s). ``cars`` enrols and revokes cars through a
+coordinator's operator API (``--api-key`` of an operator, or ``IDLEFLEET_API_KEY``), so the
+coordinator rewrites nats-server's accounts at once: a revoked car is disconnected within a
+second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from idlefleet.cli.argtypes import whole
+from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR, OwnerCommandError, _Coordinator
+
+__all__ = ["add_admin_parsers", "run_cars", "run_keys"]
+
+
+def add_admin_parsers(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="operator: create, list and revoke API keys (in the store)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key and print its secret (once)")
+    create.add_argument("--role", required=True, choices=("customer", "owner", "operator"))
+    create.add_argument(
+        "--principal",
+        required=True,
+        help="whom it acts for: a customer account, an owner (whose cars it controls), ...",
+    )
+    create.add_argument("--name", default="", help="a label (default: the principal)")
+    create.add_argument("--requests-per-minute", type=whole(1), default=None)
+    create.add_argument("--tokens-per-minute", type=whole(1), default=None)
+    create.add_argument("--queued-requests", type=whole(1), default=None)
+    keys_sub.add_parser("list", help="every key, without secrets")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (key_...)")
+    revoke.add_argument("key_id")
+    for parser in keys_sub.choices.values():
+        parser.add_argument(
+            "--store",
+            default="sqlite:///.idlefleet/coordinator.db",
+            help="the coordinators' store URL (default: the embedded fleet's)",
+        )
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+    cars = sub.add_parser("cars", help="operator: enrol, list and revoke cars (NATS identities)")
+    cars_sub = cars.add_subparsers(dest="cars_command", required=True)
+    enrol = cars_sub.add_parser("enrol", help="let a car connect with its public nkey")
+    enrol.add_argument("--vehicle", required=True)
+    enrol.add_argument("--nkey", required=True, help="the car's public nkey (U...)")
+    enrol.add_argument("--owner", required=True, help="the owner principal it belongs to")
+    enrol.add_argument(
+        "--valid-days", type=whole(1), default=None, help="credentials expire after this"
+    )
+    cars_sub.add_parser("list", help="every enrolment")
+    cut = cars_sub.add_parser("revoke", help="cut a car off now")
+    cut.add_argument("--vehicle", required=True)
+    for parser in cars_sub.choices.values():
+        parser.add_argument("--coordinator", default=DEFAULT_COORDINATOR)
+        parser.add_argument(
+            "--api-key", default=None, help=f"an operator's key (default: ${API_KEY_ENV})"
+        )
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from idlefleet.coordinator.access import Quotas, Role, new_api_key
+    from idlefleet.coordinator.store import open_store
+
+    store = open_store(args.store)
+    try:
+        if args.keys_command == "create":
+            quotas = None
+            limits = (args.requests_per_minute, args.tokens_per_minute, args.queued_requests)
+            if any(limit is not None for limit in limits):
+                quotas = Quotas(*limits)
+            try:
+                secret, record = new_api_key(Role(args.role), args.principal, args.name, quotas)
+            except ValueError as exc:
+                print(f"idlefleet keys create: {exc}", file=sys.stderr)
+                return 2
+            store.put_api_key(record)
+            shown = {"id": record.id, "secret": secret, **_key_json(record)}
+            print(json.dumps(shown, indent=2) if args.json else f"{record.id}  {secret}")
+            return 0
+        if args.keys_command == "list":
+            found = [_key_json(record) for record in store.list_api_keys()]
+            if args.json:
+                print(json.dumps(found, indent=2))
+            for key in [] if args.json else found:
+                state = "revoked" if key["revoked_at"] else "active"
+                print(f"{key['id']}  {key['role']:<8}  {key['principal']:<24}  {state}")
+            return 0
+        if not store.revoke_api_key(args.key_id, time.time()):
+            print(f"idlefleet keys revoke: no active key {args.key_id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.key_id}")
+        return 0
+    finally:
+        store.close()
+
+
+def _key_json(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "role": record.role,
+        "principal": record.principal,
+        "name": record.name,
+        "created_at": record.created_at,
+        "revoked_at": record.revoked_at,
+        "requests_per_minute": record.requests_per_minute,
+        "tokens_per_minute": record.tokens_per_minute,
+        "queued_requests": record.queued_requests,
+    }
+
+
+def run_cars(args: argparse.Namespace) -> int:
+    key = args.api_key or os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        print(f"idlefleet cars: no API key: pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
+        return 2
+    coordinator = _Coordinator(args.coordinator.rstrip("/"), key)
+    try:
+        if args.cars_command == "enrol":
+            body: dict[str, Any] = {
+                "vehicle_id": args.vehicle,
+                "nkey": args.nkey,
+                "owner": args.owner,
+            }
+            if args.valid_days is not None:
+                body["expires_at"] = time.time() + args.valid_days * 86_400
+            found = coordinator.call("POST", "/fleet/enrolments", body)
+        elif args.cars_command == "revoke":
+            found = coordinator.call("DELETE", f"/fleet/enrolments/{args.vehicle}")
+        else:
+            found = coordinator.call("GET", "/fleet/enrolments")
+    except OwnerCommandError as exc:
+        print(f"idlefleet cars {args.cars_command}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2))
+    elif args.cars_command == "list":
+        for e in found["data"]:
+            print(f"{e['vehicle_id']:<24}  {e['owner']:<24}  {e['status']:<8}  {e['nkey']}")
+    else:
+        print(f"{found['vehicle_id']}: {found['status']} (owner {found['owner']})")
+    return 0

@@ -1,0 +1,175 @@
+"""The NATS server's authorization: one nkey user per enrolled car, confined to its subjects.
+
+Static configuration plus a reload, chosen over JWTs and over auth callout:
+
+* no operator/account JWT tooling (``nsc``) and no second source of truth: the store's
+  enrolments are rendered into an ``include`` file, and ``SIGHUP`` makes nats-server reload
+  it; a removed user's connection is closed by the reload itself, so revocation takes effect
+  at once (the issue asks for one heartbeat interval);
+* no service on the connect path: with auth callout every car's (re)connect is a request to a
+  coordinator, so a NATS node restart with 10,000 cars becomes 10,000 callouts at once;
+* the cost: the file holds one block per car (~400 bytes: 4 MB for 10,000 cars) and a reload
+  re-reads it. Beyond ~100,000 cars per server, JWTs with subject templates
+  (``{{name()}}``) are the next step; nothing else in the protocol changes.
+
+One account, ``FLEET``, holds the coordinators (all subjects), the cars (their own subjects and
+a read-only view of the models object store) and JetStream. The server refuses a connection
+without credentials, with an unknown or revoked key, or with a signature that does not match
+(a forged key), and a car's publish or subscription outside its subjects; it logs each, and
+`idlefleet.coordinator.nats_log` counts them for the fleet API. `render_authorization` is
+pure; `AuthSync` writes the file when the enrolments change (or an enrolment expires) and
+signals every server named by its pid files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from idlefleet.coordinator.store import Enrolment, Store
+from idlefleet.protocol.identity import is_user_nkey
+from idlefleet.protocol.subjects import car_subjects
+
+__all__ = ["AuthSync", "CloudUsers", "active_cars", "render_authorization"]
+
+log = logging.getLogger(__name__)
+
+MODELS_STREAM = "OBJ_idlefleet-models"
+"""The JetStream stream behind the models object store (``idlefleet-models``)."""
+
+
+def _model_reads() -> tuple[list[str], list[str]]:
+    """What a car needs to read (never write) the models object store: stream info, an
+    ordered consumer's create/delete, direct gets; flow-control replies."""
+    api = "$JS.API"
+    publish = [
+        f"{api}.STREAM.INFO.{MODELS_STREAM}",
+        f"{api}.STREAM.MSG.GET.{MODELS_STREAM}",
+        f"{api}.DIRECT.GET.{MODELS_STREAM}.>",
+        f"{api}.CONSUMER.CREATE.{MODELS_STREAM}",
+        f"{api}.CONSUMER.CREATE.{MODELS_STREAM}.>",
+        f"{api}.CONSUMER.DELETE.{MODELS_STREAM}.>",
+        f"$JS.FC.{MODELS_STREAM}.>",
+    ]
+    return publish, []
+
+
+@dataclass(frozen=True)
+class CloudUsers:
+    """Public nkeys of the cloud side: coordinators and operators' tools (every subject)."""
+
+    coordinator: str
+
+
+def active_cars(enrolments: Iterable[Enrolment], now: float) -> list[Enrolment]:
+    """Enrolments that may connect now: not revoked, not expired."""
+    return [
+        e
+        for e in enrolments
+        if e.revoked_at is None and (e.expires_at is None or e.expires_at > now)
+    ]
+
+
+def render_authorization(cloud: CloudUsers, cars: Sequence[Enrolment]) -> str:
+    """The ``accounts`` block of nats-server's config (for an ``include``)."""
+    model_publish, _ = _model_reads()
+    lines = [
+        "# written by idlefleet from the store's enrolments; edits are overwritten",
+        "accounts {",
+        "  FLEET {",
+        "    jetstream: enabled",
+        "    users = [",
+        f"      {{ nkey: {_quoted(cloud.coordinator)} }}",
+    ]
+    for car in cars:
+        publish, subscribe = car_subjects(car.vehicle_id)
+        permissions = {
+            "publish": {"allow": publish + model_publish},
+            "subscribe": {"allow": subscribe},
+        }
+        lines.append(
+            f"      {{ nkey: {_quoted(car.nkey)}, permissions: {json.dumps(permissions)} }}"
+        )
+    lines += [
+        "    ]",
+        "  }",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _quoted(nkey: str) -> str:
+    if not is_user_nkey(nkey):  # the store checked it; the config file must never break
+        raise ValueError(f"not a public user nkey: {nkey!r}")
+    return json.dumps(nkey)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AuthSync:
+    """Keeps the auth include file equal to the store's active enrolments."""
+
+    def __init__(
+        self,
+        store: Store,
+        cloud: CloudUsers,
+        path: Path,
+        pid_files: Sequence[Path],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cloud = cloud
+        self.path = path
+        self.pid_files = list(pid_files)
+        self.clock = clock
+        self._revision: tuple[int, int, float, float] | None = None
+        self._expiring: list[Enrolment] = []
+        self.reloads = 0
+
+    def sync(self) -> bool:
+        """Rewrite and reload if the enrolments changed or one expired; True if it did."""
+        revision = self.store.enrolment_revision()
+        now = self.clock()
+        expired = any(e.expires_at is not None and e.expires_at <= now for e in self._expiring)
+        if revision == self._revision and not expired:
+            return False
+        cars = active_cars(self.store.enrolments(), now)
+        self._revision = revision
+        self._expiring = [e for e in cars if e.expires_at is not None]
+        text = render_authorization(self.cloud, cars)
+        if self.path.exists() and self.path.read_text() == text:
+            return False  # another replica (or the fleet at start) wrote it already
+        write_atomically(self.path, text)
+        self.reload()
+        log.info("NATS authorization: %d cars may connect (reloaded)", len(cars))
+        return True
+
+    def reload(self) -> None:
+        """Tell every nats-server to re-read its config (SIGHUP is nats-server's reload)."""
+        for pid_file in self.pid_files:
+            try:
+                pid = int(pid_file.read_text().strip())
+                os.kill(pid, signal.SIGHUP)
+                self.reloads += 1
+            except (OSError, ValueError) as exc:
+                log.warning("could not signal nats-server (pid file %s): %s", pid_file, exc)

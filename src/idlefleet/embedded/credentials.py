@@ -1,0 +1,89 @@
+"""The embedded fleet's secrets: API keys, the coordinators' and the cars' nkey seeds.
+
+What an operator does once by hand in a deployment, the embedded fleet does at start, on the
+production paths: API keys are made in the store (as ``idlefleet keys create`` does), the
+NATS accounts file is rendered from the store's enrolments (as a coordinator's `AuthSync`
+does) before nats-server first reads it, and every secret is a file of mode 0600 under
+``<data dir>/secrets``. A restart on the same data directory reuses them all, so cars enrolled
+before connect again at once; a key that was revoked meanwhile is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from idlefleet.coordinator.access import Role, hash_secret, new_api_key
+from idlefleet.coordinator.nats_auth import (
+    CloudUsers,
+    active_cars,
+    render_authorization,
+    write_atomically,
+)
+from idlefleet.coordinator.store import open_store
+from idlefleet.protocol.identity import load_or_create_seed, public_nkey
+
+__all__ = ["OWNER", "FleetSecrets", "prepare_security"]
+
+OWNER = "embedded-fleet"
+"""The owner every embedded car is enrolled under (and who consents for it)."""
+
+KEYS = {
+    # name -> (role, principal)
+    "operator": (Role.OPERATOR, "embedded-operator"),
+    "owner": (Role.OWNER, OWNER),
+    "customer": (Role.CUSTOMER, "demo"),
+}
+
+
+class FleetSecrets:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def coordinator_seed_file(self) -> Path:
+        return self.folder / "coordinator.nk"
+
+    def coordinator_seed(self) -> str:
+        return load_or_create_seed(self.coordinator_seed_file)
+
+    def car_seed_file(self, vehicle_id: str) -> Path:
+        return self.folder / "cars" / f"{vehicle_id}.nk"
+
+    def car_seed(self, vehicle_id: str) -> str:
+        return load_or_create_seed(self.car_seed_file(vehicle_id))
+
+    @property
+    def keys_file(self) -> Path:
+        return self.folder / "api-keys.json"
+
+
+def prepare_security(store_url: str, secrets: FleetSecrets, auth_file: Path) -> dict[str, str]:
+    """Make (or reuse) the fleet's API keys and write nats-server's accounts file; returns
+    the key secrets by name (``operator``, ``owner``, ``customer``)."""
+    store = open_store(store_url)
+    try:
+        keys: dict[str, str] = {}
+        if secrets.keys_file.exists():
+            keys = json.loads(secrets.keys_file.read_text())
+        for name, (role, principal) in KEYS.items():
+            record = store.api_key_by_hash(hash_secret(keys[name])) if name in keys else None
+            if record is None or record.revoked_at is not None:
+                keys[name], record = new_api_key(role, principal, f"embedded {name}")
+                store.put_api_key(record)
+        _write_private(secrets.keys_file, json.dumps(keys, indent=2) + "\n")
+        cloud = CloudUsers(coordinator=public_nkey(secrets.coordinator_seed()))
+        cars = active_cars(store.enrolments(), now=time.time())
+        write_atomically(auth_file, render_authorization(cloud, cars))
+    finally:
+        store.close()
+    return keys
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
