@@ -74,10 +74,15 @@ class Echo(Workload):
     def models(self) -> tuple[str, ...]:
         return ("m",)
 
-    def provision(self, model: str, cache_dir: Path) -> None:
+    def model_files(self, model: str) -> dict[str, Path]:
+        return {}
+
+    def provision(self, model: str, cache_dir: Path, source: Path | None = None) -> None:
         pass
 
-    def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
+    def runner(
+        self, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
         raise NotImplementedError
 
 

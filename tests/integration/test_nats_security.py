@@ -105,6 +105,7 @@ def test_no_key_is_401_over_http_and_no_credentials_are_refused_by_nats(
     before = refused(fleet, "authentication_error")
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"{fleet.base_url}/v1/models", timeout=10)
+    caught.value.close()
     assert caught.value.code == 401
 
     assert "Authorization Violation" in asyncio.run(refusal(fleet))
@@ -154,9 +155,9 @@ def test_a_car_may_use_only_its_own_subjects_and_inbox(fleet: EmbeddedFleet) -> 
 
     eventually(counted, 10, "the four violations counted against car-nosy")
     # ... and the real car still works.
-    client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
-    batch = submit(client, batch_input(["still", "working"]))
-    assert wait_for(client, batch.id, 60).status == "completed"
+    with OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0) as client:
+        batch = submit(client, batch_input(["still", "working"]))
+        assert wait_for(client, batch.id, 60).status == "completed"
 
 
 def test_revoking_a_car_cuts_it_off_within_one_heartbeat_interval(fleet: EmbeddedFleet) -> None:

@@ -37,18 +37,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Iterator[E
 
 def test_a_batch_runs_over_https_and_nats_tls(fleet: EmbeddedFleet, tls: TlsFiles) -> None:
     assert fleet.base_url.startswith("https://")
-    client = OpenAI(
+    with OpenAI(
         base_url=f"{fleet.base_url}/v1",
         api_key=fleet.api_key,
         max_retries=0,
         http_client=DefaultHttpxClient(verify=client_context(tls.ca)),
-    )
-
-    batch = wait_for(client, submit(client, batch_input(["over", "tls"])).id, 120)
-
-    assert batch.status == "completed"
-    assert batch.output_file_id is not None
-    lines = read_jsonl(client, batch.output_file_id)
+    ) as client:
+        batch = wait_for(client, submit(client, batch_input(["over", "tls"])).id, 120)
+        assert batch.status == "completed"
+        assert batch.output_file_id is not None
+        lines = read_jsonl(client, batch.output_file_id)
     assert sorted(line["custom_id"] for line in lines) == ["req-0", "req-1"]
 
 
@@ -61,10 +59,10 @@ def test_plain_http_and_untrusted_https_are_refused(fleet: EmbeddedFleet, tls: T
     assert untrusted_handshake(address.hostname, address.port, after_info=False) == (
         "certificate verify failed"
     )
-    trusted = urllib.request.urlopen(
+    with urllib.request.urlopen(
         fleet.base_url + "/healthz", timeout=5, context=client_context(tls.ca)
-    )
-    assert trusted.status == 200
+    ) as trusted:
+        assert trusted.status == 200
 
 
 def test_nats_requires_tls_and_a_client_must_trust_the_ca(fleet: EmbeddedFleet) -> None:

@@ -32,8 +32,9 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -46,6 +47,7 @@ from idlefleet.agent.compute_gate import ComputeGate
 from idlefleet.agent.config import AgentConfig
 from idlefleet.agent.energy import EnergyMeter
 from idlefleet.agent.policy_guard import PolicyGuard, Verdict
+from idlefleet.agent.releases import CarReleases
 from idlefleet.agent.sources.base import StateSource
 from idlefleet.agent.supervise import AgentTaskDied, run_until_stopped
 from idlefleet.protocol import subjects
@@ -81,6 +83,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0
 CONNECT_PATIENCE_S = 30.0
+RELEASE_RETRY_S = 30.0
 ONLINE_REPORT_S = 1.0
 """How often an online request's run reports its progress: the coordinator keeps it, so a car
 that leaves loses at most this much, and hears from the car at least this often."""
@@ -94,14 +97,21 @@ _WIRE_ERRORS = (nats.errors.Error, ProtocolError, TimeoutError)
 
 class VehicleAgent:
     def __init__(
-        self, config: AgentConfig, runners: Mapping[str, UnitRunner], source: StateSource
+        self,
+        config: AgentConfig,
+        runners: Mapping[str, UnitRunner],
+        source: StateSource,
+        releases: CarReleases | None = None,
     ) -> None:
         """``runners``: the models this car serves, by model id (what it registers and asks
-        work for)."""
+        work for); ``releases``: the signed releases they were built from (None: built from
+        this machine's packages, and grants' release digests are not checked)."""
         if not runners:
             raise ValueError("an agent needs at least one model runner")
         self.config = config
         self.runners = dict(runners)
+        self.releases = releases
+        self._updating: dict[str, asyncio.Task[None]] = {}
         self.source = source
         self.policy_version = 0
         self.gate = ComputeGate(
@@ -141,40 +151,7 @@ class VehicleAgent:
         return decode(reply_type, raw.data)
 
     async def _connect(self, on_reconnect: Callable[[], Awaitable[None]]) -> Client:
-        """One outbound connection, as this car (its nkey) with its own reply inbox.
-
-        Refused credentials at the first connect are retried for ``CONNECT_PATIENCE_S``: a
-        car may start a moment before its enrolment reaches the NATS server."""
-        vid = self.config.vehicle_id
-        credentials: dict[str, Any] = {"inbox_prefix": subjects.inbox_prefix(vid)}
-        if self.config.nkey_seed is not None:
-            credentials["nkeys_seed_str"] = self.config.nkey_seed
-        if self.config.nats_ca is not None:
-            credentials["tls"] = ssl.create_default_context(cafile=str(self.config.nats_ca))
-
-        async def on_error(exc: Exception) -> None:
-            if "authorization violation" in str(exc).lower():
-                log.error("NATS refused this car's credentials (revoked or not enrolled)")
-            elif "permissions violation" in str(exc).lower():
-                log.error("NATS refused: %s", exc)
-
-        deadline = time.monotonic() + CONNECT_PATIENCE_S
-        while True:
-            try:
-                return await nats.connect(
-                    servers=nats_servers(self.config.nats_url),
-                    name=f"idlefleet-agent-{vid}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    reconnected_cb=on_reconnect,
-                    error_cb=on_error,
-                    **credentials,
-                )
-            except nats.errors.Error as exc:
-                if "authorization" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise
-                log.warning("NATS refused this car's credentials; retrying: %s", exc)
-                await asyncio.sleep(0.5)
+        return await connect_car(self.config, on_reconnect)
 
     # -- main ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -378,6 +355,14 @@ class VehicleAgent:
         car has no runner for is an error (the car never asked for that model)."""
         if grant.model not in self.runners:
             return f"error: no runner for model {grant.model}"
+        if self.releases is not None and grant.model_digest is not None:
+            held = self.releases.held.get(grant.model)
+            if held != grant.model_digest:
+                self._update_model(grant.model, grant.model_digest)
+                return (
+                    f"model: release {grant.model_digest[:12]} of {grant.model} not held "
+                    f"(this car runs {(held or 'none')[:12]}); fetching it"
+                )
         policy = self.gate.policy
         if not policy.opted_in:
             return "policy: opted out"
@@ -388,6 +373,36 @@ class VehicleAgent:
         if not self.gate.verdict.allowed:
             return f"preempted: {self.gate.verdict.summary()}"
         return None
+
+    def _update_model(self, model: str, digest: str) -> None:
+        """Fetch release ``digest`` of ``model`` and swap its runner in, in the background,
+        once (a unit of it came for a release this car does not hold)."""
+        running = self._updating.get(model)
+        if running is not None and not running.done():
+            return
+        task = asyncio.create_task(self._fetch_release(model, digest))
+        self._updating[model] = task
+
+    async def _fetch_release(self, model: str, digest: str) -> None:
+        assert self.releases is not None and self.nc is not None
+        while True:
+            reading = self.gate.reading
+            if reading is not None and reading.state.is_charging:
+                break  # a download costs energy and data: prefetch while charging
+            await asyncio.sleep(RELEASE_RETRY_S)
+        workload = for_model(model)
+        try:
+            _, source = await self.releases.fetch(self.nc.jetstream(), model, digest)
+            assert workload is not None
+            runner = await asyncio.get_running_loop().run_in_executor(
+                None, workload.runner, model, self.config.cache_dir, self.config.threads, source
+            )
+        except Exception as exc:  # refused or broken: keep the release we hold, say why
+            log.error("model %s: release %s refused or failed: %s", model, digest[:12], exc)
+            return
+        self.runners[model] = runner
+        self.releases.held[model] = digest
+        log.info("model %s now runs release %s", model, digest[:12])
 
     async def _plan(self, lease_id: str) -> core.Event:
         """Plan on the compute thread before any run, so that no run has to tokenise (or do
@@ -671,6 +686,63 @@ class VehicleAgent:
             log.exception("online request failed")
             reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
+
+
+async def connect_car(
+    config: AgentConfig, on_reconnect: Callable[[], Awaitable[None]] | None = None
+) -> Client:
+    """One outbound connection, as this car (its nkey) with its own reply inbox.
+
+    Refused credentials at the first connect are retried for ``CONNECT_PATIENCE_S``: a car may
+    start a moment before its enrolment reaches the NATS server."""
+    vid = config.vehicle_id
+    options: dict[str, Any] = {"inbox_prefix": subjects.inbox_prefix(vid)}
+    if config.nkey_seed is not None:
+        options["nkeys_seed_str"] = config.nkey_seed
+    if config.nats_ca is not None:
+        options["tls"] = ssl.create_default_context(cafile=str(config.nats_ca))
+    if on_reconnect is not None:
+        options["reconnected_cb"] = on_reconnect
+
+    async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            log.error("NATS refused this car's credentials (revoked or not enrolled)")
+        elif "permissions violation" in str(exc).lower():
+            log.error("NATS refused: %s", exc)
+
+    deadline = time.monotonic() + CONNECT_PATIENCE_S
+    while True:
+        try:
+            return await nats.connect(
+                servers=nats_servers(config.nats_url),
+                name=f"idlefleet-agent-{vid}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                **options,
+            )
+        except nats.errors.Error as exc:
+            if "authorization" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            log.warning("NATS refused this car's credentials; retrying: %s", exc)
+            await asyncio.sleep(0.5)
+
+
+async def fetch_releases(
+    config: AgentConfig, releases: CarReleases, models: Sequence[str]
+) -> dict[str, Path]:
+    """Fetch and verify the current release of each model (before any is loaded); the folder
+    of each one's files."""
+    nc = await connect_car(config)
+    sources = {}
+    try:
+        js = nc.jetstream()
+        for model in models:
+            digest, sources[model] = await releases.fetch(js, model)
+            releases.held[model] = digest  # the runners are built from these next
+    finally:
+        await nc.close()
+    return sources
 
 
 def _failure(instruction: core.Instruction, exc: BaseException) -> core.Event:

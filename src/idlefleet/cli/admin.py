@@ -1,4 +1,4 @@
-"""``idlefleet keys`` and ``idlefleet cars``: the operator's commands for who may do what.
+"""``idlefleet keys``, ``cars`` and ``models``: the operator's commands for who may do what.
 
 ``keys`` works on the store directly (``--store``), as a database administrator would: it is
 how the first operator key comes to exist, and it needs no running coordinator. A new key's
@@ -6,7 +6,9 @@ secret is printed once and never stored (only its sha256 is); a revoked key stop
 every replica within the key cache's period (2 s). ``cars`` enrols and revokes cars through a
 coordinator's operator API (``--api-key`` of an operator, or ``IDLEFLEET_API_KEY``), so the
 coordinator rewrites nats-server's accounts at once: a revoked car is disconnected within a
-second.
+second. ``models`` makes the offline model-signing key and releases a model over the air: it
+signs a manifest of the model's files and publishes them to the fleet's models object store
+(as the coordinators' NATS user); cars started with the public key run only such releases.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from idlefleet.cli.argtypes import whole
 from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR, OwnerCommandError, _Coordinator
 
-__all__ = ["add_admin_parsers", "run_cars", "run_keys"]
+__all__ = ["add_admin_parsers", "run_cars", "run_keys", "run_models"]
 
 
 def add_admin_parsers(sub: Any) -> None:
@@ -59,6 +62,17 @@ def add_admin_parsers(sub: Any) -> None:
         "--valid-days", type=whole(1), default=None, help="credentials expire after this"
     )
     cars_sub.add_parser("list", help="every enrolment")
+    models = sub.add_parser("models", help="operator: signing key and over-the-air releases")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    keygen = models_sub.add_parser("keygen", help="make the offline model-signing key pair")
+    keygen.add_argument("--signing-key", type=Path, required=True, help="private key (PEM)")
+    release = models_sub.add_parser("release", help="sign and publish a model's files")
+    release.add_argument("--signing-key", type=Path, required=True)
+    release.add_argument("--model", required=True)
+    release.add_argument("--nats-url", required=True)
+    release.add_argument("--nats-seed", type=Path, required=True, help="coordinators' seed")
+    release.add_argument("--nats-ca", type=Path, default=None)
+    release.add_argument("--valid-days", type=whole(1), default=90)
     cut = cars_sub.add_parser("revoke", help="cut a car off now")
     cut.add_argument("--vehicle", required=True)
     for parser in cars_sub.choices.values():
@@ -151,3 +165,53 @@ def run_cars(args: argparse.Namespace) -> int:
     else:
         print(f"{found['vehicle_id']}: {found['status']} (owner {found['owner']})")
     return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from idlefleet.models.manifest import generate_signing_key, load_private_key, public_key_pem
+
+    if args.models_command == "keygen":
+        try:
+            key = generate_signing_key(args.signing_key)
+        except (FileExistsError, OSError) as exc:
+            print(f"idlefleet models keygen: {exc}", file=sys.stderr)
+            return 1
+        public = args.signing_key.with_suffix(".pub.pem")
+        public.write_bytes(public_key_pem(key))
+        print(f"private key {args.signing_key} (keep it offline); public key {public}")
+        return 0
+    import asyncio
+
+    from idlefleet.workloads import for_model
+
+    workload = for_model(args.model)
+    if workload is None:
+        print(f"idlefleet models release: no workload serves {args.model}", file=sys.stderr)
+        return 2
+    key = load_private_key(args.signing_key)
+    release = asyncio.run(
+        _release(args, workload.model_files(args.model), key, args.valid_days * 86_400.0)
+    )
+    sent = (
+        "already current"
+        if release.published is None
+        else (f"{release.published.bytes_uploaded} bytes uploaded")
+    )
+    print(f"{args.model} version {release.manifest.version}: {release.digest} ({sent})")
+    return 0
+
+
+async def _release(args: argparse.Namespace, files: Any, key: Any, ttl_s: float) -> Any:
+    import nats
+
+    from idlefleet.embedded.tls import client_context
+    from idlefleet.models.release import release_model
+
+    options: dict[str, Any] = {"nkeys_seed_str": args.nats_seed.read_text().strip()}
+    if args.nats_ca is not None:
+        options["tls"] = client_context(args.nats_ca)
+    nc = await nats.connect(args.nats_url, **options)
+    try:
+        return await release_model(nc.jetstream(), args.model, files, key, ttl_s)
+    finally:
+        await nc.close()

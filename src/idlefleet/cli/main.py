@@ -210,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--nats-ca", type=_readable_file, default=None, help="CA to verify NATS's TLS with"
     )
+    co.add_argument(
+        "--trusted-key",
+        type=_readable_file,
+        action="append",
+        default=[],
+        help="the operator's model-signing public key (PEM; repeatable): work grants name the "
+        "current release of each model it signed",
+    )
     co.add_argument("--tls-cert", type=_readable_file, default=None, help="serve HTTPS: cert")
     co.add_argument("--tls-key", type=_readable_file, default=None, help="serve HTTPS: key")
 
@@ -275,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument(
         "--nats-ca", type=_readable_file, default=None, help="CA to verify NATS's TLS with"
     )
+    ag.add_argument(
+        "--trusted-key",
+        type=_readable_file,
+        action="append",
+        default=[],
+        help="the operator's model-signing public key (PEM; repeatable): run only models "
+        "released over the air and signed by it, instead of this machine's packages",
+    )
     return parser
 
 
@@ -295,10 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idlefleet.cli.owner import run_owner
 
             return run_owner(args)
-        if args.command in ("keys", "cars"):
-            from idlefleet.cli.admin import run_cars, run_keys
+        if args.command in ("keys", "cars", "models"):
+            from idlefleet.cli.admin import run_cars, run_keys, run_models
 
-            return run_keys(args) if args.command == "keys" else run_cars(args)
+            run = {"keys": run_keys, "cars": run_cars, "models": run_models}[args.command]
+            return run(args)
         if args.command == "sim":
             from idlefleet.cli.sim import run_sim
 
@@ -338,6 +355,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         nats_pid_files=tuple(args.nats_pid_file),
         nats_logs=tuple(args.nats_log),
         nats_ca=args.nats_ca,
+        trusted_keys=tuple(args.trusted_key),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )
@@ -395,6 +413,16 @@ def _agent(args: argparse.Namespace) -> int:
     if config.nkey_seed is not None:
         print(f"idlefleet agent {config.vehicle_id}: nkey {public_nkey(config.nkey_seed)}")
     source = _state_source(args)
+    releases = None
+    sources: dict[str, Path] = {}
+    if args.trusted_key:
+        from idlefleet.agent.releases import CarReleases
+        from idlefleet.agent.worker import fetch_releases
+        from idlefleet.models.manifest import load_public_key, trusted_keys
+
+        trusted = trusted_keys(load_public_key(path) for path in args.trusted_key)
+        releases = CarReleases(config.cache_dir, trusted)
+        sources = asyncio.run(fetch_releases(config, releases, config.served_models()))
     # Each model is loaded before the agent registers it, so that registering never promises
     # a model that cannot run.
     runners = {}
@@ -402,14 +430,16 @@ def _agent(args: argparse.Namespace) -> int:
         workload = for_model(model)
         if workload is None:
             raise ValueError(f"no workload serves model {model}")
-        runners[model] = workload.runner(model, config.cache_dir, config.threads)
+        runners[model] = workload.runner(
+            model, config.cache_dir, config.threads, sources.get(model)
+        )
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await VehicleAgent(config, runners, source).run(stop)
+        await VehicleAgent(config, runners, source, releases).run(stop)
 
     try:
         asyncio.run(serve())

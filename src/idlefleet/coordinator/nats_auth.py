@@ -51,6 +51,9 @@ def _model_reads() -> tuple[list[str], list[str]]:
     api = "$JS.API"
     publish = [
         f"{api}.STREAM.INFO.{MODELS_STREAM}",
+        # nats-py's object store finds the stream behind a subject by name lookup: it lists
+        # stream names (no contents) matching the bucket's subjects.
+        f"{api}.STREAM.NAMES",
         f"{api}.STREAM.MSG.GET.{MODELS_STREAM}",
         f"{api}.DIRECT.GET.{MODELS_STREAM}.>",
         f"{api}.CONSUMER.CREATE.{MODELS_STREAM}",

@@ -42,11 +42,17 @@ from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
 from idlefleet.embedded.tls import client_context
+from idlefleet.models.catalog import MODELS
+from idlefleet.models.manifest import load_public_key, trusted_keys
+from idlefleet.models.release import current_release
 from idlefleet.protocol.identity import public_nkey
 from idlefleet.protocol.seeds import nats_servers
 
 log = logging.getLogger(__name__)
 
+RELEASES_REFRESH_S = 10.0
+"""How often a replica reads which model releases are current (a new release reaches grants
+within this)."""
 POLICY_CATCH_UP_MARGIN_S = 10.0
 """Policy versions are re-read this far back on each catch-up: replicas' clocks differ a little
 and a version committed late may carry an earlier ``created_at``."""
@@ -81,6 +87,9 @@ class CoordinatorConfig:
     """nats-server log files to count refused connections and permissions in."""
     nats_ca: Path | None = None
     """CA certificate to verify the NATS servers with (None: NATS without TLS)."""
+    trusted_keys: tuple[Path, ...] = ()
+    """The operator's model-signing public keys: grants name the current release of each
+    model they signed (none: grants name no release, cars run what they have)."""
     tls_cert: Path | None = None
     """Serve HTTPS with this certificate and ``tls_key`` (None: plain HTTP)."""
     tls_key: Path | None = None
@@ -167,7 +176,26 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         if nats_log is not None:
             await asyncio.to_thread(nats_log.poll)
 
+    trusted = trusted_keys(load_public_key(path) for path in config.trusted_keys)
+
+    async def refresh_releases() -> None:
+        # Each model's current signed release, checked as a car checks it; a model with no
+        # release (or one no trusted key signed) is granted without a digest.
+        if not trusted:
+            return
+        found: dict[str, str] = {}
+        for model in MODELS:
+            try:
+                current = await current_release(nc.jetstream(), model, trusted, time.time())
+            except Exception as exc:
+                log.warning("model %s: no usable release: %s", model, exc)
+                continue
+            if current is not None:
+                found[model] = current[0]
+        work.model_digests = found
+
     loops = [
+        _every(RELEASES_REFRESH_S, "model releases", refresh_releases),
         _every(1.0, "NATS authorization sync", sync_auth),
         _every(1.0, "NATS log watch", watch_nats_log),
         _every(config.flush_interval_s, "liveness flush", flush),
@@ -177,7 +205,11 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     ]
 
     def status() -> dict[str, object]:
-        return {"replica": replica, "nats": nc.connected_url.netloc if nc.connected_url else None}
+        return {
+            "replica": replica,
+            "nats": nc.connected_url.netloc if nc.connected_url else None,
+            "model_releases": dict(work.model_digests),
+        }
 
     housekeeping: list[asyncio.Task[None]] = []
 

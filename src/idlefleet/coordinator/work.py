@@ -93,11 +93,14 @@ class WorkService:
         self._registry_lock = threading.Lock()
         self._lease_infos = _LeaseInfos()
         self.refused_results: Counter[str] = Counter()
+        """Result chunks refused as impossible, per car (this replica's count since it started)."""
         self.progress_recorded = 0
         """Requests' progress kept (a car's report on unfinished work)."""
         self.resumed = 0
         """Requests leased with another car's progress (they continue where it stopped)."""
-        """Result chunks refused as impossible, per car (this replica's count since it started)."""
+        self.model_digests: dict[str, str] = {}
+        """The released (signed) version of each model, by manifest digest, that grants name;
+        kept up to date by the replica from the models object store (empty: unsigned)."""
         self.live_vehicles = 1
         """Cars seen within the liveness horizon, fleet-wide (refreshed by the coordinator's
         housekeeping from the store; sizes units by guided self-scheduling)."""
@@ -394,6 +397,7 @@ class WorkService:
             purpose=outcome.purpose,
             data_region=outcome.data_region,
             lease_seconds=self.units.lease_seconds,
+            model_digest=self.model_digests.get(outcome.model),
             items=[
                 WorkItem.model_construct(
                     seq=i.seq,

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from idlefleet.coordinator.access import Role, hash_secret, new_api_key
 from idlefleet.coordinator.nats_auth import (
     CloudUsers,
@@ -23,6 +25,7 @@ from idlefleet.coordinator.nats_auth import (
     write_atomically,
 )
 from idlefleet.coordinator.store import open_store
+from idlefleet.models.manifest import generate_signing_key, load_private_key, public_key_pem
 from idlefleet.protocol.identity import load_or_create_seed, public_nkey
 
 __all__ = ["OWNER", "FleetSecrets", "prepare_security"]
@@ -58,6 +61,19 @@ class FleetSecrets:
     @property
     def keys_file(self) -> Path:
         return self.folder / "api-keys.json"
+
+    @property
+    def signing_public_key_file(self) -> Path:
+        return self.folder / "model-signing.pub.pem"
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The operator's model-signing key (made once), with its public half beside it: what
+        the coordinators and cars trust."""
+        private = self.folder / "model-signing.pem"
+        key = load_private_key(private) if private.exists() else generate_signing_key(private)
+        if not self.signing_public_key_file.exists():
+            self.signing_public_key_file.write_bytes(public_key_pem(key))
+        return key
 
 
 def prepare_security(store_url: str, secrets: FleetSecrets, auth_file: Path) -> dict[str, str]:

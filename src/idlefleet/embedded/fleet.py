@@ -28,6 +28,7 @@ cars on. Two kinds of fleet:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -41,6 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import nats
 
 from idlefleet.coordinator.store.factory import sqlite_url
 from idlefleet.embedded.credentials import OWNER, FleetSecrets, prepare_security
@@ -85,6 +88,9 @@ class FleetOptions:
     """1: one nats-server; 3 (or 2+): a routed cluster with clustered JetStream."""
     claim_seconds: float = 30.0
     """How soon a replica takes over a batch duty of one that died."""
+    signed_models: bool = True
+    """Release the served models over the air, signed by the fleet's operator key, and run
+    cars only on what they fetched and verified (False: cars build from their packages)."""
     tls: TlsFiles | None = None
     """Serve HTTPS and NATS over TLS with these files (``make_local_tls`` makes a CA and a
     certificate for this machine); None: plain HTTP and NATS, as on a developer's machine."""
@@ -213,6 +219,8 @@ class EmbeddedFleet:
             self.nats = start_nats_server(
                 opts.data_dir / "nats", auth_file=self.auth_file, tls=opts.tls
             )
+        if opts.signed_models:
+            asyncio.run(self._release_models())
         for index in range(opts.replicas):
             self.coordinators.append(self._start_coordinator(index))
         deadline = time.monotonic() + timeout
@@ -258,15 +266,35 @@ class EmbeddedFleet:
                 "--nats-auth-file",
                 str(self.auth_file),
                 *self._nats_files(),
-                *self._tls_args(server=True),
+                *self._trust_args(server=True),
             ],
         )
 
-    def _tls_args(self, server: bool) -> list[str]:
+    async def _release_models(self) -> None:
+        """Sign and publish each served model (as the operator would); a release with the same
+        files is not published again."""
+        from idlefleet.models.catalog import MODELS
+        from idlefleet.models.release import release_model
+        from idlefleet.workloads import for_model
+
+        key = self.secrets.signing_key()
+        nc = await nats.connect(self.nats_url, **self.nats_credentials)
+        try:
+            for model in self.options.models or tuple(MODELS):
+                workload = for_model(model)
+                assert workload is not None
+                await release_model(nc.jetstream(), model, workload.model_files(model), key)
+        finally:
+            await nc.close()
+
+    def _trust_args(self, server: bool) -> list[str]:
+        args = []
+        if self.options.signed_models:
+            args += ["--trusted-key", str(self.secrets.signing_public_key_file)]
         tls = self.options.tls
         if tls is None:
-            return []
-        args = ["--nats-ca", str(tls.ca)]
+            return args
+        args += ["--nats-ca", str(tls.ca)]
         if server:
             args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         return args
@@ -435,7 +463,7 @@ class EmbeddedFleet:
                 ",".join(opts.models) or "all",
                 "--nkey-seed",
                 str(self.secrets.car_seed_file(vehicle_id)),
-                *self._tls_args(server=False),
+                *self._trust_args(server=False),
                 *(extra_args or []),
             ],
         )

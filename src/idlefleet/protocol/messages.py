@@ -150,6 +150,9 @@ class WorkGrant(WireModel):
     retry_after_s: float = 1.0
     """When there is no work: how long to wait before asking again."""
     error: WireError | None = None
+    model_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    """The signed manifest (``models.manifest``) of the model version to run, by digest: a
+    car holding another version gives the unit back and fetches this one. None: any."""
 
 
 def _check_blob(seqs: list[int], counts: list[list[int]], sizes: list[int], data_b64: str) -> None:

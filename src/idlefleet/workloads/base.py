@@ -237,10 +237,20 @@ class Workload(ABC):
         """Canonical ids of the models this workload serves."""
 
     @abstractmethod
-    def provision(self, model: str, cache_dir: Path) -> None:
-        """Put ``model``'s graph in the car's model cache (``cache_dir``), built or fetched
-        once; a no-op when an intact copy is there. ``runner`` does it too, if needed."""
+    def model_files(self, model: str) -> dict[str, Path]:
+        """The files a release of ``model`` is made of, by name (weights, tokenizer, config:
+        data, never code), as this machine's packages hold them: what an operator signs and
+        publishes, and what ``source`` holds on a car that fetched the release."""
 
     @abstractmethod
-    def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
-        """Build the car's runner of ``model`` (loads it; only agents call this)."""
+    def provision(self, model: str, cache_dir: Path, source: Path | None = None) -> None:
+        """Put ``model``'s graph in the car's model cache (``cache_dir``), built once from the
+        files in ``source`` (a verified release; None: this machine's packages); a no-op when
+        an intact copy is there. ``runner`` does it too, if needed."""
+
+    @abstractmethod
+    def runner(
+        self, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
+        """Build the car's runner of ``model`` from the files in ``source`` (as
+        ``provision``); loads it; only agents call this."""

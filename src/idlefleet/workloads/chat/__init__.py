@@ -243,18 +243,30 @@ class ChatWorkload(Workload):
         )
 
     # -- the car -------------------------------------------------------------------------------
-    def provision(self, model: str, cache_dir: Path) -> None:
+    def model_files(self, model: str) -> dict[str, Path]:
+        path = _PATHS[model]()
+        return {path.name: path}
+
+    def provision(self, model: str, cache_dir: Path, source: Path | None = None) -> None:
         from idlefleet.models.cache import ensure_llama
 
-        ensure_llama(cache_dir, model, _PATHS[model]())
+        ensure_llama(cache_dir, model, self._gguf(model, source))
 
-    def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
+    def _gguf(self, model: str, source: Path | None) -> Path:
+        if source is None:
+            return _PATHS[model]()
+        (name,) = self.model_files(model)  # a release holds the GGUF under its package name
+        return source / name
+
+    def runner(
+        self, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
         import onnxruntime as ort
 
         from idlefleet.models.cache import ModelCache, ensure_llama
         from idlefleet.workloads.chat.runner import ChatRunner
 
-        path = _PATHS[model]()
+        path = self._gguf(model, source)
         sha, _ = ensure_llama(cache_dir, model, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -141,19 +141,33 @@ class EmbeddingsWorkload(Workload):
         return embedding_response(job.model, vectors, tokens, job.encoding_format)
 
     # -- the car -------------------------------------------------------------------------------
-    def provision(self, model: str, cache_dir: Path) -> None:
+    def model_files(self, model: str) -> dict[str, Path]:
+        from idlefleet.models.minilm import default_model_dir
+
+        if model != MINILM.id:
+            raise ValueError(f"no embeddings model {model}")
+        folder = default_model_dir()
+        return {name: folder / name for name in MINILM_FILES}
+
+    def provision(self, model: str, cache_dir: Path, source: Path | None = None) -> None:
         from idlefleet.models.cache import ensure_minilm
 
-        ensure_minilm(cache_dir)
+        ensure_minilm(cache_dir, source)
 
-    def runner(self, model: str, cache_dir: Path, threads: int) -> UnitRunner:
+    def runner(
+        self, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
         # Imported here: the coordinator never loads ONNX Runtime or a tokenizer.
         from idlefleet.agent.runtime import Embedder
         from idlefleet.workloads.embeddings.runner import EmbeddingRunner
 
         if model != MINILM.id:
             raise ValueError(f"no embeddings runner for model {model}")
-        return EmbeddingRunner(Embedder.load(cache_dir, threads=threads))
+        return EmbeddingRunner(Embedder.load(cache_dir, threads=threads, model_dir=source))
+
+
+MINILM_FILES = ("model.safetensors", "tokenizer.json", "config.json")
+"""What the graph builder and the tokenizer read (``models.minilm``, ``agent.runtime``)."""
 
 
 def _cost(job: EmbeddingJob, info: ModelInfo) -> Cost:
