@@ -61,13 +61,28 @@ def refused(fleet: EmbeddedFleet, kind: str) -> int:
 
 
 async def connect_as(fleet: EmbeddedFleet, vehicle_id: str, seed: str, **options: Any) -> Any:
-    return await nats.connect(
-        fleet.nats_url,
-        nkeys_seed_str=seed,
-        inbox_prefix=subjects.inbox_prefix(vehicle_id),
-        allow_reconnect=False,
-        **options,
-    )
+    """A car's connection, for a car enrolled a moment ago: nats-server applies the reload
+    that lets it in a few milliseconds after the enrolment's answer (agents retry too)."""
+    for attempt in range(50):
+        nc = nats.aio.client.Client()
+        try:
+            await nc.connect(
+                fleet.nats_url,
+                nkeys_seed_str=seed,
+                inbox_prefix=subjects.inbox_prefix(vehicle_id),
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                **options,
+            )
+            return nc
+        except (nats.errors.Error, ConnectionError):
+            await nc.close()
+            if nc._transport is not None:
+                nc._transport.close()
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 async def refusal(fleet: EmbeddedFleet, **options: Any) -> str:

@@ -170,6 +170,15 @@ def test_a_release_signed_by_another_key_is_refused_by_a_new_car(
     log = (fleet.log_dir / "agent-car-wary.log").read_text()
     assert process.returncode != 0
     assert "UnknownSigner" in log, log[-2000:]
+    # The coordinators check the release as a car does, refuse it too, and count it.
+    eventually(
+        lambda: (
+            fleet.get("/fleet/security").get("model_releases_refused", {}).get("UnknownSigner", 0)
+            == 1
+        ),
+        30,
+        "the coordinator counts the foreign release once",
+    )
     # The running car keeps the release it holds; grants name no release while the current
     # one is not the operator's, and the work still gets done.
     batch = run_batch(sdk, ["still"], 60)

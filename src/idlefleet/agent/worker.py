@@ -50,6 +50,8 @@ from idlefleet.agent.policy_guard import PolicyGuard, Verdict
 from idlefleet.agent.releases import CarReleases
 from idlefleet.agent.sources.base import StateSource
 from idlefleet.agent.supervise import AgentTaskDied, run_until_stopped
+from idlefleet.models.distribution import DistributionError
+from idlefleet.models.manifest import ManifestError
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import ProtocolError, decode, encode
 from idlefleet.protocol.messages import (
@@ -693,8 +695,8 @@ async def connect_car(
 ) -> Client:
     """One outbound connection, as this car (its nkey) with its own reply inbox.
 
-    Refused credentials at the first connect are retried for ``CONNECT_PATIENCE_S``: a car may
-    start a moment before its enrolment reaches the NATS server."""
+    A refused first connect is retried for ``CONNECT_PATIENCE_S``: a car may start a moment
+    before its enrolment reaches the NATS server."""
     vid = config.vehicle_id
     options: dict[str, Any] = {"inbox_prefix": subjects.inbox_prefix(vid)}
     if config.nkey_seed is not None:
@@ -721,10 +723,13 @@ async def connect_car(
                 error_cb=on_error,
                 **options,
             )
-        except nats.errors.Error as exc:
-            if "authorization" not in str(exc).lower() or time.monotonic() > deadline:
+        except (nats.errors.Error, ConnectionError) as exc:
+            # A server applying the reload that admits a just-enrolled car closes the
+            # connection ("Connection lost") or refuses it for a moment.
+            refused = "authorization" in str(exc).lower() or isinstance(exc, ConnectionError)
+            if not refused or time.monotonic() > deadline:
                 raise
-            log.warning("NATS refused this car's credentials; retrying: %s", exc)
+            log.warning("NATS refused this car's connection; retrying: %s", exc)
             await asyncio.sleep(0.5)
 
 
@@ -732,13 +737,18 @@ async def fetch_releases(
     config: AgentConfig, releases: CarReleases, models: Sequence[str]
 ) -> dict[str, Path]:
     """Fetch and verify the current release of each model (before any is loaded); the folder
-    of each one's files."""
+    of each one's files. A model whose release is refused (unsigned, tampered, another key's,
+    expired, older) or cannot be fetched is left out, and said so; the car serves the rest."""
     nc = await connect_car(config)
     sources = {}
     try:
         js = nc.jetstream()
         for model in models:
-            digest, sources[model] = await releases.fetch(js, model)
+            try:
+                digest, sources[model] = await releases.fetch(js, model)
+            except (ManifestError, DistributionError) as exc:
+                log.error("model %s: release refused (%s): %s", model, type(exc).__name__, exc)
+                continue
             releases.held[model] = digest  # the runners are built from these next
     finally:
         await nc.close()

@@ -423,10 +423,16 @@ def _agent(args: argparse.Namespace) -> int:
         trusted = trusted_keys(load_public_key(path) for path in args.trusted_key)
         releases = CarReleases(config.cache_dir, trusted)
         sources = asyncio.run(fetch_releases(config, releases, config.served_models()))
+        if not sources:
+            print(
+                f"idlefleet agent {config.vehicle_id}: no model release could be verified",
+                file=sys.stderr,
+            )
+            return 1
     # Each model is loaded before the agent registers it, so that registering never promises
     # a model that cannot run.
     runners = {}
-    for model in config.served_models():
+    for model in config.served_models() if releases is None else tuple(sources):
         workload = for_model(model)
         if workload is None:
             raise ValueError(f"no workload serves model {model}")

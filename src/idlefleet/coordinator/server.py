@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
 from idlefleet.embedded.tls import client_context
 from idlefleet.models.catalog import MODELS
-from idlefleet.models.manifest import load_public_key, trusted_keys
+from idlefleet.models.manifest import ManifestError, load_public_key, trusted_keys
 from idlefleet.models.release import current_release
 from idlefleet.protocol.identity import public_nkey
 from idlefleet.protocol.seeds import nats_servers
@@ -177,6 +178,8 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             await asyncio.to_thread(nats_log.poll)
 
     trusted = trusted_keys(load_public_key(path) for path in config.trusted_keys)
+    refused_releases: Counter[str] = Counter()
+    refused_releases_seen: set[tuple[str, str]] = set()
 
     async def refresh_releases() -> None:
         # Each model's current signed release, checked as a car checks it; a model with no
@@ -187,6 +190,12 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         for model in MODELS:
             try:
                 current = await current_release(nc.jetstream(), model, trusted, time.time())
+            except ManifestError as exc:  # what a car would refuse too: counted once each
+                if (model, str(exc)) not in refused_releases_seen:
+                    refused_releases_seen.add((model, str(exc)))
+                    refused_releases[type(exc).__name__] += 1
+                    log.warning("model %s: release refused: %s", model, exc)
+                continue
             except Exception as exc:
                 log.warning("model %s: no usable release: %s", model, exc)
                 continue
@@ -244,6 +253,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         security_status=lambda: {
             **(nats_log.snapshot() if nats_log is not None else {}),
             "nats_authorization_reloads": auth_sync.reloads if auth_sync is not None else None,
+            "model_releases_refused": dict(refused_releases),
         },
         on_enrolment=sync_auth,
         lifespan=lifespan,

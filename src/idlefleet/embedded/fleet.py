@@ -52,6 +52,7 @@ from idlefleet.embedded.nats_server import NatsServer, start_nats_server
 from idlefleet.embedded.ports import free_port
 from idlefleet.embedded.tls import TlsFiles, client_context
 from idlefleet.protocol.identity import public_nkey
+from idlefleet.protocol.seeds import nats_servers
 
 
 @dataclass
@@ -278,7 +279,7 @@ class EmbeddedFleet:
         from idlefleet.workloads import for_model
 
         key = self.secrets.signing_key()
-        nc = await nats.connect(self.nats_url, **self.nats_credentials)
+        nc = await nats.connect(servers=nats_servers(self.nats_url), **self.nats_credentials)
         try:
             for model in self.options.models or tuple(MODELS):
                 workload = for_model(model)

@@ -1,12 +1,12 @@
 """Content-addressed store of ONNX model files, and the entry points that provision models.
 
-A model file is named by the sha256 of its bytes, so the name a coordinator puts on a work unit
-pins exactly which graph an agent runs, and a file damaged on disk is detected on load rather than
-producing wrong vectors. Writes go through a temporary file and an atomic rename, so a crash or a
-concurrent writer never leaves a half-written model under a valid name. `ensure_minilm` and
-`ensure_llama` keep a small index from "<model id>@<weights sha256>" to the graph's sha256 so
-that an agent builds a graph from the packaged weights once and then reuses the cached file on
-every start.
+A graph file is named by the sha256 of its bytes, so a file damaged on disk is detected on load
+rather than producing wrong vectors. Writes go through a temporary file and an atomic rename, so
+a crash or a concurrent writer never leaves a half-written model under a valid name.
+`ensure_minilm` and `ensure_llama` keep a small index from "<model id>@<weights sha256>" to the
+graph's sha256 so that an agent builds a graph from its weights (a signed release's files, see
+`idlefleet.models.distribution`, or the packaged ones) once and then reuses the cached file on
+every start. Work grants pin the signed release, whose weights fix the graph.
 """
 
 from __future__ import annotations
