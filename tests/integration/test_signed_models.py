@@ -6,8 +6,10 @@ a new release reaches a running car; a release signed by another key is refused.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -19,7 +21,7 @@ from openai import OpenAI
 from idlefleet.cli.demo import batch_input
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.models.catalog import MINILM
-from idlefleet.models.distribution import models_bucket, publish_model
+from idlefleet.models.distribution import models_bucket, part_object_name, publish_model
 from idlefleet.models.manifest import key_id, load_public_key, manifest_for_files, sign
 from idlefleet.models.release import current_release
 from idlefleet.protocol import subjects
@@ -155,6 +157,51 @@ def test_a_new_release_reaches_a_running_car(fleet: EmbeddedFleet, sdk: OpenAI) 
     assert batch.status == "completed", f"{batch} after {time.monotonic() - started:.0f} s"
     assert f"now runs release {new[:12]}" in log
     assert old != new
+
+
+def test_a_tampered_release_is_refused_by_the_running_car_and_counted(
+    fleet: EmbeddedFleet, sdk: OpenAI, tmp_path: Path
+) -> None:
+    from idlefleet.models.manifest import load_private_key
+
+    held, manifest = current(fleet)
+    key = load_private_key(fleet.secrets.folder / "model-signing.pem")
+    workload = for_model(MINILM.id)
+    assert workload is not None
+    extra = tmp_path / "extra.bin"
+    extra.write_bytes(os.urandom(1 << 20))
+    files = {**workload.model_files(MINILM.id), "extra.bin": extra}
+    release = manifest_for_files(
+        MINILM.id, manifest.version + 1, list(files.values()), time.time(), 3600, key_id(key)
+    )
+    signed = sign(release, key)
+    (part,) = next(f for f in release.files if f.name == "extra.bin").parts
+    tampered = bytearray(extra.read_bytes())
+    tampered[100] ^= 1  # one flipped byte, put back under the part's content address
+
+    async def publish_and_tamper(js: Any) -> None:
+        await publish_model(js, signed, files)
+        await (await models_bucket(js)).put(part_object_name(part.sha256), bytes(tampered))
+
+    asyncio.run(in_bucket(fleet, publish_and_tamper))
+    eventually(
+        lambda: fleet.get("/fleet/dispatch")["model_releases"].get(MINILM.id) == signed.digest,
+        30,
+        "the coordinator names the (validly signed) release",
+    )
+    batch = submit(sdk, batch_input(["never", "on", "tampered", "bytes"]))
+
+    def counted() -> int:
+        by_car = fleet.get("/fleet/security").get("model_releases_refused_by_cars", {})
+        return int(by_car.get("car-001", 0))
+
+    eventually(lambda: counted() >= 1, 60, "car-001 reports the refusal")
+    log = (fleet.log_dir / "agent-car-001.log").read_text()
+    assert "release refused (TamperedModel)" in log
+    assert f"now runs release {signed.digest[:12]}" not in log
+    assert sdk.batches.retrieve(batch.id).request_counts.completed == 0  # nothing ran on it
+    sdk.batches.cancel(batch.id)
+    assert held != signed.digest
 
 
 def test_a_release_signed_by_another_key_is_refused_by_a_new_car(

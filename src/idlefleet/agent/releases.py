@@ -39,6 +39,12 @@ class CarReleases:
     held: dict[str, str] = field(default_factory=dict)
     """The release (manifest digest) of each model this car runs now."""
     bytes_downloaded: int = 0
+    refused: int = 0
+    """Releases refused (or not fetched) since the agent started; its heartbeats report it."""
+
+    def refuse(self, model: str, exc: Exception) -> None:
+        self.refused += 1
+        log.error("model %s: release refused (%s): %s", model, type(exc).__name__, exc)
 
     @property
     def root(self) -> Path:

@@ -114,6 +114,8 @@ class VehicleAgent:
         self.runners = dict(runners)
         self.releases = releases
         self._updating: dict[str, asyncio.Task[None]] = {}
+        self._refused_releases: dict[str, float] = {}
+        """Releases refused, by digest, and when (not fetched again for a while)."""
         self.source = source
         self.policy_version = 0
         self.gate = ComputeGate(
@@ -382,6 +384,9 @@ class VehicleAgent:
         running = self._updating.get(model)
         if running is not None and not running.done():
             return
+        refused_at = self._refused_releases.get(digest)
+        if refused_at is not None and time.monotonic() - refused_at < RELEASE_RETRY_S * 10:
+            return  # refused a moment ago: the same bytes would be refused again
         task = asyncio.create_task(self._fetch_release(model, digest))
         self._updating[model] = task
 
@@ -399,8 +404,12 @@ class VehicleAgent:
             runner = await asyncio.get_running_loop().run_in_executor(
                 None, workload.runner, model, self.config.cache_dir, self.config.threads, source
             )
-        except Exception as exc:  # refused or broken: keep the release we hold, say why
-            log.error("model %s: release %s refused or failed: %s", model, digest[:12], exc)
+        except (ManifestError, DistributionError) as exc:  # keep the release we hold
+            self.releases.refuse(model, exc)
+            self._refused_releases[digest] = time.monotonic()
+            return
+        except Exception:  # its graph would not build or load: keep the release we hold
+            log.exception("model %s: release %s could not be loaded", model, digest[:12])
             return
         self.runners[model] = runner
         self.releases.held[model] = digest
@@ -607,6 +616,7 @@ class VehicleAgent:
                 active_leases=self.core.held[:16],
                 reason=None if verdict.allowed else verdict.summary()[:200],
                 policy_version=self.policy_version,
+                releases_refused=0 if self.releases is None else self.releases.refused,
             )
             try:
                 ack = await self._call(Uplink.HEARTBEAT, beat, Ack)
@@ -747,7 +757,7 @@ async def fetch_releases(
             try:
                 digest, sources[model] = await releases.fetch(js, model)
             except (ManifestError, DistributionError) as exc:
-                log.error("model %s: release refused (%s): %s", model, type(exc).__name__, exc)
+                releases.refuse(model, exc)
                 continue
             releases.held[model] = digest  # the runners are built from these next
     finally:

@@ -254,6 +254,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             **(nats_log.snapshot() if nats_log is not None else {}),
             "nats_authorization_reloads": auth_sync.reloads if auth_sync is not None else None,
             "model_releases_refused": dict(refused_releases),
+            "model_releases_refused_by_cars": dict(work.releases_refused),
         },
         on_enrolment=sync_auth,
         lifespan=lifespan,

@@ -98,6 +98,8 @@ class WorkService:
         """Requests' progress kept (a car's report on unfinished work)."""
         self.resumed = 0
         """Requests leased with another car's progress (they continue where it stopped)."""
+        self.releases_refused: dict[str, int] = {}
+        """Model releases each car reports having refused (its heartbeats' running count)."""
         self.model_digests: dict[str, str] = {}
         """The released (signed) version of each model, by manifest digest, that grants name;
         kept up to date by the replica from the models object store (empty: unsigned)."""
@@ -254,6 +256,8 @@ class WorkService:
     def heartbeat_cached(self, vehicle_id: str, msg: Heartbeat) -> Ack | None:
         """The heartbeat's answer from memory alone, or None if it needs a store read."""
         now = self.clock()
+        if msg.releases_refused:
+            self.releases_refused[vehicle_id] = msg.releases_refused
         with self._registry_lock:
             if not self.registry.seen(vehicle_id, now, msg.status, msg.reason):
                 if self.registry.is_unknown(vehicle_id, now):

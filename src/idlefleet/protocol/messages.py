@@ -92,6 +92,9 @@ class Heartbeat(WireModel):
     """Why the agent is paused (the policy guard's reasons), e.g. ``not_parked, not_charging``."""
     policy_version: Annotated[int, Field(ge=0)] = 0
     """Version of the owner's policy the agent is enforcing."""
+    releases_refused: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Model releases this agent refused since it started (unsigned, tampered, another key's,
+    expired, older than one it accepted): the cloud counts them per car."""
 
 
 class Ack(WireModel):
