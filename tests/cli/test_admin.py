@@ -11,7 +11,7 @@ import pytest
 
 from idlefleet.cli.main import main
 from idlefleet.cli.owner import API_KEY_ENV
-from idlefleet.coordinator.access import hash_secret
+from idlefleet.coordinator.access import DEFAULT_QUOTAS, Role, hash_secret
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from tests.coordinator.api.live import LiveCoordinator, live_coordinator
@@ -47,6 +47,12 @@ def test_a_key_is_made_in_the_store_shown_once_listed_and_revoked(
 
     assert (created, listed, revoked, again) == (0, 0, 0, 1)
     assert shown["secret"].startswith("ifk_c_") and shown["requests_per_minute"] == 5
+    # The limits not given keep the role's defaults (not "unlimited").
+    defaults = DEFAULT_QUOTAS[Role.CUSTOMER]
+    assert (shown["tokens_per_minute"], shown["queued_requests"]) == (
+        defaults.tokens_per_minute,
+        defaults.queued_requests,
+    )
     assert [k["id"] for k in keys] == [shown["id"]] and "secret" not in keys[0]
     store = open_store(store_url)
     try:

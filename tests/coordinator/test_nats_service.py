@@ -385,3 +385,39 @@ def test_progress_is_admitted_and_answered_by_the_work_service(work: WorkService
     assert _error_code(ok.responses[0]) == "unknown_lease"
     assert decode(ProgressAck, ok.responses[0]).recorded == 0
     assert _error_code(garbage.responses[0]) == "bad_message"
+
+
+def test_with_car_identities_a_car_is_answered_only_in_its_own_inbox(
+    work: WorkService,
+) -> None:
+    # The reply subject is the one part of a car's message its NATS permissions do not
+    # confine, and coordinators may publish anywhere: an answer elsewhere would let a car make
+    # a coordinator purge a JetStream stream or talk on another car's subjects.
+    limits = EdgeLimits(own_inbox_only=True)
+    coordinator = CoordinatorNats(FakeNats(), work, limits)  # type: ignore[arg-type]
+    subject = subjects.uplink("car-1", Uplink.POLICY)
+    good = UplinkMsg(subject, b"{}", reply="_INBOX.car-1.Zx81")
+    hostile = [
+        UplinkMsg(subject, b"{}", reply=reply)
+        for reply in (
+            "$JS.API.STREAM.PURGE.OBJ_idlefleet-models",
+            "_INBOX.car-2.Zx81",
+            subjects.downlink("car-2", Downlink.POLICY),
+            "_INBOX.car-1",
+            "_INBOX.car-10.Zx81",
+        )
+    ]
+    garbled = UplinkMsg(subject, b"not json", reply="$O.idlefleet-models.C.abc")
+
+    serve(coordinator, good)
+
+    async def deliver() -> None:
+        coordinator._loop = asyncio.get_running_loop()
+        for msg in [*hostile, garbled]:
+            await coordinator._on_policy(msg)  # type: ignore[arg-type]
+        await asyncio.gather(*coordinator._tasks, return_exceptions=True)
+
+    asyncio.run(deliver())
+    assert len(good.responses) == 1
+    assert [m.responses for m in [*hostile, garbled]] == [[]] * 6
+    assert coordinator.stats.refused["bad_reply"] == 6

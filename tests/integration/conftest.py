@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +69,18 @@ def wait_for(client: OpenAI, batch_id: str, timeout: float = 180.0) -> Batch:
 
 def read_jsonl(client: OpenAI, file_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+async def car_request(nc: Any, subject: str, data: bytes, timeout: float) -> Any:
+    """``nc.request`` with the reply in the inbox of the car whose uplink ``subject`` is: a
+    coordinator with car identities on answers a car only there, and these tests speak for
+    many cars over one connection."""
+    vehicle_id = subject.split(".")[3]
+    inbox = f"_INBOX.{vehicle_id}.{uuid.uuid4().hex}"
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=inbox)
+        return await sub.next_msg(timeout=timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

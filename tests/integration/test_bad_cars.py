@@ -22,7 +22,7 @@ from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.protocol import subjects
 from idlefleet.protocol.messages import Hardware, Heartbeat, RegisterRequest
 from idlefleet.protocol.subjects import Uplink
-from tests.integration.conftest import read_jsonl, submit, wait_for
+from tests.integration.conftest import car_request, read_jsonl, submit, wait_for
 
 N = 400
 GOOD = 40
@@ -35,8 +35,8 @@ async def _register(nc: nats.NATS, vehicle_id: str) -> None:
         hardware=Hardware(accelerator="HW4", tops=100, memory_gb=16, power_w=100),
         models=["all-MiniLM-L6-v2"],
     )
-    reply = await nc.request(
-        subjects.uplink(vehicle_id, Uplink.REGISTER), request.model_dump_json().encode(), 10
+    reply = await car_request(
+        nc, subjects.uplink(vehicle_id, Uplink.REGISTER), request.model_dump_json().encode(), 10
     )
     assert json.loads(reply.data)["accepted"]
 
@@ -72,7 +72,7 @@ def test_flood_garbage_and_strangers_are_refused_and_nothing_else_suffers(
                 async def flood() -> None:
                     subject = subjects.uplink("flooder", Uplink.HEARTBEAT)
                     replies = await asyncio.gather(
-                        *(nc.request(subject, beat, 10) for _ in range(1500)),
+                        *(car_request(nc, subject, beat, 10) for _ in range(1500)),
                         return_exceptions=True,
                     )
                     for reply in replies:
@@ -84,7 +84,9 @@ def test_flood_garbage_and_strangers_are_refused_and_nothing_else_suffers(
                     payloads = [b"\xff\xfe", b"{}", b"[1,2]", b'{"seq": -1}', b"x" * 5000]
                     for verb in Uplink:
                         for payload in payloads:
-                            reply = await nc.request(subjects.uplink("garbler", verb), payload, 10)
+                            reply = await car_request(
+                                nc, subjects.uplink("garbler", verb), payload, 10
+                            )
                             bad_codes[_code(reply.data)] += 1
                     for verb in (Uplink.HEARTBEAT, Uplink.WORK):
                         message = (
@@ -92,14 +94,16 @@ def test_flood_garbage_and_strangers_are_refused_and_nothing_else_suffers(
                             if verb is Uplink.HEARTBEAT
                             else b'{"max_requests": 1, "models": ["all-MiniLM-L6-v2"]}'
                         )
-                        reply = await nc.request(subjects.uplink("stranger", verb), message, 10)
+                        reply = await car_request(
+                            nc, subjects.uplink("stranger", verb), message, 10
+                        )
                         bad_codes[_code(reply.data)] += 1
 
                 async def good_car(vehicle_id: str) -> None:
                     subject = subjects.uplink(vehicle_id, Uplink.HEARTBEAT)
                     for _ in range(10):
                         try:
-                            reply = await nc.request(subject, beat, 5)
+                            reply = await car_request(nc, subject, beat, 5)
                         except Exception as exc:
                             good_problems.append(f"{vehicle_id}: {exc!r}")
                             return

@@ -30,7 +30,7 @@ from idlefleet.protocol.messages import (
     WorkRequest,
 )
 from idlefleet.protocol.subjects import Uplink
-from tests.integration.conftest import read_jsonl, submit, wait_for
+from tests.integration.conftest import car_request, read_jsonl, submit, wait_for
 
 MODEL = "all-MiniLM-L6-v2"
 POISON = "this input breaks every car"
@@ -57,8 +57,8 @@ def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: 
                     hardware=Hardware(accelerator="cpu", tops=1, memory_gb=1, power_w=1),
                     models=[MODEL],
                 )
-                reply = await nc.request(
-                    subjects.uplink(car, Uplink.REGISTER), hello.model_dump_json().encode(), 10
+                reply = await car_request(
+                    nc, subjects.uplink(car, Uplink.REGISTER), hello.model_dump_json().encode(), 10
                 )
                 assert json.loads(reply.data)["accepted"]
                 await asyncio.to_thread(fleet.enrol, car)  # the owner API needs its owner
@@ -70,7 +70,11 @@ def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: 
                     if status != "in_progress" and status != "validating":
                         break
                     grant = json.loads(
-                        (await nc.request(subjects.uplink(car, Uplink.WORK), ask.encode(), 10)).data
+                        (
+                            await car_request(
+                                nc, subjects.uplink(car, Uplink.WORK), ask.encode(), 10
+                            )
+                        ).data
                     )
                     if not grant.get("lease_id"):
                         continue
@@ -89,7 +93,8 @@ def test_a_request_that_fails_on_every_attempt_ends_in_the_error_file(tmp_path: 
                     )
                     ack = json.loads(
                         (
-                            await nc.request(
+                            await car_request(
+                                nc,
                                 subjects.uplink(car, Uplink.RESULTS),
                                 chunk.model_dump_json().encode(),
                                 10,

@@ -23,7 +23,7 @@ from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.protocol import subjects
 from idlefleet.protocol.messages import Hardware, Heartbeat, RegisterRequest, WorkRequest
 from idlefleet.protocol.subjects import Uplink
-from tests.integration.conftest import read_jsonl, submit, wait_for
+from tests.integration.conftest import car_request, read_jsonl, submit, wait_for
 
 IDLE = 1_000
 BEATING = 200
@@ -46,8 +46,8 @@ async def _register(nc: nats.NATS, vehicle_id: str) -> None:
         hardware=Hardware(accelerator="HW4", tops=100, memory_gb=16, power_w=100),
         models=["all-MiniLM-L6-v2"],
     )
-    reply = await nc.request(
-        subjects.uplink(vehicle_id, Uplink.REGISTER), request.model_dump_json().encode(), 30
+    reply = await car_request(
+        nc, subjects.uplink(vehicle_id, Uplink.REGISTER), request.model_dump_json().encode(), 30
     )
     assert json.loads(reply.data)["accepted"], reply.data
 
@@ -67,7 +67,7 @@ async def _run_crowd(fleet: EmbeddedFleet, stop: asyncio.Event, crowd: Crowd) ->
             while not stop.is_set():
                 try:
                     subject = subjects.uplink(vehicle_id, Uplink.WORK)
-                    reply = await nc.request(subject, poll_bytes, 15)
+                    reply = await car_request(nc, subject, poll_bytes, 15)
                 except Exception as exc:
                     crowd.failures.append(f"{vehicle_id} poll: {exc!r}")
                     return
@@ -81,7 +81,9 @@ async def _run_crowd(fleet: EmbeddedFleet, stop: asyncio.Event, crowd: Crowd) ->
         async def beating_car(vehicle_id: str) -> None:
             while not stop.is_set():
                 try:
-                    reply = await nc.request(subjects.uplink(vehicle_id, Uplink.HEARTBEAT), beat, 5)
+                    reply = await car_request(
+                        nc, subjects.uplink(vehicle_id, Uplink.HEARTBEAT), beat, 5
+                    )
                 except Exception as exc:
                     crowd.failures.append(f"{vehicle_id} heartbeat: {exc!r}")
                     return

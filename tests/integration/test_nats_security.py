@@ -22,6 +22,8 @@ from openai import OpenAI
 
 from idlefleet.cli.demo import batch_input
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
+from idlefleet.models.catalog import MINILM
+from idlefleet.models.distribution import latest_digest, models_bucket
 from idlefleet.protocol import subjects
 from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from idlefleet.protocol.messages import Hardware, RegisterRequest
@@ -266,3 +268,42 @@ def test_expired_credentials_stop_working(fleet: EmbeddedFleet) -> None:
 
     assert cut and cut[0] - expires < HEARTBEAT_S
     assert "Authorization Violation" in again
+
+
+def test_a_car_cannot_aim_the_coordinators_answer_at_other_subjects(
+    fleet: EmbeddedFleet,
+) -> None:
+    # A car chooses its messages' reply subject; coordinators may publish anywhere. An answer
+    # on the JetStream API would purge the models bucket; on another car's downlink it would
+    # speak for the cloud. The coordinator answers a car only in its own inbox.
+    seed = fleet.enrol("car-aimer")
+    before = fleet.get("/fleet/dispatch")["refused"].get("bad_reply", 0)
+
+    async def scenario() -> None:
+        nc = await connect_as(fleet, "car-aimer", seed)
+        try:
+            for reply in (
+                "$JS.API.STREAM.PURGE.OBJ_idlefleet-models",
+                subjects.downlink("car-001", Downlink.POLICY),
+            ):
+                await nc.publish(subjects.uplink("car-aimer", Uplink.HEARTBEAT), b"{}", reply)
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+    eventually(
+        lambda: fleet.get("/fleet/dispatch")["refused"].get("bad_reply", 0) >= before + 2,
+        10,
+        "both answers withheld and counted",
+    )
+
+    async def release_pointer() -> str | None:
+        nc = await nats.connect(fleet.nats_url, **fleet.nats_credentials)
+        try:
+            return await latest_digest(await models_bucket(nc.jetstream()), MINILM.id)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(release_pointer()) is not None  # the models bucket was not purged

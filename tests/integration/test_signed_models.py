@@ -57,7 +57,7 @@ def eventually(check: Any, within: float, what: str) -> None:
 
 
 async def in_bucket(fleet: EmbeddedFleet, work: Any) -> Any:
-    nc = await nats.connect(fleet.nats_url, **fleet.nats_credentials)
+    nc = await nats.connect(fleet.nats_url, **fleet.publisher_credentials)
     try:
         return await work(nc.jetstream())
     finally:

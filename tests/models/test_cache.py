@@ -103,6 +103,7 @@ def fake_model_dir(tmp_path: Path) -> Path:
     model_dir = tmp_path / "weights"
     model_dir.mkdir()
     (model_dir / "model.safetensors").write_bytes(b"weights v1")
+    (model_dir / "config.json").write_bytes(b"{}")
     return model_dir
 
 
@@ -120,8 +121,9 @@ def test_ensure_builds_once_then_reuses(
     assert path.read_bytes() == b"graph built from weights v1"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
     weights_sha = hashlib.sha256(b"weights v1").hexdigest()
+    config_sha = hashlib.sha256(b"{}").hexdigest()[:16]
     index = json.loads((root / "index.json").read_text(encoding="utf-8"))
-    assert index[f"all-MiniLM-L6-v2@{weights_sha}"]["sha256"] == sha
+    assert index[f"all-MiniLM-L6-v2@{weights_sha}+{config_sha}"]["sha256"] == sha
 
 
 def test_ensure_rebuilds_a_corrupt_or_missing_graph(

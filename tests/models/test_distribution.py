@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
 import io
+import json
 import os
 import random
 import subprocess
@@ -12,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,14 +26,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext, api
 from nats.js.object_store import ObjectStore
 
+from idlefleet.coordinator.nats_auth import MODELS_STREAM, CloudUsers, render_authorization
+from idlefleet.coordinator.store import Enrolment
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
 from idlefleet.models.distribution import (
+    MODELS_BUCKET,
     DistributionError,
     DownloadFailed,
     FetchedModel,
     ModelBucket,
     ModelFetcher,
     ObjectMissing,
+    latest_digest,
     manifest_object_name,
     models_bucket,
     part_object_name,
@@ -53,6 +60,8 @@ from idlefleet.models.manifest import (
     sign,
     trusted_keys,
 )
+from idlefleet.protocol import subjects
+from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -80,10 +89,12 @@ class Stack:
     bucket: str
     model_dir: Path
     cache_dir: Path
+    credentials: dict[str, Any] = field(default_factory=dict)
+    """How `run` connects: nothing on a server without authorization."""
 
     def run(self, scenario: Callable[[JetStreamContext], Awaitable[T]]) -> T:
         async def connected() -> T:
-            nc = await nats.connect(self.server.url)
+            nc = await nats.connect(self.server.url, **self.credentials)
             try:
                 return await scenario(nc.jetstream())
             finally:
@@ -151,6 +162,10 @@ async def get_object(js: JetStreamContext, bucket: str, name: str) -> bytes:
 
 def bucket_args(js: JetStreamContext, bucket: str) -> dict[str, Any]:
     return {"name": bucket, "stream": f"OBJ_{bucket}", "js": js}
+
+
+async def latest_digest_of(js: JetStreamContext, bucket: str) -> str | None:
+    return await latest_digest(await models_bucket(js, bucket), MODEL)
 
 
 class FlakyStore(ModelBucket):
@@ -592,3 +607,200 @@ def test_a_fetch_killed_midway_resumes_in_the_next_process(stack: Stack) -> None
     assert resumed.files["model.safetensors"].read_bytes() == (
         stack.files()["model.safetensors"].read_bytes()
     )
+
+
+# -- the direct-get reader -------------------------------------------------------------------
+
+
+def test_chunks_are_read_in_batches_and_found_among_another_objects(stack: Stack) -> None:
+    # Chunks of two objects alternate in the stream, and each batch holds two chunks: every
+    # batch after the first starts past the other object's chunks.
+    chunk = 64 * 1024
+    data = {nuid: random.Random(nuid).randbytes(5 * chunk + 7) for nuid in ("Aa", "Bb")}
+
+    async def scenario(js: JetStreamContext) -> dict[str, bytes]:
+        obs = await models_bucket(js, stack.bucket, create=True)
+        for offset in range(0, 5 * chunk + 7, chunk):
+            for nuid, content in data.items():
+                await js.publish(f"$O.{stack.bucket}.C.{nuid}", content[offset : offset + chunk])
+        for nuid, content in data.items():
+            meta = {
+                "name": nuid,
+                "bucket": stack.bucket,
+                "nuid": nuid,
+                "size": len(content),
+                "chunks": 6,
+                "digest": "SHA-256="
+                + base64.urlsafe_b64encode(hashlib.sha256(content).digest()).decode(),
+            }
+            subject = f"$O.{stack.bucket}.M.{base64.urlsafe_b64encode(nuid.encode()).decode()}"
+            await js.publish(subject, json.dumps(meta).encode())
+        small_batches = ModelBucket(**bucket_args(js, stack.bucket), batch_bytes=2 * chunk)
+        assert await obs.answers()
+        return {nuid: (await small_batches.get(nuid)).data or b"" for nuid in data}
+
+    assert stack.run(scenario) == data
+
+
+def test_a_bucket_without_direct_gets_is_missing_to_a_car_until_the_publisher_enables_them(
+    stack: Stack,
+) -> None:
+    signed = stack.publish()
+
+    async def scenario(js: JetStreamContext) -> str | None:
+        info = await js.stream_info(f"OBJ_{stack.bucket}")
+        await js.update_stream(dataclasses.replace(info.config, allow_direct=False))
+        with pytest.raises(ObjectMissing, match="direct gets"):
+            await models_bucket(js, stack.bucket)
+        await models_bucket(js, stack.bucket, create=True)
+        return await latest_digest_of(js, stack.bucket)
+
+    assert stack.run(scenario) == signed.digest
+
+
+# -- with the fleet's NATS permissions -------------------------------------------------------
+
+CAR = "car-007"
+
+
+@dataclass
+class Secured:
+    """A nats-server with the fleet's accounts: a publisher, a coordinator, one enrolled car."""
+
+    server: NatsServer
+    publisher_seed: str
+    car_seed: str
+
+    def stack(self, folder: Path) -> Stack:
+        """Publishes as the model publisher (the MODELS account), into the bucket the car's
+        permissions name."""
+        credentials = {"nkeys_seed_str": self.publisher_seed}
+        return Stack(self.server, MODELS_BUCKET, folder / "src", folder / "car", credentials)
+
+    async def connect_car(self, errors: list[str]) -> nats.NATS:
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        return await nats.connect(
+            self.server.url,
+            nkeys_seed_str=self.car_seed,
+            inbox_prefix=subjects.inbox_prefix(CAR),
+            error_cb=on_error,
+        )
+
+
+def start_secured(folder: Path) -> Secured:
+    cloud_seed, publisher_seed, car_seed = new_nkey_seed(), new_nkey_seed(), new_nkey_seed()
+    car = Enrolment(CAR, public_nkey(car_seed), "owner", time.time())
+    folder.mkdir(parents=True, exist_ok=True)
+    auth = folder / "authorization.conf"
+    cloud = CloudUsers(public_nkey(cloud_seed), public_nkey(publisher_seed))
+    auth.write_text(render_authorization(cloud, [car]))
+    return Secured(start_nats_server(folder / "nats", auth_file=auth), publisher_seed, car_seed)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    running = start_secured(tmp_path_factory.mktemp("secured"))
+    yield running
+    running.server.stop()
+
+
+def test_a_car_fetches_a_model_with_its_permissions(secured: Secured, tmp_path: Path) -> None:
+    stack = secured.stack(tmp_path)
+    signed = stack.publish()
+    errors: list[str] = []
+
+    async def as_car() -> FetchedModel:
+        nc = await secured.connect_car(errors)
+        try:
+            return await stack.fetcher(nc.jetstream()).fetch_latest(MODEL)
+        finally:
+            await nc.close()
+
+    fetched = asyncio.run(as_car())
+
+    assert fetched.digest == signed.digest and fetched.parts_downloaded == 7
+    sources = stack.files()
+    assert all(p.read_bytes() == sources[n].read_bytes() for n, p in fetched.files.items())
+    assert errors == []  # not one request that its permissions refuse
+
+
+def test_a_car_cannot_create_a_consumer_purge_the_bucket_or_put_an_object(
+    secured: Secured, tmp_path: Path
+) -> None:
+    stack = secured.stack(tmp_path)
+    signed = stack.publish()
+    before = stack.run(lambda js: js.stream_info(MODELS_STREAM))
+    # A push consumer delivering the stream onto another car's uplink.
+    elsewhere = subjects.uplink("car-008", subjects.Uplink.RESULTS)
+    config = {"durable_name": "evil", "deliver_subject": elsewhere, "ack_policy": "none"}
+    consumer = json.dumps({"stream_name": MODELS_STREAM, "config": config}).encode()
+    refused = {
+        f"$JS.API.CONSUMER.CREATE.{MODELS_STREAM}": consumer,
+        f"$JS.API.CONSUMER.CREATE.{MODELS_STREAM}.evil": consumer,
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{MODELS_STREAM}.evil": consumer,
+        f"$JS.API.STREAM.PURGE.{MODELS_STREAM}": b"",
+    }
+    errors: list[str] = []
+
+    async def as_car() -> None:
+        nc = await secured.connect_car(errors)
+        try:
+            for subject, body in refused.items():
+                with pytest.raises(nats.errors.TimeoutError):  # the server drops it
+                    await nc.request(subject, body, timeout=0.5)
+            bucket = await models_bucket(nc.jetstream(timeout=0.5))
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await bucket.put(pointer_object_name(MODEL), b"0" * 64)
+        finally:
+            await nc.close()
+
+    asyncio.run(as_car())
+
+    for subject in refused:
+        assert any("permissions violation" in e and subject.lower() in e for e in errors)
+    assert any("permissions violation" in e and "$o.idlefleet-models.c." in e for e in errors)
+    after = stack.run(lambda js: js.stream_info(MODELS_STREAM))
+    assert after.state.consumer_count == 0
+    assert after.state.messages == before.state.messages
+    assert stack.run(lambda js: latest_digest_of(js, MODELS_BUCKET)) == signed.digest
+
+
+def test_a_direct_get_answer_aimed_at_the_jetstream_api_leaves_the_bucket_alone(
+    tmp_path: Path,
+) -> None:
+    # nats-server checks no client's reply subject, and JetStream answers a direct get on it:
+    # in the account of the stream, an empty "not found" answer aimed at the JetStream API is
+    # a stream delete request. The stream lives in MODELS; the car's answer comes back in
+    # FLEET, where no JetStream listens.
+    own = start_secured(tmp_path / "own")  # this test may lose its bucket
+    try:
+        stack = own.stack(tmp_path)
+        signed = stack.publish()
+
+        async def as_car() -> None:
+            nc = await own.connect_car([])
+            try:
+                await nc.publish(
+                    f"$JS.API.DIRECT.GET.{MODELS_STREAM}",
+                    b'{"seq": 1000000}',  # a sequence the stream does not hold
+                    reply=f"$JS.API.STREAM.DELETE.{MODELS_STREAM}",
+                )
+                await nc.flush()
+            finally:
+                await nc.close()
+
+        asyncio.run(as_car())
+
+        async def streams(js: JetStreamContext) -> list[str]:
+            return [s.config.name or "" for s in await js.streams_info()]
+
+        # Nothing to wait for if the bucket stays: a bounded look, not a sleep before one.
+        deadline = time.monotonic() + 2
+        while MODELS_STREAM in stack.run(streams) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert MODELS_STREAM in stack.run(streams)
+        assert stack.run(lambda js: latest_digest_of(js, MODELS_BUCKET)) == signed.digest
+    finally:
+        own.server.stop()

@@ -8,8 +8,9 @@ packages hold. A verified release is laid out as ``<cache>/releases/sources/<dig
 
 The fetcher keeps finished parts, so an interrupted download resumes, and a release whose files
 are all present moves no bytes. A work grant names the release it is for; a car holding another
-one gives the unit back and fetches the named release — when its car is charging, or at once if
-it holds no release of that model at all (it cannot work otherwise).
+one gives the unit back, stops asking for that model, and fetches the named release when its
+car is charging. At start an agent fetches the current release of each model it serves (it
+cannot work without one).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class CarReleases:
     """The release (manifest digest) of each model this car runs now."""
     bytes_downloaded: int = 0
     refused: int = 0
-    """Releases refused (or not fetched) since the agent started; its heartbeats report it."""
+    """Releases refused since the agent started (a failed transfer is not a refusal); its
+    heartbeats report it."""
 
     def refuse(self, model: str, exc: Exception) -> None:
         self.refused += 1

@@ -307,13 +307,17 @@ class VehicleAgent:
             await self._fetch_policy()
 
     async def _fetch(self) -> core.Event:
+        if not set(self.runners) - self._pending_models():
+            return core.NoWork(5.0)  # every model waits for its new release: nothing to ask
         request = WorkRequest(
             max_requests=self.config.max_unit_requests,
             min_requests=min(
                 self.config.max_unit_requests,
                 max(r.preferred_requests for r in self.runners.values()),
             ),
-            models=sorted(self.runners),
+            # A model whose named release is being fetched is not asked for meanwhile: every
+            # unit of it would only be given back.
+            models=sorted(m for m in self.runners if m not in self._pending_models()),
             wait_s=self.config.long_poll_s,
         )
         try:
@@ -378,6 +382,9 @@ class VehicleAgent:
             return f"preempted: {self.gate.verdict.summary()}"
         return None
 
+    def _pending_models(self) -> set[str]:
+        return {model for model, task in self._updating.items() if not task.done()}
+
     def _update_model(self, model: str, digest: str) -> None:
         """Fetch release ``digest`` of ``model`` and swap its runner in, in the background,
         once (a unit of it came for a release this car does not hold)."""
@@ -404,9 +411,12 @@ class VehicleAgent:
             runner = await asyncio.get_running_loop().run_in_executor(
                 None, workload.runner, model, self.config.cache_dir, self.config.threads, source
             )
-        except (ManifestError, DistributionError) as exc:  # keep the release we hold
+        except ManifestError as exc:  # keep the release we hold
             self.releases.refuse(model, exc)
             self._refused_releases[digest] = time.monotonic()
+            return
+        except DistributionError as exc:  # the next unit of it tries again
+            log.warning("model %s: release %s not fetched: %s", model, digest[:12], exc)
             return
         except Exception:  # its graph would not build or load: keep the release we hold
             log.exception("model %s: release %s could not be loaded", model, digest[:12])
@@ -756,8 +766,11 @@ async def fetch_releases(
         for model in models:
             try:
                 digest, sources[model] = await releases.fetch(js, model)
-            except (ManifestError, DistributionError) as exc:
+            except ManifestError as exc:
                 releases.refuse(model, exc)
+                continue
+            except DistributionError as exc:  # not there, or the transfer broke: not refused
+                log.error("model %s: no release could be fetched: %s", model, exc)
                 continue
             releases.held[model] = digest  # the runners are built from these next
     finally:

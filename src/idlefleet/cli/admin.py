@@ -8,12 +8,14 @@ coordinator's operator API (``--api-key`` of an operator, or ``IDLEFLEET_API_KEY
 coordinator rewrites nats-server's accounts at once: a revoked car is disconnected within a
 second. ``models`` makes the offline model-signing key and releases a model over the air: it
 signs a manifest of the model's files and publishes them to the fleet's models object store
-(as the coordinators' NATS user); cars started with the public key run only such releases.
+(as the model publisher, the one user of the MODELS account); cars started with the public key
+run only such releases.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -70,7 +72,9 @@ def add_admin_parsers(sub: Any) -> None:
     release.add_argument("--signing-key", type=Path, required=True)
     release.add_argument("--model", required=True)
     release.add_argument("--nats-url", required=True)
-    release.add_argument("--nats-seed", type=Path, required=True, help="coordinators' seed")
+    release.add_argument(
+        "--nats-seed", type=Path, required=True, help="the model publisher's seed (MODELS)"
+    )
     release.add_argument("--nats-ca", type=Path, default=None)
     release.add_argument("--valid-days", type=whole(1), default=90)
     cut = cars_sub.add_parser("revoke", help="cut a car off now")
@@ -84,16 +88,22 @@ def add_admin_parsers(sub: Any) -> None:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from idlefleet.coordinator.access import Quotas, Role, new_api_key
+    from idlefleet.coordinator.access import DEFAULT_QUOTAS, Role, new_api_key
     from idlefleet.coordinator.store import open_store
 
     store = open_store(args.store)
     try:
         if args.keys_command == "create":
-            quotas = None
-            limits = (args.requests_per_minute, args.tokens_per_minute, args.queued_requests)
-            if any(limit is not None for limit in limits):
-                quotas = Quotas(*limits)
+            given = {
+                "requests_per_minute": args.requests_per_minute,
+                "tokens_per_minute": args.tokens_per_minute,
+                "queued_requests": args.queued_requests,
+            }
+            # What is not given keeps the role's default (not "unlimited").
+            quotas = dataclasses.replace(
+                DEFAULT_QUOTAS[Role(args.role)],
+                **{name: value for name, value in given.items() if value is not None},
+            )
             try:
                 secret, record = new_api_key(Role(args.role), args.principal, args.name, quotas)
             except ValueError as exc:

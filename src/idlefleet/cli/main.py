@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep this nats-server accounts file equal to the enrolled cars (needs --nats-seed)",
     )
     co.add_argument(
+        "--nats-publisher-nkey",
+        default=None,
+        help="the model publisher's public nkey (U...): the user of the MODELS account in "
+        "--nats-auth-file",
+    )
+    co.add_argument(
         "--nats-pid-file",
         type=Path,
         action="append",
@@ -352,6 +358,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         replica=args.replica,
         nats_seed=args.nats_seed,
         nats_auth_file=args.nats_auth_file,
+        nats_publisher=args.nats_publisher_nkey,
         nats_pid_files=tuple(args.nats_pid_file),
         nats_logs=tuple(args.nats_log),
         nats_ca=args.nats_ca,

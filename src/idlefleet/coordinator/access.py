@@ -11,12 +11,12 @@ store keeps only its sha256, so a leaked database holds no usable key. Each key 
 
 `KeyRing` answers "whose key is this?" from a small cache in front of the store, so a request
 costs a dict lookup, not a query; a key revoked on another replica stops working within the
-cache period (`KeyRing.ttl_s`, 2 s), on this one at once. `QuotaBuckets` are per-key token
-buckets for requests and tokens per minute, kept in each replica's memory: with R replicas
-behind a balancer a key gets up to R times its quota (the same trade OpenAI's per-region
-limits make); the queued-requests quota is read from the store, so it holds across replicas
-(up to two batches created at the same instant). Every refusal is logged and counted by reason
-(`AccessLog`), for the fleet API.
+cache period (`KeyRing.ttl_s`, 2 s). `QuotaBuckets` are per-key token buckets for requests and
+tokens per minute, kept in each replica's memory: with R replicas behind a balancer a key gets
+up to R times its quota (the same trade OpenAI's per-region limits make); the queued-requests
+quota is read from the store, so it holds across replicas (batches created at the same instant
+on two replicas may both pass; on one replica they take turns). Every refusal is logged and
+counted by reason (`AccessLog`), for the fleet API.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -85,6 +86,8 @@ DEFAULT_QUOTAS: Mapping[Role, Quotas] = {
 _PREFIX = "ifk_"
 _ROLE_LETTER: Mapping[Role, str] = {Role.CUSTOMER: "c", Role.OWNER: "o", Role.OPERATOR: "a"}
 """Distinct per role: the first letters of owner and operator are the same."""
+KEY_SHAPE = re.compile(r"ifk_[coa]_[A-Za-z0-9_-]{43}")
+"""What every key looks like: anything else is refused without a store lookup."""
 MAX_PRINCIPAL_CHARS = 100
 """So that ``role:principal`` fits the consent record's 128-character actor."""
 
@@ -191,8 +194,9 @@ class KeyRing:
                 "The Authorization header must be 'Bearer <your API key>'.",
                 code="invalid_api_key",
             )
-        record = self._lookup(hash_secret(secret))
         shown = _redacted(secret)
+        # A made-up key costs no store read (a flood of them would otherwise be one each).
+        record = self._lookup(hash_secret(secret)) if KEY_SHAPE.fullmatch(secret) else None
         if record is None:
             self.log.refused("wrong_key", f"unknown key {shown}")
             raise Unauthorized(f"Incorrect API key provided: {shown}.", code="invalid_api_key")
@@ -241,11 +245,12 @@ class QuotaBuckets:
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def take(self, caller: Caller, tokens: int, now: float) -> dict[str, str]:
-        """Take one request and ``tokens`` from ``caller``'s buckets and return the
-        ``x-ratelimit-*`` headers; `RateLimited` (nothing taken) if either would go below 0."""
+    def take(self, caller: Caller, tokens: int, now: float, requests: int = 1) -> dict[str, str]:
+        """Take ``requests`` and ``tokens`` from ``caller``'s buckets and return the
+        ``x-ratelimit-*`` headers; `RateLimited` (nothing taken) if either would go below 0.
+        An online request takes its request when it arrives and its tokens once planned."""
         limits = (
-            ("requests", caller.quotas.requests_per_minute, 1),
+            ("requests", caller.quotas.requests_per_minute, requests),
             ("tokens", caller.quotas.tokens_per_minute, tokens),
         )
         headers: dict[str, str] = {}

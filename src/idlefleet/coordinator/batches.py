@@ -16,8 +16,11 @@ neither a crash nor a race loses a batch or leaves it with two sets of output fi
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -93,6 +96,8 @@ class BatchService:
         self.clock = clock
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
+        self._quota_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self.on_foreign: Callable[[str, str], None] = lambda principal, object_id: None
         """Called when ``principal`` asks for an object that exists but is another's (the
         answer is still "not found"); the API counts these as refusals."""
@@ -212,8 +217,12 @@ class BatchService:
                 code="invalid_value",
             )
         expected = None
+        quota_lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if principal is not None and queued_limit is not None:
-            expected = self._check_queue(principal, input_file_id, queued_limit)
+            # Checked and created under one lock per principal: parallel requests to this
+            # replica cannot all pass on the same count (replicas do not share the lock).
+            with self._locks_lock:
+                quota_lock = self._quota_locks.setdefault(principal, threading.Lock())
         now = int(self.clock())
         batch = BatchRecord(
             id=new_id("batch_"),
@@ -227,9 +236,12 @@ class BatchService:
             purpose=purpose,
             data_region=data_region,
             principal=principal,
-            expected_requests=expected,
         )
-        self.store.create_batch(batch)
+        with quota_lock:
+            if principal is not None and queued_limit is not None:
+                expected = self._check_queue(principal, input_file_id, queued_limit)
+            batch = dataclasses.replace(batch, expected_requests=expected)
+            self.store.create_batch(batch)
         return batch
 
     def _check_queue(self, principal: str, input_file_id: str, limit: int) -> int:

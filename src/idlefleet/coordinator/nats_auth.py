@@ -12,10 +12,12 @@ Static configuration plus a reload, chosen over JWTs and over auth callout:
   re-reads it. Beyond ~100,000 cars per server, JWTs with subject templates
   (``{{name()}}``) are the next step; nothing else in the protocol changes.
 
-One account, ``FLEET``, holds the coordinators (all subjects), the cars (their own subjects and
-a read-only view of the models object store) and JetStream. The server refuses a connection
-without credentials, with an unknown or revoked key, or with a signature that does not match
-(a forged key), and a car's publish or subscription outside its subjects; it logs each, and
+Two accounts (`render_authorization`): ``MODELS`` holds JetStream and the models object store
+(its user is the model publisher); ``FLEET`` holds the coordinators (all subjects) and the cars
+(their own subjects, and direct gets of the models stream, imported from ``MODELS``). The
+server refuses a connection without credentials, with an unknown or revoked key, or with a
+signature that does not match (a forged key), and a car's publish or subscription outside its
+subjects; it logs each, and
 `idlefleet.coordinator.nats_log` counts them for the fleet API. `render_authorization` is
 pure; `AuthSync` writes the file when the enrolments change (or an enrolment expires) and
 signals every server named by its pid files.
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from idlefleet.coordinator.store import Enrolment, Store
 from idlefleet.protocol.identity import is_user_nkey
-from idlefleet.protocol.subjects import car_subjects
+from idlefleet.protocol.subjects import car_subjects, is_valid_vehicle_id
 
 __all__ = ["AuthSync", "CloudUsers", "active_cars", "render_authorization"]
 
@@ -45,67 +47,76 @@ MODELS_STREAM = "OBJ_idlefleet-models"
 """The JetStream stream behind the models object store (``idlefleet-models``)."""
 
 
-def _model_reads() -> tuple[list[str], list[str]]:
-    """What a car needs to read (never write) the models object store: stream info, an
-    ordered consumer's create/delete, direct gets; flow-control replies."""
-    api = "$JS.API"
-    publish = [
-        f"{api}.STREAM.INFO.{MODELS_STREAM}",
-        # nats-py's object store finds the stream behind a subject by name lookup: it lists
-        # stream names (no contents) matching the bucket's subjects.
-        f"{api}.STREAM.NAMES",
-        f"{api}.STREAM.MSG.GET.{MODELS_STREAM}",
-        f"{api}.DIRECT.GET.{MODELS_STREAM}.>",
-        f"{api}.CONSUMER.CREATE.{MODELS_STREAM}",
-        f"{api}.CONSUMER.CREATE.{MODELS_STREAM}.>",
-        f"{api}.CONSUMER.DELETE.{MODELS_STREAM}.>",
-        f"$JS.FC.{MODELS_STREAM}.>",
-    ]
-    return publish, []
+DIRECT_GET = f"$JS.API.DIRECT.GET.{MODELS_STREAM}"
+"""The one subject of the models stream's API a car (and a coordinator) may use: direct gets
+of an object's metadata and chunks (`idlefleet.models.distribution.ModelBucket`). No stream
+info, no stream-name lookup and above all no consumer create: nats-server does not check a push
+consumer's deliver subject against its creator's permissions, so a car that may create
+consumers can have the whole stream pushed onto any subject."""
 
 
 @dataclass(frozen=True)
 class CloudUsers:
-    """Public nkeys of the cloud side: coordinators and operators' tools (every subject)."""
+    """Public nkeys of the cloud side: the coordinators (every subject of ``FLEET``) and the
+    model publisher (the ``MODELS`` account, where the models stream lives)."""
 
     coordinator: str
+    publisher: str = ""
+    """Empty: nobody may publish models (the account still holds and exports them)."""
 
 
 def active_cars(enrolments: Iterable[Enrolment], now: float) -> list[Enrolment]:
-    """Enrolments that may connect now: not revoked, not expired."""
-    return [
-        e
-        for e in enrolments
-        if e.revoked_at is None and (e.expires_at is None or e.expires_at > now)
-    ]
+    """Enrolments that may connect now: not revoked, not expired, and well-formed (a row that
+    is not — written around the API — is left out and logged, never let into the config)."""
+    found = []
+    for e in enrolments:
+        if e.revoked_at is not None or (e.expires_at is not None and e.expires_at <= now):
+            continue
+        if not (is_valid_vehicle_id(e.vehicle_id) and is_user_nkey(e.nkey)):
+            log.error("enrolment %r with nkey %r is malformed; left out", e.vehicle_id, e.nkey)
+            continue
+        found.append(e)
+    return found
 
 
 def render_authorization(cloud: CloudUsers, cars: Sequence[Enrolment]) -> str:
-    """The ``accounts`` block of nats-server's config (for an ``include``)."""
-    model_publish, _ = _model_reads()
+    """The ``accounts`` block of nats-server's config (for an ``include``).
+
+    Two accounts. ``MODELS`` holds JetStream and the models object store, and its one user is
+    the model publisher; it exports only the stream's direct gets. ``FLEET`` holds the
+    coordinators and the cars, imports those direct gets, and has no JetStream at all: a car
+    chooses its messages' reply subjects, and JetStream answers a direct get on the reply
+    subject it is given, so with JetStream in the cars' account a car could aim an answer at
+    ``$JS.API.STREAM.DELETE.…`` and delete the stream. Across the import the answer is
+    published in ``FLEET``, where no JetStream API listens. (An answer aimed at another car's
+    subject still arrives there, as for any request a car may send; it is refused as
+    garbage.)"""
     lines = [
         "# written by idlefleet from the store's enrolments; edits are overwritten",
         "accounts {",
-        "  FLEET {",
+        "  MODELS {",
         "    jetstream: enabled",
+        f"    users = [ {{ nkey: {_quoted(cloud.publisher)} }} ]"
+        if cloud.publisher
+        else "    users = [ ]",
+        f'    exports = [ {{ service: "{DIRECT_GET}", response_type: stream, '
+        "accounts: [FLEET] } ]",
+        "  }",
+        "  FLEET {",
+        f'    imports = [ {{ service: {{ account: MODELS, subject: "{DIRECT_GET}" }} }} ]',
         "    users = [",
         f"      {{ nkey: {_quoted(cloud.coordinator)} }}",
     ]
     for car in cars:
         publish, subscribe = car_subjects(car.vehicle_id)
         permissions = {
-            "publish": {"allow": publish + model_publish},
+            "publish": {"allow": [*publish, DIRECT_GET]},
             "subscribe": {"allow": subscribe},
         }
         lines.append(
             f"      {{ nkey: {_quoted(car.nkey)}, permissions: {json.dumps(permissions)} }}"
         )
-    lines += [
-        "    ]",
-        "  }",
-        "}",
-        "",
-    ]
+    lines += ["    ]", "  }", "}", ""]
     return "\n".join(lines)
 
 

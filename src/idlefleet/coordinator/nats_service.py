@@ -86,6 +86,12 @@ class EdgeLimits:
     """Threads for the hot store calls (dispatch rounds, result and registration batches).
     One suits SQLite, whose writes take turns anyway, and saves the threads from fighting over
     the GIL; PostgreSQL overlaps its round trips with a few."""
+    own_inbox_only: bool = False
+    """Answer a car only in its own inbox (``_INBOX.<car>.``): with car identities on, the
+    reply subject is the one part of a car's message its permissions do not confine, and the
+    coordinators may publish anywhere, so a reply elsewhere would let a car make a coordinator
+    publish on another car's subjects or the JetStream API. Others are dropped, counted
+    ``bad_reply``."""
 
 
 YIELD_EVERY = 32
@@ -402,6 +408,9 @@ class CoordinatorNats:
             await self._reply(msg, encode(reply))
 
     async def _reply(self, msg: Msg, data: bytes) -> None:
+        if self.limits.own_inbox_only and not _own_inbox(msg.subject, msg.reply):
+            self.stats.refused["bad_reply"] += 1
+            return
         try:
             await msg.respond(data)
         except nats.errors.Error as exc:  # the car retries; nothing here can do better
@@ -442,6 +451,14 @@ class CoordinatorNats:
         if not ack.ok:
             log.warning("car %s refused policy %d: %s", vehicle_id, update.version, ack.error)
         return ack.ok
+
+
+def _own_inbox(subject: str, reply: str) -> bool:
+    """Whether ``reply`` is in the inbox of the car whose uplink ``subject`` is."""
+    parts = subject.split(".", 4)
+    if len(parts) < 4 or parts[0] + "." + parts[1] + "." + parts[2] != f"{subjects.PREFIX}.uplink":
+        return False
+    return reply.startswith(f"_INBOX.{parts[3]}.") and len(reply) > len(parts[3]) + 8
 
 
 async def request_car(nc: Client, subject: str, inbox: str, payload: bytes, timeout: float) -> Msg:

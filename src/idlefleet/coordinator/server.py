@@ -44,6 +44,7 @@ from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.work import WorkService
 from idlefleet.embedded.tls import client_context
 from idlefleet.models.catalog import MODELS
+from idlefleet.models.distribution import latest_digest, models_bucket
 from idlefleet.models.manifest import ManifestError, load_public_key, trusted_keys
 from idlefleet.models.release import current_release
 from idlefleet.protocol.identity import public_nkey
@@ -82,6 +83,9 @@ class CoordinatorConfig:
     nats_auth_file: Path | None = None
     """Where to keep nats-server's accounts file up to date with the enrolments (None: another
     replica or process does it)."""
+    nats_publisher: str | None = None
+    """The model publisher's public nkey, the one user of the ``MODELS`` account (None: none
+    may publish models)."""
     nats_pid_files: tuple[Path, ...] = ()
     """nats-server pid files to signal (SIGHUP) after rewriting ``nats_auth_file``."""
     nats_logs: tuple[Path, ...] = ()
@@ -115,6 +119,8 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         **credentials,
     )
     edge_limits = config.edge
+    if config.nats_seed is not None:  # car identities on: answer each car in its own inbox
+        edge_limits = dataclasses.replace(edge_limits, own_inbox_only=True)
     if not config.store_url.startswith("sqlite"):
         edge_limits = dataclasses.replace(edge_limits, store_threads=4)
     edge = CoordinatorNats(nc, work, edge_limits)
@@ -154,7 +160,10 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     if config.nats_auth_file is not None:
         if config.nats_seed is None:
             raise ValueError("keeping NATS authorization needs the coordinators' nkey seed")
-        cloud = CloudUsers(coordinator=public_nkey(config.nats_seed.read_text()))
+        cloud = CloudUsers(
+            coordinator=public_nkey(config.nats_seed.read_text()),
+            publisher=config.nats_publisher or "",
+        )
         auth_sync = AuthSync(store, cloud, config.nats_auth_file, config.nats_pid_files)
     nkeys_to_cars: dict[str, str] = {}
 
@@ -179,7 +188,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 
     trusted = trusted_keys(load_public_key(path) for path in config.trusted_keys)
     refused_releases: Counter[str] = Counter()
-    refused_releases_seen: set[tuple[str, str]] = set()
+    refused_releases_seen: set[tuple[str, str, str | None]] = set()
 
     async def refresh_releases() -> None:
         # Each model's current signed release, checked as a car checks it; a model with no
@@ -188,11 +197,15 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             return
         found: dict[str, str] = {}
         for model in MODELS:
+            pointer: str | None = None
             try:
                 current = await current_release(nc.jetstream(), model, trusted, time.time())
             except ManifestError as exc:  # what a car would refuse too: counted once each
-                if (model, str(exc)) not in refused_releases_seen:
-                    refused_releases_seen.add((model, str(exc)))
+                with contextlib.suppress(Exception):
+                    pointer = await latest_digest(await models_bucket(nc.jetstream()), model)
+                seen = (model, type(exc).__name__, pointer)
+                if seen not in refused_releases_seen:
+                    refused_releases_seen.add(seen)
                     refused_releases[type(exc).__name__] += 1
                     log.warning("model %s: release refused: %s", model, exc)
                 continue

@@ -256,7 +256,7 @@ class WorkService:
     def heartbeat_cached(self, vehicle_id: str, msg: Heartbeat) -> Ack | None:
         """The heartbeat's answer from memory alone, or None if it needs a store read."""
         now = self.clock()
-        if msg.releases_refused:
+        if msg.releases_refused or vehicle_id in self.releases_refused:  # (a restart: 0)
             self.releases_refused[vehicle_id] = msg.releases_refused
         with self._registry_lock:
             if not self.registry.seen(vehicle_id, now, msg.status, msg.reason):

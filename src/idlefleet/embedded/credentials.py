@@ -52,6 +52,14 @@ class FleetSecrets:
     def coordinator_seed(self) -> str:
         return load_or_create_seed(self.coordinator_seed_file)
 
+    @property
+    def publisher_seed_file(self) -> Path:
+        return self.folder / "models-publisher.nk"
+
+    def publisher_seed(self) -> str:
+        """The model publisher's seed: the one user of the MODELS account."""
+        return load_or_create_seed(self.publisher_seed_file)
+
     def car_seed_file(self, vehicle_id: str) -> Path:
         return self.folder / "cars" / f"{vehicle_id}.nk"
 
@@ -90,7 +98,10 @@ def prepare_security(store_url: str, secrets: FleetSecrets, auth_file: Path) -> 
                 keys[name], record = new_api_key(role, principal, f"embedded {name}")
                 store.put_api_key(record)
         _write_private(secrets.keys_file, json.dumps(keys, indent=2) + "\n")
-        cloud = CloudUsers(coordinator=public_nkey(secrets.coordinator_seed()))
+        cloud = CloudUsers(
+            coordinator=public_nkey(secrets.coordinator_seed()),
+            publisher=public_nkey(secrets.publisher_seed()),
+        )
         cars = active_cars(store.enrolments(), now=time.time())
         write_atomically(auth_file, render_authorization(cloud, cars))
     finally:

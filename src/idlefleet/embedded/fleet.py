@@ -167,6 +167,15 @@ class EmbeddedFleet:
         return found
 
     @property
+    def publisher_credentials(self) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments as the model publisher (the MODELS account,
+        where the models object store lives)."""
+        found: dict[str, Any] = {"nkeys_seed_str": self.secrets.publisher_seed()}
+        if self.options.tls is not None:
+            found["tls"] = self._ssl()
+        return found
+
+    @property
     def auth_file(self) -> Path:
         return self.options.data_dir / "nats" / "auth.conf"
 
@@ -266,6 +275,8 @@ class EmbeddedFleet:
                 str(self.secrets.coordinator_seed_file),
                 "--nats-auth-file",
                 str(self.auth_file),
+                "--nats-publisher-nkey",
+                public_nkey(self.secrets.publisher_seed()),
                 *self._nats_files(),
                 *self._trust_args(server=True),
             ],
@@ -279,7 +290,7 @@ class EmbeddedFleet:
         from idlefleet.workloads import for_model
 
         key = self.secrets.signing_key()
-        nc = await nats.connect(servers=nats_servers(self.nats_url), **self.nats_credentials)
+        nc = await nats.connect(servers=nats_servers(self.nats_url), **self.publisher_credentials)
         try:
             for model in self.options.models or tuple(MODELS):
                 workload = for_model(model)

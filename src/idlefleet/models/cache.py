@@ -165,7 +165,9 @@ def ensure_minilm(cache_root: Path, model_dir: Path | None = None) -> tuple[str,
     model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
     return ensure_graph(
         cache_root,
-        f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}",
+        # The config shapes the graph as much as the weights do (a signed release pins both).
+        f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}"
+        f"+{file_sha256(model_dir / 'config.json')[:16]}",
         minilm.GRAPH_BUILDER_VERSION,
         lambda: minilm.build_minilm_onnx(model_dir),
     )

@@ -162,9 +162,16 @@ def _encoder_layer(
 
 
 def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
-    """Build the ONNX model from `model_dir` (config.json, model.safetensors, 1_Pooling/)."""
+    """Build the ONNX model from `model_dir` (config.json, model.safetensors, and 1_Pooling/ if
+    there: a signed release carries only what the graph needs, and mean pooling, the only
+    pooling this builder implements, is what all-MiniLM-L6-v2 uses)."""
     cfg = BertConfig.from_json(model_dir / "config.json")
-    pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    pooling_file = model_dir / "1_Pooling" / "config.json"
+    pooling = (
+        json.loads(pooling_file.read_text(encoding="utf-8"))
+        if pooling_file.exists()
+        else {"pooling_mode_mean_tokens": True}
+    )
     if not pooling.get("pooling_mode_mean_tokens") or any(
         pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens")
     ):

@@ -31,9 +31,11 @@ from idlefleet.models.manifest import (
     MAX_ENVELOPE_BYTES,
     MalformedManifest,
     Manifest,
+    ManifestError,
     SignedManifest,
     key_id,
     manifest_for_files,
+    parse_payload,
     sign,
     verify,
 )
@@ -95,8 +97,12 @@ async def release_model(
     wanted = manifest_for_files(model, 1, _named(files), now, ttl_s, key_id(key))
     try:
         found = await current_release(js, model, trusted, now)
-    except Exception:  # another signer's, or broken: this key's release replaces it
+    except ManifestError:
+        # Expired, or another (e.g. rotated-out) key's: replaced by this key's release, whose
+        # version must still be above it, or every car that accepted it refuses the new one
+        # as a rollback. Its version number is read without trusting anything else in it.
         found = None
+        version = await _unverified_version(js, model) + 1
     if found is not None:
         digest, manifest = found
         fresh = manifest.expires - now > ttl_s / 2
@@ -107,6 +113,14 @@ async def release_model(
     signed = sign(manifest, key)
     report = await publish_model(js, signed, files)
     return Release(signed.digest, manifest, report)
+
+
+async def _unverified_version(js: JetStreamContext, model: str) -> int:
+    obs = await models_bucket(js)
+    digest = await latest_digest(obs, model)
+    if digest is None:
+        return 0
+    return parse_payload((await read_manifest(obs, digest)).payload).version
 
 
 def _named(files: Mapping[str, Path]) -> list[Path]:

@@ -37,7 +37,7 @@ def public_nkey(seed: str) -> str:
 
 
 def is_user_nkey(text: str) -> bool:
-    return bool(_USER_NKEY.match(text))
+    return bool(_USER_NKEY.fullmatch(text))
 
 
 def load_or_create_seed(path: Path) -> str:

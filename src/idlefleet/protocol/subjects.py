@@ -73,7 +73,7 @@ def car_subjects(vehicle_id: str) -> tuple[list[str], list[str]]:
 
 def is_valid_vehicle_id(vehicle_id: str) -> bool:
     """Whether ``vehicle_id`` is one NATS subject token: letters, digits, ``_``, ``-``."""
-    return bool(_VEHICLE_ID.match(vehicle_id))
+    return bool(_VEHICLE_ID.fullmatch(vehicle_id))  # not match: "$" accepts a final "\n"
 
 
 def _checked(vehicle_id: str) -> str:

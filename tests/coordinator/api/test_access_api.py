@@ -8,6 +8,7 @@ makes one in the store, so no test spends another's quota.
 
 from __future__ import annotations
 
+import http.client
 import io
 import itertools
 import json
@@ -15,10 +16,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
@@ -787,3 +790,68 @@ def test_the_security_view_counts_each_refusal_by_reason(
         if after.get(reason, 0) != before.get(reason, 0)
     }
     assert changed == dict.fromkeys(REASONS, 1)
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+
+def test_an_upload_without_a_key_is_refused_before_its_body_is_read(
+    live: LiveCoordinator,
+) -> None:
+    # FastAPI spools a multipart upload to disk before any route dependency runs: the key is
+    # checked first, so an anonymous sender cannot fill the disk. The request announces 1 GB
+    # and sends none of it; the answer comes anyway.
+    address = urlsplit(live.base_url)
+    connection = http.client.HTTPConnection(str(address.hostname), address.port, timeout=5)
+    try:
+        connection.putrequest("POST", "/v1/files")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+        connection.putheader("Content-Length", str(1 << 30))
+        connection.endheaders()
+        response = connection.getresponse()
+        refusal = json.loads(response.read())
+    finally:
+        connection.close()
+
+    assert response.status == 401 and refusal["error"]["code"] == "missing_api_key"
+    assert send(live, "GET", "/openapi.json").status == 200  # the API's description is open
+
+
+def test_parallel_batches_cannot_all_pass_the_queue_quota(live: LiveCoordinator) -> None:
+    secret, _ = new_key(live, Role.CUSTOMER, unique("queue"), queued_requests=3)
+    with OpenAI(base_url=f"{live.base_url}/v1", api_key=secret, max_retries=0) as client:
+        file_id = upload(client, lines=2)
+
+        def attempt(_: int) -> str:
+            try:
+                create_batch(client, file_id)
+            except openai.RateLimitError:
+                return "refused"
+            return "created"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(attempt, range(8)))
+
+    assert sorted(outcomes) == ["created"] + ["refused"] * 7
+
+
+def test_a_revoked_car_is_nobodys_and_a_new_owner_starts_opted_out(
+    live: LiveCoordinator,
+) -> None:
+    vehicle_id = unique("sold")
+    live.enrol(vehicle_id, owner="alice")
+    assert live.call("POST", f"/fleet/vehicles/{vehicle_id}/consent", {"opted_in": True})[0] == 200
+
+    live.call("DELETE", f"/fleet/enrolments/{vehicle_id}", key="operator")
+    after_revocation = live.call("GET", f"/fleet/vehicles/{vehicle_id}/policy")[0]
+    enrolled = live.call(
+        "POST",
+        "/fleet/enrolments",
+        {"vehicle_id": vehicle_id, "nkey": new_nkey(), "owner": "bob"},
+        key="operator",
+    )[0]
+    status, policy = live.call("GET", f"/fleet/vehicles/{vehicle_id}/policy", key="bob")
+
+    assert after_revocation == 404  # alice no longer controls a car that is not hers
+    assert enrolled == 201 and status == 200
+    assert policy["policy"]["opted_in"] is False and policy["actor"] == "operator:ops"

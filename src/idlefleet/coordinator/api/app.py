@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlefleet.coordinator.access import Caller, Role
-from idlefleet.coordinator.api.auth import Access
+from idlefleet.coordinator.api.auth import Access, RequireBearer
 from idlefleet.coordinator.api.shapes import (
     batch_json,
     consent_json,
@@ -226,13 +226,14 @@ def create_app(
     changed owner policy to its car (None: no push, the car catches up by heartbeat);
     ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``);
     ``lifespan`` starts and stops the replica's own work around the server's. ``access``
-    decides who may call what (every route but ``/healthz`` needs a key).
+    decides who may call what (every route but ``/healthz`` and the API's own description,
+    ``/openapi.json`` and ``/docs``, needs a key).
     """
     batches.on_foreign = lambda principal, object_id: access.log.refused(
         "not_yours", f"{principal} asked for {object_id}"
     )
     customer = Depends(access.dependency(Role.CUSTOMER))
-    customer_unrated = Depends(access.dependency(Role.CUSTOMER, rate=False))
+
     anyone = Depends(access.dependency(Role.CUSTOMER, Role.OWNER, Role.OPERATOR))
     owner = Depends(access.dependency(Role.OWNER, Role.OPERATOR))
     operator = Depends(access.dependency(Role.OPERATOR))
@@ -244,6 +245,7 @@ def create_app(
         lifespan=lifespan,
     )
     background: set[asyncio.Task[None]] = set()
+    app.add_middleware(RequireBearer, log=access.log)
 
     @app.exception_handler(IdlefleetError)
     async def _our_error(_: Request, exc: IdlefleetError) -> JSONResponse:
@@ -355,7 +357,7 @@ def create_app(
         return model_json(info)
 
     def online_route(workload: Workload) -> Callable[..., Awaitable[Any]]:
-        async def create(request: Request, caller: Caller = customer_unrated) -> Any:
+        async def create(request: Request, caller: Caller = customer) -> Any:
             raw = await request.body()
             try:
                 body = json.loads(raw)
@@ -366,7 +368,9 @@ def create_app(
             if may_hold_surrogates(raw) and (bad := unpaired_surrogate(body)) is not None:
                 raise InvalidRequest(surrogate_message(bad), code="invalid_value", param=bad)
             planned = workload.plan(body)
-            limits = access.take(caller, planned.cost.tokens)
+            # The request was taken on arrival (a refused one costs its sender too); its
+            # tokens are known once it is planned.
+            limits = access.take(caller, planned.cost.tokens, requests=0)
             if online is None:
                 raise ServiceUnavailable("online inference is not configured", code="no_capacity")
             stream = workload.stream_online(planned)
@@ -417,10 +421,17 @@ def create_app(
         enrolment = Enrolment(
             body.vehicle_id, body.nkey, body.owner, time.time(), expires_at=body.expires_at
         )
+        before = await asyncio.to_thread(work.store.get_enrolment, body.vehicle_id)
         try:
             await asyncio.to_thread(work.store.enrol, enrolment)
         except ValueError as exc:
             raise Conflict(str(exc), code="already_enrolled", param="vehicle_id") from None
+        if before is not None and before.owner != body.owner:
+            # A car that changes hands starts opted out: the last owner's consent is not the
+            # new owner's. Appended to the consent record, as the operator who enrolled it.
+            await asyncio.to_thread(
+                work.owners.set_consent, body.vehicle_id, False, caller.actor, None, None
+            )
         if on_enrolment is not None:
             await on_enrolment()
         return JSONResponse(enrolment_json(enrolment), status_code=201)

@@ -10,13 +10,21 @@ customer's batch.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request, Response
 
-from idlefleet.coordinator.access import AccessLog, Caller, KeyRing, QuotaBuckets, Role
+from idlefleet.coordinator.access import (
+    KEY_SHAPE,
+    AccessLog,
+    Caller,
+    KeyRing,
+    QuotaBuckets,
+    Role,
+)
 from idlefleet.coordinator.errors import Forbidden, NotFound, RateLimited
 from idlefleet.coordinator.store import Store
 
@@ -62,9 +70,9 @@ class Access:
 
         return admit
 
-    def take(self, caller: Caller, tokens: int) -> dict[str, str]:
+    def take(self, caller: Caller, tokens: int, requests: int = 1) -> dict[str, str]:
         try:
-            return self.quotas.take(caller, tokens, self.clock())
+            return self.quotas.take(caller, tokens, self.clock(), requests)
         except RateLimited:
             self.log.refused("rate_limited", f"{caller.key_id} over its per-minute quota")
             raise
@@ -74,11 +82,13 @@ class Access:
         self.log.refused("not_yours", f"{caller.key_id} ({caller.principal}) asked for {what}")
 
     def vehicle(self, caller: Caller, vehicle_id: str) -> None:
-        """Refuse (404) an owner reaching for a car that is not enrolled under their name."""
+        """Refuse (404) an owner reaching for a car that is not enrolled under their name (a
+        revoked car is no longer anybody's until it is enrolled again)."""
         if caller.role is Role.OPERATOR:
             return
         enrolment = self.store.get_enrolment(vehicle_id)
-        if enrolment is None or enrolment.owner != caller.principal:
+        mine = enrolment is not None and enrolment.owner == caller.principal
+        if not mine or enrolment is None or enrolment.revoked_at is not None:
             self.log.refused(
                 "not_your_vehicle", f"{caller.key_id} ({caller.principal}) on car {vehicle_id}"
             )
@@ -90,3 +100,62 @@ class Access:
 
     def snapshot(self) -> dict[str, Any]:
         return {"http_refused": self.log.snapshot()}
+
+
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Routes that answer without a key: health, and the API's own description."""
+
+
+class RequireBearer:
+    """ASGI middleware: a request without a well-formed ``Bearer`` key is answered 401 before
+    its body is read (FastAPI parses a multipart upload, to a temporary file, before any route
+    dependency runs: without this, anyone could fill the disk). Whose key it is, and what it
+    may do, the route's dependency decides."""
+
+    def __init__(self, app: Any, log: AccessLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        scheme, _, secret = (header or b"").decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and KEY_SHAPE.fullmatch(secret.strip()):
+            await self.app(scope, receive, send)
+            return
+        if header is None:
+            reason, code = "missing_key", "missing_api_key"
+            message = (
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        elif scheme.lower() != "bearer" or not secret.strip():
+            reason, code = "malformed_key", "invalid_api_key"
+            message = "The Authorization header must be 'Bearer <your API key>'."
+        else:
+            reason, code = "wrong_key", "invalid_api_key"
+            message = "Incorrect API key provided: it is not an idlefleet key (ifk_...)."
+        self.log.refused(reason, f"{scope['method']} {scope['path']}")
+        body = json.dumps(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": code,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

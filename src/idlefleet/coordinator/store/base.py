@@ -309,7 +309,7 @@ class ApiKeyRecord:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     queued_requests: int | None = None
-    """Quotas; None: the coordinator's default for the role."""
+    """Quotas (a new key gets its role's defaults, ``access.DEFAULT_QUOTAS``); None: none."""
 
 
 @dataclass(frozen=True)
