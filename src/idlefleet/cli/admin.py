@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ def run_cars(args: argparse.Namespace) -> int:
                 body["expires_at"] = time.time() + args.valid_days * 86_400
             found = coordinator.call("POST", "/fleet/enrolments", body)
         elif args.cars_command == "revoke":
-            found = coordinator.call("DELETE", f"/fleet/enrolments/{args.vehicle}")
+            vehicle = urllib.parse.quote(args.vehicle, safe="")
+            found = coordinator.call("DELETE", f"/fleet/enrolments/{vehicle}")
         else:
             found = coordinator.call("GET", "/fleet/enrolments")
     except OwnerCommandError as exc:

@@ -40,10 +40,16 @@ def client_context(ca: Path) -> ssl.SSLContext:
 
 
 def make_local_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
-    """A new CA and a server certificate for ``hosts`` under ``folder`` (kept if present)."""
+    """A new CA and a server certificate for ``hosts`` under ``folder`` (those already there
+    are kept while they cover these hosts and are valid for another day)."""
     files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
     if files.ca.exists() and files.cert.exists() and files.key.exists():
-        return files
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        valid_for = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        alternatives = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        covered = {str(n.value) for n in alternatives.value}
+        if valid_for > datetime.timedelta(days=1) and set(hosts) <= covered:
+            return files  # still good for a day and for these hosts: keep it
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())

@@ -43,8 +43,9 @@ from idlefleet.models.manifest import (
 __all__ = ["Release", "current_release", "release_model"]
 
 DEFAULT_TTL_S = 90 * 86_400.0
-"""A release is valid for 90 days unless released again: a car will not load a stale model
-that an attacker keeps replaying after the operator stopped signing it."""
+"""A release is valid for 90 days unless released again: a car will not fetch or load a stale
+release that an attacker keeps replaying after the operator stopped signing it. (A car keeps
+running the release it loaded; coordinators stop naming an expired release in grants.)"""
 
 
 @dataclass(frozen=True)
