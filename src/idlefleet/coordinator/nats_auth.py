@@ -29,13 +29,13 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from idlefleet.coordinator.store import Enrolment, Store
+from idlefleet.models.cache import atomic_write
 from idlefleet.protocol.identity import is_user_nkey
 from idlefleet.protocol.subjects import car_subjects, is_valid_vehicle_id
 
@@ -128,16 +128,7 @@ def _quoted(nkey: str) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode())
 
 
 class AuthSync:

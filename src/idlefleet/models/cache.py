@@ -28,6 +28,7 @@ __all__ = [
     "ModelCacheError",
     "ModelIntegrityError",
     "ModelNotCachedError",
+    "atomic_write",
     "ensure_graph",
     "ensure_llama",
     "ensure_minilm",
@@ -70,7 +71,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file, fsync and a rename: a crash or a
+    concurrent writer never leaves a half-written file under the name."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -108,7 +111,7 @@ class ModelCache:
         if target.is_file() and target.stat().st_size == len(data) and file_sha256(target) == sha:
             return sha
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, data)
+        atomic_write(target, data)
         return sha
 
     def get(self, sha: str) -> bytes:
@@ -153,7 +156,7 @@ class ModelCache:
         index[key] = entry
         self.root.mkdir(parents=True, exist_ok=True)
         data = json.dumps(index, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-        _atomic_write(self.root / _INDEX_NAME, data)
+        atomic_write(self.root / _INDEX_NAME, data)
 
 
 def ensure_minilm(cache_root: Path, model_dir: Path | None = None) -> tuple[str, Path]:
