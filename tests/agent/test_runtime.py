@@ -12,7 +12,13 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from idlefleet.agent.runtime import Embedder, EmbedResult, InferenceCancelled, load_tokenizer
+from idlefleet.agent.runtime import (
+    RUNTIME,
+    Embedder,
+    EmbedResult,
+    InferenceCancelled,
+    load_tokenizer,
+)
 from idlefleet.models.cache import ensure_minilm
 from idlefleet.models.minilm import EMBEDDING_DIM, MAX_SEQ_LENGTH, default_model_dir
 
@@ -186,3 +192,9 @@ def test_terminate_interrupts_a_running_micro_batch(model_cache_root: Path) -> N
     assert elapsed < 10, f"cancellation took {elapsed:.1f} s"
     # The session survives a cancelled run.
     assert single_batch.embed(["still works"]).vectors.shape == (1, EMBEDDING_DIM)
+
+
+def test_the_embedder_says_what_its_class_is_made_of(embedder: Embedder) -> None:
+    assert RUNTIME.split() == ["onnxruntime", ort.__version__]
+    assert embedder.provider == "CPUExecutionProvider"  # what the session runs on
+    assert embedder.precision == "fp32"

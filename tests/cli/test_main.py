@@ -35,6 +35,11 @@ AGENT = ["agent", "--nats-url", "nats://x:1", "--vehicle-id", "car-1"]
         (["up", "--nats-cluster", "2"], "cannot survive losing a node"),
         (["up", "--store", "mysql://x/y"], "store URL"),
         (["up", "--replicas", "0"], "positive integer"),
+        ([*AGENT, *TRACE, "--precision", "int8"], "invalid choice"),
+        (
+            [*AGENT, *TRACE, "--precision", "fp16", "--models", "SmolLM2-135M-Instruct"],
+            "only all-MiniLM-L6-v2 can run at precision 'fp16'",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_a_reason(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import socket
@@ -9,12 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from pydantic import ValidationError
 
 from idlefleet.cli.main import main
-from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR
+from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR, _policy_file
 from idlefleet.cli.up import DEFAULT_PORT
 from idlefleet.protocol.policy import OwnerPolicy
 from tests.coordinator.api.live import LiveCoordinator, live_coordinator
+from tests.fuzzing import fuzz_settings
+from tests.hostile import spoiled
 
 _ids = itertools.count()
 
@@ -182,11 +187,21 @@ def test_bad_arguments_exit_2_before_any_request(
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{opted_in: yes",
+        # These two ended in a traceback (RecursionError, the 4,300-digit limit's ValueError):
+        "[" * 100_000 + "]" * 100_000,
+        '{"soc_floor_percent": 1' + "0" * 5_000 + "}",
+    ],
+    ids=["not-json", "nested", "5000-digits"],
+)
 def test_a_policy_file_that_is_not_json_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
 ) -> None:
     broken = tmp_path / "policy.json"
-    broken.write_text("{opted_in: yes")
+    broken.write_text(text)
 
     with pytest.raises(SystemExit) as exited:
         main(["owner", "set-policy", "--vehicle", "c", "--file", str(broken)])
@@ -268,3 +283,38 @@ def test_another_owners_car_is_not_found(
     assert code == 1
     assert f"refused (404): No vehicle '{car}' is enrolled under your name." in err
     assert live.work.owners.current(car).version == 0
+
+
+# -- hostile policy files (hypothesis) ------------------------------------------------------------
+
+
+@pytest.mark.fuzz
+@fuzz_settings(150)
+@given(
+    content=spoiled(
+        {
+            "opted_in": True,
+            "charging_only": True,
+            "soc_floor_percent": 40,
+            "timezone": "Europe/Berlin",
+            "allowed_hours": ["22:00-07:00"],
+            "departure_time": "07:30",
+            "purposes": ["research"],
+            "data_regions": ["eu"],
+        }
+    )
+)
+def test_any_policy_file_is_read_or_refused_with_its_reason(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "policy.json"
+    path.write_bytes(content)
+
+    try:
+        loaded = _policy_file(str(path))
+    except argparse.ArgumentTypeError as refused:
+        assert str(path) in str(refused)
+        return
+    # What the coordinator does with it (PUT .../policy): a policy, or a ValidationError.
+    try:
+        OwnerPolicy.model_validate(loaded)
+    except ValidationError as invalid:
+        assert invalid.errors()

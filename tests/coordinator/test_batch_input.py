@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types import Batch
 
 from idlefleet.coordinator.batch_input import (
@@ -16,7 +18,10 @@ from idlefleet.coordinator.batch_input import (
 )
 from idlefleet.coordinator.errors import InvalidRequest
 from idlefleet.coordinator.openai_format import batch_errors_object
+from idlefleet.models.catalog import SMOLLM2
 from idlefleet.workloads.embeddings.request import MODEL_ID
+from tests.fuzzing import fuzz_settings
+from tests.hostile import spoiled
 
 ENDPOINT = "/v1/embeddings"
 
@@ -210,6 +215,14 @@ def test_duplicate_custom_id_is_reported_on_the_second_line() -> None:
     assert "'same'" in error.message and "line 1" in error.message
 
 
+def test_a_custom_id_with_a_nul_fails_the_batch_with_its_line() -> None:
+    # Kept as text, which PostgreSQL's cannot hold: storing the requests failed three times.
+    error = only_error(jsonl(request("a"), request("b\x00")))
+
+    assert (error.code, error.line, error.param) == ("invalid_value", 2, "custom_id")
+    assert "NUL" in error.message
+
+
 def test_method_other_than_post() -> None:
     error = only_error(jsonl(request("a", method="GET")))
 
@@ -365,3 +378,40 @@ def test_an_unpaired_surrogate_outside_the_body_fails_the_batch_at_its_line() ->
     error = only_error(jsonl(request(body={"model": "\ud800", "input": "x"})))
     assert (error.code, error.param) == ("invalid_value", "body.model")
     error.message.encode("utf-8")
+
+
+# -- hostile lines (hypothesis) -------------------------------------------------------------------
+
+
+def _line_fields(endpoint: str, custom_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL_ID, "input": ["a parked car", "text"]}
+    if endpoint == "/v1/chat/completions":
+        body = {"model": SMOLLM2.id, "messages": [{"role": "user", "content": "hi"}]}
+    return {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("endpoint", ["/v1/embeddings", "/v1/chat/completions"])
+@fuzz_settings(60)
+@given(data=st.data())
+def test_any_input_file_ends_in_requests_or_errors_that_name_their_line(
+    endpoint: str, data: st.DataObject
+) -> None:
+    lines = [
+        data.draw(spoiled(_line_fields(endpoint, f"r{i}")), label=f"line {i + 1}")
+        for i in range(data.draw(st.integers(1, 4), label="lines"))
+    ]
+
+    parsed = parse_batch_input(b"\n".join(lines), endpoint)
+
+    if parsed.errors:
+        assert parsed.requests == []
+        for error in parsed.errors:
+            assert error.code and error.message
+            assert error.line is None or 1 <= error.line <= len(lines)
+            json.dumps(error.to_openai(), ensure_ascii=False).encode()  # storable as it is
+    for spec in parsed.requests:
+        assert (spec.planned is None) != (spec.error is None)
+        if spec.error is not None:
+            assert 400 <= spec.error.http_status < 500 and spec.error.message
+            json.dumps(spec.error.to_openai(), ensure_ascii=False).encode()

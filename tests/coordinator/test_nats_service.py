@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,102 +36,13 @@ from idlefleet.protocol.messages import (
 )
 from idlefleet.protocol.policy import OwnerPolicy, PolicyUpdate
 from idlefleet.protocol.subjects import Downlink, Uplink
-
-
-@dataclass
-class Reply:
-    data: bytes
-    headers: dict[str, str] | None = None
-
-
-@dataclass
-class FakeSubscription:
-    nc: FakeNats
-    subject: str
-
-    async def next_msg(self, timeout: float) -> Reply:
-        self.nc.waited.append(timeout)
-        if isinstance(self.nc.answer, Exception):
-            raise self.nc.answer
-        return Reply(self.nc.answer)
-
-    async def unsubscribe(self) -> None:
-        return None
-
-
-@dataclass
-class FakeNats:
-    """Answers each request (a subscription to a reply subject, then a publish with it) with
-    ``answer`` (bytes) or raises it (an exception)."""
-
-    answer: bytes | Exception = b""
-    is_connected: bool = True
-    sent: list[tuple[str, bytes, str]] = field(default_factory=list)
-    """(subject, payload, reply subject) of every publish."""
-    waited: list[float] = field(default_factory=list)
-
-    async def flush(self, timeout: float) -> None:
-        return None
-
-    async def subscribe(self, subject: str, max_msgs: int = 0) -> FakeSubscription:
-        return FakeSubscription(self, subject)
-
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
-        self.sent.append((subject, payload, reply))
-
-
-@dataclass
-class UplinkMsg:
-    subject: str
-    data: bytes
-    reply: str = "_INBOX.1"
-    responses: list[bytes] = field(default_factory=list)
-
-    async def respond(self, data: bytes) -> None:
-        self.responses.append(data)
+from tests.coordinator.fake_nats import FakeNats, UplinkMsg, edge, serve
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> WorkService:
     store = open_store(sqlite_url(tmp_path / "c.db"))
     return WorkService(store, BatchService(store))
-
-
-def edge(work: WorkService, nc: FakeNats) -> CoordinatorNats:
-    return CoordinatorNats(nc, work)  # type: ignore[arg-type]
-
-
-def serve(coordinator: CoordinatorNats, *msgs: UplinkMsg) -> None:
-    """Deliver uplink messages as the subscriptions would, and wait until all are answered."""
-
-    async def run() -> None:
-        coordinator._loop = asyncio.get_running_loop()
-        handlers = {
-            Uplink.REGISTER: coordinator._on_register,
-            Uplink.HEARTBEAT: coordinator._on_heartbeat,
-            Uplink.WORK: coordinator._on_work,
-            Uplink.RESULTS: coordinator._on_results,
-            Uplink.RELEASE: coordinator._on_release,
-            Uplink.PROGRESS: coordinator._on_progress,
-            Uplink.POLICY: coordinator._on_policy,
-        }
-        runners = [
-            asyncio.create_task(coordinator.dispatcher.run()),
-            asyncio.create_task(coordinator.turns.run()),
-            asyncio.create_task(coordinator.registrations.run()),
-            asyncio.create_task(coordinator.lookups.run()),
-        ]
-        for msg in msgs:
-            await handlers[Uplink(msg.subject.rsplit(".", 1)[1])](msg)  # type: ignore[arg-type]
-        deadline = asyncio.get_running_loop().time() + 10
-        while any(not m.responses for m in msgs if m.reply):
-            assert asyncio.get_running_loop().time() < deadline, "a message was never answered"
-            await asyncio.sleep(0.005)
-        for task in runners:
-            task.cancel()
-        await asyncio.gather(*runners, *coordinator._tasks, return_exceptions=True)
-
-    asyncio.run(run())
 
 
 def test_the_uplink_policy_request_answers_the_current_policy(work: WorkService) -> None:
@@ -254,6 +164,22 @@ def test_a_flooding_car_is_refused_and_counted_and_others_are_not_slowed(
         (Uplink.RESULTS, b'{"lease_id": "x"}'),
         (Uplink.REGISTER, b"[]"),
         (Uplink.RELEASE, b"{}" * 10),
+        # Found by the fuzzer (test_edge_fuzz.py), each once a failure beyond one message:
+        # a seq past PostgreSQL's bigint failed the whole store turn,
+        (
+            Uplink.RESULTS,
+            b'{"lease_id": "l", "seqs": [9223372036854775808], "token_counts": [0],'
+            b' "sizes": [0], "data_b64": ""}',
+        ),
+        # a NUL in text failed every later liveness flush (PostgreSQL),
+        (Uplink.HEARTBEAT, b'{"seq": 1, "status": "paused", "reason": "a\\u0000b"}'),
+        # a refusal quoting a 3,000-digit version failed the registrations batched with it.
+        (
+            Uplink.REGISTER,
+            b'{"protocol_version": 1' + b"0" * 3000 + b', "agent_version": "a", '
+            b'"hardware": {"accelerator": "cpu", "tops": 1, "memory_gb": 1, '
+            b'"power_w": 1}, "models": []}',
+        ),
     ],
 )
 def test_garbage_on_an_uplink_subject_is_refused_with_the_reason(

@@ -21,7 +21,7 @@ from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import decode, encode
 from idlefleet.protocol.messages import RunReply, RunRequest, WireError, pack
 from idlefleet.protocol.subjects import Downlink
-from idlefleet.workloads.base import Cost, Planned, UnitRunner, Workload
+from idlefleet.workloads.base import Cost, Planned, Probe, UnitRunner, Workload
 
 pytestmark = pytest.mark.integration
 
@@ -62,8 +62,16 @@ class Echo(Workload):
     ) -> str | None:
         return "bad progress" if data == b"bad" else None
 
-    def compare(self, model: str, a: bytes, b: bytes) -> bool:
-        return a == b
+    def work(self, payload: Any, result: bytes) -> int:
+        return 1
+
+    def probe(self, payload: Any, result: bytes, pick: int) -> Probe:
+        return Probe(payload, result, 1)
+
+    def agree(
+        self, model: str, probe: Any, reference: bytes, answer: bytes, same_class: bool
+    ) -> bool:
+        return reference == answer
 
     def render_batch(self, requests: Sequence[Any]) -> Mapping[int, bytes]:
         return {}

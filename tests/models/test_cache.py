@@ -86,9 +86,10 @@ class CountingBuilder:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, model_dir: Path) -> bytes:
+    def __call__(self, model_dir: Path, precision: str = "fp32") -> bytes:
         self.calls += 1
-        return b"graph built from " + (model_dir / "model.safetensors").read_bytes()
+        suffix = b"" if precision == "fp32" else b" at " + precision.encode()
+        return b"graph built from " + (model_dir / "model.safetensors").read_bytes() + suffix
 
 
 @pytest.fixture
@@ -124,6 +125,26 @@ def test_ensure_builds_once_then_reuses(
     config_sha = hashlib.sha256(b"{}").hexdigest()[:16]
     index = json.loads((root / "index.json").read_text(encoding="utf-8"))
     assert index[f"all-MiniLM-L6-v2@{weights_sha}+{config_sha}"]["sha256"] == sha
+
+
+def test_ensure_keeps_each_precision_under_a_key_of_its_own(
+    tmp_path: Path, fake_builder: CountingBuilder, fake_model_dir: Path
+) -> None:
+    root = tmp_path / "cache"
+
+    full = ensure_minilm(root, fake_model_dir)
+    half = ensure_minilm(root, fake_model_dir, "fp16")
+
+    assert full != half and fake_builder.calls == 2
+    assert half[1].read_bytes() == b"graph built from weights v1 at fp16"
+    # Both stay: neither start rebuilds the other's graph.
+    assert ensure_minilm(root, fake_model_dir) == full
+    assert ensure_minilm(root, fake_model_dir, "fp16") == half
+    assert fake_builder.calls == 2
+    keys = json.loads((root / "index.json").read_text(encoding="utf-8"))
+    assert {k.endswith("+fp16") for k in keys} == {False, True}
+    with pytest.raises(ValueError, match="precision"):
+        ensure_minilm(root, fake_model_dir, "int8")
 
 
 def test_ensure_rebuilds_a_corrupt_or_missing_graph(

@@ -1,9 +1,11 @@
-"""Tests for the torch-free MiniLM ONNX graph: validity, interface, determinism, ORT fusion."""
+"""Tests for the torch-free MiniLM ONNX graph: validity, interface, determinism, ORT fusion;
+its fp16 twin (a hardware class of its own) and the truncated cheat."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -19,8 +21,10 @@ from idlefleet.models.minilm import (
     MAX_SEQ_LENGTH,
     MODEL_ID,
     OPSET,
+    PRECISIONS,
     BertConfig,
     build_minilm_onnx,
+    build_truncated_minilm,
 )
 
 
@@ -187,3 +191,91 @@ def test_builder_reads_layer_norm_eps_from_config(
 
     assert len(changed) == 1 and changed.pop() == pytest.approx(1e-5)
     assert len(shipped) == 1 and shipped.pop() == pytest.approx(1e-12)  # all-MiniLM's config
+
+
+@pytest.fixture(scope="module")
+def minilm_fp16_onnx(minilm_dir: Path) -> bytes:
+    return build_minilm_onnx(minilm_dir, "fp16")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return np.einsum("ij,ij->i", a64, b64) / (
+        np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    )
+
+
+def test_fp16_graph_stores_float16_weights_in_half_the_bytes(
+    minilm_dir: Path, minilm_onnx: bytes, minilm_fp16_onnx: bytes
+) -> None:
+    model = onnx.load_from_string(minilm_fp16_onnx)
+    onnx.checker.check_model(model, full_check=True)
+
+    kinds = Counter(t.data_type for t in model.graph.initializer)
+    # Every weight: 16 per layer, the two embedding tables and their LayerNorm's 2. Only the
+    # builder's scalar constants stay float32 (the mask fill does not fit in float16).
+    assert kinds[onnx.TensorProto.FLOAT16] == 6 * 16 + 4
+    assert all(
+        np.prod(t.dims) == 1
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    )
+    assert 0.49 < len(minilm_fp16_onnx) / len(minilm_onnx) < 0.51
+    assert PRECISIONS == ("fp32", "fp16")
+    assert build_minilm_onnx(minilm_dir, "fp16") == minilm_fp16_onnx  # deterministic too
+    # Same interface as fp32: float32 in the session, whatever the weights are stored at.
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [
+        onnx.TensorProto.FLOAT
+    ] * 2
+    with pytest.raises(ValueError, match="precision"):
+        build_minilm_onnx(minilm_dir, "int8")
+
+
+def test_fp16_graph_keeps_the_fusions_and_computes_in_float32(
+    minilm_fp16_onnx: bytes, tmp_path: Path
+) -> None:
+    optimised_file = tmp_path / "optimised.onnx"
+    _session(
+        minilm_fp16_onnx,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        optimized_model_filepath=str(optimised_file),
+        log_severity_level=3,
+    )
+
+    optimised = onnx.load(str(optimised_file))
+    ops = Counter(n.op_type for n in optimised.graph.node)
+    # ORT folds the casts: the session holds float32 weights and runs the fp32 kernels.
+    assert ops["BiasGelu"] == 6 and ops["FusedMatMul"] == 6, ops
+    assert onnx.TensorProto.FLOAT16 not in {t.data_type for t in optimised.graph.initializer}
+
+
+def test_fp16_vectors_are_close_to_fp32_but_not_equal(
+    minilm_onnx: bytes, minilm_fp16_onnx: bytes
+) -> None:
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    (full,) = _session(minilm_onnx, level).run(["sentence_embedding"], _feed(ROWS))
+    (half,) = _session(minilm_fp16_onnx, level).run(["sentence_embedding"], _feed(ROWS))
+
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-6)
+    cosines = _cosines(full, half)
+    assert (cosines > 0.99999).all(), cosines  # a class apart, not another model
+    assert not np.array_equal(full, half)
+    assert (cosines < 1 - 1e-9).all(), cosines
+
+
+def test_truncated_model_is_a_different_cheaper_model(minilm_dir: Path, minilm_onnx: bytes) -> None:
+    cheat = build_truncated_minilm(minilm_dir, 3)
+
+    model = onnx.load_from_string(cheat)
+    onnx.checker.check_model(model, full_check=True)
+    layers = {m[1] for n in model.graph.node if (m := re.match(r"encoder\.layer\.(\d+)", n.name))}
+    assert layers == {"0", "1", "2"}
+    assert model.doc_string.startswith("NOT ")
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    (honest,) = _session(minilm_onnx, level).run(["sentence_embedding"], _feed(ROWS))
+    (cheap,) = _session(cheat, level).run(["sentence_embedding"], _feed(ROWS))
+    np.testing.assert_allclose(np.linalg.norm(cheap, axis=1), 1.0, atol=1e-6)
+    assert (_cosines(honest, cheap) < 0.9).all()  # calibrated: 0.61 at most on 1,000 texts
+    for bad in (0, 6, 7):
+        with pytest.raises(ValueError, match="layers"):
+            build_truncated_minilm(minilm_dir, bad)

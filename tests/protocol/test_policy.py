@@ -28,6 +28,8 @@ def test_defaults_are_cautious() -> None:
         ({"purposes": ["research", "research"]}, "purposes", "must not repeat"),
         ({"data_regions": ["mars"]}, "data_regions", "'eu'"),
         ({"timezone": "Mars/Olympus"}, "timezone", "unknown time zone"),
+        # A folder of the zone database: ZoneInfo raised IsADirectoryError (a 500 at the API).
+        ({"timezone": "America"}, "timezone", "unknown time zone"),
         ({"allowed_hours": ["22-7"]}, "allowed_hours", "HH:MM-HH:MM"),
         ({"allowed_hours": ["08:00-08:00"]}, "allowed_hours", "empty"),
         ({"departure_time": "7:30am"}, "departure_time", "HH:MM"),

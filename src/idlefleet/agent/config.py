@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from idlefleet.models.catalog import MODELS
@@ -23,6 +24,8 @@ class AgentConfig:
     hardware: Hardware = field(
         default_factory=lambda: Hardware(accelerator="cpu", tops=1.0, memory_gb=4.0, power_w=65.0)
     )
+    """What the car reports; its ``precision`` also chooses the graphs the car builds (a model
+    is served only at a precision the catalogue lists for it)."""
     threads: int = 1
     max_unit_requests: int = 256
     chunk_requests: int = 64
@@ -63,7 +66,35 @@ class AgentConfig:
         unknown = [m for m in self.models if m not in MODELS]
         if unknown:
             raise ValueError(f"unknown model {unknown[0]!r}; the catalogue has {', '.join(MODELS)}")
+        precision = self.hardware.precision
+        if not self.served_models() or any(
+            precision not in MODELS[m].precisions for m in self.models
+        ):
+            able = [m for m in MODELS if precision in MODELS[m].precisions]
+            raise ValueError(
+                f"no model of the catalogue runs at precision {precision!r}"
+                if not able
+                else f"only {', '.join(able)} can run at precision {precision!r}"
+            )
+
+    def run_on(self, providers: Iterable[str | None]) -> AgentConfig:
+        """This config with the execution provider the car's sessions say they run on (each
+        runner's ``provider``; None: it does not say) in its ``hardware``: ONNX Runtime may
+        choose another than the one asked for. ``ValueError`` if they name more than one (a
+        car reports one); unchanged if none says."""
+        named = {p for p in providers if p is not None}
+        if len(named) > 1:
+            raise ValueError(f"models run on {' and '.join(sorted(named))}; a car reports one")
+        if not named:
+            return self
+        return replace(self, hardware=self.hardware.model_copy(update={"provider": named.pop()}))
 
     def served_models(self) -> tuple[str, ...]:
-        """What ``models`` says, in catalogue order (every model if it is empty)."""
-        return tuple(m for m in MODELS if not self.models or m in self.models)
+        """What ``models`` says, in catalogue order (if it is empty: every model the
+        catalogue lists at the car's precision)."""
+        precision = self.hardware.precision
+        return tuple(
+            m
+            for m in MODELS
+            if (m in self.models if self.models else precision in MODELS[m].precisions)
+        )

@@ -23,12 +23,15 @@ from idlefleet.models.cache import ModelCache, ensure_minilm
 
 __all__ = [
     "DEFAULT_MICRO_BATCH",
+    "RUNTIME",
     "EmbedResult",
     "Embedder",
     "InferenceCancelled",
     "load_tokenizer",
 ]
 
+RUNTIME = f"onnxruntime {ort.__version__}"
+"""The inference runtime and its version, as a car reports it (``Hardware.runtime``)."""
 DEFAULT_MICRO_BATCH = 32
 DEFAULT_MAX_BATCH_TOKENS = 2048
 """Padded tokens per micro-batch. ONNX Runtime can stop a run only between graph nodes, and a
@@ -80,6 +83,7 @@ class Embedder:
         tokenizer: Tokenizer,
         *,
         model_sha256: str,
+        precision: str = "fp32",
         micro_batch: int = DEFAULT_MICRO_BATCH,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> None:
@@ -100,6 +104,8 @@ class Embedder:
         self._counter = Tokenizer.from_str(tokenizer.to_str())
         self._counter.no_padding()
         self.model_sha256 = model_sha256
+        self.precision = precision
+        """What the graph's weights are stored at (``minilm.PRECISIONS``)."""
         self.micro_batch = micro_batch
         self.max_batch_tokens = max_batch_tokens
 
@@ -112,12 +118,14 @@ class Embedder:
         micro_batch: int = DEFAULT_MICRO_BATCH,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         model_dir: Path | None = None,
+        precision: str = "fp32",
     ) -> Embedder:
-        """Build or reuse the cached graph under `cache_root` and open a session on it."""
+        """Build or reuse the cached graph under `cache_root`, its weights at ``precision``
+        (``minilm.PRECISIONS``), and open a session on it."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
-        sha, _ = ensure_minilm(cache_root, model_dir)
+        sha, _ = ensure_minilm(cache_root, model_dir, precision)
         # Load the bytes we have just hashed rather than the path, so the session is certain
         # to run the graph whose sha256 we report.
         model_bytes = ModelCache(cache_root).get(sha)
@@ -133,9 +141,16 @@ class Embedder:
             session,
             load_tokenizer(model_dir),
             model_sha256=sha,
+            precision=precision,
             micro_batch=micro_batch,
             max_batch_tokens=max_batch_tokens,
         )
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session runs on (``Hardware.provider``): the one ORT
+        chose, which is not always the one asked for."""
+        return str(self._session.get_providers()[0])
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Model inputs for one micro-batch, padded to its longest text."""

@@ -181,7 +181,7 @@ def parse_signal(signal: Signal, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise StateError(f"{where}: expected a number")
-    if not math.isfinite(value):
+    if not _finite(value):
         raise StateError(f"{where}: expected a finite number")
     if signal.kind == "int" and value != int(value):
         raise StateError(f"{where}: expected a whole number")
@@ -192,6 +192,15 @@ def parse_signal(signal: Signal, value: Any) -> Any:
         high = "" if signal.maximum is None else f"{signal.maximum:g}"
         raise StateError(f"{where}: outside {low}..{high} {signal.unit}".rstrip())
     return int(value) if signal.kind == "int" else float(value)
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite``, also for an integer too large for a float (a hostile or corrupt
+    reading, which must make the reading unreadable rather than raise)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)

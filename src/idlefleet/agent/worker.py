@@ -409,7 +409,13 @@ class VehicleAgent:
             _, source = await self.releases.fetch(self.nc.jetstream(), model, digest)
             assert workload is not None
             runner = await asyncio.get_running_loop().run_in_executor(
-                None, workload.runner, model, self.config.cache_dir, self.config.threads, source
+                None,
+                workload.runner_at,
+                self.config.hardware.precision,
+                model,
+                self.config.cache_dir,
+                self.config.threads,
+                source,
             )
         except ManifestError as exc:  # keep the release we hold
             self.releases.refuse(model, exc)

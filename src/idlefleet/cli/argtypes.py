@@ -50,6 +50,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A share that cannot be nothing: 0 < x <= 1."""
+    value = number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text}")
+    return value
+
+
 def non_negative(text: str) -> float:
     value = number(text)
     if value < 0:

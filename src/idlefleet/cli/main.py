@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idlefleet import __version__
-from idlefleet.cli.argtypes import whole
+from idlefleet.cli.argtypes import share, whole
 
 if TYPE_CHECKING:
     from idlefleet.agent.sources.base import StateSource
@@ -86,6 +86,8 @@ def _nats_seeds(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from idlefleet.models.catalog import MODELS
+
     parser = argparse.ArgumentParser(
         prog="idlefleet", description="Parked electric vehicles as an AI inference cloud."
     )
@@ -226,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--tls-cert", type=_readable_file, default=None, help="serve HTTPS: cert")
     co.add_argument("--tls-key", type=_readable_file, default=None, help="serve HTTPS: key")
+    co.add_argument(
+        "--verify-floor",
+        type=share,
+        default=0.02,
+        help="share of a trusted car's work re-run on other cars to verify it, at least "
+        "(0 < x <= 1; default 0.02)",
+    )
+    co.add_argument(
+        "--verify-by",
+        choices=("other-owner", "any-car"),
+        default="other-owner",
+        help="who checks a car's results: cars of other owners (default), or any other car "
+        "(a fleet of one owner)",
+    )
 
     from idlefleet.cli.capacity import add_capacity_parser
     from idlefleet.cli.owner import add_owner_parser
@@ -252,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--tops", type=_positive_float, default=1.0)
     ag.add_argument("--memory-gb", type=_positive_float, default=4.0)
     ag.add_argument("--power-w", type=_positive_float, default=65.0)
+    ag.add_argument(
+        "--precision",
+        choices=sorted({p for m in MODELS.values() for p in m.precisions}),
+        default="fp32",
+        help="the precision of the car's model weights, a hardware class of its own: fp16 "
+        "builds float16 weights (models that have them; default fp32)",
+    )
     ag.add_argument("--max-unit", type=_positive_int, default=256)
     ag.add_argument(
         "--models",
@@ -342,6 +365,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from idlefleet.coordinator.batches import BatchLimits
     from idlefleet.coordinator.planner import UnitPolicy
     from idlefleet.coordinator.server import CoordinatorConfig, run_coordinator
+    from idlefleet.coordinator.trust import TrustPolicy
 
     config = CoordinatorConfig(
         nats_url=args.nats_url,
@@ -365,6 +389,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         trusted_keys=tuple(args.trusted_key),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        trust=TrustPolicy(floor=args.verify_floor),
+        verify_distinct_owners=args.verify_by == "other-owner",
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise SystemExit("idlefleet coordinator: --tls-cert and --tls-key go together")
@@ -392,6 +418,7 @@ def _state_source(args: argparse.Namespace) -> StateSource:
 
 def _agent(args: argparse.Namespace) -> int:
     from idlefleet.agent.config import AgentConfig
+    from idlefleet.agent.runtime import RUNTIME
     from idlefleet.agent.supervise import AgentTaskDied
     from idlefleet.agent.worker import VehicleAgent
     from idlefleet.protocol.identity import load_or_create_seed, public_nkey
@@ -407,6 +434,8 @@ def _agent(args: argparse.Namespace) -> int:
             tops=args.tops,
             memory_gb=args.memory_gb,
             power_w=args.power_w,
+            runtime=RUNTIME,
+            precision=args.precision,
         ),
         threads=args.threads,
         max_unit_requests=args.max_unit,
@@ -443,9 +472,10 @@ def _agent(args: argparse.Namespace) -> int:
         workload = for_model(model)
         if workload is None:
             raise ValueError(f"no workload serves model {model}")
-        runners[model] = workload.runner(
-            model, config.cache_dir, config.threads, sources.get(model)
+        runners[model] = workload.runner_at(
+            config.hardware.precision, model, config.cache_dir, config.threads, sources.get(model)
         )
+    config = config.run_on(r.provider for r in runners.values())
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -79,8 +79,10 @@ def _policy_file(text: str) -> dict[str, Any]:
         loaded = json.loads(Path(text).read_text(encoding="utf-8"))
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or a number of over 4,300 digits
         raise argparse.ArgumentTypeError(f"{text} is not JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"{text} is not JSON: nested too deeply") from None
     if not isinstance(loaded, dict):
         raise argparse.ArgumentTypeError(f"{text} must hold a JSON object (the policy)")
     # Accept the output of ``owner show --json`` too, so show → edit → set-policy round-trips.

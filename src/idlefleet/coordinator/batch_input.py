@@ -190,6 +190,13 @@ def _parse_line(text: str, line: int, workload: Workload, seen: dict[str, int]) 
         if outside is not None:  # no custom_id to report a request-level error under
             _fail(line, "invalid_value", surrogate_message(outside), outside)
     custom_id = _require(request, "custom_id", line, str, "a string")
+    if "\x00" in custom_id:  # kept as text, which no store's may hold (PostgreSQL refuses)
+        _fail(
+            line,
+            "invalid_value",
+            "Invalid value for 'custom_id': it must not contain NUL characters.",
+            "custom_id",
+        )
     if custom_id in seen:
         _fail(
             line,

@@ -74,6 +74,9 @@ class BatchLimits:
     validation_attempts: int = 3
     """Attempts at storing a validated batch's requests before the batch fails (a store outage,
     ``StoreUnavailable``, does not count): no input may keep a batch validating for ever."""
+    finalization_attempts: int = 3
+    """Attempts at writing a finished batch's output files before the batch fails (a store
+    outage does not count): a result no code can render must not keep it finalising for ever."""
     first_slice: int = 1024
     """Requests stored (largest first) before the batch may be leased; the rest follow in
     slices of ``slice`` while cars already work (lease while validating)."""
@@ -93,6 +96,7 @@ class BatchService:
         self.store = store
         self.limits = limits or BatchLimits()
         self._validation_failures: dict[str, int] = {}
+        self._finalization_failures: dict[str, int] = {}
         self.clock = clock
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
@@ -104,6 +108,9 @@ class BatchService:
         self.on_work: Callable[[], None] = lambda: None
         """Called (from the validating thread) once a batch's first requests may be leased,
         before its validation ends; the coordinator announces the work to the cars."""
+        self.finalize_gate: Callable[[BatchRecord], bool] | None = None
+        """Asked before a batch whose work is done is finalised: False holds it (verification
+        holds a strict batch until every result is agreed); None: nothing holds batches."""
 
     def _claim(self, batch_id: str, expect: list[str], **changes: Any) -> str | None:
         """Claim a duty on the batch for a new attempt; its owner id, or None if taken."""
@@ -138,6 +145,12 @@ class BatchService:
         self, filename: str, purpose: str, data: bytes, principal: str | None = None
     ) -> FileRecord:
         self.check_upload(purpose, len(data))
+        if "\x00" in filename:  # no store's text may hold it (PostgreSQL refuses)
+            raise InvalidRequest(
+                "Invalid 'file': its filename must not contain NUL characters.",
+                param="file",
+                code="invalid_value",
+            )
         record = FileRecord(
             id=new_id("file-"),
             purpose=purpose,
@@ -428,6 +441,8 @@ class BatchService:
             return
         now = int(self.clock())
         if batch.status == "in_progress" and batch.request_counts.unfinished == 0:
+            if self.finalize_gate is not None and not self.finalize_gate(batch):
+                return  # verification holds it (a strict batch with results not yet agreed)
             owner = self._claim(batch_id, ["in_progress"], status="finalizing", finalizing_at=now)
             if owner is not None:
                 self._write_results(batch_id, owner, "completed", completed_at=int(self.clock()))
@@ -503,18 +518,18 @@ class BatchService:
         """Write the output and error files, then set the final status, under ``owner``'s claim.
 
         If the claim was lost meanwhile (this attempt stalled past ``claim_seconds`` and
-        another took over), the files written here are deleted again and nothing changes.
+        another took over), the files written here are deleted again and nothing changes. An
+        attempt that fails frees the claim for the next (the sweeper's); after
+        ``finalization_attempts`` the batch fails instead.
         """
-        output_id = error_id = None
-        workload = by_endpoint(self.get_batch(batch_id).endpoint)
-        if workload is None:  # only endpoints with a workload are accepted at create
-            raise ValueError(f"batch {batch_id} has an endpoint no workload serves")
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            n_out, n_err = self._render(workload, batch_id, out, err, owner)
-            if n_out:
-                output_id = self._store_spool(out, f"{batch_id}_output.jsonl", batch_id)
-            if n_err:
-                error_id = self._store_spool(err, f"{batch_id}_error.jsonl", batch_id)
+        try:
+            output_id, error_id = self._write_files(batch_id, owner)
+        except StoreUnavailable:
+            raise  # an outage: the sweeper tries again once the claim runs out
+        except Exception as exc:
+            self._finalization_failed(batch_id, owner, exc)
+            return
+        self._finalization_failures.pop(batch_id, None)
         done = self.store.finish_batch(
             batch_id,
             ["finalizing", "cancelling"],
@@ -529,6 +544,48 @@ class BatchService:
             for file_id in (output_id, error_id):
                 if file_id:
                     self.store.delete_file(file_id)
+
+    def _write_files(self, batch_id: str, owner: str) -> tuple[str | None, str | None]:
+        """Render and store the output and error files (ids; None: no lines)."""
+        output_id = error_id = None
+        workload = by_endpoint(self.get_batch(batch_id).endpoint)
+        if workload is None:  # only endpoints with a workload are accepted at create
+            raise ValueError(f"batch {batch_id} has an endpoint no workload serves")
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            n_out, n_err = self._render(workload, batch_id, out, err, owner)
+            if n_out:
+                output_id = self._store_spool(out, f"{batch_id}_output.jsonl", batch_id)
+            if n_err:
+                error_id = self._store_spool(err, f"{batch_id}_error.jsonl", batch_id)
+        return output_id, error_id
+
+    def _finalization_failed(self, batch_id: str, owner: str, exc: Exception) -> None:
+        """Count a failed attempt at a batch's output files (per replica); free the claim for
+        the next attempt, or fail the batch after ``finalization_attempts``. Either way the
+        store drops the files the attempt wrote (``finish_batch`` keeps only those named)."""
+        failures = self._finalization_failures
+        failures[batch_id] = tries = failures.get(batch_id, 0) + 1
+        log.error("writing the results of batch %s failed (attempt %d): %r", batch_id, tries, exc)
+        ending = ["finalizing", "cancelling"]
+        if tries < self.limits.finalization_attempts:
+            self.store.finish_batch(batch_id, ending, owner)
+            return
+        failures.pop(batch_id, None)
+        error = {
+            "code": "finalization_error",
+            "message": f"The batch's output files could not be written after {tries} attempts "
+            f"({type(exc).__name__}).",
+            "param": None,
+            "line": None,
+        }
+        self.store.finish_batch(
+            batch_id,
+            ending,
+            owner,
+            status="failed",
+            failed_at=int(self.clock()),
+            errors={"object": "list", "data": [error]},
+        )
 
     def _render(
         self, workload: Workload, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str

@@ -10,12 +10,15 @@ listening (it disconnected), replies with an error (the driver is back: its last
 with it) or sends something that fails a check loses the request, and the next car continues
 from the progress kept (``RunRequest.progress_b64``). A streamed request's client sees a pause.
 
-At most ``max_cars`` cars are tried per request, so no request is retried for ever; a client
-that goes away cancels the request here (the car finishes its run into a closed inbox).
+At most ``max_cars`` cars are tried per request, each for at most ``max_car_s`` (a car that
+reports progress for ever, and never a result, loses the request too), so no request is retried
+or held for ever; a client that goes away cancels the request here (the car finishes its run
+into a closed inbox).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -50,7 +53,7 @@ class Watch(Protocol):
 
 
 class _CarFailed(Exception):
-    """This car lost the request (why: the message; ``kind``: silent, gone, stopped,
+    """This car lost the request (why: the message; ``kind``: silent, slow, gone, stopped,
     refused)."""
 
     def __init__(self, kind: str, message: str) -> None:
@@ -67,12 +70,16 @@ class OnlineRouter:
         work: WorkService,
         idle_timeout_s: float = 10.0,
         max_cars: int = 5,
+        max_car_s: float = 900.0,
     ) -> None:
         self.nc = nc
         self.work = work
         self.idle_timeout_s = idle_timeout_s
         """Longest silence of a car running a request (it reports at least every second)."""
         self.max_cars = max_cars
+        self.max_car_s = max_car_s
+        """Longest one car may hold a request (a chat of 8,192 tokens at ~10 tokens/s fits);
+        the next car goes on from its progress."""
         self._rr = itertools.count()
         self.moved: Counter[str] = Counter()
         """Requests that left a car before it finished them, by why (``/fleet/dispatch``)."""
@@ -142,14 +149,23 @@ class OnlineRouter:
         )
         inbox = subjects.reply_inbox(vehicle_id)  # the one namespace the car may answer on
         sub = await self.nc.subscribe(inbox)
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.max_car_s
         try:
             await self.nc.publish(
                 subjects.downlink(vehicle_id, Downlink.RUN), encode(request), reply=inbox
             )
             while True:
+                left = deadline - clock()
+                if left <= 0:
+                    raise _CarFailed("slow", f"did not finish within {self.max_car_s:g} s")
                 try:
-                    msg = await sub.next_msg(timeout=self.idle_timeout_s)
+                    msg = await sub.next_msg(timeout=min(self.idle_timeout_s, left))
                 except nats.errors.TimeoutError:
+                    if clock() >= deadline:
+                        raise _CarFailed(
+                            "slow", f"did not finish within {self.max_car_s:g} s"
+                        ) from None
                     raise _CarFailed("silent", f"silent for {self.idle_timeout_s:g} s") from None
                 if msg.headers and msg.headers.get("Status") == "503":
                     raise _CarFailed("gone", "not connected (no responders)")

@@ -41,6 +41,8 @@ from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
 from idlefleet.coordinator.online import OnlineRouter
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
+from idlefleet.coordinator.trust import TrustPolicy
+from idlefleet.coordinator.verification import Verifier
 from idlefleet.coordinator.work import WorkService
 from idlefleet.embedded.tls import client_context
 from idlefleet.models.catalog import MODELS
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 RELEASES_REFRESH_S = 10.0
 """How often a replica reads which model releases are current (a new release reaches grants
 within this)."""
+VERIFICATION_REFRESH_S = 5.0
+"""How often a replica learns quarantines decided by others and re-queues lost probes."""
 POLICY_CATCH_UP_MARGIN_S = 10.0
 """Policy versions are re-read this far back on each catch-up: replicas' clocks differ a little
 and a version committed late may carry an earlier ``created_at``."""
@@ -98,6 +102,11 @@ class CoordinatorConfig:
     tls_cert: Path | None = None
     """Serve HTTPS with this certificate and ``tls_key`` (None: plain HTTP)."""
     tls_key: Path | None = None
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
+    """How cars' results are verified (floor, canaries, tie-breaks)."""
+    verify_distinct_owners: bool = True
+    """Results are checked only by cars of other owners (False: by any other car, for a
+    fleet of one owner such as the embedded one)."""
 
 
 async def run_coordinator(config: CoordinatorConfig) -> None:
@@ -106,6 +115,14 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     store = open_store(config.store_url)
     batches = BatchService(store, config.limits, replica=replica)
     work = WorkService(store, batches, config.units, config.heartbeat_interval_s)
+    verifier = Verifier(
+        store,
+        config.trust,
+        distinct_owners=config.verify_distinct_owners,
+        digests=lambda: work.model_digests,
+    )
+    work.verifier = verifier
+    batches.finalize_gate = verifier.may_finalize
     credentials: dict[str, Any] = {}
     if config.nats_seed is not None:
         credentials["nkeys_seed_str"] = config.nats_seed.read_text().strip()
@@ -224,6 +241,8 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         _every(config.heartbeat_interval_s / 2, "live count", _threaded(work.refresh_liveness)),
         _every(1.0, "policy catch-up", catch_up_policies),
         _every(config.sweep_interval_s, "sweep", sweep),
+        _every(1.0, "verification flush", _threaded(verifier.flush)),
+        _every(VERIFICATION_REFRESH_S, "verification", _threaded(verifier.refresh)),
     ]
 
     def status() -> dict[str, object]:

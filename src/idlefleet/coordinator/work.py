@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.liveness import ASKED_FOR_WORK, VehicleRegistry
 from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
+from idlefleet.coordinator.seq_mask import SeqMask
 from idlefleet.coordinator.store import (
     CommitOutcome,
     Lease,
@@ -43,6 +45,7 @@ from idlefleet.coordinator.store import (
     Store,
     VehicleRecord,
 )
+from idlefleet.coordinator.verification import Verifier
 from idlefleet.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -61,13 +64,20 @@ from idlefleet.protocol.messages import (
     WorkRequest,
     pack,
 )
-from idlefleet.protocol.policy import PolicyRequest, PolicyUpdate
+from idlefleet.protocol.policy import (
+    DEFAULT_DATA_REGION,
+    DEFAULT_PURPOSE,
+    PolicyRequest,
+    PolicyUpdate,
+)
 from idlefleet.workloads import Workload, by_endpoint, for_model
 
 log = logging.getLogger(__name__)
 
 NOT_OPTED_IN_RETRY_S = 5.0
 """How long a car that is not opted in waits before asking for work again."""
+QUARANTINED_RETRY_S = 60.0
+"""How long a quarantined car waits before asking for work again."""
 NO_WORK_RETRY_S = 0.5
 """How long a car that asked without waiting (``wait_s`` 0) waits before asking again."""
 
@@ -82,6 +92,7 @@ class WorkService:
         clock: Callable[[], float] = time.time,
         owners: OwnerService | None = None,
         registry: VehicleRegistry | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self.store = store
         self.batches = batches
@@ -92,6 +103,10 @@ class WorkService:
         self.registry = registry or VehicleRegistry(write_every_s=heartbeat_interval_s)
         self._registry_lock = threading.Lock()
         self._lease_infos = _LeaseInfos()
+        self.verifier = verifier
+        """Checks cars' results on other cars (None: results are trusted as they come).
+        With one, cars see their units' requests under masked numbers (``seq_mask``)."""
+        self._seq_mask: SeqMask | None = None
         self.refused_results: Counter[str] = Counter()
         """Result chunks refused as impossible, per car (this replica's count since it started)."""
         self.progress_recorded = 0
@@ -237,6 +252,9 @@ class WorkService:
             )
         # The store keeps the first registration time: re-registering only updates the rest.
         self.store.upsert_vehicles(records)
+        if self.verifier is not None:
+            for record in records:
+                self.verifier.registered(record.id, record.hardware)
         with self._registry_lock:
             for record in records:
                 self.registry.registered(record)
@@ -313,27 +331,57 @@ class WorkService:
         off this path), and an answer per ask (see :meth:`lease_for`).
         """
         acks, checked = self._check_all(chunks)
-        answers, store_asks, placed = self._asks(asks) if asks else ([], [], [])
+        if self.verifier is not None and checked:
+            # A probe answered in this very turn may have quarantined a car whose chunk was
+            # checked before: it is not committed (its results are being redone).
+            for entry in [c for c in checked if self.verifier.is_quarantined(c[1])]:
+                checked.remove(entry)
+                acks[entry[0]] = ResultAck(error=_quarantined(entry[1]))
+        consents: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        answers, store_asks, placed = self._asks(asks, consents) if asks else ([], [], [])
         now = self.clock()
-        outcomes, leases = self.store.commit_and_lease(
-            [commit for *_, commit in checked], store_asks, now, self.units.lease_seconds
+        # A new car on probation (its checks are behind) gets no unit until they catch up,
+        # only probes of others' work: it cannot run far ahead of what was verified of it.
+        held = (
+            {j for j, ask in enumerate(store_asks) if self.verifier.on_probation(ask.vehicle_id)}
+            if self.verifier is not None
+            else set()
         )
+        outcomes, leased = self.store.commit_and_lease(
+            [commit for *_, commit in checked],
+            [ask for j, ask in enumerate(store_asks) if j not in held] if held else store_asks,
+            now,
+            self.units.lease_seconds,
+        )
+        if held:
+            got = iter(leased)
+            leased = [None if j in held else next(got) for j in range(len(store_asks))]
+        leases: list[Lease | Exception | None] = list(leased)
         # A batch that leased a unit in this turn has work outstanding: no finalisation check.
         ended = self._acknowledge(acks, checked, outcomes, now) - {
             lease.batch_id for lease in leases if isinstance(lease, Lease)
         }
-        for i, lease in zip(placed, leases, strict=True):
+        for j, (i, lease) in enumerate(zip(placed, leases, strict=True)):
             answers[i] = self._grant(lease)
+            if isinstance(lease, Lease) and self.verifier is not None:
+                self._add_probes(lease, answers[i], consents.get(lease.vehicle_id))
+            elif lease is None and self.verifier is not None:
+                answers[i] = self._probes_alone(store_asks[j], now)
         self._lease_infos.put_many(
             (lease.id, _remember(lease)) for lease in leases if isinstance(lease, Lease)
         )
+        if self.verifier is not None:
+            self._sample(checked, outcomes)
         return [ack or ResultAck() for ack in acks], ended, answers
 
     def _asks(
-        self, asks: Sequence[tuple[str, WorkRequest]]
+        self,
+        asks: Sequence[tuple[str, WorkRequest]],
+        consents: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
     ) -> tuple[list[WorkGrant | None], list[LeaseAsk], list[int]]:
         """What to ask the store for: a ``LeaseAsk`` per car that may have work, and the
-        answers already known (not opted in)."""
+        answers already known (not opted in, quarantined). Fills ``consents`` with the
+        purposes and data regions each asking car's owner allows."""
         policies = self.owners.refresh([vehicle_id for vehicle_id, _ in asks])
         answers: list[WorkGrant | None] = [None] * len(asks)
         # Lease ids: 16 random bytes each, from ONE system call for the whole round (a call
@@ -344,6 +392,12 @@ class WorkService:
         sightings: list[tuple[str, str | None, str | None]] = []
         for i, (vehicle_id, msg) in enumerate(asks):
             owner = policies[vehicle_id].policy
+            if self.verifier is not None and self.verifier.is_quarantined(vehicle_id):
+                sightings.append((vehicle_id, "paused", "quarantined"))
+                answers[i] = WorkGrant(
+                    error=_quarantined(vehicle_id), retry_after_s=QUARANTINED_RETRY_S
+                )
+                continue
             if not owner.opted_in:
                 sightings.append((vehicle_id, "paused", "not_opted_in"))
                 answers[i] = WorkGrant(
@@ -356,6 +410,7 @@ class WorkService:
                 )
                 continue
             sightings.append((vehicle_id, ASKED_FOR_WORK, None))
+            consents[vehicle_id] = (tuple(owner.purposes), tuple(owner.data_regions))
             models = tuple(m for m in msg.models if for_model(m) is not None)
             if not models:
                 continue
@@ -381,6 +436,23 @@ class WorkService:
         self.saw_many(sightings)
         return answers, store_asks, placed
 
+    @property
+    def seq_mask(self) -> SeqMask | None:
+        """The mask of request numbers (None without verification: cars see real numbers)."""
+        if self.verifier is None:
+            return None
+        if self._seq_mask is None:
+            self._seq_mask = SeqMask(self.store.shared_secret("seq_mask"))
+        return self._seq_mask
+
+    def _unmask(self, lease_id: str, seqs: Sequence[int]) -> list[int] | None:
+        """The real numbers of a car's (masked) request numbers; None if one cannot be."""
+        mask = self.seq_mask
+        if mask is None or not seqs:
+            return list(seqs)
+        real = mask.real(lease_id, list(seqs))
+        return None if None in real else [s for s in real if s is not None]
+
     def _grant(self, outcome: Lease | Exception | None) -> WorkGrant | None:
         if outcome is None:
             return None
@@ -393,6 +465,9 @@ class WorkService:
         # validation of every payload on the hot path (it was ~40 µs a grant).
         workload = by_endpoint(outcome.endpoint)
         self.resumed += sum(1 for i in outcome.items if i.progress is not None)
+        real = [i.seq for i in outcome.items]
+        mask = self.seq_mask
+        shown = mask.wire(outcome.id, real) if mask is not None else real
         return WorkGrant.model_construct(
             lease_id=outcome.id,
             batch_id=outcome.batch_id,
@@ -404,13 +479,93 @@ class WorkService:
             model_digest=self.model_digests.get(outcome.model),
             items=[
                 WorkItem.model_construct(
-                    seq=i.seq,
+                    seq=seq,
                     payload=i.payload,
                     progress_b64=None if i.progress is None else pack(i.progress),
                 )
-                for i in outcome.items
+                for seq, i in zip(shown, outcome.items, strict=True)
             ],
         )
+
+    # -- verification --------------------------------------------------------------------------
+    def _add_probes(
+        self,
+        lease: Lease,
+        grant: WorkGrant | None,
+        consent: tuple[tuple[str, ...], tuple[str, ...]] | None,
+    ) -> None:
+        """Slip probes of other cars' results (and canaries) into a grant, where they look
+        like the unit's other requests."""
+        assert self.verifier is not None
+        if grant is None or consent is None:
+            return
+        probes = self.verifier.place(
+            lease.vehicle_id,
+            lease.id,
+            lease.model,
+            [item.seq for item in grant.items],
+            consent[0],
+            consent[1],
+            lease.deadline + self.units.lease_seconds,
+        )
+        for seq, payload in probes:
+            at = self.verifier.rng.randrange(len(grant.items) + 1)
+            grant.items.insert(
+                at, WorkItem.model_construct(seq=seq, payload=payload, progress_b64=None)
+            )
+
+    def _probes_alone(self, ask: LeaseAsk, now: float) -> WorkGrant | None:
+        """A unit of probes for a car that found no work (the checks of a batch's last
+        results, which a strict batch waits for)."""
+        assert self.verifier is not None
+        found = self.verifier.place_alone(
+            ask.vehicle_id,
+            ask.lease_id,
+            ask.models,
+            ask.purposes,
+            ask.data_regions,
+            now + 2 * self.units.lease_seconds,
+        )
+        if found is None:
+            return None
+        model, probes, purpose, data_region = found
+        workload = for_model(model)
+        return WorkGrant.model_construct(
+            lease_id=ask.lease_id,
+            batch_id=f"verify_{ask.lease_id.removeprefix('lease_')[:24]}",
+            kind=workload.kind if workload is not None else None,
+            model=model,
+            purpose=purpose,
+            data_region=data_region,
+            lease_seconds=self.units.lease_seconds,
+            model_digest=self.model_digests.get(model),
+            items=[
+                WorkItem.model_construct(seq=seq, payload=payload, progress_b64=None)
+                for seq, payload in probes
+            ],
+        )
+
+    def _sample(
+        self, checked: Sequence[_Checked], outcomes: Sequence[CommitOutcome | Exception]
+    ) -> None:
+        """Queue probes of the results just committed."""
+        assert self.verifier is not None
+        for (_, vehicle_id, _, lease, commit), outcome in zip(checked, outcomes, strict=True):
+            if not isinstance(outcome, CommitOutcome) or outcome.committed == 0:
+                continue
+            payloads = lease.payloads or {}
+            try:
+                self.verifier.sample(
+                    vehicle_id,
+                    lease.batch_id,
+                    lease.model,
+                    lease.workload,
+                    lease.purpose,
+                    lease.data_region,
+                    [(r.seq, payloads.get(r.seq), r.result) for r in commit.results],
+                )
+            except Exception:  # verification must never cost a car its commit
+                log.exception("sampling results of %s for verification failed", vehicle_id)
 
     # -- results -------------------------------------------------------------------------------
     def results(self, vehicle_id: str, msg: ResultChunk) -> ResultAck:
@@ -445,7 +600,7 @@ class WorkService:
             if isinstance(prepared, ResultAck):
                 acks[i] = prepared
             else:
-                checked.append((i, vehicle_id, msg, *prepared))
+                checked.append((i, vehicle_id, *prepared))
         return acks, checked
 
     def _acknowledge(
@@ -472,17 +627,31 @@ class WorkService:
 
     def _check(
         self, vehicle_id: str, msg: ResultChunk, remembered: _LeaseInfo | None
-    ) -> tuple[_LeaseInfo, ResultCommit] | ResultAck:
+    ) -> tuple[ResultChunk, _LeaseInfo, ResultCommit] | ResultAck:
         """Check a chunk against its lease (``remembered``: what this replica knows of it, if
-        anything): what to commit, or why it is refused."""
+        anything): what to commit (the chunk without its answers to probes), or why it is
+        refused."""
+        if self.verifier is not None and self.verifier.is_alone(msg.lease_id):
+            return self._answer_alone(vehicle_id, msg)
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ResultAck(error=_unknown_lease(msg.lease_id))
-        expected = self._expected(lease, msg.seqs)
+        if self.verifier is not None and self.verifier.is_quarantined(vehicle_id):
+            return ResultAck(error=_quarantined(vehicle_id))
         try:
             data = msg.data()
         except ValueError:  # the right length, but not base64: refused alone, not the turn
             return self._bad_results(vehicle_id, "data_b64 is not valid base64")
+        probes = self.verifier.probe_seqs(msg.lease_id) if self.verifier is not None else None
+        if probes and not probes.keys().isdisjoint([*msg.seqs, *msg.failed_seqs]):
+            msg, data = self._answer_probes(vehicle_id, lease, msg, data, probes)
+        if self.verifier is not None:
+            seqs = self._unmask(msg.lease_id, msg.seqs)
+            failed = self._unmask(msg.lease_id, msg.failed_seqs)
+            if seqs is None or failed is None:
+                return self._bad_results(vehicle_id, "a request number is not one of the lease's")
+            msg = msg.model_copy(update={"seqs": seqs, "failed_seqs": failed})
+        expected = self._expected(lease, msg.seqs)
         problem = lease.workload.check(
             lease.model,
             msg.seqs,
@@ -498,7 +667,87 @@ class WorkService:
         for seq, size, tokens in zip(msg.seqs, msg.sizes, msg.token_counts, strict=True):
             results.append(RequestResult(seq, data[start : start + size], tokens))
             start += size
-        return lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
+        return msg, lease, ResultCommit(vehicle_id, msg.lease_id, tuple(results), msg.energy_j)
+
+    def _answer_alone(self, vehicle_id: str, msg: ResultChunk) -> ResultAck:
+        """Answers to a unit of probes alone: all for the verifier, nothing to commit."""
+        assert self.verifier is not None
+        probes = self.verifier.probe_seqs(msg.lease_id) or {}
+        try:
+            data = msg.data()
+        except ValueError:
+            return self._bad_results(vehicle_id, "data_b64 is not valid base64")
+        model = self.verifier.lease_model(msg.lease_id)
+        workload = for_model(model) if model else None
+        if workload is None or not set(msg.seqs) <= probes.keys():
+            return ResultAck(error=_unknown_lease(msg.lease_id))
+        start = 0
+        for seq, size, tokens in zip(msg.seqs, msg.sizes, msg.token_counts, strict=True):
+            part = data[start : start + size]
+            start += size
+            problem = workload.check(
+                model or "", [seq], [workload.expectation(probes[seq])], [size], [tokens], part
+            )
+            self.verifier.answer(vehicle_id, msg.lease_id, seq, None if problem else part)
+        if msg.failed_seqs:
+            self.verifier.unanswered(msg.lease_id, msg.failed_seqs)
+        left = self.verifier.probe_seqs(msg.lease_id)
+        return ResultAck(
+            committed=0,  # taken by the verifier: nothing of a batch was committed
+            lease_active=bool(left),
+            lease_seconds=self.units.lease_seconds if left else 0.0,
+        )
+
+    def _answer_probes(
+        self,
+        vehicle_id: str,
+        lease: _LeaseInfo,
+        msg: ResultChunk,
+        data: bytes,
+        probes: Mapping[int, Any],
+    ) -> tuple[ResultChunk, bytes]:
+        """Take a chunk's answers to probes out of it, for the verifier: the rest of the chunk
+        (the unit's own requests) goes on to its commit."""
+        assert self.verifier is not None
+        keep_seqs: list[int] = []
+        keep_sizes: list[int] = []
+        keep_tokens: list[int] = []
+        kept: list[bytes] = []
+        start = 0
+        for seq, size, tokens in zip(msg.seqs, msg.sizes, msg.token_counts, strict=True):
+            part = data[start : start + size]
+            start += size
+            if seq not in probes:
+                keep_seqs.append(seq)
+                keep_sizes.append(size)
+                keep_tokens.append(tokens)
+                kept.append(part)
+                continue
+            problem = lease.workload.check(
+                lease.model,
+                [seq],
+                [lease.workload.expectation(probes[seq])],
+                [size],
+                [tokens],
+                part,
+            )
+            self.verifier.answer(vehicle_id, msg.lease_id, seq, None if problem else part)
+        rest = b"".join(kept)
+        failed = [seq for seq in msg.failed_seqs if seq not in probes]
+        if len(failed) != len(msg.failed_seqs):
+            self.verifier.unanswered(msg.lease_id, [s for s in msg.failed_seqs if s in probes])
+        return (
+            ResultChunk.model_construct(
+                lease_id=msg.lease_id,
+                seqs=keep_seqs,
+                token_counts=keep_tokens,
+                sizes=keep_sizes,
+                data_b64=pack(rest),
+                failed_seqs=failed,
+                energy_j=msg.energy_j,
+            ),
+            rest,
+        )
 
     def _expected(self, lease: _LeaseInfo, seqs: Sequence[int]) -> Mapping[int, Any]:
         """What checking needs of these requests: remembered from the grant, or (granted by
@@ -527,7 +776,16 @@ class WorkService:
         workload = by_endpoint(lease.endpoint)
         if workload is None:
             return None
-        return _LeaseInfo(vehicle_id, lease.batch_id, lease.model, workload, None)
+        return _LeaseInfo(
+            vehicle_id,
+            lease.batch_id,
+            lease.model,
+            workload,
+            None,
+            None,
+            lease.purpose,
+            lease.data_region,
+        )
 
     def _ack(
         self, vehicle_id: str, msg: ResultChunk, outcome: CommitOutcome | Exception, now: float
@@ -556,11 +814,33 @@ class WorkService:
         lease = self._lease_info(vehicle_id, msg.lease_id, remembered)
         if lease is None:
             return ProgressAck(error=_unknown_lease(msg.lease_id))
-        expected = self._expected(lease, msg.seqs)
         try:
             data = msg.data()
         except ValueError:
             return self._bad_progress(vehicle_id, "data_b64 is not valid base64")
+        probes = self.verifier.probe_seqs(msg.lease_id) if self.verifier is not None else None
+        if probes and not probes.keys().isdisjoint(msg.seqs):
+            # A probe's progress is of no use (another car never continues it): dropped.
+            kept = [
+                (seq, size, start)
+                for seq, size, start in zip(
+                    msg.seqs, msg.sizes, itertools.accumulate(msg.sizes, initial=0), strict=False
+                )
+                if seq not in probes
+            ]
+            data = b"".join(data[start : start + size] for _, size, start in kept)
+            msg = Progress.model_construct(
+                lease_id=msg.lease_id,
+                seqs=[seq for seq, _, _ in kept],
+                sizes=[size for _, size, _ in kept],
+                data_b64=pack(data),
+            )
+        if self.verifier is not None:
+            seqs = self._unmask(msg.lease_id, msg.seqs)
+            if seqs is None:
+                return self._bad_progress(vehicle_id, "a request number is not one of the lease's")
+            msg = msg.model_copy(update={"seqs": seqs})
+        expected = self._expected(lease, msg.seqs)
         problem = lease.workload.check_progress(
             lease.model, msg.seqs, [expected.get(seq) for seq in msg.seqs], msg.sizes, data
         )
@@ -591,12 +871,18 @@ class WorkService:
 
     # -- release -------------------------------------------------------------------------------
     def release(self, vehicle_id: str, msg: Release) -> ReleaseAck:
+        if self.verifier is not None and self.verifier.is_alone(msg.lease_id):
+            given_back = len(self.verifier.probe_seqs(msg.lease_id) or {})
+            self.verifier.unanswered(msg.lease_id)
+            return ReleaseAck(released=given_back)
         released = self.store.release_lease(
             vehicle_id, msg.lease_id, self.clock(), msg.reason, msg.energy_j
         )
         if released is None:
             return ReleaseAck(error=_unknown_lease(msg.lease_id))
         self._lease_infos.pop_many([msg.lease_id])
+        if self.verifier is not None:
+            self.verifier.unanswered(msg.lease_id)
         lease = self.store.get_lease(vehicle_id, msg.lease_id)
         if lease is not None:
             self.batches.maybe_finalize(lease.batch_id)
@@ -614,6 +900,11 @@ class _LeaseInfo:
     expected: Mapping[int, Any] | None
     """What checking a result needs of each request of the unit (``Workload.expectation`` of
     its payload), by seq; None: not known here (ask the store)."""
+    payloads: Mapping[int, Any] | None = None
+    """The requests' payloads by seq, as granted (verification probes them); None: not known
+    here."""
+    purpose: str = DEFAULT_PURPOSE
+    data_region: str = DEFAULT_DATA_REGION
 
 
 def _remember(lease: Lease) -> _LeaseInfo:
@@ -625,6 +916,9 @@ def _remember(lease: Lease) -> _LeaseInfo:
         lease.model,
         workload,
         {item.seq: workload.expectation(item.payload) for item in lease.items},
+        {item.seq: item.payload for item in lease.items},
+        lease.purpose,
+        lease.data_region,
     )
 
 
@@ -659,6 +953,14 @@ class _LeaseInfos:
 
 def _not_registered(vehicle_id: str) -> WireError:
     return WireError(code="not_registered", message=f"vehicle {vehicle_id} must register first")
+
+
+def _quarantined(vehicle_id: str) -> WireError:
+    return WireError(
+        code="quarantined",
+        message=f"vehicle {vehicle_id} is quarantined: results of its work disagreed with "
+        "other owners' cars; an operator can reinstate it",
+    )
 
 
 def _unknown_lease(lease_id: str) -> WireError:

@@ -271,6 +271,9 @@ class EmbeddedFleet:
                 str(opts.max_requests),
                 "--claim-seconds",
                 str(opts.claim_seconds),
+                # Every embedded car has one owner: any other car may check a car's results.
+                "--verify-by",
+                "any-car",
                 "--nats-seed",
                 str(self.secrets.coordinator_seed_file),
                 "--nats-auth-file",

@@ -3,8 +3,9 @@
 A graph file is named by the sha256 of its bytes, so a file damaged on disk is detected on load
 rather than producing wrong vectors. Writes go through a temporary file and an atomic rename, so
 a crash or a concurrent writer never leaves a half-written model under a valid name.
-`ensure_minilm` and `ensure_llama` keep a small index from "<model id>@<weights sha256>" to the
-graph's sha256 so that an agent builds a graph from its weights (a signed release's files, see
+`ensure_minilm` and `ensure_llama` keep a small index from "<model id>@<weights sha256>" (and,
+for a MiniLM graph of other than fp32 weights, "+<precision>") to the graph's sha256 so that an
+agent builds a graph from its weights (a signed release's files, see
 `idlefleet.models.distribution`, or the packaged ones) once and then reuses the cached file on
 every start. Work grants pin the signed release, whose weights fix the graph.
 """
@@ -159,20 +160,28 @@ class ModelCache:
         atomic_write(self.root / _INDEX_NAME, data)
 
 
-def ensure_minilm(cache_root: Path, model_dir: Path | None = None) -> tuple[str, Path]:
-    """Return (graph sha256, path) of the MiniLM ONNX graph, building it only if needed.
+def ensure_minilm(
+    cache_root: Path, model_dir: Path | None = None, precision: str = "fp32"
+) -> tuple[str, Path]:
+    """Return (graph sha256, path) of the MiniLM ONNX graph with its weights at ``precision``
+    (``minilm.PRECISIONS``), building it only if needed.
 
     The graph is rebuilt when the weights change, when the builder version changes, or when the
-    cached file is missing or corrupt; otherwise the cached file is verified and reused.
+    cached file is missing or corrupt; otherwise the cached file is verified and reused. The
+    graphs of both precisions have keys of their own, so both can be in one cache.
     """
+    if precision not in minilm.PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(minilm.PRECISIONS)}")
     model_dir = minilm.default_model_dir() if model_dir is None else Path(model_dir)
     return ensure_graph(
         cache_root,
         # The config shapes the graph as much as the weights do (a signed release pins both).
+        # fp32 keeps the key it had before there were precisions, so no cache is rebuilt.
         f"{minilm.MODEL_ID}@{file_sha256(model_dir / 'model.safetensors')}"
-        f"+{file_sha256(model_dir / 'config.json')[:16]}",
+        f"+{file_sha256(model_dir / 'config.json')[:16]}"
+        + ("" if precision == "fp32" else f"+{precision}"),
         minilm.GRAPH_BUILDER_VERSION,
-        lambda: minilm.build_minilm_onnx(model_dir),
+        lambda: minilm.build_minilm_onnx(model_dir, precision),
     )
 
 

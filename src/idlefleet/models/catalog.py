@@ -20,6 +20,9 @@ class ModelInfo:
     max_tokens: int
     """Tokens an embedding model reads of each input; a chat model's context window."""
     aliases: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("fp32",)
+    """The numeric precisions a car can run it at (``Hardware.precision``), its own first; each
+    is a hardware class of its own, whose results verification compares at its own tolerance."""
     owned_by: str = "idlefleet"
     created: int = 1_700_000_000
 
@@ -30,6 +33,7 @@ MINILM = ModelInfo(
     dim=384,
     max_tokens=256,
     aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+    precisions=("fp32", "fp16"),  # fp16: float16 weights (models.minilm)
 )
 
 SMOLLM2 = ModelInfo(

@@ -9,7 +9,19 @@ ONNX Runtime's optimiser fuses GELU with its bias add (BiasGelu) and folds the a
 into Q @ K^T (FusedMatMul); LayerNormalization is native at opset 17. ORT's Attention fusion only
 matches opset <= 12 node versions and its SkipLayerNorm fusion needs a static sequence length, so
 neither can apply here; the dense MatMuls dominate the cost anyway. The output bytes are a pure
-function of the weights, so their sha256 can name the model in a cache.
+function of the weights (and the precision they are stored at), so their sha256 can name the
+model in a cache.
+
+Precision ``fp16`` stores every weight rounded to float16, each behind a Cast back to float32:
+the file (and a car's download) is half the size, the numbers are those of a car whose weights
+are float16. Compute stays float32 on ONNX Runtime's CPU provider: its constant folding turns
+the casts back into float32 weights when the session loads (measured on onnxruntime 1.32: an
+all-float16 graph runs no faster, since ORT's CPU provider inserts casts to float32 around
+nearly every node and loses the BiasGelu and FusedMatMul fusions). It is the second hardware
+class a CPU-only machine can run: its vectors differ from fp32's (cosine about 0.999999).
+
+`build_truncated_minilm` builds what no honest car runs: the encoder's first few layers only,
+a cheaper model that a cheating car might pass off as MiniLM. Verification benchmarks use it.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from idlefleet.models.catalog import MINILM
 from idlefleet.models.onnx_graph import GraphWriter
 from idlefleet.models.safetensors_io import load_safetensors
 
@@ -32,9 +45,11 @@ __all__ = [
     "MAX_SEQ_LENGTH",
     "MODEL_ID",
     "OPSET",
+    "PRECISIONS",
     "BertConfig",
     "build_minilm_model",
     "build_minilm_onnx",
+    "build_truncated_minilm",
     "default_model_dir",
 ]
 
@@ -50,6 +65,8 @@ OPSET = 17
 _IR_VERSION = 8
 # Bump whenever the emitted graph changes, so cached graphs from an older builder are rebuilt.
 GRAPH_BUILDER_VERSION = 1
+PRECISIONS = MINILM.precisions
+"""The precisions the graph can store its weights at (``Hardware.precision``); fp32 first."""
 
 # torch.finfo(float32).min, as transformers uses for masked attention scores: softmax then gives
 # padded positions exactly zero weight.
@@ -100,24 +117,41 @@ def default_model_dir() -> Path:
     return Path(get_model_path())
 
 
-def _linear(g: GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
+class _Weights(GraphWriter):
+    """A graph writer that stores the model's weights at one precision: ``weight`` gives a
+    float32 tensor either way (fp16: the rounded weight, cast back to float32)."""
+
+    def __init__(self, precision: str) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+
+    def weight(self, name: str, value: np.ndarray) -> str:
+        if self.precision == "fp32":
+            return self.const(name, value.astype(np.float32))
+        stored = self.const(f"{name}.fp16", value.astype(np.float16))
+        return self.op("Cast", [stored], name, to=TensorProto.FLOAT)
+
+
+def _linear(g: _Weights, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
     # torch stores Linear weights as [out, in]; MatMul wants [in, out], so transpose once here
     # rather than adding a Transpose node the optimiser would have to fold.
-    w = g.const(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T.astype(np.float32))
-    b = g.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
+    w = g.weight(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T)
+    b = g.weight(f"{prefix}.bias", weights[f"{prefix}.bias"])
     return g.op("Add", [g.op("MatMul", [x, w], f"{prefix}/matmul"), b], f"{prefix}/add")
 
 
 def _layer_norm(
-    g: GraphWriter, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float
+    g: _Weights, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float
 ) -> str:
-    gamma = g.const(f"{prefix}.weight", weights[f"{prefix}.weight"].astype(np.float32))
-    beta = g.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
+    gamma = g.weight(f"{prefix}.weight", weights[f"{prefix}.weight"])
+    beta = g.weight(f"{prefix}.bias", weights[f"{prefix}.bias"])
     return g.op("LayerNormalization", [x, gamma, beta], f"{prefix}/ln", axis=-1, epsilon=eps)
 
 
 def _encoder_layer(
-    g: GraphWriter, x: str, mask_bias: str, w: dict[str, np.ndarray], i: int, cfg: BertConfig
+    g: _Weights, x: str, mask_bias: str, w: dict[str, np.ndarray], i: int, cfg: BertConfig
 ) -> str:
     p = f"encoder.layer.{i}"
     heads = f"{p}/heads_shape"
@@ -161,10 +195,24 @@ def _encoder_layer(
     return _layer_norm(g, out, w, f"{p}.output.LayerNorm", cfg.layer_norm_eps)
 
 
-def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
+def build_minilm_model(model_dir: Path, precision: str = "fp32") -> onnx.ModelProto:
     """Build the ONNX model from `model_dir` (config.json, model.safetensors, and 1_Pooling/ if
     there: a signed release carries only what the graph needs, and mean pooling, the only
-    pooling this builder implements, is what all-MiniLM-L6-v2 uses)."""
+    pooling this builder implements, is what all-MiniLM-L6-v2 uses), its weights stored at
+    ``precision`` (one of `PRECISIONS`; the inputs, outputs and compute are float32 either
+    way)."""
+    return _build(model_dir, precision, layers=None)
+
+
+def build_truncated_minilm(model_dir: Path, layers: int) -> bytes:
+    """A cheaper model that is NOT all-MiniLM-L6-v2: its first ``layers`` encoder layers (of
+    6), then the same pooling, serialized. What a car that cheats might run instead of the
+    model it was given (a 3-layer run costs half); verification benchmarks measure that they
+    catch it. Nothing on a car builds or loads it (`models.cache` never does)."""
+    return _build(model_dir, "fp32", layers=layers).SerializeToString()
+
+
+def _build(model_dir: Path, precision: str, layers: int | None) -> onnx.ModelProto:
     cfg = BertConfig.from_json(model_dir / "config.json")
     pooling_file = model_dir / "1_Pooling" / "config.json"
     pooling = (
@@ -182,18 +230,20 @@ def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
     # Some exports prefix every tensor with the architecture name; accept both layouts.
     w = {k.removeprefix("bert."): v for k, v in w.items()}
 
-    g = GraphWriter()
+    if layers is not None and not 1 <= layers < cfg.num_hidden_layers:
+        raise ValueError(f"a truncated model keeps 1 to {cfg.num_hidden_layers - 1} layers")
+    g = _Weights(precision)
     ids, mask = "input_ids", "attention_mask"
 
     # Embeddings. token_type_ids are always zero for single-sentence inputs, so row 0 of the
     # token-type table is folded into the position table instead of being a model input.
-    word_table = g.const(
+    word_table = g.weight(
         "embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"]
     )
     pos_type = (
         w["embeddings.position_embeddings.weight"] + w["embeddings.token_type_embeddings.weight"][0]
     ).astype(np.float32)
-    pos_table = g.const("embeddings.position_plus_token_type", pos_type)
+    pos_table = g.weight("embeddings.position_plus_token_type", pos_type)
     seq_len = g.op("Shape", [ids], "embeddings/seq_len", start=1, end=2)
     zero = g.const("embeddings/zero", np.array([0], dtype=np.int64))
     axis0 = g.const("embeddings/axis0", np.array([0], dtype=np.int64))
@@ -211,7 +261,7 @@ def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
     bias_axes = g.const("mask/bias_axes", np.array([1, 2], dtype=np.int64))
     mask_bias = g.op("Unsqueeze", [bias, bias_axes], "mask/bias")
 
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers if layers is None else layers):
         x = _encoder_layer(g, x, mask_bias, w, i, cfg)
     tokens = g.op("Identity", [x], "token_embeddings")
 
@@ -254,11 +304,16 @@ def build_minilm_model(model_dir: Path) -> onnx.ModelProto:
         producer_name="idlefleet.models.minilm",
         producer_version=str(GRAPH_BUILDER_VERSION),
         ir_version=_IR_VERSION,
-        doc_string=f"{MODEL_ID}: BERT encoder + mean pooling + L2 normalisation",
+        doc_string=(
+            f"{MODEL_ID}: BERT encoder + mean pooling + L2 normalisation"
+            if layers is None
+            else f"NOT {MODEL_ID}: its first {layers} of {cfg.num_hidden_layers} layers only"
+        )
+        + (", float16 weights" if precision == "fp16" else ""),
     )
     return model
 
 
-def build_minilm_onnx(model_dir: Path) -> bytes:
-    """Serialized `build_minilm_model(model_dir)`; identical bytes for identical weights."""
-    return build_minilm_model(model_dir).SerializeToString()
+def build_minilm_onnx(model_dir: Path, precision: str = "fp32") -> bytes:
+    """Serialized `build_minilm_model`; identical bytes for identical weights and precision."""
+    return build_minilm_model(model_dir, precision).SerializeToString()

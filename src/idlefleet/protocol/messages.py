@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 PROTOCOL_VERSION = 1
 
-ShortText = Annotated[str, Field(max_length=200)]
-Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+_NO_NUL = r"^[^\x00]*$"
+"""Text a store may keep: PostgreSQL's text holds no NUL (a heartbeat's ``reason`` with one
+failed every later liveness flush, every car's with it)."""
+ShortText = Annotated[str, Field(max_length=200, pattern=_NO_NUL)]
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=_NO_NUL)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+"""A position, size or token count a car reports: what every store's integer columns hold (a
+seq of 2**63 reached PostgreSQL's ``bigint`` and failed a whole store turn)."""
 
 
 class WireModel(BaseModel):
@@ -51,13 +60,41 @@ class Hardware(WireModel):
     """Memory available to models, GB."""
     power_w: Annotated[float, Field(gt=0, le=100_000)]
     """Power draw of the accelerator at full load, watts."""
+    runtime: ShortText = "onnxruntime"
+    """The inference runtime and its version, e.g. ``onnxruntime 1.23.2``."""
+    provider: ShortText = "CPUExecutionProvider"
+    """The runtime's execution provider the car's models run on."""
+    precision: ShortText = "fp32"
+    """Numeric precision of the car's model weights and compute (``fp32``, ``fp16``...).
+    With the model's digest and the two above: the car's hardware class, within which two
+    cars' results are compared at the tightest tolerance (verification)."""
+
+
+def hardware_class(hardware: Hardware | Mapping[str, Any] | None, model_digest: str | None) -> str:
+    """The hardware class of a car running a model, as a key: two cars whose keys are equal
+    run the same model release (``model_digest``, a signed manifest's; None: unsigned, this
+    machine's packages) on the same runtime version, execution provider and precision.
+    ``hardware``: what the car registered, or its JSON as a store keeps it (a field it lacks,
+    or None for all of them, counts as ``Hardware``'s default, as on the wire).
+
+    16 hex digits of the sha256 of those four values as a JSON list: short, stable across
+    processes and releases of this code, and unambiguous whatever text a car puts in the
+    fields (no separator to forge). Not readable: log the ``Hardware`` beside it."""
+    given = hardware.model_dump() if isinstance(hardware, Hardware) else dict(hardware or {})
+    fields = [model_digest] + [
+        str(given.get(name, Hardware.model_fields[name].default))
+        for name in ("runtime", "provider", "precision")
+    ]
+    canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
 class RegisterRequest(WireModel):
     """A vehicle announces itself (sent on connect and after every reconnect)."""
 
-    protocol_version: int
-    """Version of this protocol the agent speaks."""
+    protocol_version: Annotated[int, Field(ge=0, le=1_000_000)]
+    """Version of this protocol the agent speaks. Bounded: the refusal of another version
+    quotes it, and a 4,000-digit one made that refusal fail the registrations batched with it."""
     agent_version: ShortText
     """Agent software version, for diagnostics."""
     hardware: Hardware
@@ -174,16 +211,16 @@ class ResultChunk(WireModel):
     """Finished requests of a lease (any subset, any number of times: commits are idempotent)."""
 
     lease_id: Identifier
-    seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)]
+    seqs: Annotated[list[Count], Field(max_length=10_000)]
     """Requests whose results are in this chunk."""
-    token_counts: list[Annotated[int, Field(ge=0)]]
+    token_counts: list[Count]
     """Tokens consumed per request (same order as ``seqs``)."""
-    sizes: list[Annotated[int, Field(ge=0)]]
+    sizes: list[Count]
     """Bytes of each request's result in ``data_b64`` (same order as ``seqs``)."""
     data_b64: str
     """Base64 of the requests' results, concatenated in ``seqs`` order, each in its
     workload's encoding (embeddings: little-endian float32 rows)."""
-    failed_seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = []
+    failed_seqs: Annotated[list[Count], Field(max_length=10_000)] = []
     """Requests the vehicle could not run: they return to the queue, each counting a failed
     attempt (after ``max_attempts`` a request ends in the error file, ``request_failed``)."""
     energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
@@ -209,8 +246,8 @@ class Progress(WireModel):
     from there (an LLM's tokens so far: a generation survives the car leaving)."""
 
     lease_id: Identifier
-    seqs: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10_000)]
-    sizes: list[Annotated[int, Field(ge=0)]]
+    seqs: Annotated[list[Count], Field(max_length=10_000)]
+    sizes: list[Count]
     """Bytes of each request's progress in ``data_b64`` (same order as ``seqs``)."""
     data_b64: str
     """Base64 of the requests' progress, concatenated, in their workload's encoding."""

@@ -105,7 +105,8 @@ class OwnerPolicy(WireModel):
     def _known_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        # OSError: a name of one of tzdata's folders ("America") is opened as a file.
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(
                 f"unknown time zone {value!r}; use an IANA name such as Europe/Berlin or UTC"
             ) from None

@@ -20,7 +20,9 @@ from enum import StrEnum
 PREFIX = "idlefleet.v1"
 COORDINATOR_QUEUE = "idlefleet-coordinators"
 
-_VEHICLE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""What a car id may be: one NATS subject token."""
+_VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
 
 
 class Uplink(StrEnum):

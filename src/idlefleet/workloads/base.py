@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from idlefleet.models.catalog import MODELS
+
 if TYPE_CHECKING:
     from idlefleet.agent.compute_gate import ComputeGate
     from idlefleet.coordinator.store.base import StoredRequest
@@ -31,6 +33,7 @@ __all__ = [
     "OnlineStream",
     "Planned",
     "PlannedRun",
+    "Probe",
     "RunOutcome",
     "UnitRunner",
     "Workload",
@@ -64,6 +67,22 @@ class Planned:
     cost: Cost
     job: Any = None
     """The workload's own parsed request (for rendering an online response)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Part of a finished request, re-run on another car to verify the first car's result.
+
+    To the car that runs it, a probe is one more request of the workload in a unit (the same
+    kind and model); its answer is judged against ``reference`` by :meth:`Workload.agree`."""
+
+    payload: Any
+    """What the verifying car runs: a payload of this workload."""
+    reference: bytes
+    """The first car's answer to it (a part of its result, in the workload's encoding)."""
+    work: int
+    """Its compute, in the workload's unit of work (embedding inputs, tokens): what verifying
+    costs, for the overhead figures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +130,12 @@ class UnitRunner(ABC):
     preferred_requests: int = 1
     """The fewest requests a unit should hold for this runner to run at full speed (an LLM
     engine's slots); the car asks for units of at least this many."""
+
+    @property
+    def provider(self) -> str | None:
+        """The ONNX Runtime execution provider its session runs on, as the session says (what
+        the car reports as ``Hardware.provider``); None: the runner does not say."""
+        return None
 
     @abstractmethod
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
@@ -211,10 +236,28 @@ class Workload(ABC):
         default every report is refused."""
         return f"{self.kind} requests report no progress"
 
+    # -- verification --------------------------------------------------------------------------
     @abstractmethod
-    def compare(self, model: str, a: bytes, b: bytes) -> bool:
-        """Whether two cars' results of the same request agree (across hardware classes;
-        used by verification)."""
+    def work(self, payload: Any, result: bytes) -> int:
+        """The compute a finished request took, in the workload's unit of work (as
+        :attr:`Probe.work`): what verification's overhead is measured against."""
+
+    @abstractmethod
+    def probe(self, payload: Any, result: bytes, pick: int) -> Probe:
+        """A probe of a finished request (its payload and committed result): a small part of it
+        that another car re-runs. ``pick`` (a random non-negative int) chooses the part, so a
+        car cannot know which part of its work will be checked."""
+
+    @abstractmethod
+    def agree(
+        self, model: str, probe: Any, reference: bytes, answer: bytes, same_class: bool
+    ) -> bool:
+        """Whether another car's ``answer`` to a probe (its payload ``probe``) confirms the
+        ``reference``. ``same_class``: both cars are of one hardware class (model digest,
+        runtime, execution provider, precision), where results are compared at the tightest
+        tolerance; across classes, at a tolerance calibrated between classes. Never by
+        comparing sampled text: a generation is judged by how likely the answer's model finds
+        it."""
 
     # -- responses -----------------------------------------------------------------------------
     @abstractmethod
@@ -253,4 +296,16 @@ class Workload(ABC):
         self, model: str, cache_dir: Path, threads: int, source: Path | None = None
     ) -> UnitRunner:
         """Build the car's runner of ``model`` from the files in ``source`` (as
-        ``provision``); loads it; only agents call this."""
+        ``provision``), at the model's own precision; loads it. Agents build runners through
+        :meth:`runner_at`."""
+
+    def runner_at(
+        self, precision: str, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
+        """The car's runner of ``model`` at ``precision`` (one of the catalogue's
+        ``ModelInfo.precisions``, else ``ValueError``), as :meth:`runner`. A workload whose
+        models run at more than their own precision overrides this."""
+        own = MODELS[model].precisions[0] if model in MODELS else "fp32"
+        if precision != own:
+            raise ValueError(f"model {model} runs at {own} only, not {precision}")
+        return self.runner(model, cache_dir, threads, source)

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from idlefleet.agent.policy_guard import PolicyGuard
 from idlefleet.agent.sources.trace import (
     DEFAULT_START,
     TRACE_FORMAT,
@@ -27,9 +30,13 @@ from idlefleet.agent.sources.trace import (
 from idlefleet.agent.vehicle_state import (
     GEAR_DRIVE,
     SIGNALS,
+    StateAssembler,
     StateReading,
     VehicleState,
 )
+from idlefleet.protocol.policy import OwnerPolicy
+from tests.fuzzing import fuzz_settings
+from tests.hostile import hostile, spoiled
 
 SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
 SPEED = "Vehicle.Speed"
@@ -112,6 +119,11 @@ def test_save_and_load_round_trip(tmp_path: Path, start: float) -> None:
         ([HEADER, event_line(-1.0)], 2, "t must not be negative"),
         ([HEADER, '{"t": NaN, "signals": {}}'], 2, "t must be finite"),
         ([HEADER, '{"t": Infinity, "signals": {}}'], 2, "t must be finite"),
+        # Each of these three raised something else than TraceError before:
+        ([HEADER, '{"t": 1' + "0" * 400 + ', "signals": {}}'], 2, "t must be finite"),
+        ([HEADER, '{"t": 1' + "0" * 5000 + ', "signals": {}}'], 2, "bad JSON"),
+        ([HEADER, "[" * 100_000 + "]" * 100_000], 2, "nested too deeply"),
+        ([json.dumps({"trace": TRACE_FORMAT, "start": 10**400})], 1, "epoch seconds"),
         ([HEADER, event_line("5")], 2, "t must be a number"),
         ([HEADER, event_line(True)], 2, "t must be a number"),
         ([HEADER, event_line(0, [1])], 2, "signals must be an object"),  # type: ignore[arg-type]
@@ -130,6 +142,31 @@ def test_invalid_trace_names_file_line_and_problem(
 
     assert str(caught.value).startswith(f"{path}:{line}: ")
     assert problem in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [json.dumps({"trace": TRACE_FORMAT, "start": 1e300})],
+        [HEADER, event_line(1e300)],
+    ],
+    ids=["start", "end"],
+)
+def test_a_trace_must_lie_within_the_calendar(lines: list[str]) -> None:
+    # The guard reads the owner's local time of each instant: past the year 9999 it raised.
+    with pytest.raises(TraceError) as caught:
+        StateTrace.parse("\n".join(lines), name="far.jsonl")
+
+    assert str(caught.value).startswith("far.jsonl: ") and "years 1 to 9999" in str(caught.value)
+
+
+def test_a_line_of_many_keys_is_checked_for_repeats_in_linear_time() -> None:
+    keys = ", ".join(f'"k{i}": 0' for i in range(200_000))  # counting each key was quadratic
+
+    with pytest.raises(TraceError) as caught:
+        StateTrace.parse("\n".join([HEADER, "{" + keys + ', "k7": 1}']))
+
+    assert "key 'k7' appears twice" in str(caught.value)
 
 
 def test_unknown_path_suggests_the_closest_known_one() -> None:
@@ -461,3 +498,44 @@ def test_a_raising_listener_does_not_kill_the_thread(
     assert [r.state.speed_kmh for r in got] == [0.0, 1.0, 2.0]
     assert readings.get_nowait().state.speed_kmh == 9.0
     assert sum("listener bug" in (r.exc_text or "") for r in caplog.records) == 4
+
+
+# -- hostile trace files (hypothesis) -------------------------------------------------------------
+
+
+@st.composite
+def trace_bytes(draw: st.DrawFn) -> bytes:
+    """A trace file as a person or a tool might get it wrong: its header and events each intact
+    or broken (fields, values, bytes), with hostile signal values."""
+    header = {"trace": TRACE_FORMAT, "start": "2026-11-22T18:00:00+01:00"}
+    lines = [draw(spoiled(header))]
+    paths = sorted(SIGNALS)
+    for i in range(draw(st.integers(0, 4))):
+        picked = draw(st.lists(st.sampled_from(paths), min_size=1, max_size=3, unique=True))
+        state = parked_state()
+        signals = {p: draw(st.sampled_from([state[p], None]) | hostile) for p in picked}
+        lines.append(draw(spoiled({"t": float(i), "signals": signals})))
+    return b"\n".join(lines)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(100)
+@given(content=trace_bytes())
+def test_any_trace_file_loads_or_names_its_problem_and_replays_without_raising(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(content)
+
+    try:
+        trace = StateTrace.load(path)
+    except TraceError as problem:
+        assert str(problem).startswith(str(path)) and len(str(problem)) > len(str(path)) + 2
+        return
+    # Values are judged at replay: a broken one makes the reading unreadable, never raises.
+    assembler = StateAssembler()
+    guard = PolicyGuard(OwnerPolicy(opted_in=True, timezone="Pacific/Kiritimati"))
+    for event in trace.events:
+        reading = assembler.apply(event.signals, at=trace.start + event.t)
+        verdict = guard.observe(reading, trace.start + event.t)
+        assert reading.readable or not verdict.allowed

@@ -26,6 +26,7 @@ from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.batches import BatchService
 from idlefleet.coordinator.store import Enrolment, open_store, sqlite_url
+from idlefleet.coordinator.verification import Verifier
 from idlefleet.coordinator.work import WorkService
 from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from idlefleet.protocol.policy import PolicyUpdate
@@ -94,6 +95,8 @@ def live_coordinator(directory: Path) -> Iterator[LiveCoordinator]:
     store = open_store(sqlite_url(directory / "coordinator.db"))
     batches = BatchService(store)
     work = WorkService(store, batches)
+    work.verifier = Verifier(store)  # as the server has one
+    batches.finalize_gate = work.verifier.may_finalize
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

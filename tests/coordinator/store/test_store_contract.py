@@ -54,6 +54,8 @@ from idlefleet.coordinator.store import (
     sqlite_url,
 )
 from idlefleet.coordinator.store.migrations import MIGRATIONS
+from idlefleet.coordinator.store.verification_sql import VerdictRow
+from idlefleet.coordinator.trust import CarTrust
 from idlefleet.embedded.postgres import create_database, drop_database
 from idlefleet.protocol.identity import new_nkey_seed, public_nkey
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
@@ -3132,3 +3134,69 @@ def test_a_validating_batch_queues_the_lines_counted_at_creation(store: Store) -
     assert store.get_batch("acme-big") == replace(
         counted, request_counts=store.request_counts("acme-big")
     )
+
+
+# -- verification ----------------------------------------------------------------------------------
+def test_trust_rows_round_trip_and_the_last_write_wins(store: Store) -> None:
+    assert store.get_trust(["car-1"]) == {}
+    store.put_trust([CarTrust("car-1", streak=3, agreed=3, verified_through=5.0)], NOW)
+    store.put_trust([CarTrust("car-2", streak=1, agreed=1)], NOW)
+    store.record_verification(
+        [CarTrust("car-1", streak=0, agreed=3, disagreed=1, quarantined_at=NOW, reason="r")],
+        [],
+        NOW + 1,
+    )
+    found = store.get_trust(["car-1", "car-2", "car-3"])
+    assert set(found) == {"car-1", "car-2"}
+    assert found["car-1"] == CarTrust(
+        "car-1",
+        streak=0,
+        agreed=3,
+        disagreed=1,
+        verified_through=0.0,
+        quarantined_at=NOW,
+        reason="r",
+    )
+    assert [t.vehicle_id for t in store.list_trust()] == ["car-1", "car-2"]
+    assert [t.vehicle_id for t in store.list_trust(quarantined_only=True)] == ["car-1"]
+
+
+def test_redo_returns_a_cars_results_in_running_batches_only(store: Store) -> None:
+    add_batch(store, "batch-1", n=4)
+    add_batch(store, "batch-2", n=2)
+    first = must_lease(store, "car-1", 4)
+    commit(store, first, seqs_of(first))
+    other = must_lease(store, "car-2", 2)
+    commit(store, other, seqs_of(other))
+    store.update_batch("batch-2", ["in_progress"], status="completed")
+    # car-1 did batch-1 and car-2 batch-2 (finished): only car-1's are redone.
+    assert store.redo_results("car-2") == 0
+    assert store.redo_results("car-1") == 4
+    assert store.request_counts("batch-1").pending == 4
+    assert store.request_counts("batch-1").completed == 0
+    assert all(r.result is None for r in stored(store, "batch-1").values())
+    again = must_lease(store, "car-3", 4)
+    assert sorted(seqs_of(again)) == [0, 1, 2, 3]
+
+
+def test_a_strict_batch_knows_which_results_lack_an_agreeing_verdict(store: Store) -> None:
+    add_batch(store, n=3)
+    leased = must_lease(store, "car-1", 3)
+    commit(store, leased, seqs_of(leased))
+    assert [r.seq for r in store.unverified_requests("batch-1")] == [0, 1, 2]
+    done = store.done_requests("batch-1", [0, 2, 7])
+    assert sorted(done) == [0, 2] and done[0].vehicle_id == "car-1"
+    assert done[0].payload == ["text 0", "more ü 0"] and done[0].result == result(0).result
+    store.record_verification(
+        [],
+        [
+            VerdictRow("batch-1", 0, "car-1", "agree", "car-2", NOW),
+            VerdictRow("batch-1", 1, "car-1", "disagree", "car-2", NOW),
+            VerdictRow("batch-1", 2, "car-9", "agree", "car-2", NOW),  # another car's result
+        ],
+        NOW,
+    )
+    # The first verdict on a result stands.
+    store.record_verdicts([VerdictRow("batch-1", 1, "car-1", "agree", "car-3", NOW)])
+    assert [r.seq for r in store.unverified_requests("batch-1")] == [1, 2]
+    assert [r.seq for r in store.unverified_requests("batch-1", limit=1)] == [1]

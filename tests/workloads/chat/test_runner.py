@@ -128,10 +128,67 @@ def test_a_gate_that_forbids_refuses_the_run(runner: ChatRunner) -> None:
     assert outcome.refused and outcome.results == [None]
 
 
+def test_a_unit_mixing_generations_and_probes_returns_both(runner: ChatRunner) -> None:
+    earlier = [
+        payload("Name a fruit.", temperature=0.8, max_tokens=10),
+        payload("What is the capital of France?", temperature=0, max_tokens=20),
+    ]
+    (fruit, capital) = runner.run(allowed_gate(), earlier, "lease-0").results
+    assert fruit is not None and capital is not None
+    probes = [CHAT.probe(earlier[0], fruit.data, 0), CHAT.probe(earlier[1], capital.data, 0)]
+    unit = [
+        payload("Say hello.", temperature=0.7, seed=3, max_tokens=8),
+        probes[0].payload,
+        payload("Count from one to ten.", temperature=0, max_tokens=6),
+        probes[1].payload,
+    ]
+    runs = runner.plan(unit, max_requests=64)
+    assert sorted(i for run in runs for i in run.indices) == [0, 1, 2, 3]
+
+    outcome = runner.run(allowed_gate(), unit, "lease-5")
+
+    assert outcome.complete
+    for i, request in enumerate(unit):
+        result = outcome.results[i]
+        assert result is not None
+        expected = CHAT.expectation(request)
+        data = result.data
+        assert CHAT.check(MODEL, [i], [expected], [len(data)], [result.tokens], data) is None
+    assert [json.loads(outcome.results[i].data)["finish_reason"] for i in (0, 2)] == [
+        "length",
+        "length",
+    ]
+    for i, probe in zip((1, 3), probes, strict=True):
+        answer = outcome.results[i].data
+        assert outcome.results[i].tokens == probe.work
+        assert CHAT.agree(MODEL, probe.payload, probe.reference, answer, same_class=True)
+
+
+def test_a_plan_keeps_each_run_s_results_within_a_result_chunk(runner: ChatRunner) -> None:
+    from idlefleet.workloads.chat.runner import RUN_RESULT_BYTES, _Job
+
+    long = [payload("Hi", max_tokens=8000) for _ in range(20)]
+    completion = {"completion": [17] * 4000, "finish_reason": "length"}
+    probes = [dict(payload("Hi", max_tokens=4000), **completion) for _ in range(30)]
+
+    for unit in (long, probes, long[:5] + probes[:20]):
+        runs = runner.plan(unit, max_requests=64)
+        assert sorted(i for run in runs for i in run.indices) == list(range(len(unit)))
+        for run in runs:
+            jobs = [runner._job(str(i), unit[i]) for i in run.indices]
+            assert sum(job.result_bytes for job in jobs) <= RUN_RESULT_BYTES
+    assert max(len(run.indices) for run in runner.plan(long, 64)) < 16  # bytes, not slots
+    assert isinstance(runner._job("p", probes[0]), _Job)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
         "text",
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "completion": [1, 2, 3, 4]},
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "completion": [10**9]},
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "completion": "abc"},
+        {"prompt": [1, 2], "max_tokens": 3, "nonce": "n", "completion": [1], "finish_reason": "x"},
         {"prompt": [], "max_tokens": 3, "nonce": "n"},
         {"prompt": [10**9], "max_tokens": 3, "nonce": "n"},
         {"prompt": [1, 2], "max_tokens": 0, "nonce": "n"},

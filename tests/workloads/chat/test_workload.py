@@ -13,7 +13,7 @@ from idlefleet.coordinator.errors import InvalidRequest
 from idlefleet.coordinator.store.base import StoredRequest
 from idlefleet.llm.engine import Engine, GenerationRequest
 from idlefleet.llm.sampling import SamplingParams
-from idlefleet.workloads.chat import CHAT, DEFAULT_MAX_TOKENS, encode_result
+from idlefleet.workloads.chat import CHAT, DECODE_WEIGHT, DEFAULT_MAX_TOKENS, encode_result
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -151,9 +151,12 @@ def test_garbage_and_wrong_usage_are_refused(generated: Any, smollm2: Any) -> No
     assert "reports" in (check(generated, data, used + 1) or "")
 
 
-def test_compare_is_the_same_tokens(generated: Any, smollm2: Any) -> None:
+def test_work_counts_a_generated_token_as_several_prefilled_ones(
+    generated: Any, smollm2: Any
+) -> None:
+    planned, tokens, _ = generated
     data, _ = result_of(generated, smollm2)
-    other, _ = result_of(generated, smollm2, tokens=generated[1][:-1])
-    assert CHAT.compare(MODEL, data, data)
-    assert not CHAT.compare(MODEL, data, other)
-    assert not CHAT.compare(MODEL, data, b"junk")
+    prompt = len(planned.payload["prompt"])
+    assert CHAT.work(planned.payload, data) == prompt + DECODE_WEIGHT * len(tokens)
+    assert CHAT.probe(planned.payload, data, 0).work == prompt + len(tokens)  # one prefill
+    assert CHAT.work(planned.payload, b"junk") == prompt

@@ -1,19 +1,24 @@
-"""The embeddings workload through its interface: plan, cost, check, compare, render."""
+"""The embeddings workload through its interface: plan, cost, check, verification (probe and
+agree, with real vectors of both CPU hardware classes and of cheats), render."""
 
 from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from openai.types import CreateEmbeddingResponse
 
 from idlefleet.coordinator.errors import InvalidRequest, NotFound
 from idlefleet.coordinator.store.base import StoredRequest
 from idlefleet.models.catalog import MINILM
+from idlefleet.models.minilm import build_truncated_minilm, default_model_dir
 from idlefleet.workloads import WORKLOADS, by_endpoint, for_model
 from idlefleet.workloads.embeddings import EMBEDDINGS
+from idlefleet.workloads.embeddings.runner import EmbeddingRunner
 
 ROW = 4 * MINILM.dim
 
@@ -116,19 +121,119 @@ def test_check_refuses_a_model_that_is_not_an_embeddings_model() -> None:
     assert EMBEDDINGS.check("gpt-x", [0], [1], [ROW], [1], data) is not None
 
 
-def test_compare_accepts_rounding_noise_and_refuses_other_vectors() -> None:
-    a = unit_rows(4)
-    noisy = a + np.float32(1e-5) * unit_rows(4, 9)
-    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-    assert EMBEDDINGS.compare(MINILM.id, a.tobytes(), a.tobytes())
-    assert EMBEDDINGS.compare(MINILM.id, a.tobytes(), noisy.astype("<f4").tobytes())
-    other = a.copy()
-    other[2] = unit_rows(1, 5)[0]
-    assert not EMBEDDINGS.compare(MINILM.id, a.tobytes(), other.tobytes())
-    assert not EMBEDDINGS.compare(MINILM.id, a.tobytes(), a[:3].tobytes())
-    zero = a.copy()
-    zero[0] = 0
-    assert not EMBEDDINGS.compare(MINILM.id, a.tobytes(), zero.tobytes())
+def test_probe_is_the_whole_request_judged_against_its_result() -> None:
+    result = unit_rows(3).tobytes()
+
+    probe = EMBEDDINGS.probe(["a", "b", "c"], result, pick=4)
+
+    assert probe.payload == ["a", "b", "c"] and probe.reference == result
+    assert probe.work == 3 == EMBEDDINGS.work(["a", "b", "c"], result)
+    assert EMBEDDINGS.probe(["a", "b", "c"], result, pick=0) == probe
+    for payload, data in ((["a", "b", "c"], result[:-4]), ([], b""), (["a"], b"")):
+        with pytest.raises(ValueError):
+            EMBEDDINGS.probe(payload, data, pick=0)
+
+
+TEXTS = [
+    "My car is parked in the garage and charging overnight.",
+    "a",
+    "Müller fährt über die Straße nach Köln.",
+    "电动汽车在夜间充电。",
+    "SELECT id, name FROM vehicles WHERE soc > 0.8 ORDER BY id;",
+    "Electric vehicles spend most of their lives parked, often plugged into a charger long "
+    "after the battery is full; their computers sit idle for hours every night. " * 4,
+]
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EmbeddingRunner]:
+    """The two classes a CPU car can be: fp32 and fp16 weights, from one cache."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    runners = {p: EMBEDDINGS.runner_at(p, MINILM.id, cache, 1) for p in MINILM.precisions}
+    assert all(isinstance(r, EmbeddingRunner) for r in runners.values())
+    return runners  # type: ignore[return-value]
+
+
+def answer(runner: EmbeddingRunner, payload: list[str], one_by_one: bool = False) -> bytes:
+    """What a verifying car sends back for a probe: its rows (each text alone, or batched)."""
+    batches = [[text] for text in payload] if one_by_one else [payload]
+    embed = runner.embedder.embed
+    return b"".join(embed(b).vectors.astype("<f4").tobytes() for b in batches)
+
+
+def test_runners_report_their_provider_and_build_each_precision(
+    classes: dict[str, EmbeddingRunner],
+) -> None:
+    assert {r.provider for r in classes.values()} == {"CPUExecutionProvider"}
+    assert [r.embedder.precision for r in classes.values()] == ["fp32", "fp16"]
+    assert classes["fp32"].embedder.model_sha256 != classes["fp16"].embedder.model_sha256
+    with pytest.raises(ValueError, match="int8"):
+        EMBEDDINGS.runner_at("int8", MINILM.id, Path("unused"), 1)
+
+
+@pytest.mark.parametrize("car", ["fp32", "fp16"])
+def test_agree_within_and_across_classes_with_real_vectors(
+    classes: dict[str, EmbeddingRunner], car: str
+) -> None:
+    # The car embedded the request as one batch; the verifier runs it otherwise batched.
+    result = answer(classes[car], TEXTS)
+    probe = EMBEDDINGS.probe(TEXTS, result, pick=0)
+    other = "fp16" if car == "fp32" else "fp32"
+
+    same = answer(classes[car], probe.payload, one_by_one=True)
+    across = answer(classes[other], probe.payload, one_by_one=True)
+
+    assert EMBEDDINGS.agree(MINILM.id, probe.payload, probe.reference, same, same_class=True)
+    assert EMBEDDINGS.agree(MINILM.id, probe.payload, probe.reference, across, same_class=False)
+    assert across != probe.reference  # a class apart: close, not equal
+
+
+def test_agree_refuses_cheats(classes: dict[str, EmbeddingRunner]) -> None:
+    fp32 = classes["fp32"].embedder
+    honest = fp32.embed(TEXTS).vectors.astype(np.float64)
+    feed = fp32._encode(TEXTS)
+    cheap_session = ort.InferenceSession(
+        build_truncated_minilm(default_model_dir(), 3), providers=["CPUExecutionProvider"]
+    )
+    (three_layers,) = cheap_session.run(["sentence_embedding"], feed)
+    rng = np.random.default_rng(13)
+    replaced = honest.copy()
+    for row in replaced:  # 16 of 384 components replaced by values of their typical size
+        row[rng.choice(MINILM.dim, 16, replace=False)] = rng.normal(0, MINILM.dim**-0.5, 16)
+    truncated = honest.copy()
+    truncated[:, 192:] = 0
+    cheats = {
+        "first 3 of 6 layers": three_layers,
+        "a random unit vector": unit_rows(len(TEXTS), 7),
+        "another input's vector": np.roll(honest, 1, axis=0),
+        "16 components replaced": replaced,
+        "half the components, zero-padded": truncated,
+    }
+
+    reference = honest.astype("<f4").tobytes()
+    for name, vectors in cheats.items():
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        for i in range(len(TEXTS)):
+            # One cheated row among honest ones is enough to refuse the request.
+            answer = honest.copy()
+            answer[i] = vectors[i]
+            cheat = answer.astype("<f4").tobytes()
+            for same_class in (True, False):
+                agreed = EMBEDDINGS.agree(MINILM.id, TEXTS, reference, cheat, same_class)
+                assert not agreed, (name, i, same_class)
+
+
+def test_agree_refuses_answers_of_the_wrong_shape_or_values() -> None:
+    a = unit_rows(1)
+    reference = a.tobytes()
+    zero = np.zeros_like(a)
+    nan = a.copy()
+    nan[0, 3] = np.nan
+
+    assert EMBEDDINGS.agree(MINILM.id, ["x"], reference, reference, same_class=True)
+    for bad in (a.tobytes()[:-4], unit_rows(2).tobytes(), zero.tobytes(), nan.tobytes(), b""):
+        assert not EMBEDDINGS.agree(MINILM.id, ["x"], reference, bad, same_class=False)
+    assert not EMBEDDINGS.agree("gpt-x", ["x"], reference, reference, same_class=True)
 
 
 def stored(

@@ -98,7 +98,7 @@ class StateTrace:
     def __post_init__(self) -> None:
         if isinstance(self.start, bool) or not isinstance(self.start, int | float):
             raise TraceError(f"start must be a number of epoch seconds, got {self.start!r}")
-        if not math.isfinite(self.start):
+        if not _finite(self.start):
             raise TraceError(f"start must be finite, got {self.start!r}")
         events = tuple(self.events)
         for i, event in enumerate(events):
@@ -106,6 +106,15 @@ class StateTrace:
                 raise TraceError(f"event {i}: expected a TraceEvent, got {event!r}")
             if i and event.t < events[i - 1].t:
                 raise TraceError(f"event {i}: {_order_problem(event.t, events[i - 1].t)}")
+        end = float(self.start) + (events[-1].t if events else 0.0)
+        for label, when in (("start", float(self.start)), ("the last event", end)):
+            try:
+                datetime.fromtimestamp(when, tz=UTC)
+            except (OverflowError, ValueError, OSError):
+                # The guard reads the owner's local time of every instant it judges.
+                raise TraceError(
+                    f"{label} at {when:g} epoch seconds is not a date (years 1 to 9999)"
+                ) from None
         object.__setattr__(self, "start", float(self.start))
         object.__setattr__(self, "events", events)
 
@@ -173,7 +182,10 @@ class StateTrace:
                 f"{name}:{max(last_line, 1)}: empty trace, expected a header line "
                 f'{{"trace": "{TRACE_FORMAT}", "start": ...}}'
             )
-        return cls(start, tuple(events))
+        try:
+            return cls(start, tuple(events))
+        except TraceError as exc:  # the trace as a whole, e.g. an end past the year 9999
+            raise TraceError(f"{name}: {exc}") from None
 
     def dumps(self) -> str:
         """The trace as JSON Lines text (what `parse` reads back to an equal trace)."""
@@ -188,11 +200,19 @@ class StateTrace:
 def _time_problem(t: Any) -> str | None:
     if isinstance(t, bool) or not isinstance(t, int | float):
         return f"t must be a number of seconds, got {t!r}"
-    if not math.isfinite(t):
+    if not _finite(t):
         return f"t must be finite, got {t!r}"
     if t < 0:
         return f"t must not be negative, got {t!r}"
     return None
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite``, also for an integer too large for a float (then False)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _order_problem(t: float, previous: float) -> str:
@@ -211,16 +231,23 @@ def _path_problem(path: Any) -> str | None:
 
 def _json_object(line: str) -> dict[str, Any]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise TraceError(f"key {key!r} appears twice")
-        return dict(pairs)
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # a set, not a count per key: a line may hold 100,000
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise TraceError(f"key {key!r} appears twice")
+                seen.add(key)
+        return obj
 
     try:
         obj = json.loads(line, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise TraceError(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise TraceError("bad JSON: nested too deeply") from None
+    except ValueError as exc:  # a number of more than 4,300 digits
+        raise TraceError(f"bad JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise TraceError(f"expected a JSON object, got {obj!r}")
     return obj
@@ -250,7 +277,7 @@ def _parse_header(obj: dict[str, Any]) -> float:
         if when.tzinfo is None:
             raise TraceError(f"start {start!r} has no UTC offset (e.g. +01:00 or Z)")
         return when.timestamp()
-    if isinstance(start, bool) or not isinstance(start, int | float) or not math.isfinite(start):
+    if isinstance(start, bool) or not isinstance(start, int | float) or not _finite(start):
         raise TraceError(f"start must be an ISO-8601 string or epoch seconds, got {start!r}")
     return float(start)
 

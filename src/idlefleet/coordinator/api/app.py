@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol, TypeVar
@@ -27,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlefleet.coordinator.access import Caller, Role
+from idlefleet.coordinator.api import openapi_doc
 from idlefleet.coordinator.api.auth import Access, RequireBearer
+from idlefleet.coordinator.api.openapi_doc import METADATA, VehicleId, choices
 from idlefleet.coordinator.api.shapes import (
     batch_json,
     consent_json,
@@ -39,7 +42,8 @@ from idlefleet.coordinator.api.shapes import (
     policy_json,
     vehicle_json,
 )
-from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS
+from idlefleet.coordinator.batches import COMPLETION_WINDOWS, BatchService
 from idlefleet.coordinator.errors import (
     Conflict,
     IdlefleetError,
@@ -58,8 +62,10 @@ from idlefleet.coordinator.text_check import (
 from idlefleet.coordinator.work import WorkService
 from idlefleet.models.catalog import MODELS, resolve_model
 from idlefleet.protocol.policy import (
+    DATA_REGIONS,
     DEFAULT_DATA_REGION,
     DEFAULT_PURPOSE,
+    PURPOSES,
     DataRegion,
     OwnerPolicy,
     PolicyUpdate,
@@ -83,14 +89,17 @@ class OnlineRunner(Protocol):
 class CreateBatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Every field is checked by BatchService, whose messages name the allowed values; the
+    # schema only documents them (``openapi_doc.choices``).
     input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = None
-    # Extensions (clients send them with the SDK's ``extra_body``); checked by BatchService,
-    # which names the allowed values.
-    purpose: str = DEFAULT_PURPOSE
-    data_region: str = DEFAULT_DATA_REGION
+    endpoint: Annotated[str, Field(json_schema_extra=choices(SUPPORTED_ENDPOINTS))]
+    completion_window: Annotated[str, Field(json_schema_extra=choices(COMPLETION_WINDOWS))]
+    metadata: Annotated[dict[str, str] | None, Field(json_schema_extra=METADATA)] = None
+    # Extensions (clients send them with the SDK's ``extra_body``).
+    purpose: Annotated[str, Field(json_schema_extra=choices(PURPOSES))] = DEFAULT_PURPOSE
+    data_region: Annotated[str, Field(json_schema_extra=choices(DATA_REGIONS))] = (
+        DEFAULT_DATA_REGION
+    )
 
 
 class SetPolicyBody(BaseModel):
@@ -196,6 +205,19 @@ def _sse(event: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
+def _attachment(filename: str) -> str:
+    """A Content-Disposition any uploaded name fits (RFC 6266): a printable-ASCII fallback and
+    the exact name, percent-encoded UTF-8 (a name such as "🚗.jsonl" put as it is could not be
+    a header at all: a 500)."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    exact = urllib.parse.quote(filename.encode("utf-8", "replace"), safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
+
+
+class OctetStream(StreamingResponse):
+    media_type = "application/octet-stream"
+
+
 class EnrolBody(BaseModel):
     """``POST /fleet/enrolments``: enrol a car by the public nkey it will connect with."""
 
@@ -203,7 +225,7 @@ class EnrolBody(BaseModel):
 
     vehicle_id: Annotated[str, Field(min_length=1, max_length=64)]
     nkey: Annotated[str, Field(min_length=56, max_length=56, pattern=r"^U[A-Z2-7]{55}$")]
-    owner: Annotated[str, Field(min_length=1, max_length=100)]
+    owner: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00]*$")]
     expires_at: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Unix time after which the car's credentials stop working (None: until revoked)."""
 
@@ -243,7 +265,10 @@ def create_app(
         description="OpenAI-compatible Files, Batches, Embeddings and Models API served by a "
         "fleet of parked vehicles, plus the fleet API.",
         lifespan=lifespan,
+        responses=openapi_doc.ERRORS,
+        generate_unique_id_function=openapi_doc.operation_id,
     )
+    openapi_doc.install(app)
     background: set[asyncio.Task[None]] = set()
     app.add_middleware(RequireBearer, log=access.log)
 
@@ -268,10 +293,11 @@ def create_app(
         return JSONResponse(body, status_code=exc.status_code)
 
     # -- files ---------------------------------------------------------------------------------
-    @app.post("/v1/files", tags=["files"])
+    @app.post("/v1/files", tags=["files"], responses=openapi_doc.UPLOADED_FILE, response_model=None)
     async def upload_file(
         file: Annotated[UploadFile, File()],
-        purpose: Annotated[str, Form()],
+        # Checked by BatchService (its message names the allowed value); the enum documents it.
+        purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})],
         caller: Caller = customer,
     ) -> dict:
         if file.size is not None:
@@ -282,11 +308,16 @@ def create_app(
         )
         return file_json(record)
 
-    @app.get("/v1/files/{file_id}", tags=["files"])
+    @app.get("/v1/files/{file_id}", tags=["files"], responses=openapi_doc.FILE, response_model=None)
     async def get_file(file_id: str, caller: Caller = customer) -> dict:
         return file_json(await asyncio.to_thread(batches.get_file, file_id, caller.principal))
 
-    @app.get("/v1/files/{file_id}/content", tags=["files"])
+    @app.get(
+        "/v1/files/{file_id}/content",
+        tags=["files"],
+        response_class=OctetStream,
+        responses=openapi_doc.FILE_CONTENT,
+    )
     async def get_file_content(
         file_id: str, request: Request, caller: Caller = customer
     ) -> StreamingResponse:
@@ -297,7 +328,7 @@ def create_app(
             media_type="application/octet-stream",
             headers={
                 "Content-Length": str(record.bytes),
-                "Content-Disposition": f'attachment; filename="{record.filename}"',
+                "Content-Disposition": _attachment(record.filename),
                 **request.state.limits,
             },
         )
@@ -305,7 +336,13 @@ def create_app(
     # -- batches -------------------------------------------------------------------------------
     # Parsed by pydantic from the raw bytes (not FastAPI's json.loads), which refuses text that
     # is JSON but not Unicode (a lone surrogate escape in metadata was a 500 at the store).
-    @app.post("/v1/batches", tags=["batches"], openapi_extra=_json_body_doc(CreateBatchBody))
+    @app.post(
+        "/v1/batches",
+        tags=["batches"],
+        openapi_extra=_json_body_doc(CreateBatchBody),
+        responses=openapi_doc.CREATED_BATCH,
+        response_model=None,
+    )
     async def create_batch(request: Request, caller: Caller = customer) -> dict:
         body = await _parse_body(request, CreateBatchBody)
         batch = await asyncio.to_thread(
@@ -325,20 +362,29 @@ def create_app(
             task.add_done_callback(background.discard)
         return batch_json(batch)
 
-    @app.get("/v1/batches/{batch_id}", tags=["batches"])
+    @app.get(
+        "/v1/batches/{batch_id}", tags=["batches"], responses=openapi_doc.BATCH, response_model=None
+    )
     async def get_batch(batch_id: str, caller: Caller = customer) -> dict:
         return batch_json(await asyncio.to_thread(batches.get_batch, batch_id, caller.principal))
 
     @app.get("/v1/batches", tags=["batches"])
     async def list_batches(
-        limit: int = Query(20), after: str | None = Query(None), caller: Caller = customer
+        limit: int = Query(20, json_schema_extra={"minimum": 1, "maximum": 100}),
+        after: str | None = Query(None),
+        caller: Caller = customer,
     ) -> dict[str, Any]:
         found, has_more = await asyncio.to_thread(
             batches.list_batches, limit, after, caller.principal
         )
         return page([batch_json(b) for b in found], has_more)
 
-    @app.post("/v1/batches/{batch_id}/cancel", tags=["batches"])
+    @app.post(
+        "/v1/batches/{batch_id}/cancel",
+        tags=["batches"],
+        responses=openapi_doc.BATCH,
+        response_model=None,
+    )
     async def cancel_batch(batch_id: str, caller: Caller = customer) -> dict:
         return batch_json(await asyncio.to_thread(batches.cancel, batch_id, caller.principal))
 
@@ -360,8 +406,16 @@ def create_app(
         async def create(request: Request, caller: Caller = customer) -> Any:
             raw = await request.body()
             try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                # Decoded strictly first (a byte-order mark is allowed, as in batch files):
+                # json.loads(bytes) lets an encoded surrogate through (b"\xed\xa0\x80"), and
+                # the error response that quoted it then failed.
+                body = json.loads(raw.decode("utf-8-sig"))
+            except RecursionError:  # a 400 like any bad JSON, not a 500
+                raise InvalidRequest(
+                    "We could not parse the JSON body of your request: it is nested too deeply.",
+                    code="invalid_json",
+                ) from None
+            except ValueError as exc:  # not UTF-8, not JSON, a number of over 4,300 digits
                 raise InvalidRequest(
                     f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
                 ) from None
@@ -386,9 +440,13 @@ def create_app(
 
     # Every workload's OpenAI endpoint, online (its batches go through /v1/batches).
     for workload in WORKLOADS.values():
-        app.post(workload.endpoint, tags=[workload.kind], response_model=None)(
-            online_route(workload)
-        )
+        app.post(
+            workload.endpoint,
+            tags=[workload.kind],
+            response_model=None,
+            responses=openapi_doc.ONLINE_ERRORS,
+            openapi_extra=openapi_doc.online_body(workload.kind),
+        )(online_route(workload))
 
     # -- fleet and health ----------------------------------------------------------------------
     @app.get("/fleet/vehicles", tags=["fleet"])
@@ -414,7 +472,14 @@ def create_app(
         }
 
     # -- enrolment: which key may connect as which car -----------------------------------------
-    @app.post("/fleet/enrolments", tags=["fleet"], openapi_extra=_json_body_doc(EnrolBody))
+    @app.post(
+        "/fleet/enrolments",
+        tags=["fleet"],
+        status_code=201,
+        openapi_extra=_json_body_doc(EnrolBody),
+        responses=openapi_doc.ENROLMENT,
+        response_model=None,
+    )
     async def enrol(request: Request, caller: Caller = operator) -> JSONResponse:
         body = await _parse_body(request, EnrolBody)
         check_vehicle_id(body.vehicle_id)
@@ -443,7 +508,7 @@ def create_app(
         return {"object": "list", "data": [enrolment_json(e) for e in found]}
 
     @app.delete("/fleet/enrolments/{vehicle_id}", tags=["fleet"])
-    async def revoke(vehicle_id: str, caller: Caller = operator) -> dict[str, Any]:
+    async def revoke(vehicle_id: VehicleId, caller: Caller = operator) -> dict[str, Any]:
         check_vehicle_id(vehicle_id)
         revoked = await asyncio.to_thread(work.store.revoke_enrolment, vehicle_id, time.time())
         found = await asyncio.to_thread(work.store.get_enrolment, vehicle_id)
@@ -470,7 +535,7 @@ def create_app(
         await asyncio.to_thread(access.vehicle, caller, vehicle_id)
 
     @app.get("/fleet/vehicles/{vehicle_id}/policy", tags=["owners"])
-    async def get_policy(vehicle_id: str, caller: Caller = owner) -> dict[str, Any]:
+    async def get_policy(vehicle_id: VehicleId, caller: Caller = owner) -> dict[str, Any]:
         await owned(caller, vehicle_id)
         return policy_json(await asyncio.to_thread(work.owners.current, vehicle_id))
 
@@ -480,7 +545,7 @@ def create_app(
         openapi_extra=_json_body_doc(SetPolicyBody),
     )
     async def set_policy(
-        vehicle_id: str, request: Request, caller: Caller = owner
+        vehicle_id: VehicleId, request: Request, caller: Caller = owner
     ) -> dict[str, Any]:
         await owned(caller, vehicle_id)
         body = await _parse_body(request, SetPolicyBody)
@@ -495,7 +560,7 @@ def create_app(
         openapi_extra=_json_body_doc(ConsentBody),
     )
     async def set_consent(
-        vehicle_id: str, request: Request, caller: Caller = owner
+        vehicle_id: VehicleId, request: Request, caller: Caller = owner
     ) -> dict[str, Any]:
         await owned(caller, vehicle_id)
         body = await _parse_body(request, ConsentBody)
@@ -511,7 +576,9 @@ def create_app(
 
     @app.get("/fleet/vehicles/{vehicle_id}/consent", tags=["owners"])
     async def consent_record(
-        vehicle_id: str, limit: int = Query(1000), caller: Caller = owner
+        vehicle_id: VehicleId,
+        limit: int = Query(1000, json_schema_extra={"minimum": 1, "maximum": 1000}),
+        caller: Caller = owner,
     ) -> dict[str, Any]:
         await owned(caller, vehicle_id)
         if not 1 <= limit <= 1000:
@@ -547,6 +614,34 @@ def create_app(
         if security_status is not None:
             body |= security_status()
         return body
+
+    @app.get("/fleet/verification", tags=["fleet"])
+    async def verification(caller: Caller = owner) -> dict[str, Any]:
+        """Verification of cars' results: the policy, what was checked and found, the share of
+        work re-run (``overhead``), and each car's state (``new``, ``trusted``,
+        ``quarantined``), check rate and record. An owner sees only their own cars."""
+        if work.verifier is None:
+            return {"enabled": False, "cars": []}
+        if caller.role is Role.OPERATOR:
+            return {"enabled": True} | await asyncio.to_thread(work.verifier.status)
+        enrolled = await asyncio.to_thread(work.store.enrolments, caller.principal)
+        mine = [e.vehicle_id for e in enrolled if e.revoked_at is None]
+        body = await asyncio.to_thread(work.verifier.status, mine)
+        return {"enabled": True, "policy": body["policy"], "cars": body["cars"]}
+
+    @app.post("/fleet/vehicles/{vehicle_id}/reinstate", tags=["fleet"], dependencies=[operator])
+    async def reinstate(vehicle_id: str) -> dict[str, Any]:
+        """Let a quarantined car work again, as a new car (every result it returns is checked
+        until it has earned trust again)."""
+        check_vehicle_id(vehicle_id)
+        if work.verifier is None or not work.verifier.trust(vehicle_id).quarantined:
+            raise NotFound(
+                f"Vehicle '{vehicle_id}' is not quarantined.",
+                param="vehicle_id",
+                code="vehicle_not_quarantined",
+            )
+        record = await asyncio.to_thread(work.verifier.reinstate, vehicle_id)
+        return {"vehicle_id": record.vehicle_id, "state": "new", "streak": record.streak}
 
     @app.get("/fleet/dispatch", tags=["fleet"], dependencies=[operator])
     async def dispatch() -> dict[str, Any]:

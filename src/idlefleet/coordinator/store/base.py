@@ -42,9 +42,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from idlefleet.coordinator.trust import CarTrust
 from idlefleet.protocol.policy import DEFAULT_DATA_REGION, DEFAULT_PURPOSE
+
+if TYPE_CHECKING:
+    from idlefleet.coordinator.store.verification_sql import DoneRequest, VerdictRow
 
 RequestState = Literal["pending", "leased", "done", "failed"]
 
@@ -715,6 +719,47 @@ class Store(ABC):
     @abstractmethod
     def queued_requests(self, principal: str) -> int:
         """Requests of ``principal``'s unfinished batches not yet done (pending or leased)."""
+
+    # -- verification --------------------------------------------------------------------------
+    @abstractmethod
+    def get_trust(self, vehicle_ids: Collection[str]) -> dict[str, CarTrust]:
+        """The trust records of these cars (a car never judged has none)."""
+
+    @abstractmethod
+    def put_trust(self, records: Sequence[CarTrust], now: float) -> None:
+        """Write (insert or replace) these cars' trust records, in one transaction."""
+
+    @abstractmethod
+    def list_trust(self, quarantined_only: bool = False, limit: int = 10_000) -> list[CarTrust]:
+        """Trust records by vehicle id (only quarantined cars', if asked)."""
+
+    @abstractmethod
+    def redo_results(self, vehicle_id: str) -> int:
+        """Return the car's results in ``in_progress`` batches to the queue (pending, result
+        cleared): how many. Finalised batches keep theirs."""
+
+    @abstractmethod
+    def done_requests(self, batch_id: str, seqs: Collection[int]) -> dict[int, DoneRequest]:
+        """Those of these requests that are done, with their payload, result and car."""
+
+    @abstractmethod
+    def unverified_requests(self, batch_id: str, limit: int = 1000) -> list[DoneRequest]:
+        """Done requests of a batch without an 'agree' verdict for the car that made their
+        result, by seq (at most ``limit``)."""
+
+    @abstractmethod
+    def record_verdicts(self, rows: Sequence[VerdictRow]) -> None:
+        """Keep verdicts on results; the first one for (batch, seq, car) stands."""
+
+    @abstractmethod
+    def record_verification(
+        self, records: Sequence[CarTrust], verdicts: Sequence[VerdictRow], now: float
+    ) -> None:
+        """:meth:`put_trust` and :meth:`record_verdicts` in one transaction."""
+
+    @abstractmethod
+    def shared_secret(self, name: str) -> bytes:
+        """A random secret (32 bytes) every replica reads the same; made by the first caller."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

@@ -473,4 +473,66 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX batches_principal ON batches(principal, seq_no);
         """,
     ),
+    Migration(
+        9,
+        "verification: each car's trust record, and the verdicts on strict batches' results",
+        # A trust row is written when a probe of the car's work is judged (a few percent of
+        # its results), never on the hot path. ``verifications`` holds a verdict per result
+        # (request and the car that made it) for batches that asked that nothing unverified
+        # reach their output: the batch is finalised only when every done request has an
+        # 'agree' for the car whose result it holds. ``coordinator_secrets``: what replicas
+        # share and cars must not know (the key of the request numbers cars see).
+        """
+        CREATE TABLE vehicle_trust (
+            vehicle_id TEXT PRIMARY KEY,
+            streak INTEGER NOT NULL,
+            agreed INTEGER NOT NULL,
+            disagreed INTEGER NOT NULL,
+            verified_through REAL NOT NULL,
+            quarantined_at REAL,
+            reason TEXT,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX vehicle_trust_quarantined ON vehicle_trust(quarantined_at);
+        CREATE TABLE verifications (
+            batch_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            vehicle_id TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            verifier_id TEXT,
+            at REAL NOT NULL,
+            PRIMARY KEY (batch_id, seq, vehicle_id)
+        );
+        CREATE TABLE coordinator_secrets (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+        """
+        CREATE TABLE vehicle_trust (
+            vehicle_id TEXT PRIMARY KEY,
+            streak BIGINT NOT NULL,
+            agreed BIGINT NOT NULL,
+            disagreed BIGINT NOT NULL,
+            verified_through DOUBLE PRECISION NOT NULL,
+            quarantined_at DOUBLE PRECISION,
+            reason TEXT,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX vehicle_trust_quarantined ON vehicle_trust(quarantined_at);
+        CREATE TABLE verifications (
+            batch_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            vehicle_id TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            verifier_id TEXT,
+            at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (batch_id, seq, vehicle_id)
+        );
+        CREATE TABLE coordinator_secrets (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
 )

@@ -82,6 +82,7 @@ from idlefleet.coordinator.store.sql_common import (
     request_rows,
     vehicle_from_row,
 )
+from idlefleet.coordinator.store.verification_sql import VerificationSql
 
 Conn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
@@ -93,7 +94,7 @@ _DEADLOCK_RETRIES = 3
 """Whole-call retries after a deadlock or serialisation failure (nothing of it took effect)."""
 
 
-class PostgresStore(IdentitySql, Store):
+class PostgresStore(IdentitySql, VerificationSql, Store):
     """The store in a PostgreSQL database, through a pool of ``min_size``..``max_size`` sessions.
 
     ``conninfo`` is a libpq URL or key=value string, passed to psycopg as it is (so

@@ -59,11 +59,12 @@ from idlefleet.coordinator.store.sql_common import (
     vehicle_from_row,
     within_bytes,
 )
+from idlefleet.coordinator.store.verification_sql import VerificationSql
 
 T = TypeVar("T")
 
 
-class SqliteStore(IdentitySql, Store):
+class SqliteStore(IdentitySql, VerificationSql, Store):
     _mark = "?"
 
     def __init__(self, path: str) -> None:

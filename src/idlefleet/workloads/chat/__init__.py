@@ -10,8 +10,10 @@
 - check, before a commit: a JSON object of that shape, no more tokens than ``max_tokens`` (and
   exactly that many when it ended for ``length``), every id in the vocabulary, the text what
   the tokens decode to (or, for a stop sequence, a prefix of it), the prompt's length as sent.
-- compare: the same tokens (within one hardware class; teacher-forced re-scoring across
-  classes is #13's).
+- verification (``verify.py``): a probe is the whole completion, re-read teacher-forced on
+  another car in one prefill; its answer says, per token, how far the request's own random draw
+  fell from it in that car's model, and agreement is every token (and the end of text) close
+  enough — within one hardware class, exactly but for near-ties. Never a comparison of text.
 - render: OpenAI's ``chat.completion`` object.
 - cost: the prompt's tokens plus ``max_tokens``.
 
@@ -37,13 +39,14 @@ from idlefleet.coordinator.errors import InvalidRequest
 from idlefleet.coordinator.openai_format import derived_id
 from idlefleet.models.catalog import SMOLLM2, resolve_model
 from idlefleet.models.gguf_llama import GGUFModel, smollm2_path
-from idlefleet.workloads.base import Cost, OnlineStream, Planned, UnitRunner, Workload
+from idlefleet.workloads.base import Cost, OnlineStream, Planned, Probe, UnitRunner, Workload
+from idlefleet.workloads.chat import verify
 from idlefleet.workloads.chat.request import ChatJob, validate_chat_body
 
 if TYPE_CHECKING:
     from idlefleet.coordinator.store.base import StoredRequest
 
-__all__ = ["CHAT", "DEFAULT_MAX_TOKENS", "ChatWorkload"]
+__all__ = ["CHAT", "DECODE_WEIGHT", "DEFAULT_MAX_TOKENS", "ChatWorkload"]
 
 DEFAULT_SLOTS = 32
 """Sequences a car decodes together. On one thread, 96 requests of 64-128 new tokens: 16 slots
@@ -54,6 +57,10 @@ DEFAULT_MAX_TOKENS = 2048
 """Completion tokens when the request names no limit (OpenAI's is the context window; a unit
 of such requests would be unbounded, so ours is this, and never more than the window allows)."""
 FINISH_REASONS = ("stop", "length")
+DECODE_WEIGHT = 3
+"""A generated token's compute in prefilled tokens: a car decoding 32 sequences together on
+one thread took 2.4-3.4 times as long per token as a prefill of one sequence (greedy, 64-128
+new tokens; sampled, the sampler's sort of the vocabulary makes it dearer)."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,10 @@ class ChatWorkload(Workload):
         return Planned(model=job.model, payload=payload, options=nonce, cost=cost, job=job)
 
     # -- results -------------------------------------------------------------------------------
-    def expectation(self, payload: Any) -> tuple[int, int]:
-        """(prompt tokens, max_tokens)."""
+    def expectation(self, payload: Any) -> tuple[int, int] | verify.ProbeLimits:
+        """(prompt tokens, max_tokens); of a probe, its answer's entries and tokens read."""
+        if verify.is_probe(payload):
+            return verify.limits_of(payload)
         return len(payload["prompt"]), int(payload["max_tokens"])
 
     def check(
@@ -157,10 +166,7 @@ class ChatWorkload(Workload):
         for seq, limits, size, used in zip(seqs, expected, sizes, tokens, strict=True):
             raw = data[start : start + size]
             start += size
-            parsed = _parse(raw)
-            if isinstance(parsed, str):
-                return f"request {seq}: {parsed}"
-            problem = _check_one(_model(model), parsed, limits, used)
+            problem = _check_item(_model(model), raw, limits, used)
             if problem:
                 return f"request {seq}: {problem}"
         return None
@@ -181,6 +187,8 @@ class ChatWorkload(Workload):
         for seq, limits, size in zip(seqs, expected, sizes, strict=True):
             raw = data[start : start + size]
             start += size
+            if isinstance(limits, verify.ProbeLimits):
+                return f"request {seq}: a probe reports no progress"
             try:
                 value = json.loads(raw)
             except (ValueError, RecursionError):
@@ -198,11 +206,29 @@ class ChatWorkload(Workload):
                 return f"request {seq}: {len(tokens)} tokens of progress, max_tokens is {limits[1]}"
         return None
 
-    def compare(self, model: str, a: bytes, b: bytes) -> bool:
-        first, second = _parse(a), _parse(b)
-        if isinstance(first, str) or isinstance(second, str):
+    # -- verification --------------------------------------------------------------------------
+    def work(self, payload: Any, result: bytes) -> int:
+        """In prefilled tokens (a probe's unit: it reads prompt + completion in one prefill):
+        the prompt's, and ``DECODE_WEIGHT`` for each token of the completion."""
+        parsed = _parse(result)
+        prompt = payload.get("prompt") if isinstance(payload, dict) else None
+        made = 0 if isinstance(parsed, str) else len(parsed.tokens)
+        return (len(prompt) if isinstance(prompt, list) else 0) + DECODE_WEIGHT * made
+
+    def probe(self, payload: Any, result: bytes, pick: int) -> Probe:
+        """The whole completion, to be re-read (``verify.py``); ``pick`` is not needed."""
+        parsed = _parse(result)
+        if isinstance(parsed, str):
+            raise ValueError(f"a probe needs a finished chat request: {parsed}")
+        return verify.make_probe(payload, result, parsed.tokens, parsed.finish_reason)
+
+    def agree(
+        self, model: str, probe: Any, reference: bytes, answer: bytes, same_class: bool
+    ) -> bool:
+        if model not in _PATHS:
             return False
-        return first.tokens == second.tokens and first.finish_reason == second.finish_reason
+        tokenizer = _model(model).tokenizer
+        return verify.agree(tokenizer, probe, reference, answer, same_class, _parse)
 
     # -- responses -----------------------------------------------------------------------------
     def render_batch(self, requests: Sequence[StoredRequest]) -> Mapping[int, bytes]:
@@ -328,6 +354,19 @@ def _parse(raw: bytes) -> _Parsed | str:
     if not isinstance(prompt, int) or isinstance(prompt, bool):
         return "prompt_tokens must be an integer"
     return _Parsed(tokens, text, value["finish_reason"], prompt)
+
+
+def _check_item(model: _Model, raw: bytes, limits: Any, used: int) -> str | None:
+    """Why ``raw`` cannot be the result of a request (or the answer to a probe) with these
+    limits (None: not known here, either may be), or None."""
+    if isinstance(limits, verify.ProbeLimits):
+        return verify.check_answer(limits, raw, used)
+    parsed = _parse(raw)
+    if isinstance(parsed, str):
+        if limits is None and verify.check_answer(None, raw, used) is None:
+            return None
+        return parsed
+    return _check_one(model, parsed, limits, used)
 
 
 def _check_one(model: _Model, parsed: _Parsed, limits: Any, used: int) -> str | None:

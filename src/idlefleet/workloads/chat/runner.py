@@ -10,9 +10,15 @@ progress continues from there (the tokens are the engine's prefix). Stop
 sequences are matched on the decoded text after each step; the text is cut before the first
 one and the generation ends with ``stop``.
 
+A unit may also hold probes (``verify.py``): a payload with a ``completion`` another car
+returned. A probe is not generated but re-read, in one prefill of prompt + completion
+(``idlefleet.llm.scoring``); the run does its probes first (each is final at once, reports no
+progress and takes no slot), then its generations.
+
 Payloads come from the cloud, so they are checked here again: anything but the chat payload's
 shape (``prompt`` ids inside the vocabulary, ``max_tokens`` ≥ 1, sampling values in range, up
-to 4 stop strings) is a ``ValueError``.
+to 4 stop strings; a probe's completion ids inside the vocabulary, at most ``max_tokens`` of
+them, and a finish reason) is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -20,18 +26,53 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from idlefleet.agent.chunk_runner import RESULT_CHUNK_BYTES
 from idlefleet.llm.engine import Engine, GenerationRequest
 from idlefleet.llm.sampling import SamplingParams
+from idlefleet.llm.scoring import score
 from idlefleet.workloads.base import ItemResult, PlannedRun, RunOutcome, UnitRunner
-from idlefleet.workloads.chat import encode_result
+from idlefleet.workloads.chat import FINISH_REASONS, encode_result
+from idlefleet.workloads.chat.verify import BYTES_PER_ENTRY, encode_answer, is_probe
 
 if TYPE_CHECKING:
     from idlefleet.agent.compute_gate import ComputeGate
     from idlefleet.models.gguf_llama import LlamaConfig
 
 __all__ = ["ChatRunner"]
+
+RESULT_BYTES_PER_TOKEN = 24
+"""A generation's result bytes per token, as planned: its id in the JSON list (≤ 7 bytes) and
+its text. SmolLM2's results average 11 bytes a token; 99% of its tokens' texts are at most 14
+bytes JSON-escaped, the longest 82 — a run of unusually dense results may pass its estimate, and
+still fits the NATS message, 4 x ``RESULT_CHUNK_BYTES`` in the embedded server."""
+RUN_RESULT_BYTES = RESULT_CHUNK_BYTES * 3 // 4
+"""A run's results at most (as estimated): they travel base64-encoded in one result chunk."""
+
+
+@dataclass
+class _Job:
+    """One request of a run: a generation, or a probe (its ``completion`` re-read)."""
+
+    request: GenerationRequest
+    completion: list[int] | None = None
+    """A probe's completion (None: a generation)."""
+    end: bool = False
+    """A probe of a completion that ended with ``stop``: the end of text is read too."""
+
+    @property
+    def result_bytes(self) -> int:
+        """The most bytes its result should take (as planned)."""
+        if self.completion is None:
+            return 100 + RESULT_BYTES_PER_TOKEN * self.request.max_new_tokens
+        return 30 + BYTES_PER_ENTRY * (len(self.completion) + self.end)
+
+    @property
+    def length(self) -> int:
+        """Tokens it reads before its first new one (a probe: all it reads)."""
+        return len(self.request.prompt) + len(self.completion or ())
 
 
 class ChatRunner(UnitRunner):
@@ -59,13 +100,25 @@ class ChatRunner(UnitRunner):
         """How often a run reports its unfinished generations' tokens (well inside a lease)."""
 
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
-        """Runs of up to ``4 × slots`` requests (and ``max_requests``), longest prompt first:
-        the engine keeps its slots full until a run's last requests, so fewer, longer runs
-        waste less."""
-        requests = [self._request(f"{i}", p) for i, p in enumerate(payloads)]
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
+        """Runs of up to ``4 × slots`` requests (and ``max_requests``) whose results fit one
+        result chunk (``RUN_RESULT_BYTES``, as estimated), longest prompt first: the engine
+        keeps its slots full until a run's last requests, so fewer, longer runs waste less.
+        Probes go in as any request (a prefill of all they read; no slot)."""
+        jobs = [self._job(f"{i}", p) for i, p in enumerate(payloads)]
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i].length)
         size = max(1, min(max_requests, 4 * self.slots))
-        return [PlannedRun(order[k : k + size]) for k in range(0, len(order), size)]
+        runs: list[PlannedRun] = []
+        run: list[int] = []
+        used = 0
+        for i in order:
+            if run and (len(run) >= size or used + jobs[i].result_bytes > RUN_RESULT_BYTES):
+                runs.append(PlannedRun(run))
+                run, used = [], 0
+            run.append(i)
+            used += jobs[i].result_bytes
+        if run:
+            runs.append(PlannedRun(run))
+        return runs
 
     def run(
         self,
@@ -77,9 +130,10 @@ class ChatRunner(UnitRunner):
         report: Callable[[list[tuple[int, bytes]]], None] | None = None,
         report_every_s: float | None = None,
     ) -> RunOutcome:
-        requests = [self._request(f"{lease_id}/{i}", p) for i, p in enumerate(payloads)]
+        jobs = [self._job(f"{lease_id}/{i}", p) for i, p in enumerate(payloads)]
+        requests = [job.request for job in jobs]
         for i, earlier in enumerate(progress or ()):
-            if earlier is not None:
+            if earlier is not None and jobs[i].completion is None:  # a probe has none
                 requests[i].prefix = _tokens_of(earlier, requests[i])
         stops = [tuple(p.get("stop") or ()) for p in payloads]
         step = gate.begin(lease_id)
@@ -91,9 +145,14 @@ class ChatRunner(UnitRunner):
         every = self.report_every_s if report_every_s is None else report_every_s
         reported_at = time.monotonic()
         finished: list[tuple[str, str] | None] = [None] * len(requests)
-        for request in requests:
-            engine.add(request)
+        answers: list[ItemResult | None] = [None] * len(requests)
         try:
+            for i, job in enumerate(jobs):
+                if job.completion is not None and not step.options.terminate:
+                    answers[i] = self._probe(job, step.options)
+            for job in jobs:
+                if job.completion is None:
+                    engine.add(job.request)
             while engine.busy and not step.options.terminate:
                 for token in engine.step():
                     i = index[token.request]
@@ -120,7 +179,7 @@ class ChatRunner(UnitRunner):
         for i, request in enumerate(requests):
             done = finished[i]
             if done is None:
-                results.append(None)
+                results.append(answers[i])  # a probe's answer, if it is one and finished
                 continue
             reason, text = done
             if reason != "stop" or not stops[i]:
@@ -130,6 +189,44 @@ class ChatRunner(UnitRunner):
             data = encode_result(tokens[i], text, reason, len(request.prompt))
             results.append(ItemResult(data, len(request.prompt) + len(tokens[i])))
         return RunOutcome(results, energy_j=energy, stopped_at=step.stopped_at, ended_at=ended)
+
+    def _probe(self, job: _Job, run_options: Any) -> ItemResult:
+        """A probe's answer: its completion re-read in one prefill."""
+        assert job.completion is not None
+        request = job.request
+        scores = score(
+            self.session,
+            self.cfg,
+            request.prompt,
+            job.completion,
+            request.params,
+            request.key,
+            self.stop_ids if job.end else frozenset(),
+            run_options,
+        )
+        data = encode_answer(scores.misses, scores.logprobs)
+        return ItemResult(data, len(request.prompt) + len(job.completion))
+
+    def _job(self, request_id: str, payload: Any) -> _Job:
+        request = self._request(request_id, payload)
+        if not is_probe(payload):
+            return _Job(request)
+        completion = payload["completion"]
+        if (
+            not isinstance(completion, list)
+            or len(completion) > request.max_new_tokens
+            or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab
+                for t in completion
+            )
+        ):
+            raise ValueError(
+                f"chat probe {request_id}: completion must be at most max_tokens token ids"
+            )
+        reason = payload.get("finish_reason")
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"chat probe {request_id}: finish_reason must be stop or length")
+        return _Job(request, list(completion), end=reason == "stop")
 
     def _request(self, request_id: str, payload: Any) -> GenerationRequest:
         if not isinstance(payload, dict):

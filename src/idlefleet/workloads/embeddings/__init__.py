@@ -7,7 +7,8 @@
   tokens the inputs consumed.
 - check, before a commit: one row per input, whole rows, no more tokens than the inputs can
   have (the model reads at most ``max_tokens`` of each), every row finite and of unit length.
-- compare (verification): cosine of every row pair.
+- verification: a probe is a finished request re-run whole on another car; agreement is the
+  cosine of every pair of rows (tighter within a hardware class than across).
 - render: ``render.py``; the car's side: ``runner.py``.
 - cost: inputs, UTF-8 bytes, tokens at most (the model truncates each input at ``max_tokens``),
   and characters as the compute estimate (units lease the longest requests first).
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from idlefleet.models.catalog import MINILM, MODELS, ModelInfo
-from idlefleet.workloads.base import Cost, Planned, UnitRunner, Workload
+from idlefleet.workloads.base import Cost, Planned, Probe, UnitRunner, Workload
 from idlefleet.workloads.embeddings.render import embedding_bodies_json, embedding_response
 from idlefleet.workloads.embeddings.request import (
     MAX_BATCH_INPUTS,
@@ -36,10 +37,23 @@ if TYPE_CHECKING:
 
 __all__ = ["EMBEDDINGS", "EmbeddingsWorkload"]
 
-COMPARE_MIN_COSINE = 0.999
-"""Two cars' vectors of one input agree if their cosine is at least this. ONNX Runtime's CPU
-and CUDA providers differ at the 4th-5th decimal, a cosine above 0.9999; a different model or a
-corrupted vector is far below. Verification (issue #13) calibrates it across hardware classes."""
+SAME_CLASS_MIN_COSINE = 0.99999
+"""Two cars of one hardware class agree on an input's vector if their cosine is at least this
+(1 - cosine at most 1e-5). Calibrated by ``scripts/calibrate_verification.py`` (onnxruntime
+1.32.0, CPU, 1,000 texts of 2-256 tokens from the repository): an input embedded in a padded
+batch of 32 on two threads against alone on one thread, 1 - cosine at most 5.4e-14; against
+the unfused graph (other kernels), 6.3e-13. Not bit-for-bit all the same: other CPUs' kernels
+sum in other orders, and a GPU class re-rounds at every operator (float16 emulated: 2.2e-6, a
+margin of 4.5x). Cheats that save compute are at cosine 0.71 or less (below); one of 384
+components replaced by a random value passes 4.1% of the time."""
+CROSS_CLASS_MIN_COSINE = 0.999
+"""Two cars of different hardware classes agree if their cosine is at least this (1 - cosine
+at most 1e-3). Calibrated as above, 1 - cosine at most: fp16 weights (``--precision fp16``)
+1.0e-6; emulated float16 activations 2.2e-6, bfloat16 activations 1.6e-4 (a margin of 6x).
+Cheats, cosine at most: MiniLM's first 3 layers only 0.61, another input's vector 0.71, a
+random unit vector 0.14, the first 352 or 192 components zero-padded 0.98 or 0.78, 16
+components replaced 0.988 (4 replaced pass 1.5%, one 48%: a change that small is the
+tolerance's floor, ||delta|| < 0.045, and saves the car nothing)."""
 
 
 class EmbeddingsWorkload(Workload):
@@ -102,17 +116,35 @@ class EmbeddingsWorkload(Workload):
             return None
         return _check_vectors(np.frombuffer(data, dtype="<f4").reshape(-1, info.dim))
 
-    def compare(self, model: str, a: bytes, b: bytes) -> bool:
-        info = MODELS[model]
-        if len(a) != len(b) or len(a) % (4 * info.dim):
+    # -- verification --------------------------------------------------------------------------
+    def work(self, payload: Any, result: bytes) -> int:
+        """Inputs embedded."""
+        return len(payload) if isinstance(payload, list) else 0
+
+    def probe(self, payload: Any, result: bytes, pick: int) -> Probe:
+        """The whole request, re-run as it was: to the car that runs it, a probe is a request
+        like the others of its unit (a one-input probe among many-input requests would stand
+        out, and a car could answer it honestly and nothing else). ``pick`` is not needed."""
+        texts = payload if isinstance(payload, list) else []
+        row = len(result) // len(texts) if texts else 0
+        if not row or row % 4 or len(result) != row * len(texts):
+            raise ValueError("a probe needs a finished request with one row per input")
+        return Probe(payload=list(texts), reference=result, work=len(texts))
+
+    def agree(
+        self, model: str, probe: Any, reference: bytes, answer: bytes, same_class: bool
+    ) -> bool:
+        info = MODELS.get(model)
+        if info is None or len(reference) != len(answer) or len(answer) % (4 * info.dim):
             return False
-        x = np.frombuffer(a, dtype="<f4").reshape(-1, info.dim).astype(np.float64)
-        y = np.frombuffer(b, dtype="<f4").reshape(-1, info.dim).astype(np.float64)
+        x = np.frombuffer(reference, dtype="<f4").reshape(-1, info.dim).astype(np.float64)
+        y = np.frombuffer(answer, dtype="<f4").reshape(-1, info.dim).astype(np.float64)
         norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        if not (np.isfinite(norms).all() and (norms > 0).all()):
+        if not len(x) or not (np.isfinite(norms).all() and (norms > 0).all()):
             return False
         cosines = np.einsum("ij,ij->i", x, y) / norms
-        return bool((cosines >= COMPARE_MIN_COSINE).all())
+        floor = SAME_CLASS_MIN_COSINE if same_class else CROSS_CLASS_MIN_COSINE
+        return bool((cosines >= floor).all())
 
     # -- responses -----------------------------------------------------------------------------
     def render_batch(self, requests: Sequence[StoredRequest]) -> Mapping[int, bytes]:
@@ -157,13 +189,22 @@ class EmbeddingsWorkload(Workload):
     def runner(
         self, model: str, cache_dir: Path, threads: int, source: Path | None = None
     ) -> UnitRunner:
+        return self.runner_at("fp32", model, cache_dir, threads, source)
+
+    def runner_at(
+        self, precision: str, model: str, cache_dir: Path, threads: int, source: Path | None = None
+    ) -> UnitRunner:
         # Imported here: the coordinator never loads ONNX Runtime or a tokenizer.
         from idlefleet.agent.runtime import Embedder
         from idlefleet.workloads.embeddings.runner import EmbeddingRunner
 
         if model != MINILM.id:
             raise ValueError(f"no embeddings runner for model {model}")
-        return EmbeddingRunner(Embedder.load(cache_dir, threads=threads, model_dir=source))
+        if precision not in MINILM.precisions:
+            raise ValueError(f"model {model} has no {precision} graph")
+        return EmbeddingRunner(
+            Embedder.load(cache_dir, threads=threads, model_dir=source, precision=precision)
+        )
 
 
 MINILM_FILES = ("model.safetensors", "tokenizer.json", "config.json")

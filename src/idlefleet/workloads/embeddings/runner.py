@@ -33,6 +33,10 @@ class EmbeddingRunner(UnitRunner):
         self.embedder = embedder
         self.model = MINILM.id
 
+    @property
+    def provider(self) -> str:
+        return self.embedder.provider
+
     def plan(self, payloads: Sequence[Any], max_requests: int) -> list[PlannedRun]:
         """Runs of similar token totals; each run's ``prepared`` is its texts' token counts."""
         texts = _texts_of(payloads)
