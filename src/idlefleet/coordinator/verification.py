@@ -651,7 +651,7 @@ class Verifier:
             # The verifier's answer agreed too: its streak grows (its own results are not
             # thereby verified: verified_through stays).
             self._verdict(vehicle_id, "agree", 0.0, now)
-            self._add_canary(check, vehicle_id)
+            self._add_canary(check, vehicle_id, klass, answer)
             self._resolved(check)
             return
         self.counters["disagreed"] += 1
@@ -725,10 +725,19 @@ class Verifier:
                 check.tiebreaks,
             )
 
-    def _add_canary(self, check: _Check, verifier: str) -> None:
-        if not self.trust(verifier).trusted(self.policy):
+    def _add_canary(self, check: _Check, verifier: str, klass: str, answer: bytes | None) -> None:
+        """Keep an agreed probe as a canary, its known answer the trusted verifier's: judged
+        answer against answer, which a lazy car cannot pass by answering what a result makes
+        look right (a chat probe's all-zero misses agree with any result)."""
+        if answer is None or not self.trust(verifier).trusted(self.policy):
             return  # a canary's answer must be one a trusted car gave
-        canary = replace(check, excluded_cars={check.subject or "", verifier}, strict=False)
+        canary = replace(
+            check,
+            probe=replace(check.probe, reference=answer),
+            subject_class=klass,
+            excluded_cars={check.subject or "", verifier},
+            strict=False,
+        )
         with self._lock:
             pool = self._canaries.setdefault(check.model, deque(maxlen=CANARY_POOL))
             pool.append(canary)

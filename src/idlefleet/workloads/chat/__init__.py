@@ -12,8 +12,9 @@
   the tokens decode to (or, for a stop sequence, a prefix of it), the prompt's length as sent.
 - verification (``verify.py``): a probe is the whole completion, re-read teacher-forced on
   another car in one prefill; its answer says, per token, how far the request's own random draw
-  fell from it in that car's model, and agreement is every token (and the end of text) close
-  enough — within one hardware class, exactly but for near-ties. Never a comparison of text.
+  fell from it in that car's model. Agreement: within one hardware class every token and the
+  end of text where the draw fell (but for float noise), across classes all but a few close to
+  it. Never a comparison of text. ``work`` counts in prefilled tokens (``DECODE_WEIGHT``).
 - render: OpenAI's ``chat.completion`` object.
 - cost: the prompt's tokens plus ``max_tokens``.
 
@@ -60,7 +61,8 @@ FINISH_REASONS = ("stop", "length")
 DECODE_WEIGHT = 3
 """A generated token's compute in prefilled tokens: a car decoding 32 sequences together on
 one thread took 2.4-3.4 times as long per token as a prefill of one sequence (greedy, 64-128
-new tokens; sampled, the sampler's sort of the vocabulary makes it dearer)."""
+new tokens), 4.7 times sampling at temperature 1 (the sampler sorts the vocabulary per token).
+The lower figure: verification's overhead is overstated rather than under."""
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,12 @@ model with another random stream. See the constants for the figures.
 Cost: re-reading is cheaper than generating, not by orders of magnitude on a CPU car, where
 decoding 32 sequences together is matrix work too (TOPLOC's "100x" is a GPU's, whose decoding
 is bound by memory). 32 requests of 64-128 new tokens, one thread (on a 2-core machine shared
-with other work): the probes took 0.49-0.65 of the generations' time greedy and 0.39 sampled at
-temperature 1, a bare prefill 0.39-0.53; the logits of every completion position and the misses
-add ~25% to it. The coordinator's probe rate sets the overhead; ``Probe.work`` and
-``ChatWorkload.work`` count prefilled tokens so that its figures are shares of compute.
+with other work): the probes took 0.49-0.65 of the generations' time greedy (4 runs) and
+0.39-0.40 sampled at temperature 1 (2 runs: the engine's sampler sorts the vocabulary for
+every token), a bare prefill 0.39-0.53 and 0.30-0.31; the logits of every completion position
+and the misses add 24-32% to the prefill. The coordinator's probe rate sets the overhead;
+``Probe.work`` and ``ChatWorkload.work`` count prefilled tokens, so that its figures are
+shares of compute.
 """
 
 from __future__ import annotations
