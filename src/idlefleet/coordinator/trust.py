@@ -64,6 +64,9 @@ class TrustPolicy:
     """A new car with this many of its results waiting for a verdict is leased nothing more
     until they are judged (it verifies others meanwhile): it cannot run far ahead of what was
     checked of it, and the checks of a fleet of new cars do not pile up."""
+    probation_s: float = 30.0
+    """A car is on probation at most this long after its probes last began to wait (none
+    could be placed: no other car may verify it): then it works on, unverified."""
     min_trusted: int = 3
     """Trusted cars the fleet needs before only trusted cars verify (bootstrap below it)."""
 

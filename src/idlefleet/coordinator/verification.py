@@ -152,7 +152,7 @@ class Verifier:
         self._placed: dict[str, dict[int, _Placed]] = {}
         self._alone: set[str] = set()
         self._held: dict[str, float] = {}
-        self.hold_s = 60.0
+        self.hold_s = 15.0
         """How long a batch whose work is done waits for the probes of its results."""
         self._trust: dict[str, CarTrust] = {}
         self._profiles: dict[str, CarProfile] = {}
@@ -164,6 +164,8 @@ class Verifier:
         self._strict: dict[str, bool] = {}
         self._strict_queued: set[tuple[str, int, str]] = set()
         self._pending: Counter[str] = Counter()
+        self._pending_since: dict[str, float] = {}
+        """When each car's pending probes last rose from none."""
         """Probes of each car's results not yet judged (queued or placed)."""
         self._dirty: dict[str, CarTrust] = {}
         self._verdicts: list[VerdictRow] = []
@@ -215,6 +217,11 @@ class Verifier:
         with self._lock:
             if self._pending[vehicle_id] < self.policy.probation_backlog:
                 return False
+            # Not for ever: with no car able to verify it (the only other car opted out, a
+            # fleet of one), a car on probation longer than this works on unverified.
+            since = self._pending_since.get(vehicle_id)
+            if since is not None and self.clock() - since > self.policy.probation_s:
+                return False
             trust = self._trust.get(vehicle_id)
             return trust is None or not trust.trusted(self.policy)
 
@@ -227,6 +234,7 @@ class Verifier:
                     self._pending[check.subject] = left
                 else:
                     del self._pending[check.subject]
+                    self._pending_since.pop(check.subject, None)
 
     def bootstrapping(self) -> bool:
         """Whether the fleet has too few trusted cars for only them to verify."""
@@ -367,6 +375,7 @@ class Verifier:
             for check in queued:
                 self._enqueue(check)
                 self._pending[vehicle_id] += 1
+                self._pending_since.setdefault(vehicle_id, now)
             self.counters["sampled"] += len(queued)
         return len(queued)
 
@@ -787,6 +796,7 @@ class Verifier:
                 for check in [c for c in queue if c.subject == vehicle_id]:
                     queue.remove(check)
             self._pending.pop(vehicle_id, None)
+            self._pending_since.pop(vehicle_id, None)
         log.warning(
             "quarantined car %s (%s); %d of its results redone", vehicle_id, record.reason, redone
         )
@@ -869,6 +879,7 @@ class Verifier:
             with self._lock:
                 self._enqueue(check)
                 self._pending[request.vehicle_id] += 1
+                self._pending_since.setdefault(request.vehicle_id, now)
         return False
 
     # -- what the fleet API shows --------------------------------------------------------------
