@@ -30,7 +30,7 @@ module decides how many probes a chunk of results gets, and what a verdict does 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = [
@@ -96,8 +96,6 @@ class CarTrust:
     out of escrow (a car that cheats later is caught on later work)."""
     quarantined_at: float | None = None
     reason: str | None = None
-    extra: dict[str, int] = field(default_factory=dict)
-    """Counters shown in the fleet API (probes it answered for others, canaries passed...)."""
 
     @property
     def quarantined(self) -> bool:
