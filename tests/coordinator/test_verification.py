@@ -218,6 +218,7 @@ def test_honest_cars_check_each_other_and_earn_trust(fleet: Fleet) -> None:
 def test_probes_never_go_to_a_car_of_the_same_owner(fleet: Fleet) -> None:
     a = fleet.add(Car("car-a", "owner-1"))
     b = fleet.add(Car("car-b", "owner-1"))
+    fleet.verifier.hold_s = 1000.0
     batch_id = fleet.batch(40)
     for _ in range(30):
         fleet.round()
@@ -225,10 +226,28 @@ def test_probes_never_go_to_a_car_of_the_same_owner(fleet: Fleet) -> None:
     assert fleet.verifier.counters["sampled"] > 0
     assert fleet.verifier.counters.get("answered", 0) == 0
     assert a.seqs_seen and b.seqs_seen
-    # The batch waited for those probes as long as a batch waits (hold_s), then completed.
-    assert fleet.store.get_batch(batch_id).status == "in_progress"  # type: ignore[union-attr]
-    assert fleet.run(batch_id, rounds=int(fleet.verifier.hold_s) + 5) == "completed"
+    # With no car about that may check them, the batch did not wait for its probes (they
+    # would wait for nobody): it completed within those 30 rounds (s), not after hold_s.
+    assert fleet.store.get_batch(batch_id).status == "completed"  # type: ignore[union-attr]
     assert fleet.verifier.counters["finalised_unchecked"] == 1
+
+
+def test_a_finished_batch_waits_for_probes_a_car_about_may_take(fleet: Fleet) -> None:
+    a = fleet.add(Car("car-a", "owner-1"))
+    b = fleet.add(Car("car-b", "owner-2"))
+    fleet.verifier.hold_s = 1000.0
+    # Another owner's car is about: it asked for work a moment ago (and is busy meanwhile).
+    fleet.verifier.asking([b.id])
+    batch_id = fleet.batch(8)
+    for _ in range(4):
+        fleet.round([a])
+    # a's work is done; the batch waits for b to take a's probes.
+    assert fleet.verifier.counters["sampled"] > 0
+    assert fleet.verifier.counters.get("answered", 0) == 0
+    assert fleet.store.get_batch(batch_id).status == "in_progress"  # type: ignore[union-attr]
+    assert fleet.run(batch_id, rounds=10) == "completed"
+    assert fleet.verifier.counters["answered"] > 0
+    assert fleet.verifier.counters.get("finalised_unchecked", 0) == 0
 
 
 def test_a_cheater_is_quarantined_and_its_results_are_redone(fleet: Fleet) -> None:
@@ -348,16 +367,20 @@ def test_a_new_car_on_probation_waits_for_its_checks_before_more_work(fleet: Fle
     a = fleet.add(Car("car-a", "owner-a"))
     fleet.batch(40)
     fleet.round([a])  # a unit of 4
-    fleet.round([a])  # its 4 results committed, all queued as probes: on probation
-    assert fleet.verifier.on_probation(a.id)
-    fleet.round([a])  # (the round that committed them had leased it its next unit already)
+    fleet.round([a])  # its 4 results committed, all queued as probes
+    # Nobody about could verify it: its probes would wait for nobody, so it works on.
+    assert not fleet.verifier.on_probation(a.id)
     fleet.round([a])
-    assert a.grant is None  # nobody else to run its probes, and no new unit for it
+    assert a.grant is not None
     b = fleet.add(Car("car-b", "owner-b"))
     fleet.round([b])  # b's unit carries one of a's probes (a quarter of its unit)...
+    assert fleet.verifier.on_probation(a.id)  # ...and b is about: a waits for the rest
+    fleet.round([a])  # (the round that committed them had leased it its next unit already)
+    fleet.round([a])
+    assert a.grant is None  # no new unit for it while its checks are behind
     fleet.round([b])
     assert fleet.verifier.counters["answered"] >= 1
-    for _ in range(6):
+    for _ in range(8):
         fleet.round([b])
     assert not fleet.verifier.on_probation(a.id)
     fleet.round([a])

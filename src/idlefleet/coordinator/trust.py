@@ -67,6 +67,11 @@ class TrustPolicy:
     probation_s: float = 30.0
     """A car is on probation at most this long after its probes last began to wait (none
     could be placed: no other car may verify it): then it works on, unverified."""
+    verifier_seen_s: float = 30.0
+    """A car that asked for work this recently may take probes: a car's results wait for
+    probes (probation, a finished batch's hold) only while such a car, able to verify it, is
+    about; with none (a fleet of one, the others parked outside their owners' hours) they
+    would wait for nobody."""
     min_trusted: int = 3
     """Trusted cars the fleet needs before only trusted cars verify (bootstrap below it)."""
 

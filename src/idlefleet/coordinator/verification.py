@@ -32,7 +32,7 @@ import logging
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -169,6 +169,8 @@ class Verifier:
         """Probes of each car's results not yet judged (queued or placed)."""
         self._dirty: dict[str, CarTrust] = {}
         self._verdicts: list[VerdictRow] = []
+        self._asked: OrderedDict[str, float] = OrderedDict()
+        """When each car last asked for work (latest last), for ``policy.verifier_seen_s``."""
 
     # -- cars ----------------------------------------------------------------------------------
     def registered(self, vehicle_id: str, hardware: Mapping[str, Any]) -> None:
@@ -211,12 +213,46 @@ class Verifier:
                 self._trusted.add(vehicle_id)
             return known
 
+    def asking(self, vehicle_ids: Iterable[str]) -> None:
+        """Cars asked for work (each may take probes): O(1) a car, stale ones forgotten."""
+        now = self.clock()
+        with self._lock:
+            for vehicle_id in vehicle_ids:
+                self._asked[vehicle_id] = now
+                self._asked.move_to_end(vehicle_id)
+            while self._asked:
+                vehicle_id, at = next(iter(self._asked.items()))
+                if now - at <= self.policy.verifier_seen_s:
+                    break
+                del self._asked[vehicle_id]
+
+    def _verifier_about(self, subject: str) -> bool:
+        """Whether a car that may verify this car's results asked for work lately (call with
+        the lock held). Newest askers first: it usually stops at the first or second."""
+        now = self.clock()
+        profile = self._profiles.get(subject)
+        bootstrapping = len(self._trusted) < self.policy.min_trusted
+        for vehicle_id, at in reversed(self._asked.items()):
+            if now - at > self.policy.verifier_seen_s:
+                return False
+            if vehicle_id == subject or vehicle_id in self._quarantined:
+                continue
+            if not bootstrapping and vehicle_id not in self._trusted:
+                continue
+            other = self._profiles.get(vehicle_id)
+            if profile is not None and other is not None and other.owner == profile.owner:
+                continue
+            return True
+        return False
+
     def on_probation(self, vehicle_id: str) -> bool:
         """Whether a new car has too many of its results waiting for a verdict to be leased
         more (it gets probes of others' work meanwhile)."""
         with self._lock:
             if self._pending[vehicle_id] < self.policy.probation_backlog:
                 return False
+            if not self._verifier_about(vehicle_id):
+                return False  # no car about could verify it: its probes wait for nobody
             # Not for ever: with no car able to verify it (the only other car opted out, a
             # fleet of one), a car on probation longer than this works on unverified.
             since = self._pending_since.get(vehicle_id)
@@ -818,16 +854,25 @@ class Verifier:
     def _unchecked_done(self, batch_id: str) -> bool:
         now = self.clock()
         with self._lock:
-            pending = any(c.batch_id == batch_id for q in self._queue.values() for c in q) or any(
+            placed = any(
                 p.check.batch_id == batch_id and p.check.kind != "canary"
                 for placed in self._placed.values()
                 for p in placed.values()
             )
-            if not pending:
+            subjects = {
+                c.subject
+                for q in self._queue.values()
+                for c in q
+                if c.batch_id == batch_id and c.subject is not None
+            }
+            if not placed and not subjects:
                 self._held.pop(batch_id, None)
                 return True
+            # Worth waiting for: its probes on cars now, and those queued that a car about
+            # may take (with none about, they would wait for nobody).
+            worth = placed or any(self._verifier_about(s) for s in subjects)
             since = self._held.setdefault(batch_id, now)
-            if now - since < self.hold_s:
+            if worth and now - since < self.hold_s:
                 return False
             self._held.pop(batch_id, None)
             self.counters["finalised_unchecked"] += 1

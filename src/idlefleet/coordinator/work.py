@@ -337,6 +337,8 @@ class WorkService:
             for entry in [c for c in checked if self.verifier.is_quarantined(c[1])]:
                 checked.remove(entry)
                 acks[entry[0]] = ResultAck(error=_quarantined(entry[1]))
+        if self.verifier is not None and asks:
+            self.verifier.asking(vehicle_id for vehicle_id, _ in asks)
         consents: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         answers, store_asks, placed = self._asks(asks, consents) if asks else ([], [], [])
         now = self.clock()
