@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from idlefleet import __version__
 from idlefleet.cli.argtypes import share, whole
+from idlefleet.coordinator.ledger import Prices
 
 if TYPE_CHECKING:
     from idlefleet.agent.sources.base import StateSource
@@ -59,6 +60,13 @@ def _readable_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not a file")
     return path
+
+
+def _price_list(text: str) -> Prices:
+    try:
+        return Prices.load(_readable_file(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -236,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(0 < x <= 1; default 0.02)",
     )
     co.add_argument(
+        "--prices",
+        type=_price_list,
+        default=None,
+        help="the price list (JSON: per-model prices per 1k input/output tokens and per "
+        "request, the owners' share, electricity tariffs; micro-units; see "
+        "docs/ARCHITECTURE.md, Ledger). Default: the built-in list",
+    )
+    co.add_argument(
         "--verify-by",
         choices=("other-owner", "any-car"),
         default="other-owner",
@@ -391,6 +407,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         trust=TrustPolicy(floor=args.verify_floor),
         verify_distinct_owners=args.verify_by == "other-owner",
+        prices=args.prices or Prices(),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise SystemExit("idlefleet coordinator: --tls-cert and --tls-key go together")

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from idlefleet.coordinator.statements import money, to_csv
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 from idlefleet.protocol.subjects import is_valid_vehicle_id
 
@@ -139,6 +140,12 @@ def add_owner_parser(sub: Any) -> None:
         help="JSON policy (or the output of `owner show --json`)",
     )
     commands.add_parser("history", parents=[common], help="list the consent record, oldest first")
+    earnings = commands.add_parser(
+        "earnings",
+        parents=[common],
+        help="the car's statement per day: compute hours, kWh, earned, electricity, net",
+    )
+    earnings.add_argument("--csv", action="store_true", help="print it as CSV")
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -163,6 +170,9 @@ def run_owner(args: argparse.Namespace) -> int:
         elif args.owner_command == "history":
             body = coordinator.call("GET", f"{base}/consent")
             lines = _history_lines(args.vehicle, body)
+        elif args.owner_command == "earnings":
+            body = coordinator.call("GET", f"/fleet/earnings?vehicle_id={args.vehicle}")
+            lines = _earnings_lines(args.vehicle, body, args.csv)
         elif args.owner_command == "set-policy":
             body = coordinator.call("PUT", f"{base}/policy", {"policy": args.policy})
             lines = [_changed(body, "policy set"), *_policy_lines(body)]
@@ -278,6 +288,35 @@ def _policy_lines(body: dict[str, Any]) -> list[str]:
         ("data regions", _listed(p["data_regions"], DATA_REGIONS)),
     ]
     return [f"{label:<17} {value}" for label, value in rows]
+
+
+def _earnings_lines(vehicle_id: str, body: dict[str, Any], as_csv: bool) -> list[str]:
+    rows, currency = body["data"], body["currency"]
+    if as_csv:
+        return to_csv(rows).splitlines()
+    if not rows:
+        return [f"{vehicle_id}: nothing earned yet"]
+    head = (
+        f"{'day':<10}  {'requests':>8}  {'hours':>7}  {'kWh':>8}  {'earned':>11}  "
+        f"{'in escrow':>11}  {'electricity':>11}  {'net':>11}"
+    )
+    lines = [f"{vehicle_id}: earnings in {currency}", head]
+    for r in rows:
+        lines.append(
+            f"{r['day']:<10}  {r['requests']:>8}  {r['compute_hours']:>7.3f}  {r['kwh']:>8.4f}  "
+            f"{money(r['earned']):>11}  {money(r['escrow']):>11}  "
+            f"{money(r['electricity']):>11}  {money(r['net']):>11}"
+        )
+    total = {k: sum(r[k] for r in rows) for k in ("earned", "escrow", "electricity", "net")}
+    lines.append(
+        f"{'total':<10}  {sum(r['requests'] for r in rows):>8}  {'':>7}  {'':>8}  "
+        f"{money(total['earned']):>11}  {money(total['escrow']):>11}  "
+        f"{money(total['electricity']):>11}  {money(total['net']):>11}"
+    )
+    if any(r["reversed"] for r in rows):
+        reversed_ = sum(r["reversed"] for r in rows)
+        lines.append(f"not paid (the car's results failed verification): {money(reversed_)}")
+    return lines
 
 
 def _history_lines(vehicle_id: str, body: dict[str, Any]) -> list[str]:

@@ -6,7 +6,9 @@ import argparse
 import signal
 import socket
 import threading
+from typing import Any
 
+from idlefleet.coordinator.statements import money
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.sim.params import SimParams, load_params
 
@@ -131,6 +133,31 @@ def _plural(n: int, thing: str) -> str:
     return f"{n} {thing}s" if n != 1 else f"1 {thing}"
 
 
+def money_lines(entries: list[dict[str, Any]], currency: str) -> list[str]:
+    """What a batch cost its customer and earned each owner (its ledger entries)."""
+    charges = [e for e in entries if e["kind"] == "charge"]
+    settled = {e["settles"]: e["kind"] for e in entries if e["settles"]}
+    if not charges:
+        return []
+    cost = sum(
+        -p["amount"] for e in charges for p in e["postings"] if p["account"].startswith("customer:")
+    )
+    tokens = sum(e["input_tokens"] + e["output_tokens"] for e in charges)
+    lines = [f"cost         {money(cost)} {currency} to the customer ({tokens} tokens)"]
+    owners: dict[str, list[int]] = {}
+    for e in charges:
+        earned = sum(p["amount"] for p in e["postings"] if p["account"] == f"escrow:{e['owner']}")
+        row = owners.setdefault(e["owner"], [0, 0, 0])
+        row[0 if settled.get(e["id"]) == "release" else 1] += earned
+        row[2] += e["electricity"]
+    for owner, (payable, escrow, power) in sorted(owners.items()):
+        lines.append(
+            f"earnings     {owner}: {money(payable + escrow)} {currency} "
+            f"({money(escrow)} in escrow until verified); electricity {money(power)} {currency}"
+        )
+    return lines
+
+
 def _demo(fleet: EmbeddedFleet, n: int) -> int:
     from idlefleet.cli.demo import run_demo
 
@@ -154,6 +181,10 @@ def _demo(fleet: EmbeddedFleet, n: int) -> int:
     )
     print(f"wall time    {summary.seconds:.2f} s (create → completed)")
     print(f"throughput   {summary.throughput:.0f} requests/s")
+    ledger = fleet.get(f"/fleet/ledger?batch_id={summary.batch_id}")
+    if ledger:
+        for line in money_lines(ledger["data"], ledger["currency"]):
+            print(line)
     if summary.chat is not None:
         chat = summary.chat
         print(f"chat         {chat.question}")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from idlefleet.coordinator.accounts import Accounts, Tally
 from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS, parse_batch_input
 from idlefleet.coordinator.errors import (
     Conflict,
@@ -109,6 +110,9 @@ class BatchService:
         """Called (from the validating thread) once a batch's first requests may be leased,
         before its validation ends; the coordinator announces the work to the cars."""
         self.finalize_gate: Callable[[BatchRecord], bool] | None = None
+        self.accounts: Accounts | None = None
+        """The ledger's edge: a finalised batch's charges are posted (before it is marked
+        finished; idempotent, so a retried finalisation posts nothing twice)."""
         """Asked before a batch whose work is done is finalised: False holds it (verification
         holds a strict batch until every result is agreed); None: nothing holds batches."""
 
@@ -546,17 +550,22 @@ class BatchService:
                     self.store.delete_file(file_id)
 
     def _write_files(self, batch_id: str, owner: str) -> tuple[str | None, str | None]:
-        """Render and store the output and error files (ids; None: no lines)."""
+        """Render and store the output and error files (ids; None: no lines), and post the
+        charges for the results in the output."""
         output_id = error_id = None
-        workload = by_endpoint(self.get_batch(batch_id).endpoint)
+        batch = self.get_batch(batch_id)
+        workload = by_endpoint(batch.endpoint)
         if workload is None:  # only endpoints with a workload are accepted at create
             raise ValueError(f"batch {batch_id} has an endpoint no workload serves")
+        tallies: dict[tuple[str, str], Tally] = {}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            n_out, n_err = self._render(workload, batch_id, out, err, owner)
+            n_out, n_err = self._render(workload, batch_id, out, err, owner, tallies)
             if n_out:
                 output_id = self._store_spool(out, f"{batch_id}_output.jsonl", batch_id)
             if n_err:
                 error_id = self._store_spool(err, f"{batch_id}_error.jsonl", batch_id)
+        if self.accounts is not None and tallies:
+            self.accounts.batch_finished(batch, tallies)
         return output_id, error_id
 
     def _finalization_failed(self, batch_id: str, owner: str, exc: Exception) -> None:
@@ -588,7 +597,13 @@ class BatchService:
         )
 
     def _render(
-        self, workload: Workload, batch_id: str, out: BinaryIO, err: BinaryIO, owner: str
+        self,
+        workload: Workload,
+        batch_id: str,
+        out: BinaryIO,
+        err: BinaryIO,
+        owner: str,
+        tallies: dict[tuple[str, str], Tally],
     ) -> tuple[int, int]:
         counts = [0, 0]  # output lines, error lines
         renew_at = time.monotonic() + self.limits.claim_seconds / 3
@@ -605,9 +620,9 @@ class BatchService:
                 renew_at = time.monotonic() + self.limits.claim_seconds / 3
             block.append(req)
             if len(block) >= RENDER_BLOCK:
-                _render_block(workload, batch_id, block, out, err, counts)
+                _render_block(workload, batch_id, block, out, err, counts, tallies)
                 block = []
-        _render_block(workload, batch_id, block, out, err, counts)
+        _render_block(workload, batch_id, block, out, err, counts, tallies)
         return counts[0], counts[1]
 
     def _store_spool(self, spool: BinaryIO, filename: str, batch_id: str) -> str:
@@ -640,9 +655,11 @@ def _render_block(
     out: BinaryIO,
     err: BinaryIO,
     counts: list[int],
+    tallies: dict[tuple[str, str], Tally],
 ) -> None:
     """Write the lines of consecutive requests; the workload renders the block's response
-    bodies at once (for embeddings, one numpy pass over every vector: most of the cost)."""
+    bodies at once (for embeddings, one numpy pass over every vector: most of the cost).
+    Each result written is tallied for its car's charge."""
     bodies = workload.render_batch(block)
     lines: list[bytes] = []
     errors: list[bytes] = []
@@ -652,6 +669,12 @@ def _render_block(
         if req.state == "done" and body is not None:
             response_id = derived_id("", batch_id, req.seq, "response")
             lines.append(output_line_json(request_id, req.custom_id, 200, body, response_id))
+            if req.vehicle_id is not None and req.result is not None:
+                tally = tallies.setdefault((req.vehicle_id, req.model), Tally())
+                used_in, used_out = workload.usage(req.result, req.token_count or 0)
+                tally.requests += 1
+                tally.input_tokens += used_in
+                tally.output_tokens += used_out
         elif req.error_body is not None and req.error_status is not None:
             error = req.error_body.get("error", {})
             if error.get("code") in ("batch_cancelled", "batch_expired"):

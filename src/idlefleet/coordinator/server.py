@@ -32,9 +32,11 @@ from typing import Any
 import nats
 import uvicorn
 
+from idlefleet.coordinator.accounts import Accounts
 from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.batches import BatchLimits, BatchService
+from idlefleet.coordinator.ledger import Prices
 from idlefleet.coordinator.nats_auth import AuthSync, CloudUsers
 from idlefleet.coordinator.nats_log import NatsLogWatch
 from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
@@ -104,6 +106,8 @@ class CoordinatorConfig:
     tls_key: Path | None = None
     trust: TrustPolicy = field(default_factory=TrustPolicy)
     """How cars' results are verified (floor, canaries, tie-breaks)."""
+    prices: Prices = field(default_factory=Prices)
+    """The price list, the owners' share and electricity tariffs (the ledger's)."""
     verify_distinct_owners: bool = True
     """Results are checked only by cars of other owners (False: by any other car, for a
     fleet of one owner such as the embedded one)."""
@@ -123,6 +127,12 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     )
     work.verifier = verifier
     batches.finalize_gate = verifier.may_finalize
+    accounts = Accounts(
+        store, config.prices, verified_through=lambda v: verifier.trust(v).verified_through
+    )
+    verifier.on_verified.append(accounts.verified)
+    verifier.on_quarantine.append(accounts.quarantined)
+    batches.accounts = accounts
     credentials: dict[str, Any] = {}
     if config.nats_seed is not None:
         credentials["nkeys_seed_str"] = config.nats_seed.read_text().strip()
@@ -242,6 +252,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         _every(1.0, "policy catch-up", catch_up_policies),
         _every(config.sweep_interval_s, "sweep", sweep),
         _every(1.0, "verification flush", _threaded(verifier.flush)),
+        _every(1.0, "ledger flush", _threaded(accounts.flush)),
         _every(VERIFICATION_REFRESH_S, "verification", _threaded(verifier.refresh)),
     ]
 

@@ -236,6 +236,11 @@ class Workload(ABC):
         default every report is refused."""
         return f"{self.kind} requests report no progress"
 
+    def usage(self, result: bytes, tokens: int) -> tuple[int, int]:
+        """What a finished request is billed for: (input tokens, output tokens). By default
+        every token a car reported is input (embeddings)."""
+        return tokens, 0
+
     # -- verification --------------------------------------------------------------------------
     @abstractmethod
     def work(self, payload: Any, result: bytes) -> int:

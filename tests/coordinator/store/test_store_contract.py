@@ -33,6 +33,8 @@ from hypothesis import strategies as st
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from idlefleet.coordinator.accounts import Accounts
+from idlefleet.coordinator.ledger import ModelPrice, Prices, Work, charge_entry
 from idlefleet.coordinator.store import (
     ApiKeyRecord,
     BatchRecord,
@@ -3200,3 +3202,94 @@ def test_a_strict_batch_knows_which_results_lack_an_agreeing_verdict(store: Stor
     store.record_verdicts([VerdictRow("batch-1", 1, "car-1", "agree", "car-3", NOW)])
     assert [r.seq for r in store.unverified_requests("batch-1")] == [1, 2]
     assert [r.seq for r in store.unverified_requests("batch-1", limit=1)] == [1]
+
+
+# -- ledger --------------------------------------------------------------------------------------
+LEDGER_PRICES = Prices(models={"m": ModelPrice(7, 13, 3)}, owner_share_bp=7000)
+_CARS = {"car-1": "alice", "car-2": "alice", "car-3": "bob"}
+_ledger_op = st.one_of(
+    st.tuples(
+        st.just("charge"),
+        st.integers(0, 5),  # which piece of work (its key): the same one twice is a duplicate
+        st.sampled_from(sorted(_CARS)),
+        st.integers(0, 10),  # work_at
+        st.integers(0, 5000),  # tokens
+    ),
+    st.tuples(st.just("replay"), st.integers(0, 50)),
+    st.tuples(st.just("verify"), st.sampled_from(sorted(_CARS)), st.integers(0, 10)),
+    st.tuples(st.just("quarantine"), st.sampled_from(sorted(_CARS))),
+)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@settings(max_examples=60, deadline=None, database=None)
+@given(ops=st.lists(_ledger_op, min_size=1, max_size=30))
+def test_ledger_postings_sum_to_zero_and_settle_each_charge_once(
+    backend: str, ops: list[tuple[Any, ...]], request: pytest.FixtureRequest
+) -> None:
+    """Random histories of charges (some duplicated, some replayed), verifications and
+    quarantines, against a reference: balances sum to zero; a charge is posted once; it
+    leaves escrow only when its car is verified through its work, and is reversed (customer
+    refunded, owner unpaid) only if its car is caught before that."""
+    with opened(BACKENDS[backend](request)) as s:
+        verified: dict[str, float] = {}
+        accounts = Accounts(
+            s, LEDGER_PRICES, clock=lambda: NOW, verified_through=lambda v: verified.get(v, -1.0)
+        )
+        accounts._owners.update(_CARS)
+        posted: list[Any] = []
+        state: dict[str, str] = {}  # charge id -> "escrow" | "release" | "reversal"
+        charges: dict[str, Any] = {}
+        for op in ops:
+            if op[0] == "charge":
+                _, k, car, work_at, tokens = op
+                work = Work(f"w{k}", "acme", car, _CARS[car], "m", 1, tokens, 0, 0.0, work_at)
+                entry = charge_entry(work, LEDGER_PRICES, NOW)
+                accounts.online_finished(work)
+                if entry.id not in charges:  # a duplicate of posted work changes nothing
+                    charges[entry.id] = entry
+                    ok = verified.get(car, -1.0) >= work_at
+                    state[entry.id] = "release" if ok else "escrow"
+            elif op[0] == "replay" and posted:
+                s.post_entries([posted[op[1] % len(posted)]])
+            elif op[0] == "verify":
+                _, car, through = op
+                verified[car] = max(verified.get(car, -1.0), through)
+                accounts.verified(car, verified[car])
+                for cid, c in charges.items():
+                    if c.vehicle_id == car and state[cid] == "escrow" and c.work_at <= through:
+                        state[cid] = "release"
+            elif op[0] == "quarantine":
+                accounts.quarantined(op[1], NOW)
+                for cid, c in charges.items():
+                    if c.vehicle_id == op[1] and state[cid] == "escrow":
+                        state[cid] = "reversal"
+            accounts.flush()
+            posted = s.ledger_entries()
+            balances = s.balances()
+            assert sum(balances.values()) == 0
+            assert all(sum(a for _, a in e.postings) == 0 for e in posted)
+            kinds = Counter(e.kind for e in posted)
+            assert kinds["charge"] == len(charges)
+            settled = {e.settles: e.kind for e in posted if e.settles is not None}
+            assert kinds["release"] + kinds["reversal"] == len(settled)  # each at most once
+            assert {cid: settled.get(cid, "escrow") for cid in charges} == state
+            for owner in set(_CARS.values()):
+                mine = [c for c in charges.values() if c.owner == owner]
+                held = sum(c.earned for c in mine if state[c.id] == "escrow")
+                paid = sum(c.earned for c in mine if state[c.id] == "release")
+                assert balances.get(f"escrow:{owner}", 0) == held
+                assert balances.get(f"owner:{owner}", 0) == paid
+            owed = sum(c.charged for c in charges.values() if state[c.id] != "reversal")
+            assert balances.get("customer:acme", 0) == -owed
+
+
+def test_ledger_entries_filter_and_settlements_come_back_with_their_charge(store: Store) -> None:
+    work = Work("batch:b1:car-1", "acme", "car-1", "alice", "m", 3, 2500, 100, 7.2e6, 5.0, "b1")
+    charge = charge_entry(work, LEDGER_PRICES, NOW)
+    assert store.post_entries([charge, charge]) == 1
+    assert store.unsettled_charges("car-1") == [charge]
+    assert store.unsettled_charges("car-1", through=4.0) == []
+    assert store.ledger_entries(batch_id="b1") == [charge]
+    assert store.ledger_entries(owner="bob") == []
+    assert store.balances("customer:") == {"customer:acme": -charge.charged}

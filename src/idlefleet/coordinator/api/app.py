@@ -12,21 +12,23 @@ its heartbeat), because an opt-out must not wait for the car to poll.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import orjson
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from idlefleet.coordinator import statements
 from idlefleet.coordinator.access import Caller, Role
 from idlefleet.coordinator.api import openapi_doc
 from idlefleet.coordinator.api.auth import Access, RequireBearer
@@ -46,11 +48,13 @@ from idlefleet.coordinator.batch_input import SUPPORTED_ENDPOINTS
 from idlefleet.coordinator.batches import COMPLETION_WINDOWS, BatchService
 from idlefleet.coordinator.errors import (
     Conflict,
+    Forbidden,
     IdlefleetError,
     InvalidRequest,
     NotFound,
     ServiceUnavailable,
 )
+from idlefleet.coordinator.ledger import Entry
 from idlefleet.coordinator.online import Watch
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
 from idlefleet.coordinator.store import Enrolment, VehicleRecord
@@ -75,6 +79,12 @@ from idlefleet.workloads import WORKLOADS, Workload
 from idlefleet.workloads.base import OnlineStream, Planned
 
 log = logging.getLogger(__name__)
+
+
+def ledger_entry_json(e: Entry) -> dict[str, Any]:
+    body = dataclasses.asdict(e)
+    body["postings"] = [{"account": a, "amount": amount} for a, amount in e.postings]
+    return body
 
 
 class OnlineRunner(Protocol):
@@ -642,6 +652,93 @@ def create_app(
             )
         record = await asyncio.to_thread(work.verifier.reinstate, vehicle_id)
         return {"vehicle_id": record.vehicle_id, "state": "new", "streak": record.streak}
+
+    # -- money ---------------------------------------------------------------------------------
+    def currency() -> str:
+        return batches.accounts.prices.currency if batches.accounts is not None else "USD"
+
+    def statement(rows: list[dict[str, Any]], fmt: str, name: str) -> Any:
+        if fmt == "csv":
+            return Response(
+                statements.to_csv(rows),
+                media_type="text/csv",
+                headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+            )
+        return {"object": "list", "currency": currency(), "data": rows}
+
+    @app.get("/fleet/earnings", tags=["owners"])
+    async def earnings(
+        vehicle_id: str | None = None,
+        owner_name: Annotated[str | None, Query(alias="owner", max_length=256)] = None,
+        fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
+        caller: Caller = owner,
+    ) -> Any:
+        """An owner's statement: per day and car, requests, compute hours, kWh, what was
+        earned (``payable``: verified; ``escrow``: waiting for verification; ``reversed``: not
+        paid, the car was caught), the electricity it cost at the car's tariff, and ``net``.
+        Money in micro-units (CSV: in units). An owner sees their cars; an operator any."""
+        if vehicle_id is not None:
+            check_vehicle_id(vehicle_id)
+        who = caller.principal if caller.role is Role.OWNER else owner_name
+
+        def read() -> list[dict[str, Any]]:
+            if vehicle_id is not None and caller.role is Role.OWNER:
+                enrolment = work.store.get_enrolment(vehicle_id)
+                if enrolment is None or enrolment.owner != caller.principal:
+                    raise NotFound(
+                        f"No vehicle '{vehicle_id}' of yours.",
+                        param="vehicle_id",
+                        code="vehicle_not_found",
+                    )
+            entries = work.store.ledger_entries(owner=who, vehicle_id=vehicle_id)
+            power = {}
+            for car in {e.vehicle_id for e in entries}:
+                record = work.store.get_vehicle(car)
+                power[car] = float(record.hardware.get("power_w") or 0.0) if record else 0.0
+            return statements.earnings(entries, power, currency())
+
+        return statement(await asyncio.to_thread(read), fmt, "earnings")
+
+    @app.get("/fleet/usage", tags=["fleet"])
+    async def usage(
+        principal: Annotated[str | None, Query(max_length=256)] = None,
+        fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
+        caller: Caller = anyone,
+    ) -> Any:
+        """What a customer was charged: per day and model, requests, input and output tokens,
+        ``charged``, ``refunded`` (results of a car caught cheating) and ``cost``, in
+        micro-units (CSV: units). A customer sees their own; an operator anyone's (or all)."""
+        if caller.role is Role.OWNER:
+            raise Forbidden("Owners' keys see earnings (/fleet/earnings), not usage.")
+        who = caller.principal if caller.role is Role.CUSTOMER else principal
+        entries = await asyncio.to_thread(lambda: work.store.ledger_entries(principal=who))
+        return statement(statements.usage(entries, currency()), fmt, "usage")
+
+    @app.get("/fleet/ledger", tags=["fleet"], dependencies=[operator])
+    async def ledger(
+        batch_id: Annotated[str | None, Query(max_length=256)] = None,
+        vehicle_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> dict[str, Any]:
+        """Ledger entries (a batch's, a car's, or the latest) with their postings, and every
+        account's balance: the balances always sum to zero."""
+        if vehicle_id is not None:
+            check_vehicle_id(vehicle_id)
+
+        def read() -> dict[str, Any]:
+            entries = work.store.ledger_entries(
+                batch_id=batch_id, vehicle_id=vehicle_id, limit=limit
+            )
+            balances = work.store.balances()
+            return {
+                "object": "list",
+                "currency": currency(),
+                "data": [ledger_entry_json(e) for e in entries],
+                "balances": balances,
+                "total": sum(balances.values()),
+            }
+
+        return await asyncio.to_thread(read)
 
     @app.get("/fleet/dispatch", tags=["fleet"], dependencies=[operator])
     async def dispatch() -> dict[str, Any]:

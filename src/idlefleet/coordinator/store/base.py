@@ -48,6 +48,7 @@ from idlefleet.coordinator.trust import CarTrust
 from idlefleet.protocol.policy import DEFAULT_DATA_REGION, DEFAULT_PURPOSE
 
 if TYPE_CHECKING:
+    from idlefleet.coordinator.ledger import Entry
     from idlefleet.coordinator.store.verification_sql import DoneRequest, VerdictRow
 
 RequestState = Literal["pending", "leased", "done", "failed"]
@@ -246,6 +247,10 @@ class StoredRequest:
     token_count: int | None
     error_status: int | None
     error_body: dict[str, Any] | None
+    vehicle_id: str | None = None
+    """The car whose result it holds (done requests)."""
+    finished_at: float | None = None
+    """When its result was committed."""
 
 
 @dataclass(frozen=True)
@@ -760,6 +765,40 @@ class Store(ABC):
     @abstractmethod
     def shared_secret(self, name: str) -> bytes:
         """A random secret (32 bytes) every replica reads the same; made by the first caller."""
+
+    # -- ledger --------------------------------------------------------------------------------
+    @abstractmethod
+    def post_entries(self, entries: Sequence[Entry]) -> int:
+        """Post ledger entries in one transaction, each at most once (by id; a second
+        settlement of one charge is skipped too): how many were new."""
+
+    @abstractmethod
+    def lease_energy(self, batch_id: str) -> dict[str, float]:
+        """Energy each car reported for its leases of a batch (joules), by car."""
+
+    @abstractmethod
+    def unsettled_charges(
+        self, vehicle_id: str, through: float | None = None, limit: int = 10_000
+    ) -> list[Entry]:
+        """The car's charges not yet released or reversed (work up to ``through``)."""
+
+    @abstractmethod
+    def ledger_entries(
+        self,
+        *,
+        owner: str | None = None,
+        principal: str | None = None,
+        vehicle_id: str | None = None,
+        batch_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100_000,
+    ) -> list[Entry]:
+        """Entries matching every filter given, oldest first, with their postings."""
+
+    @abstractmethod
+    def balances(self, prefix: str = "") -> dict[str, int]:
+        """Account balances (accounts starting with ``prefix``)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

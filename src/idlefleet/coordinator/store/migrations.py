@@ -535,4 +535,74 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        10,
+        "ledger: double-entry, append-only entries and their postings, in micro-units",
+        # Written when a batch is finalised (an entry per car that worked on it), when an
+        # online request finishes, and when verification releases or reverses a car's
+        # charges: never on the lease/commit path. ``settles`` is unique: a charge is settled
+        # (released or reversed) once.
+        """
+        CREATE TABLE ledger_entries (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            at REAL NOT NULL,
+            principal TEXT NOT NULL,
+            vehicle_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            energy_j REAL NOT NULL,
+            electricity INTEGER NOT NULL,
+            work_at REAL NOT NULL,
+            batch_id TEXT,
+            settles TEXT
+        );
+        CREATE UNIQUE INDEX ledger_entries_settles ON ledger_entries(settles);
+        CREATE INDEX ledger_entries_vehicle ON ledger_entries(vehicle_id, kind, work_at);
+        CREATE INDEX ledger_entries_owner ON ledger_entries(owner, at);
+        CREATE INDEX ledger_entries_principal ON ledger_entries(principal, at);
+        CREATE INDEX ledger_entries_batch ON ledger_entries(batch_id);
+        CREATE TABLE ledger_postings (
+            entry_id TEXT NOT NULL,
+            account TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            PRIMARY KEY (entry_id, account)
+        );
+        CREATE INDEX ledger_postings_account ON ledger_postings(account);
+        """,
+        """
+        CREATE TABLE ledger_entries (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            principal TEXT NOT NULL,
+            vehicle_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            energy_j DOUBLE PRECISION NOT NULL,
+            electricity BIGINT NOT NULL,
+            work_at DOUBLE PRECISION NOT NULL,
+            batch_id TEXT,
+            settles TEXT
+        );
+        CREATE UNIQUE INDEX ledger_entries_settles ON ledger_entries(settles);
+        CREATE INDEX ledger_entries_vehicle ON ledger_entries(vehicle_id, kind, work_at);
+        CREATE INDEX ledger_entries_owner ON ledger_entries(owner, at);
+        CREATE INDEX ledger_entries_principal ON ledger_entries(principal, at);
+        CREATE INDEX ledger_entries_batch ON ledger_entries(batch_id);
+        CREATE TABLE ledger_postings (
+            entry_id TEXT NOT NULL,
+            account TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            PRIMARY KEY (entry_id, account)
+        );
+        CREATE INDEX ledger_postings_account ON ledger_postings(account);
+        """,
+    ),
 )

@@ -50,6 +50,7 @@ from idlefleet.coordinator.store.base import (
     VehicleSeen,
 )
 from idlefleet.coordinator.store.identity_sql import IdentitySql
+from idlefleet.coordinator.store.ledger_sql import LedgerSql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.postgres_sql import (
     BATCH_SELECT,
@@ -94,7 +95,7 @@ _DEADLOCK_RETRIES = 3
 """Whole-call retries after a deadlock or serialisation failure (nothing of it took effect)."""
 
 
-class PostgresStore(IdentitySql, VerificationSql, Store):
+class PostgresStore(IdentitySql, VerificationSql, LedgerSql, Store):
     """The store in a PostgreSQL database, through a pool of ``min_size``..``max_size`` sessions.
 
     ``conninfo`` is a libpq URL or key=value string, passed to psycopg as it is (so
@@ -821,7 +822,7 @@ class PostgresStore(IdentitySql, VerificationSql, Store):
         while True:
             rows = self._read(
                 "SELECT seq, custom_id, state, options, model, result, token_count, "
-                "error_status, error_body FROM requests "
+                "error_status, error_body, vehicle_id FROM requests "
                 "WHERE batch_id = %s AND seq > %s ORDER BY seq LIMIT %s",
                 (batch_id, last, _PAGE),
                 binary=True,

@@ -36,6 +36,7 @@ from idlefleet.coordinator.store.base import (
 )
 from idlefleet.coordinator.store.commit_plan import LeaseRow, plan_commits
 from idlefleet.coordinator.store.identity_sql import IdentitySql
+from idlefleet.coordinator.store.ledger_sql import LedgerSql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.sql_common import (
     ATTEMPTS_EXHAUSTED_STATUS,
@@ -64,7 +65,7 @@ from idlefleet.coordinator.store.verification_sql import VerificationSql
 T = TypeVar("T")
 
 
-class SqliteStore(IdentitySql, VerificationSql, Store):
+class SqliteStore(IdentitySql, VerificationSql, LedgerSql, Store):
     _mark = "?"
 
     def __init__(self, path: str) -> None:
@@ -920,7 +921,7 @@ class SqliteStore(IdentitySql, VerificationSql, Store):
             with self._read() as db:
                 rows = db.execute(
                     "SELECT seq, custom_id, state, options, model, result, token_count, "
-                    "error_status, error_body FROM requests "
+                    "error_status, error_body, vehicle_id FROM requests "
                     "WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT 1000",
                     (batch_id, last),
                 ).fetchall()

@@ -246,6 +246,12 @@ class ChatWorkload(Workload):
             bodies[req.seq] = orjson.dumps(_completion(completion_id, created, req.model, parsed))
         return bodies
 
+    def usage(self, result: bytes, tokens: int) -> tuple[int, int]:
+        parsed = _parse(result)
+        if isinstance(parsed, str):
+            raise ValueError(parsed)
+        return parsed.prompt_tokens, len(parsed.tokens)
+
     def render_online(self, planned: Planned, result: bytes, tokens: int) -> dict[str, Any]:
         parsed = _parse(result)
         if isinstance(parsed, str):

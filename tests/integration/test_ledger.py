@@ -1,0 +1,104 @@
+"""The ledger through the real stack: a batch's charges are its tokens at the price list's
+prices, exactly; the customer's usage and the owner's statement (API and CLI) agree with them;
+the books balance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from idlefleet.cli.demo import batch_input, demo_texts
+from idlefleet.coordinator.ledger import Prices
+from idlefleet.embedded.fleet import EmbeddedFleet
+from tests.integration.conftest import read_jsonl, submit, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def get(fleet: EmbeddedFleet, path: str, key: str) -> Any:
+    found = fleet.get(path, key=key)
+    assert found is not None, path
+    return found
+
+
+def test_a_batch_is_charged_its_tokens_at_the_list_prices_exactly(
+    fleet: EmbeddedFleet, client: OpenAI
+) -> None:
+    prices = Prices()  # the embedded fleet's coordinator runs the built-in list
+    before = get(fleet, "/fleet/usage", "customer")["data"]
+    batch = wait_for(client, submit(client, batch_input(demo_texts(300))).id)
+    assert batch.status == "completed" and batch.output_file_id is not None
+    rows = read_jsonl(client, batch.output_file_id)
+    tokens = sum(row["response"]["body"]["usage"]["prompt_tokens"] for row in rows)
+    model = rows[0]["response"]["body"]["model"]
+    by_car = get(fleet, f"/fleet/batches/{batch.id}/vehicles", "operator")["completed_by_vehicle"]
+
+    ledger = get(fleet, f"/fleet/ledger?batch_id={batch.id}", "operator")
+    charges = [e for e in ledger["data"] if e["kind"] == "charge"]
+    # One charge per car that made results, for exactly the results it made.
+    assert Counter({e["vehicle_id"]: e["requests"] for e in charges}) == Counter(by_car)
+    assert sum(e["input_tokens"] for e in charges) == tokens
+    assert all(e["output_tokens"] == 0 and e["model"] == model for e in charges)
+    for e in charges:
+        amounts = {p["account"]: p["amount"] for p in e["postings"]}
+        price = prices.charge(model, e["requests"], e["input_tokens"], 0)
+        assert amounts[f"customer:{e['principal']}"] == -price
+        earned = price * prices.owner_share_bp // 10_000
+        assert amounts.get(f"escrow:{e['owner']}", 0) == earned
+        assert amounts.get("platform:fees", 0) == price - earned
+        assert e["energy_j"] > 0  # the car metered the work
+    assert ledger["total"] == 0  # every account's balance sums to zero
+    charged = sum(prices.charge(model, e["requests"], e["input_tokens"], 0) for e in charges)
+    assert charged > 0
+
+    # The customer's usage: this batch's tokens and charge on top of what came before.
+    after = get(fleet, "/fleet/usage", "customer")["data"]
+    assert sum(r["input_tokens"] for r in after) - sum(r["input_tokens"] for r in before) == tokens
+    assert sum(r["cost"] for r in after) - sum(r["cost"] for r in before) == charged
+    # Owners' keys do not see customers' usage.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fleet.post("/fleet/usage", None, method="GET", key="owner")
+    assert refused.value.code == 403
+    refused.value.close()
+
+    # The owner's statement: the same earnings, through the API and the CLI.
+    car = charges[0]["vehicle_id"]
+    statement = get(fleet, f"/fleet/earnings?vehicle_id={car}", "owner")
+    mine = sum(
+        p["amount"]
+        for e in charges
+        if e["vehicle_id"] == car
+        for p in e["postings"]
+        if p["account"] == f"escrow:{e['owner']}"
+    )
+    assert sum(r["earned"] for r in statement["data"]) == mine  # this module's only batch
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idlefleet",
+            "owner",
+            "earnings",
+            "--vehicle",
+            car,
+            "--coordinator",
+            fleet.base_url,
+            "--csv",
+        ],
+        env={**os.environ, "IDLEFLEET_API_KEY": fleet.keys["owner"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    header, *lines = cli.stdout.splitlines()
+    assert header.startswith("day,vehicle_id,requests,compute_hours,kwh,earned")
+    earned_csv = sum(float(line.split(",")[5]) for line in lines)
+    assert earned_csv == pytest.approx(sum(r["earned"] for r in statement["data"]) / 1e6)
