@@ -105,7 +105,8 @@ class Accounts:
         for (vehicle_id, model), tally in sorted(tallies.items()):
             if tally.requests == 0:
                 continue
-            # A car's energy is split over its models by requests (a batch has one model).
+            # Lines of one batch may name different models: a car's energy for the batch is
+            # split evenly over the models it ran (usually one).
             models = sum(1 for v, _ in tallies if v == vehicle_id)
             work = Work(
                 key=f"batch:{batch.id}:{vehicle_id}" + (f":{model}" if models > 1 else ""),

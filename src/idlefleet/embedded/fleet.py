@@ -49,7 +49,7 @@ from idlefleet.coordinator.store.factory import sqlite_url
 from idlefleet.embedded.credentials import OWNER, FleetSecrets, prepare_security
 from idlefleet.embedded.nats_cluster import NatsCluster, start_nats_cluster
 from idlefleet.embedded.nats_server import NatsServer, start_nats_server
-from idlefleet.embedded.ports import free_port
+from idlefleet.embedded.ports import free_ports
 from idlefleet.embedded.tls import TlsFiles, client_context
 from idlefleet.protocol.identity import public_nkey
 from idlefleet.protocol.seeds import nats_servers
@@ -111,9 +111,9 @@ class EmbeddedFleet:
         self.cluster: NatsCluster | None = None
         self.coordinators: list[subprocess.Popen[bytes]] = []
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
-        first = options.port or free_port(options.host)
-        self.ports = [first] + [free_port(options.host) for _ in range(options.replicas - 1)]
-        self.port = first
+        self.ports: list[int] = []
+        self.port = 0
+        self._pick_ports()
         self.log_dir = options.data_dir / "logs"
         self.sim_cars: list[Any] = []
         self.secrets = FleetSecrets(options.data_dir / "secrets")
@@ -121,6 +121,14 @@ class EmbeddedFleet:
         """API key secrets: ``operator``, ``owner`` (of every embedded car) and ``customer``."""
         self._killed: set[int] = set()
         """Processes killed on purpose (fault drills): their exit is not a failure."""
+
+    def _pick_ports(self) -> None:
+        """HTTP ports for the coordinators: ``options.port`` for the first if given, the rest
+        free and distinct (picked together)."""
+        opts = self.options
+        picked = free_ports(opts.host, opts.replicas)
+        self.ports = [opts.port, *picked[1:]] if opts.port else picked
+        self.port = self.ports[0]
 
     @property
     def coordinator(self) -> subprocess.Popen[bytes] | None:
@@ -231,6 +239,10 @@ class EmbeddedFleet:
             )
         if opts.signed_models:
             asyncio.run(self._release_models())
+        # The coordinators' ports are picked now that NATS holds its own: picked earlier, one
+        # of them could be free then and a nats-server's by now (an HTTP health check then
+        # read NATS's INFO line).
+        self._pick_ports()
         for index in range(opts.replicas):
             self.coordinators.append(self._start_coordinator(index))
         deadline = time.monotonic() + timeout

@@ -666,7 +666,9 @@ def create_app(
             )
         return {"object": "list", "currency": currency(), "data": rows}
 
-    @app.get("/fleet/earnings", tags=["owners"])
+    @app.get(
+        "/fleet/earnings", tags=["owners"], response_model=None, responses=openapi_doc.STATEMENT
+    )
     async def earnings(
         vehicle_id: str | None = None,
         owner_name: Annotated[str | None, Query(alias="owner", max_length=256)] = None,
@@ -699,7 +701,7 @@ def create_app(
 
         return statement(await asyncio.to_thread(read), fmt, "earnings")
 
-    @app.get("/fleet/usage", tags=["fleet"])
+    @app.get("/fleet/usage", tags=["fleet"], response_model=None, responses=openapi_doc.STATEMENT)
     async def usage(
         principal: Annotated[str | None, Query(max_length=256)] = None,
         fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",

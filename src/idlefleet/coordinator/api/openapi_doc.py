@@ -191,6 +191,15 @@ FILE_CONTENT: dict[int | str, dict[str, Any]] = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
     },
 }
+STATEMENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The statement's rows: JSON, or CSV with ``format=csv``",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/csv": {"schema": {"type": "string"}},
+        },
+    },
+}
 _BATCH_LINKS = {
     "GetBatch": _link("get_batch", batch_id="$response.body#/id"),
     "CancelBatch": _link("cancel_batch", batch_id="$response.body#/id"),
