@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench chromium
 
 $(BIN)/idlefleet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ $(VENV)/.extras: $(BIN)/idlefleet pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,kuksa,sim,postgresql]'
 	touch $(VENV)/.extras
 
-test: install $(VENV)/.extras
+# The dashboard's browser test drives Debian's chromium through Playwright (no browser download).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: install $(VENV)/.extras chromium
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -248,3 +249,35 @@ def test_opting_out_stops_a_running_step() -> None:
     verdict = gate.set_policy(OwnerPolicy(opted_in=False))
     assert verdict.reasons == ("opted_out",)
     assert step.options.terminate
+
+
+def test_figures_count_runs_energy_a_preemption_and_how_long_the_stop_took() -> None:
+    clock = FakeClock()
+    gate = ComputeGate(
+        PolicyGuard(OwnerPolicy(opted_in=True), 0), clock, rated_power_w=POWER_W, timer=clock
+    )
+    gate.on_reading(StateAssembler().apply(parked_state(), clock.now))
+    finished = gate.begin("lease-1")
+    assert finished is not None
+    clock.now += 2.0
+    gate.end(finished)
+    first, second = gate.begin("lease-1"), gate.begin("lease-1")
+    assert first is not None and second is not None
+    clock.now += 1.0
+    gate.on_reading(StateAssembler().apply({**parked_state(), SEAT: "OCCUPIED"}, clock.now))
+    clock.now += 0.004  # the first run notices the stop 4 ms later, the second 9 ms later
+    gate.end(first)
+    clock.now += 0.005
+    gate.end(second)
+
+    figures = gate.figures.take()
+
+    assert figures is not None
+    assert figures.runs == 3 and figures.preemptions == 1  # one stop, two runs told
+    assert figures.compute_s == pytest.approx(2.0 + 1.004 + 1.009, abs=1e-6)
+    assert figures.energy_j == pytest.approx(POWER_W * figures.compute_s)
+    assert figures.stop_s == pytest.approx([0.004, 0.009], abs=1e-6)
+    # A stop decision with nothing running is no preemption.
+    gate.on_reading(StateAssembler().apply(parked_state(), clock.now))
+    gate.on_reading(StateAssembler().apply({**parked_state(), SEAT: "OCCUPIED"}, clock.now))
+    assert gate.figures.take() is None

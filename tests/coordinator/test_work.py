@@ -12,11 +12,14 @@ import pytest
 
 from idlefleet.cli.demo import batch_input
 from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.metrics import Metrics
+from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
 from idlefleet.protocol.codec import decode, encode
 from idlefleet.protocol.messages import (
+    CarFigures,
     Hardware,
     Heartbeat,
     Progress,
@@ -588,3 +591,46 @@ def test_progress_is_kept_extends_the_lease_and_travels_to_the_next_car(
     assert carried == {first: pack(b"\x00tokens so far\xff"), second: None}
     # The grant goes through the wire as it is.
     assert decode(WorkGrant, encode(regrant)).items == regrant.items
+
+
+def test_a_heartbeats_figures_are_counted_once_and_its_location_kept_in_memory(
+    services: tuple[BatchService, WorkService], clock: Clock
+) -> None:
+    batches, work = services
+    _register(work, "car-1")
+    # Another replica on the same store: it must look the car up before it answers.
+    other = WorkService(work.store, batches, clock=clock)
+    other.metrics = Metrics()
+    beat = Heartbeat(
+        seq=1,
+        status="working",
+        figures=CarFigures(runs=4, compute_s=2.0, energy_j=160.0, preemptions=1, stop_s=[0.006]),
+        location=(48.14, 11.58),
+    )
+
+    assert other.heartbeat_cached("car-1", beat) is None  # not known here yet
+    ack = other.heartbeat("car-1", beat)
+
+    assert ack.ok
+    assert other.metrics.total(other.metrics.car_runs) == 4  # once, not twice
+    assert other.metrics.total(other.metrics.car_preemptions) == 1
+    [car] = other.known_cars(["car-1"])
+    assert car.location == (48.14, 11.58) and car.status == "working"
+    # A car nobody registered: refused, nothing counted.
+    assert not other.heartbeat("car-ghost", beat).ok
+    assert other.metrics.total(other.metrics.car_runs) == 4
+
+
+def test_figures_of_a_known_car_whose_policy_version_is_not_cached_are_counted_once(
+    services: tuple[BatchService, WorkService], clock: Clock
+) -> None:
+    _, work = services
+    _register(work, "car-1")
+    work.metrics = Metrics()
+    work.owners = OwnerService(work.store, clock)  # a fresh cache: versions are read again
+    beat = Heartbeat(seq=1, status="idle", figures=CarFigures(runs=2, compute_s=1.0))
+
+    assert work.heartbeat("car-1", beat).ok
+    assert work.heartbeat("car-1", beat).ok
+
+    assert work.metrics.total(work.metrics.car_runs) == 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -102,3 +103,39 @@ def test_a_batch_is_charged_its_tokens_at_the_list_prices_exactly(
     assert header.startswith("day,vehicle_id,requests,compute_hours,kwh,earned")
     earned_csv = sum(float(line.split(",")[5]) for line in lines)
     assert earned_csv == pytest.approx(sum(r["earned"] for r in statement["data"]) / 1e6)
+
+
+def test_an_online_request_is_charged_to_its_customer_for_the_car_that_answered(
+    fleet: EmbeddedFleet, client: OpenAI
+) -> None:
+    prices = Prices()
+    before = {e["id"] for e in get(fleet, "/fleet/ledger?limit=10000", "operator")["data"]}
+    usage_before = get(fleet, "/fleet/usage", "customer")["data"]
+
+    answer = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input=["a parked car answers", "and its owner is paid"]
+    )
+    tokens = answer.usage.prompt_tokens
+    deadline = time.monotonic() + 15  # charges are posted by the ledger's flush, every second
+    while True:
+        ledger = get(fleet, "/fleet/ledger?limit=10000", "operator")
+        new = [e for e in ledger["data"] if e["id"] not in before]
+        if new or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    charges = [e for e in new if e["kind"] == "charge"]
+    assert len(charges) == 1, new
+    charge = charges[0]
+    assert charge["id"].startswith("charge:online:run_")
+    assert (charge["requests"], charge["input_tokens"], charge["output_tokens"]) == (1, tokens, 0)
+    assert charge["vehicle_id"] in fleet.online_vehicles()
+    assert charge["energy_j"] > 0  # the car metered the request and said so in its reply
+    price = prices.charge(answer.model, 1, tokens, 0)
+    amounts = {p["account"]: p["amount"] for p in charge["postings"]}
+    assert amounts[f"customer:{charge['principal']}"] == -price
+    assert ledger["total"] == 0
+    # Charged to the key that asked: its usage grew by exactly this request.
+    after = get(fleet, "/fleet/usage", "customer")["data"]
+    assert sum(r["requests"] for r in after) - sum(r["requests"] for r in usage_before) == 1
+    assert sum(r["cost"] for r in after) - sum(r["cost"] for r in usage_before) == price

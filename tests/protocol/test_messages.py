@@ -4,9 +4,13 @@ exactly (one class) or at the tolerance between classes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
-from idlefleet.protocol.messages import Hardware, hardware_class
+import pytest
+
+from idlefleet.protocol.codec import ProtocolError, decode
+from idlefleet.protocol.messages import Hardware, Heartbeat, hardware_class
 
 DIGEST = "ab" * 32
 
@@ -59,3 +63,42 @@ def test_text_in_one_field_cannot_pass_for_another_class() -> None:
     b = car(runtime="onnxruntime 1.32.0", provider="CPUExecutionProvider|x")
 
     assert hardware_class(a, DIGEST) != hardware_class(b, DIGEST)
+
+
+def _beat(**fields: object) -> bytes:
+    return json.dumps({"seq": 1, "status": "idle", **fields}).encode()
+
+
+def test_a_heartbeat_carries_figures_and_a_location_within_bounds() -> None:
+    beat = decode(
+        Heartbeat,
+        _beat(
+            figures={"runs": 2, "compute_s": 1.5, "energy_j": 9.0, "stop_s": [0.004]},
+            location=[48.14, 11.58],
+        ),
+    )
+    assert beat.figures is not None and beat.figures.stop_s == [0.004]
+    assert beat.location == (48.14, 11.58)
+    assert decode(Heartbeat, _beat()).figures is None  # an idle car sends neither
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"location": [91.0, 0.0]}, "location.0"),
+        ({"location": [0.0, -181.0]}, "location.1"),
+        ({"location": [1.0]}, "location"),
+        ({"figures": {"compute_s": float("nan")}}, "figures.compute_s"),
+        ({"figures": {"energy_j": 1e300}}, "figures.energy_j"),
+        ({"figures": {"runs": -1}}, "figures.runs"),
+        ({"figures": {"stop_s": [0.001] * 65}}, "figures.stop_s"),
+        ({"figures": {"stop_s": [float("inf")]}}, "figures.stop_s.0"),
+        ({"figures": {"extra": 1}}, "figures.extra"),
+    ],
+)
+def test_a_heartbeat_with_impossible_figures_or_place_is_refused_naming_the_field(
+    fields: dict[str, object], where: str
+) -> None:
+    raw = json.dumps({"seq": 1, "status": "idle", **fields}, allow_nan=True).encode()
+    with pytest.raises(ProtocolError, match=re.escape(where)):
+        decode(Heartbeat, raw)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 from idlefleet.agent.energy import JOULES_PER_KWH, EnergyMeter
+from idlefleet.agent.figures import Figures
 from idlefleet.agent.policy_guard import PolicyGuard, Verdict, blockers
 from idlefleet.agent.vehicle_state import StateReading
 from idlefleet.protocol.policy import OwnerPolicy
@@ -69,6 +70,8 @@ class ComputeGate:
         self.rated_power_w = rated_power_w
         self.battery_kwh = battery_kwh
         self.meter = meter or EnergyMeter()
+        self.figures = Figures()
+        """Runs, compute, energy, preemptions and stop times since the last heartbeat."""
         self._on_change = on_change
         self._timer = timer
         self._lock = threading.Lock()
@@ -121,7 +124,8 @@ class ComputeGate:
 
     def end(self, step: Step) -> float:
         """The run is over (finished or stopped): meter its energy. Returns joules."""
-        seconds = self._timer() - step.started
+        ended = self._timer()
+        seconds = ended - step.started
         with self._lock:
             self._running.discard(step)
             power = self._power_w()
@@ -130,6 +134,8 @@ class ComputeGate:
                 self._last_step_s = seconds
         joules = power * seconds
         self.meter.record(joules, day, step.lease_id)
+        stop_s = None if step.stopped_at is None else ended - step.stopped_at
+        self.figures.ran(seconds, joules, stop_s)
         return joules
 
     # -- internals (lock held) ---------------------------------------------------------------
@@ -143,6 +149,8 @@ class ComputeGate:
         if before.allowed and not verdict.allowed:
             now = self._timer()
             self.stop_decided_at = now
+            if self._running:
+                self.figures.preempted()
             for step in self._running:
                 step.options.terminate = True
                 step.stopped_at = now

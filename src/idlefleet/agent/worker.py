@@ -50,6 +50,7 @@ from idlefleet.agent.policy_guard import PolicyGuard, Verdict
 from idlefleet.agent.releases import CarReleases
 from idlefleet.agent.sources.base import StateSource
 from idlefleet.agent.supervise import AgentTaskDied, run_until_stopped
+from idlefleet.agent.vehicle_state import StateReading
 from idlefleet.models.distribution import DistributionError
 from idlefleet.models.manifest import ManifestError
 from idlefleet.protocol import subjects
@@ -626,6 +627,7 @@ class VehicleAgent:
                 continue
             seq += 1
             verdict = self.gate.verdict
+            figures = self.gate.figures.take()
             beat = Heartbeat(
                 seq=seq,
                 status="paused" if not verdict.allowed else self.core.status,
@@ -633,13 +635,19 @@ class VehicleAgent:
                 reason=None if verdict.allowed else verdict.summary()[:200],
                 policy_version=self.policy_version,
                 releases_refused=0 if self.releases is None else self.releases.refused,
+                figures=figures,
+                location=_location(self.gate.reading),
             )
             try:
                 ack = await self._call(Uplink.HEARTBEAT, beat, Ack)
             except _WIRE_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
+                if figures is not None:
+                    self.gate.figures.put_back(figures)
                 continue
             assert isinstance(ack, Ack)
+            if not ack.ok and figures is not None:
+                self.gate.figures.put_back(figures)
             if ack.error is not None and ack.error.code == "not_registered":
                 self._post(core.Reconnected())
             elif ack.policy_version != self.policy_version:
@@ -691,7 +699,7 @@ class VehicleAgent:
                     runner.run,
                     self.gate,
                     [request.payload],
-                    None,
+                    request.request_id,  # its energy is metered under its id
                     progress=None if progress is None else [progress],
                     report=report,
                     report_every_s=ONLINE_STREAM_REPORT_S if request.stream else ONLINE_REPORT_S,
@@ -699,8 +707,11 @@ class VehicleAgent:
             )
             await asyncio.sleep(0)  # the last reports' publishes go out before the reply
             result = outcome.results[0] if outcome.complete else None
+            energy_j = self.gate.meter.take_lease(request.request_id)
             if result is not None:
-                reply = RunReply(token_count=result.tokens, data_b64=pack(result.data))
+                reply = RunReply(
+                    token_count=result.tokens, data_b64=pack(result.data), energy_j=energy_j
+                )
             else:
                 # The coordinator goes on on another car, from the progress reported.
                 reply = RunReply(
@@ -712,6 +723,7 @@ class VehicleAgent:
                 )
         except Exception as exc:  # the car answers with an error rather than silence
             log.exception("online request failed")
+            self.gate.meter.take_lease(request.request_id)
             reply = RunReply(error=WireError(code="inference_failed", message=str(exc)[:500]))
         await msg.respond(encode(reply))
 
@@ -782,6 +794,17 @@ async def fetch_releases(
     finally:
         await nc.close()
     return sources
+
+
+def _location(reading: StateReading | None) -> tuple[float, float] | None:
+    """Where the car is, to two decimals (about a kilometre: enough for the operators' map,
+    not enough to point at the owner's house), or None without a location reading."""
+    if reading is None or reading.error is not None:
+        return None
+    lat, lon = reading.state.latitude, reading.state.longitude
+    if lat is None or lon is None:
+        return None
+    return (round(lat, 2), round(lon, 2))
 
 
 def _failure(instruction: core.Instruction, exc: BaseException) -> core.Event:

@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/ARCHITECTURE.md, Ledger). Default: the built-in list",
     )
     co.add_argument(
+        "--metrics-need-key",
+        action="store_true",
+        help="/metrics answers only the operator's key (default: anyone, as Prometheus "
+        "exporters do)",
+    )
+    co.add_argument(
         "--verify-by",
         choices=("other-owner", "any-car"),
         default="other-owner",
@@ -408,6 +414,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         trust=TrustPolicy(floor=args.verify_floor),
         verify_distinct_owners=args.verify_by == "other-owner",
         prices=args.prices or Prices(),
+        metrics_need_key=args.metrics_need_key,
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise SystemExit("idlefleet coordinator: --tls-cert and --tls-key go together")

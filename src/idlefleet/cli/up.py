@@ -77,6 +77,9 @@ def run_up(args: argparse.Namespace) -> int:
         for index in range(args.replicas):
             url = fleet.replica_url(index)
             print(f"idlefleet: OpenAI API  {url}/v1   (docs: {url}/docs)")
+        first = fleet.replica_url(0)
+        print(f"idlefleet: dashboard   {first}/dashboard#key={fleet.keys['operator']}")
+        print(f"idlefleet: metrics     {first}/metrics   (Prometheus)")
         print(f"idlefleet: API key     {fleet.api_key}   (a customer's)")
         print(f"idlefleet: all keys    {fleet.secrets.keys_file}")
         if fleet.ca_file is not None:

@@ -126,6 +126,35 @@ class Accounts:
         self._post(entries)
         return entries
 
+    def online_answered(
+        self,
+        request_id: str,
+        principal: str,
+        vehicle_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        energy_j: float,
+    ) -> None:
+        """An online request was answered by ``vehicle_id`` for ``principal``: its charge is
+        queued (blocking: the car's owner and region may be read from the store)."""
+        now = self.clock()
+        self.online_finished(
+            Work(
+                key=f"online:{request_id}",
+                principal=principal,
+                vehicle_id=vehicle_id,
+                owner=self.owner_of(vehicle_id),
+                model=model,
+                requests=1,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                energy_j=energy_j,
+                work_at=now,
+                region=self.region_of(vehicle_id),
+            )
+        )
+
     def online_finished(self, work: Work) -> None:
         """An online request was answered: its charge is posted with the next flush."""
         entry = charge_entry(work, self.prices, self.clock())

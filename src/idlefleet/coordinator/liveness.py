@@ -43,6 +43,8 @@ class LiveVehicle:
     """``last_seen`` as last written to (or read from) the store."""
     written_status: tuple[str, str | None] = ("", None)
     """``(status, status_reason)`` as last written to (or read from) the store."""
+    location: tuple[float, float] | None = None
+    """Where the car last said it is (rounded by the car; kept in memory only, for the map)."""
 
     def needs_writing(self, write_every_s: float) -> bool:
         return (self.status, self.status_reason) != self.written_status or (

@@ -30,7 +30,9 @@ from typing import Protocol
 import nats
 from nats.aio.client import Client
 
+from idlefleet.coordinator.accounts import Accounts
 from idlefleet.coordinator.errors import ServiceUnavailable
+from idlefleet.coordinator.metrics import Metrics
 from idlefleet.coordinator.work import WorkService
 from idlefleet.protocol import subjects
 from idlefleet.protocol.codec import decode, encode
@@ -80,6 +82,11 @@ class OnlineRouter:
         self.max_car_s = max_car_s
         """Longest one car may hold a request (a chat of 8,192 tokens at ~10 tokens/s fits);
         the next car goes on from its progress."""
+        self.metrics: Metrics | None = None
+        """Counts requests answered and refused, and their tokens (None: not counted)."""
+        self.accounts: Accounts | None = None
+        """Charges answered requests to their customers (None: not charged)."""
+        self._charging: set[asyncio.Future[None]] = set()
         self._rr = itertools.count()
         self.moved: Counter[str] = Counter()
         """Requests that left a car before it finished them, by why (``/fleet/dispatch``)."""
@@ -87,14 +94,20 @@ class OnlineRouter:
         """Requests finished."""
 
     async def run(
-        self, workload: Workload, planned: Planned, watch: Watch | None = None
+        self,
+        workload: Workload,
+        planned: Planned,
+        watch: Watch | None = None,
+        principal: str | None = None,
     ) -> tuple[bytes, int]:
         """Run ``planned`` on cars until one finishes it: its result, checked by the workload
-        as a batch result is, and its tokens. ``watch`` sees every progress and the result."""
+        as a batch result is, and its tokens. ``watch`` sees every progress and the result;
+        ``principal`` (the customer) is charged for it (None: nobody is)."""
         model = planned.model
         # A paused car (driving, opted out, battery low) would only refuse: ask it never.
         candidates = self.work.online(model)
         if not candidates:
+            self._count(workload, None)
             raise ServiceUnavailable(
                 f"No vehicle serving model '{model}' is available right now; retry later.",
                 code="no_capacity",
@@ -114,19 +127,29 @@ class OnlineRouter:
                 vehicle_id = order[0]
             tried.append(vehicle_id)
             try:
-                done = await self._on_car(vehicle_id, workload, planned, progress, watch)
+                done = await self._on_car(vehicle_id, workload, planned, progress, watch, principal)
             except _CarFailed as failed:
                 self.moved[failed.kind] += 1
                 problems.append(f"{vehicle_id}: {failed}")
                 log.info("online request moves on from %s: %s", vehicle_id, failed)
                 continue
             self.finished += 1
+            self._count(workload, done)
             return done
+        self._count(workload, None)
         raise ServiceUnavailable(
             "The fleet could not serve this request "
             f"({problems[-1] if problems else 'no vehicle answered'}); retry later.",
             code="no_capacity",
         )
+
+    def _count(self, workload: Workload, done: tuple[bytes, int] | None) -> None:
+        if self.metrics is None:
+            return
+        if done is None:
+            self.metrics.finished(workload.kind, "online", 0, 1, 0, 0)
+        else:
+            self.metrics.finished(workload.kind, "online", 1, 0, *workload.usage(*done))
 
     async def _on_car(
         self,
@@ -135,6 +158,7 @@ class OnlineRouter:
         planned: Planned,
         progress: list[bytes | None],
         watch: Watch | None,
+        principal: str | None,
     ) -> tuple[bytes, int]:
         """Run the request on one car from ``progress[0]`` (kept up to date as it reports)."""
         model = planned.model
@@ -194,9 +218,44 @@ class OnlineRouter:
                     )
                 if problem is not None:
                     raise self._refused(vehicle_id, problem)
+                if principal is not None:
+                    used = workload.usage(data, reply.token_count)
+                    self._charge(request.request_id, principal, vehicle_id, model, used, reply)
                 return data, reply.token_count
         finally:
             await sub.unsubscribe()
+
+    def _charge(
+        self,
+        request_id: str,
+        principal: str,
+        vehicle_id: str,
+        model: str,
+        used: tuple[int, int],
+        reply: RunReply,
+    ) -> None:
+        """Queue the answered request's charge (posted with the ledger's next flush): the
+        customer's, for the car that finished it, at the energy that car metered for it."""
+        if self.accounts is None:
+            return
+        task = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.accounts.online_answered,
+                request_id,
+                principal,
+                vehicle_id,
+                model,
+                *used,
+                reply.energy_j,
+            )
+        )
+        self._charging.add(task)
+        task.add_done_callback(self._charged)
+
+    def _charged(self, task: asyncio.Future[None]) -> None:
+        self._charging.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an online request's charge was not queued: %s", task.exception())
 
     def snapshot(self) -> dict[str, object]:
         """Online requests finished and moved between cars (by why)."""

@@ -37,10 +37,12 @@ from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.batches import BatchLimits, BatchService
 from idlefleet.coordinator.ledger import Prices
+from idlefleet.coordinator.metrics import Metrics
 from idlefleet.coordinator.nats_auth import AuthSync, CloudUsers
 from idlefleet.coordinator.nats_log import NatsLogWatch
 from idlefleet.coordinator.nats_service import CoordinatorNats, EdgeLimits
 from idlefleet.coordinator.online import OnlineRouter
+from idlefleet.coordinator.overview import Overview
 from idlefleet.coordinator.planner import UnitPolicy
 from idlefleet.coordinator.store import open_store
 from idlefleet.coordinator.trust import TrustPolicy
@@ -108,6 +110,9 @@ class CoordinatorConfig:
     """How cars' results are verified (floor, canaries, tie-breaks)."""
     prices: Prices = field(default_factory=Prices)
     """The price list, the owners' share and electricity tariffs (the ledger's)."""
+    metrics_need_key: bool = False
+    """``/metrics`` asks for the operator's key (default: it answers anyone, as Prometheus
+    exporters do)."""
     verify_distinct_owners: bool = True
     """Results are checked only by cars of other owners (False: by any other car, for a
     fleet of one owner such as the embedded one)."""
@@ -133,6 +138,11 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     verifier.on_verified.append(accounts.verified)
     verifier.on_quarantine.append(accounts.quarantined)
     batches.accounts = accounts
+    metrics = Metrics(
+        fleet=lambda: store.fleet_counts(time.time() - work.live_horizon_s),
+        verification=verifier.events,
+    )
+    work.metrics = metrics
     credentials: dict[str, Any] = {}
     if config.nats_seed is not None:
         credentials["nkeys_seed_str"] = config.nats_seed.read_text().strip()
@@ -171,7 +181,9 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         await edge.announce_work()
 
     async def sweep() -> None:
-        if await asyncio.to_thread(batches.sweep):
+        returned = await asyncio.to_thread(batches.sweep)
+        if returned:
+            metrics.expired.inc(returned)
             await edge.announce_work()
 
     async def catch_up_policies() -> None:
@@ -284,6 +296,8 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
             log.info("replica %s stopped", replica)
 
     online = OnlineRouter(nc, work)
+    online.metrics = metrics
+    online.accounts = accounts
     access = Access(store)
     app = create_app(
         batches,
@@ -301,6 +315,9 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
         },
         on_enrolment=sync_auth,
         lifespan=lifespan,
+        metrics=metrics,
+        metrics_need_key=config.metrics_need_key,
+        overview=Overview(work, metrics, lambda: config.prices.currency),
     )
     tls: dict[str, Any] = {}
     if config.tls_cert is not None and config.tls_key is not None:

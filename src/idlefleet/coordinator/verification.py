@@ -928,11 +928,16 @@ class Verifier:
         return False
 
     # -- what the fleet API shows --------------------------------------------------------------
+    def events(self) -> dict[str, int]:
+        """What verification did since this replica started, by event (``/metrics``)."""
+        with self._lock:
+            return {k: v for k, v in self.counters.items() if ":" not in k}
+
     def status(self, vehicle_ids: Sequence[str] | None = None) -> dict[str, Any]:
         records = {t.vehicle_id: t for t in self.store.list_trust()}
+        counters = self.events()
         with self._lock:
             records.update(self._trust)
-            counters = {k: v for k, v in self.counters.items() if ":" not in k}
             queued = sum(len(q) for q in self._queue.values())
             in_flight = sum(len(p) for p in self._placed.values())
         if vehicle_ids is not None:

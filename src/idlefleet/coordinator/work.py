@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from idlefleet.coordinator.batches import BatchService
-from idlefleet.coordinator.liveness import ASKED_FOR_WORK, VehicleRegistry
+from idlefleet.coordinator.liveness import ASKED_FOR_WORK, LiveVehicle, VehicleRegistry
+from idlefleet.coordinator.metrics import Metrics
 from idlefleet.coordinator.owners import OwnerService
 from idlefleet.coordinator.planner import UnitPolicy, unit_size
 from idlefleet.coordinator.seq_mask import SeqMask
@@ -121,6 +122,8 @@ class WorkService:
         self.live_vehicles = 1
         """Cars seen within the liveness horizon, fleet-wide (refreshed by the coordinator's
         housekeeping from the store; sizes units by guided self-scheduling)."""
+        self.metrics: Metrics | None = None
+        """Counts work done, hand-backs and the cars' figures (None: not counted)."""
 
     @property
     def live_horizon_s(self) -> float:
@@ -206,6 +209,17 @@ class WorkService:
                 record, last_seen=car.last_seen, status=car.status, status_reason=car.status_reason
             )
 
+    def live_cars(self, since: float) -> list[LiveVehicle]:
+        """Copies of the cars this replica heard from since ``since`` (the dashboard's)."""
+        with self._registry_lock:
+            return [dataclasses.replace(c) for c in self.registry.live(since)]
+
+    def known_cars(self, vehicle_ids: Iterable[str]) -> list[LiveVehicle]:
+        """Copies of those of these cars this replica knows."""
+        with self._registry_lock:
+            found = [self.registry.get(v) for v in vehicle_ids]
+            return [dataclasses.replace(c) for c in found if c is not None]
+
     def online(self, model: str) -> list[str]:
         """Live cars serving ``model`` that are not paused (candidates for online requests).
 
@@ -282,9 +296,12 @@ class WorkService:
                     return Ack(ok=False, error=_not_registered(vehicle_id))
                 return None
         version = self.owners.cached_version(vehicle_id)
+        if version is None:
+            return None
+        self._heard(vehicle_id, msg)  # answered here: taken here (None: on the caller's path)
         # The car compares this with the version it enforces and fetches a newer one: the
         # catch-up path when a push (on a policy change) did not reach it.
-        return None if version is None else Ack(policy_version=version)
+        return Ack(policy_version=version)
 
     def heartbeat(self, vehicle_id: str, msg: Heartbeat) -> Ack:
         cached = self.heartbeat_cached(vehicle_id, msg)
@@ -293,7 +310,19 @@ class WorkService:
         if not self.is_registered(vehicle_id):
             return Ack(ok=False, error=_not_registered(vehicle_id))
         self.saw(vehicle_id, msg.status, msg.reason)
+        self._heard(vehicle_id, msg)
         return Ack(policy_version=self.owners.current_version(vehicle_id))
+
+    def _heard(self, vehicle_id: str, msg: Heartbeat) -> None:
+        """A known car's heartbeat was answered: keep where it is, count what it did. Once:
+        :meth:`heartbeat_cached` calls it only when it answers, the slow path after it."""
+        if msg.location is not None:
+            with self._registry_lock:
+                car = self.registry.get(vehicle_id)
+                if car is not None:
+                    car.location = msg.location
+        if msg.figures is not None and self.metrics is not None:
+            self.metrics.car_figures(msg.figures)
 
     def policy(self, vehicle_id: str, msg: PolicyRequest) -> PolicyUpdate:
         """The owner's current policy for the car (version 0, opted out, if none was set)."""
@@ -615,8 +644,10 @@ class WorkService:
         """Fill in the acks of committed chunks; the batches whose work may have ended."""
         ended: set[str] = set()
         over: list[str] = []
-        for (i, vehicle_id, msg, lease, _), outcome in zip(checked, outcomes, strict=True):
+        for (i, vehicle_id, msg, lease, commit), outcome in zip(checked, outcomes, strict=True):
             acks[i] = self._ack(vehicle_id, msg, outcome, now)
+            if isinstance(outcome, CommitOutcome) and outcome.committed:
+                self._count(lease.workload, commit.results, outcome.committed)
             if isinstance(outcome, CommitOutcome) and (
                 outcome.lease_finished or not outcome.lease_active
             ):
@@ -626,6 +657,20 @@ class WorkService:
                 ended.add(lease.batch_id)
         self._lease_infos.pop_many(over)
         return ended
+
+    def _count(self, workload: Workload, results: Sequence[RequestResult], committed: int) -> None:
+        """Metrics of a commit: requests done and their tokens (scaled to what was new when a
+        chunk repeated results another car had committed first)."""
+        if self.metrics is None or not results:
+            return
+        tokens_in = tokens_out = 0
+        for r in results:
+            used = workload.usage(r.result, r.token_count)
+            tokens_in += used[0]
+            tokens_out += used[1]
+        share = committed / len(results)
+        tokens_in, tokens_out = round(tokens_in * share), round(tokens_out * share)
+        self.metrics.finished(workload.kind, "batch", committed, 0, tokens_in, tokens_out)
 
     def _check(
         self, vehicle_id: str, msg: ResultChunk, remembered: _LeaseInfo | None
@@ -883,6 +928,8 @@ class WorkService:
         if released is None:
             return ReleaseAck(error=_unknown_lease(msg.lease_id))
         self._lease_infos.pop_many([msg.lease_id])
+        if self.metrics is not None:
+            self.metrics.handed_back(msg.reason)
         if self.verifier is not None:
             self.verifier.unanswered(msg.lease_id)
         lease = self.store.get_lease(vehicle_id, msg.lease_id)

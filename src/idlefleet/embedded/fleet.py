@@ -39,6 +39,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,18 @@ from idlefleet.embedded.ports import free_ports
 from idlefleet.embedded.tls import TlsFiles, client_context
 from idlefleet.protocol.identity import public_nkey
 from idlefleet.protocol.seeds import nats_servers
+
+PARKING = (
+    (48.14, 11.58),  # Munich
+    (52.52, 13.40),  # Berlin
+    (48.86, 2.35),  # Paris
+    (52.37, 4.90),  # Amsterdam
+    (45.46, 9.19),  # Milan
+    (48.21, 16.37),  # Vienna
+    (40.42, -3.70),  # Madrid
+    (59.33, 18.07),  # Stockholm
+)
+"""Where the embedded fleet's cars park (latitude, longitude), each by its id."""
 
 
 @dataclass
@@ -400,14 +413,18 @@ class EmbeddedFleet:
                 ],
             )
 
-    def default_trace(self) -> Path:
-        """A trace of a car that stays parked, plugged in and charging, written once."""
+    def default_trace(self, vehicle_id: str = "") -> Path:
+        """A trace of a car that stays parked, plugged in and charging, written once; each car
+        parks in one of :data:`PARKING` (by its id), so the dashboard's map shows a fleet."""
         from idlefleet.agent.sources.trace import StateTrace, TraceEvent, parked_state
 
-        path = self.options.data_dir / "traces" / "parked-charging.jsonl"
+        place = zlib.crc32(vehicle_id.encode()) % len(PARKING)
+        path = self.options.data_dir / "traces" / f"parked-charging-{place}.jsonl"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            trace = StateTrace.from_events(time.time(), [TraceEvent(0.0, parked_state())])
+            lat, lon = PARKING[place]
+            state = parked_state(latitude=lat, longitude=lon)
+            trace = StateTrace.from_events(time.time(), [TraceEvent(0.0, state)])
             trace.save(path)
         return path
 
@@ -464,7 +481,7 @@ class EmbeddedFleet:
         self.enrol(vehicle_id)
         if opts.opt_in and set_policy:
             self.set_consent(vehicle_id, True)
-        trace = trace or opts.trace or self.default_trace()
+        trace = trace or opts.trace or self.default_trace(vehicle_id)
         resume = opts.resume_after_s if resume_after_s is None else resume_after_s
         process = self._spawn(
             f"agent-{vehicle_id}",

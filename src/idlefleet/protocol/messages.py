@@ -116,6 +116,22 @@ class RegisterReply(WireModel):
     error: WireError | None = None
 
 
+class CarFigures(WireModel):
+    """What a car did since its last acknowledged heartbeat, for the operators' metrics
+    (``/metrics``): sent only when something happened, so an idle car sends nothing."""
+
+    runs: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    """Model runs finished or stopped."""
+    compute_s: Annotated[float, Field(ge=0, le=1e7)] = 0.0
+    """Seconds spent running models."""
+    energy_j: Annotated[float, Field(ge=0, le=1e10)] = 0.0
+    """Energy metered for those runs."""
+    preemptions: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Times the car had to stop while a model ran."""
+    stop_s: Annotated[list[Annotated[float, Field(ge=0, le=3600)]], Field(max_length=64)] = []
+    """How long each stopped run took to stop once told (the latest 64)."""
+
+
 class Heartbeat(WireModel):
     """Periodic liveness and status report."""
 
@@ -132,6 +148,15 @@ class Heartbeat(WireModel):
     releases_refused: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     """Model releases this agent refused since it started (unsigned, tampered, another key's,
     expired, older than one it accepted): the cloud counts them per car."""
+    figures: CarFigures | None = None
+    """What the car did since its last acknowledged heartbeat (None: nothing)."""
+    location: (
+        tuple[Annotated[float, Field(ge=-90, le=90)], Annotated[float, Field(ge=-180, le=180)]]
+        | None
+    ) = None
+    """``[latitude, longitude]`` from VSS ``Vehicle.CurrentLocation``, rounded by the car to
+    two decimals (about a kilometre: where the car is parked, not the owner's address), for
+    the operators' map; None if the car has no location reading."""
 
 
 class Ack(WireModel):
@@ -343,6 +368,9 @@ class RunReply(WireModel):
     data_b64: str = ""
     """Final: base64 of the result in its workload's encoding (as one request of a
     ``ResultChunk``)."""
+    energy_j: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    """Final: energy the car metered for the request (the owner's electricity on the
+    ledger)."""
     error: WireError | None = None
 
     def data(self) -> bytes:

@@ -91,7 +91,9 @@ class LiveCoordinator:
 
 
 @contextmanager
-def live_coordinator(directory: Path) -> Iterator[LiveCoordinator]:
+def live_coordinator(directory: Path, **app_options: Any) -> Iterator[LiveCoordinator]:
+    """The production app on a real socket; ``app_options`` go to ``create_app`` (its
+    ``metrics``, ``overview``: build them from ``(store, work)`` with a callable)."""
     store = open_store(sqlite_url(directory / "coordinator.db"))
     batches = BatchService(store)
     work = WorkService(store, batches)
@@ -110,7 +112,8 @@ def live_coordinator(directory: Path) -> Iterator[LiveCoordinator]:
     async def validate(batch_id: str) -> None:
         batches.validate(batch_id)
 
-    app = create_app(batches, work, Access(store), None, validate, live.push)
+    built = {k: v(store, work) if callable(v) else v for k, v in app_options.items()}
+    app = create_app(batches, work, Access(store), None, validate, live.push, **built)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.api.openapi_doc import OpenAIError
 from idlefleet.coordinator.batches import BatchService
+from idlefleet.coordinator.metrics import Metrics
 from idlefleet.coordinator.online import Watch
+from idlefleet.coordinator.overview import Overview
 from idlefleet.coordinator.store import Store, open_store, sqlite_url
 from idlefleet.coordinator.work import WorkService
 from idlefleet.models.catalog import MINILM, MODELS, SMOLLM2
@@ -70,7 +73,11 @@ class FakeFleet:
     completion that stops for chat (what the workloads' checks accept)."""
 
     async def run(
-        self, workload: Workload, planned: Planned, watch: Watch | None = None
+        self,
+        workload: Workload,
+        planned: Planned,
+        watch: Watch | None = None,
+        principal: str | None = None,
     ) -> tuple[bytes, int]:
         if workload.kind == "embeddings":
             rows = workload.expectation(planned.payload)
@@ -121,7 +128,19 @@ class FuzzedApi:
         async def push(vehicle_id: str, update: PolicyUpdate) -> bool:
             return False  # the car is offline: it catches up through its heartbeat
 
-        self._app = create_app(batches, work, Access(store), FakeFleet(), validate, push)
+        # As the server builds it: /metrics and /fleet/overview are fuzzed too.
+        metrics = Metrics(fleet=lambda: store.fleet_counts(time.time() - 15))
+        work.metrics = metrics
+        self._app = create_app(
+            batches,
+            work,
+            Access(store),
+            FakeFleet(),
+            validate,
+            push,
+            metrics=metrics,
+            overview=Overview(work, metrics, lambda: "USD"),
+        )
         self._store = store
 
     def close(self) -> None:

@@ -3293,3 +3293,35 @@ def test_ledger_entries_filter_and_settlements_come_back_with_their_charge(store
     assert store.ledger_entries(batch_id="b1") == [charge]
     assert store.ledger_entries(owner="bob") == []
     assert store.balances("customer:") == {"customer:acme": -charge.charged}
+
+
+# -- the fleet at a glance (metrics, dashboard) --------------------------------------------------
+
+
+def test_fleet_counts_count_batches_queue_leases_and_cars_by_status(store: Store) -> None:
+    empty = store.fleet_counts(NOW)
+    assert (empty.batches, empty.pending_requests, empty.active_leases) == ({}, 0, 0)
+    assert (empty.live_cars, empty.offline_cars) == ({}, 0)
+
+    add_batch(store, "batch-a", n=6)
+    add_batch(store, "batch-b", n=4, created_at=int(NOW) + 1)
+    add_batch(store, "batch-done", n=3, status="completed")  # its requests are no queue
+    first = must_lease(store, "car-1", size=2)
+    must_lease(store, "car-2", size=3)
+    commit(store, first, seqs_of(first))  # finishes car-1's lease
+    store.upsert_vehicles(
+        [
+            vehicle_record("car-1", status="working"),
+            vehicle_record("car-2", status="working"),
+            vehicle_record("car-3", status="paused"),
+            vehicle_record("car-old", now=NOW - 600),
+        ]
+    )
+
+    counts = store.fleet_counts(NOW - 60)
+
+    assert counts.batches == {"in_progress": 2, "completed": 1}
+    assert (counts.pending_requests, counts.leased_requests) == (10 - 2 - 3, 3)
+    assert counts.active_leases == 1
+    assert counts.live_cars == {"working": 2, "paused": 1}
+    assert counts.offline_cars == 1

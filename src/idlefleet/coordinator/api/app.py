@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import importlib.resources
 import json
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -31,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from idlefleet.coordinator import statements
 from idlefleet.coordinator.access import Caller, Role
 from idlefleet.coordinator.api import openapi_doc
-from idlefleet.coordinator.api.auth import Access, RequireBearer
+from idlefleet.coordinator.api.auth import OPEN_PATHS, Access, RequireBearer
 from idlefleet.coordinator.api.openapi_doc import METADATA, VehicleId, choices
 from idlefleet.coordinator.api.shapes import (
     batch_json,
@@ -55,7 +58,9 @@ from idlefleet.coordinator.errors import (
     ServiceUnavailable,
 )
 from idlefleet.coordinator.ledger import Entry
+from idlefleet.coordinator.metrics import CONTENT_TYPE, Metrics, route_of
 from idlefleet.coordinator.online import Watch
+from idlefleet.coordinator.overview import Overview
 from idlefleet.coordinator.owners import PolicyVersion, check_vehicle_id, invalid_from
 from idlefleet.coordinator.store import Enrolment, VehicleRecord
 from idlefleet.coordinator.text_check import (
@@ -89,10 +94,14 @@ def ledger_entry_json(e: Entry) -> dict[str, Any]:
 
 class OnlineRunner(Protocol):
     async def run(
-        self, workload: Workload, planned: Planned, watch: Watch | None = None
+        self,
+        workload: Workload,
+        planned: Planned,
+        watch: Watch | None = None,
+        principal: str | None = None,
     ) -> tuple[bytes, int]:
         """Run one request on a car now: its result (checked) and its tokens; ``watch`` sees
-        its progress as it runs."""
+        its progress as it runs; ``principal`` is charged for it."""
         ...
 
 
@@ -154,7 +163,11 @@ _END = object()
 
 
 async def _streamed(
-    online: OnlineRunner, workload: Workload, planned: Planned, stream: OnlineStream
+    online: OnlineRunner,
+    workload: Workload,
+    planned: Planned,
+    stream: OnlineStream,
+    principal: str | None = None,
 ) -> StreamingResponse:
     """A streamed online response (server-sent events, as OpenAI sends them). The request runs
     in a task that queues the events; the response starts once the first car has reported (a
@@ -173,7 +186,7 @@ async def _streamed(
 
     async def drive() -> None:
         try:
-            await online.run(workload, planned, Watch())
+            await online.run(workload, planned, Watch(), principal=principal)
         except IdlefleetError as exc:
             queue.put_nowait(exc)
         except Exception:
@@ -224,6 +237,39 @@ def _attachment(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
+@functools.cache
+def DASHBOARD_PAGE() -> bytes:
+    """The dashboard: one page, its script and styles inline, the world's land outline
+    inline (nothing loads from anywhere but this coordinator)."""
+    folder = importlib.resources.files("idlefleet.coordinator") / "dashboard"
+    world = (folder / "world.svg").read_text(encoding="utf-8")
+    land = re.search(r"<path [^>]*/>", world)
+    assert land is not None, "world.svg holds the land outline"
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    return page.replace("__WORLD__", land.group(0)).encode()
+
+
+class TimeRequests:
+    """ASGI middleware: every HTTP request's latency, by the route template it matched."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # The router filled in ``scope["route"]`` while it dispatched.
+            self.metrics.http.labels(route_of(scope), scope["method"]).observe(
+                time.perf_counter() - started
+            )
+
+
 class OctetStream(StreamingResponse):
     media_type = "application/octet-stream"
 
@@ -251,6 +297,9 @@ def create_app(
     security_status: Callable[[], dict[str, Any]] | None = None,
     on_enrolment: Callable[[], Awaitable[None]] | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    metrics: Metrics | None = None,
+    metrics_need_key: bool = False,
+    overview: Overview | None = None,
 ) -> FastAPI:
     """Build the HTTP app.
 
@@ -258,8 +307,11 @@ def create_app(
     changed owner policy to its car (None: no push, the car catches up by heartbeat);
     ``dispatch_status`` tells what this replica's NATS edge is doing (``/fleet/dispatch``);
     ``lifespan`` starts and stops the replica's own work around the server's. ``access``
-    decides who may call what (every route but ``/healthz`` and the API's own description,
-    ``/openapi.json`` and ``/docs``, needs a key).
+    decides who may call what (every route but ``/healthz``, the API's own description,
+    ``/openapi.json`` and ``/docs``, and ``/metrics`` unless ``metrics_need_key``, needs a
+    key). ``metrics`` (None: no ``/metrics``) times every request by route; ``overview``
+    (None: no dashboard) answers ``/fleet/overview``, which the page at ``/dashboard`` (open:
+    it asks for a key and sends it) polls.
     """
     batches.on_foreign = lambda principal, object_id: access.log.refused(
         "not_yours", f"{principal} asked for {object_id}"
@@ -280,7 +332,12 @@ def create_app(
     )
     openapi_doc.install(app)
     background: set[asyncio.Task[None]] = set()
-    app.add_middleware(RequireBearer, log=access.log)
+    open_paths = OPEN_PATHS | {"/dashboard"}
+    if metrics is not None and not metrics_need_key:
+        open_paths |= {"/metrics"}
+    app.add_middleware(RequireBearer, log=access.log, open_paths=open_paths)
+    if metrics is not None:
+        app.add_middleware(TimeRequests, metrics=metrics)
 
     @app.exception_handler(IdlefleetError)
     async def _our_error(_: Request, exc: IdlefleetError) -> JSONResponse:
@@ -439,9 +496,9 @@ def create_app(
                 raise ServiceUnavailable("online inference is not configured", code="no_capacity")
             stream = workload.stream_online(planned)
             if stream is None:
-                result, tokens = await online.run(workload, planned)
+                result, tokens = await online.run(workload, planned, principal=caller.principal)
                 return JSONResponse(workload.render_online(planned, result, tokens), headers=limits)
-            response = await _streamed(online, workload, planned, stream)
+            response = await _streamed(online, workload, planned, stream, caller.principal)
             response.headers.update(limits)
             return response
 
@@ -751,5 +808,38 @@ def create_app(
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if overview is not None:
+
+        @app.get("/fleet/overview", tags=["fleet"])
+        async def fleet_overview(caller: Caller = owner) -> dict[str, Any]:
+            """Everything the dashboard shows, in one answer: an operator's whole fleet (cars
+            by state, hardware class, verification and place; batches with progress;
+            throughput; owners' earnings), or an owner's own cars and earnings."""
+            if caller.role is Role.OPERATOR:
+                return await asyncio.to_thread(overview.operator)
+            return await asyncio.to_thread(overview.owner, caller.principal)
+
+        @app.get("/dashboard", include_in_schema=False)
+        async def dashboard() -> Response:
+            """The dashboard page (no key: the page asks for one and sends it)."""
+            return Response(
+                DASHBOARD_PAGE(),
+                media_type="text/html; charset=utf-8",
+                headers={
+                    "Cache-Control": "no-cache",
+                    "Content-Security-Policy": "default-src 'self'; "
+                    "style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src 'self' data:",
+                },
+            )
+
+    if metrics is not None:
+        need = [operator] if metrics_need_key else []
+
+        @app.get("/metrics", include_in_schema=False, dependencies=need)
+        async def prometheus() -> Response:
+            """Prometheus exposition of this replica's counters and the fleet's gauges."""
+            body = await asyncio.to_thread(metrics.exposition)
+            return Response(body, media_type=CONTENT_TYPE)
 
     return app

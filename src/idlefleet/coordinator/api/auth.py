@@ -112,12 +112,13 @@ class RequireBearer:
     dependency runs: without this, anyone could fill the disk). Whose key it is, and what it
     may do, the route's dependency decides."""
 
-    def __init__(self, app: Any, log: AccessLog) -> None:
+    def __init__(self, app: Any, log: AccessLog, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.log = log
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)

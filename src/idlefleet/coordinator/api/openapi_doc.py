@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from idlefleet.coordinator.api.auth import OPEN_PATHS
+from idlefleet.coordinator.store.base import BatchStatus
 from idlefleet.models.catalog import MODELS
 from idlefleet.protocol.policy import DataRegion, Purpose
 from idlefleet.protocol.subjects import VEHICLE_ID_PATTERN
@@ -104,16 +105,7 @@ class BatchObject(BaseModel):
     errors: dict[str, Any] | None
     input_file_id: str
     completion_window: str
-    status: Literal[
-        "validating",
-        "failed",
-        "in_progress",
-        "finalizing",
-        "completed",
-        "expired",
-        "cancelling",
-        "cancelled",
-    ]
+    status: BatchStatus
     output_file_id: str | None
     error_file_id: str | None
     created_at: int

@@ -42,7 +42,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from idlefleet.coordinator.trust import CarTrust
 from idlefleet.protocol.policy import DEFAULT_DATA_REGION, DEFAULT_PURPOSE
@@ -90,6 +90,37 @@ class RequestCounts:
     @property
     def unfinished(self) -> int:
         return self.pending + self.leased
+
+
+BatchStatus = Literal[
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+]
+"""An OpenAI Batch object's status."""
+BATCH_STATUSES: tuple[str, ...] = get_args(BatchStatus)
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """The whole fleet at one instant (every replica's cars and batches), for metrics."""
+
+    batches: dict[str, int]
+    """Batches by OpenAI status."""
+    pending_requests: int
+    """Requests of unfinished batches waiting for a car (the queue's depth)."""
+    leased_requests: int
+    """Requests of unfinished batches a car holds now."""
+    active_leases: int
+    live_cars: dict[str, int]
+    """Cars heard from since ``live_since``, by the status they last reported."""
+    offline_cars: int
+    """Registered cars not heard from since then."""
 
 
 @dataclass(frozen=True)
@@ -799,6 +830,12 @@ class Store(ABC):
     @abstractmethod
     def balances(self, prefix: str = "") -> dict[str, int]:
         """Account balances (accounts starting with ``prefix``)."""
+
+    # -- the fleet at a glance -----------------------------------------------------------------
+    @abstractmethod
+    def fleet_counts(self, live_since: float) -> FleetCounts:
+        """Batches by status, the queue, active leases and cars by status (live since
+        ``live_since``) or offline: aggregate reads only, for ``/metrics`` and the dashboard."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

@@ -52,6 +52,7 @@ from idlefleet.coordinator.store.base import (
 from idlefleet.coordinator.store.identity_sql import IdentitySql
 from idlefleet.coordinator.store.ledger_sql import LedgerSql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
+from idlefleet.coordinator.store.overview_sql import OverviewSql
 from idlefleet.coordinator.store.postgres_sql import (
     BATCH_SELECT,
     CHOOSE_BATCH_SQL,
@@ -95,7 +96,7 @@ _DEADLOCK_RETRIES = 3
 """Whole-call retries after a deadlock or serialisation failure (nothing of it took effect)."""
 
 
-class PostgresStore(IdentitySql, VerificationSql, LedgerSql, Store):
+class PostgresStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
     """The store in a PostgreSQL database, through a pool of ``min_size``..``max_size`` sessions.
 
     ``conninfo`` is a libpq URL or key=value string, passed to psycopg as it is (so

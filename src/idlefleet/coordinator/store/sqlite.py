@@ -38,6 +38,7 @@ from idlefleet.coordinator.store.commit_plan import LeaseRow, plan_commits
 from idlefleet.coordinator.store.identity_sql import IdentitySql
 from idlefleet.coordinator.store.ledger_sql import LedgerSql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
+from idlefleet.coordinator.store.overview_sql import OverviewSql
 from idlefleet.coordinator.store.sql_common import (
     ATTEMPTS_EXHAUSTED_STATUS,
     BATCH_COLUMNS,
@@ -65,7 +66,7 @@ from idlefleet.coordinator.store.verification_sql import VerificationSql
 T = TypeVar("T")
 
 
-class SqliteStore(IdentitySql, VerificationSql, LedgerSql, Store):
+class SqliteStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
     _mark = "?"
 
     def __init__(self, path: str) -> None:
