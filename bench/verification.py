@@ -15,6 +15,14 @@ of their units (1%, 10%, 100%) in one of these ways, all of a corrupted unit's r
 - ``smaller``: the vectors of a smaller model (MiniLM cut to its first 3 of 6 layers);
 - ``shuffled``: another input's honest vector (a real vector, of the wrong text).
 
+``--workload chat``: the same fleet on chat completions (SmolLM2-135M-Instruct, one hardware
+class, max_tokens 24, greedy and sampled at 0.7 and 1 with a seed). Honest cars' generations and
+their answers to probes (teacher-forced re-scoring) come from the car's own chat runner, each
+distinct request once; cheaters return ``random_tokens`` (as many random token ids) or
+``truncated`` output (the first half, claiming ``stop``), and answer the probes of a unit they
+cheat on with zeros without running the model. A chat result in an output file is wrong if it
+is one of the cheats' texts for that request.
+
 Printed and in ``--json``:
 
 - ``detection_rate``: share of cheaters (that returned at least one wrong unit) quarantined
@@ -31,6 +39,7 @@ quarantined, overhead <= 5%. Baselines in the same run: plain replication (every
 costs 100%; BOINC's adaptive replication without a floor is printed from the same trust counts.
 
     .venv/bin/python bench/verification.py                 # ~2-4 min on 2 cores
+    .venv/bin/python bench/verification.py --workload chat
     .venv/bin/python bench/verification.py --json out.json --cheaters-per-kind 12
 """
 
@@ -60,7 +69,7 @@ from idlefleet.coordinator.store import Enrolment, open_store, sqlite_url
 from idlefleet.coordinator.trust import TrustPolicy
 from idlefleet.coordinator.verification import Verifier
 from idlefleet.coordinator.work import WorkService
-from idlefleet.models.catalog import MINILM
+from idlefleet.models.catalog import MINILM, SMOLLM2
 from idlefleet.protocol.messages import (
     Hardware,
     RegisterRequest,
@@ -180,17 +189,18 @@ def _status(store: Any, batch_id: str) -> str:
     return "gone" if batch is None else str(batch.status)
 
 
-def make_cars(args: argparse.Namespace, rng: random.Random) -> list[Car]:
+def make_cars(
+    args: argparse.Namespace, rng: random.Random, cheats: tuple[str, ...], classes: tuple[str, ...]
+) -> list[Car]:
     cars: list[Car] = []
     for i in range(args.honest):
-        cars.append(Car(f"honest-{i:03d}", f"owner-h{i // 2}", "fp32" if i % 2 else "fp16"))
-    for cheat in CHEATS:
+        cars.append(Car(f"honest-{i:03d}", f"owner-h{i // 2}", classes[i % len(classes)]))
+    for cheat in cheats:
         for rate in RATES:
             for j in range(args.cheaters_per_kind):
                 name = f"{cheat}-{int(rate * 100):03d}-{j:02d}"
-                cars.append(
-                    Car(name, f"owner-{name}", "fp32" if j % 2 else "fp16", cheat=cheat, rate=rate)
-                )
+                klass = classes[j % len(classes)]
+                cars.append(Car(name, f"owner-{name}", klass, cheat=cheat, rate=rate))
     rng.shuffle(cars)
     return cars
 
@@ -214,6 +224,198 @@ def batch_lines(
             )
         )
     return b"\n".join(lines) + b"\n", by_id
+
+
+@dataclass
+class Workload:
+    """What the fleet works on: the batches' lines, the cars' answers, what counts as wrong
+    in an output file."""
+
+    model: str
+    endpoint: str
+    cheats: tuple[str, ...]
+    classes: tuple[str, ...]
+    lines: Callable[[random.Random, int], tuple[bytes, dict[str, Any]]]
+    """(input file, what checking each custom_id's output needs)."""
+    answer: Callable[[Car, WorkGrant, random.Random], tuple[ResultChunk, bool]]
+    wrong: Callable[[Any, dict[str, Any]], tuple[int, int]]
+    """(wrong, all) results in one output line, given what ``lines`` kept of its request."""
+    model_seconds: Callable[[], float]
+
+
+def embeddings_fleet(args: argparse.Namespace, out: Outputs) -> Workload:
+    def wrong(kept: Any, row: dict[str, Any]) -> tuple[int, int]:
+        body = row["response"]["body"]
+        vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+        idx = [out.index[t] for t in kept]
+        best = np.max(
+            [np.einsum("ij,ij->i", vectors, out.batched[k][idx]) for k in out.batched], axis=0
+        )
+        return int((best < 0.99).sum()), len(idx)
+
+    return Workload(
+        MINILM.id,
+        "/v1/embeddings",
+        CHEATS,
+        ("fp16", "fp32"),
+        lambda rng, n: batch_lines(out.texts, rng, n, args.max_inputs),
+        lambda car, grant, rng: answer(car, grant, out, rng),
+        wrong,
+        lambda: out.seconds,
+    )
+
+
+class ChatModel:
+    """SmolLM2-135M-Instruct run by the car's own chat runner (the engine, the re-scoring of
+    probes), each distinct request once: a request's payload fixes its completion (a seed is
+    always given, so the coordinator's nonce does not matter), and a probe's fixes its answer."""
+
+    def __init__(self, cache: Path, threads: int) -> None:
+        from idlefleet.agent.compute_gate import ComputeGate
+        from idlefleet.agent.policy_guard import PolicyGuard
+        from idlefleet.agent.sources.trace import parked_state
+        from idlefleet.agent.vehicle_state import StateAssembler
+        from idlefleet.protocol.policy import OwnerPolicy
+        from idlefleet.workloads import WORKLOADS
+
+        self.runner: Any = WORKLOADS["chat"].runner_at("fp32", SMOLLM2.id, cache, threads)
+        self.gate = ComputeGate(
+            PolicyGuard(OwnerPolicy(opted_in=True), 0), time.time, rated_power_w=65.0
+        )
+        self.gate.on_reading(StateAssembler().apply(parked_state(), time.time()))
+        self.done: dict[str, bytes] = {}
+        self.seconds = 0.0
+
+    @staticmethod
+    def key(payload: dict[str, Any]) -> str:
+        return orjson.dumps({k: v for k, v in payload.items() if k != "nonce"}).decode()
+
+    def results(self, payloads: list[dict[str, Any]]) -> list[bytes]:
+        """Each payload's honest result (a generation, or a probe's answer)."""
+        keys = [self.key(p) for p in payloads]
+        todo = {k: p for k, p in zip(keys, payloads, strict=True) if k not in self.done}
+        if todo:
+            start = time.perf_counter()
+            outcome = self.runner.run(self.gate, list(todo.values()), "bench")
+            self.seconds += time.perf_counter() - start
+            for k, item in zip(todo, outcome.results, strict=True):
+                assert item is not None, "the bench's gate never stops a run"
+                self.done[k] = item.data
+        return [self.done[k] for k in keys]
+
+
+CHAT_CHEATS = ("random_tokens", "truncated")
+CHAT_PROMPTS = (
+    "Name a colour of the sky.",
+    "Write one sentence about electric cars.",
+    "What is two plus three?",
+    "Give a synonym for quick.",
+    "Say hello in French.",
+    "Name a planet of the solar system.",
+    "What do bees make?",
+    "Describe rain in five words.",
+    "Name a fruit that is yellow.",
+    "What is the capital of Italy?",
+    "Suggest a name for a cat.",
+    "What is water made of?",
+)
+
+
+def chat_fleet(args: argparse.Namespace, model: ChatModel) -> Workload:
+    """Chat completions (SmolLM2): honest cars return the runner's generations and answer
+    probes with its re-scoring; cheaters return random tokens or a completion cut in half
+    claiming ``stop``, and answer probes they cheat on with zeros (without running a model)."""
+    from idlefleet.workloads import WORKLOADS
+    from idlefleet.workloads.chat import encode_result
+    from idlefleet.workloads.chat.verify import encode_answer, is_probe, limits_of
+
+    chat = WORKLOADS["chat"]
+    tokenizer = model.runner.tokenizer
+    vocab = int(tokenizer.get_vocab_size())
+    cheated: dict[str, set[str]] = {}
+    """Per request (payload key): the texts of the wrong results cars returned for it."""
+
+    def body(i: int) -> dict[str, Any]:
+        prompt = CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
+        return {
+            "model": SMOLLM2.id,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": args.chat_tokens,
+            "temperature": (0.0, 0.7, 1.0)[i % 3],
+            "seed": i,
+        }
+
+    def lines(rng: random.Random, n: int) -> tuple[bytes, dict[str, Any]]:
+        out, kept = [], {}
+        for i in range(n):
+            request = body(rng.randrange(args.corpus))
+            custom_id = f"req-{i}"
+            kept[custom_id] = ChatModel.key(chat.plan(request).payload)
+            out.append(
+                orjson.dumps(
+                    {
+                        "custom_id": custom_id,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": request,
+                    }
+                )
+            )
+        return b"\n".join(out) + b"\n", kept
+
+    def cheat(car: Car, payload: dict[str, Any], honest: bytes) -> bytes:
+        if is_probe(payload):  # an answer made up without running the model
+            entries = limits_of(payload).entries
+            return encode_answer([0.0] * entries, [-0.5] * entries)
+        value = json.loads(honest)
+        tokens = value["tokens"]
+        if car.cheat == "random_tokens":
+            draw = random.Random(f"{ChatModel.key(payload)}:{car.id}")
+            tokens = [draw.randrange(vocab) for _ in tokens]
+        else:  # truncated: the first half, claiming the model stopped there
+            tokens = tokens[: max(1, len(tokens) // 2)]
+        text = tokenizer.decode(tokens)
+        if text != value["text"]:
+            cheated.setdefault(ChatModel.key(payload), set()).add(text)
+        return encode_result(tokens, text, "stop", value["prompt_tokens"])
+
+    def answer_chat(car: Car, grant: WorkGrant, rng: random.Random) -> tuple[ResultChunk, bool]:
+        corrupt = car.cheat is not None and rng.random() < car.rate
+        payloads = [item.payload for item in grant.items]
+        honest = model.results(payloads)  # type: ignore[arg-type]
+        datas, tokens = [], []
+        for payload, data in zip(payloads, honest, strict=True):
+            assert isinstance(payload, dict)
+            made = cheat(car, payload, data) if corrupt else data
+            datas.append(made)
+            if is_probe(payload):
+                tokens.append(limits_of(payload).tokens)
+            else:
+                value = json.loads(made)
+                tokens.append(value["prompt_tokens"] + len(value["tokens"]))
+        chunk = ResultChunk(
+            lease_id=grant.lease_id or "",
+            seqs=[item.seq for item in grant.items],
+            token_counts=tokens,
+            sizes=[len(d) for d in datas],
+            data_b64=pack(b"".join(datas)),
+        )
+        return chunk, corrupt
+
+    def wrong(kept: Any, row: dict[str, Any]) -> tuple[int, int]:
+        text = row["response"]["body"]["choices"][0]["message"]["content"]
+        return int(text in cheated.get(kept, ())), 1
+
+    return Workload(
+        SMOLLM2.id,
+        "/v1/chat/completions",
+        CHAT_CHEATS,
+        ("fp32",),
+        lines,
+        answer_chat,
+        wrong,
+        lambda: model.seconds,
+    )
 
 
 def answer(
@@ -253,7 +455,7 @@ def answer(
     return chunk, corrupt
 
 
-def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
+def run(args: argparse.Namespace, fleet: Workload) -> dict[str, Any]:
     rng = random.Random(args.seed)
     clock = Clock()
     tmp = Path(tempfile.mkdtemp(prefix="verify-bench-"))
@@ -269,7 +471,7 @@ def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
     verifier = Verifier(store, policy, clock=clock, rng=random.Random(args.seed + 1))
     work.verifier = verifier
     batches.finalize_gate = verifier.may_finalize
-    cars = make_cars(args, rng)
+    cars = make_cars(args, rng, fleet.cheats, fleet.classes)
     by_id = {c.id: c for c in cars}
     for i, car in enumerate(cars):
         store.enrol(Enrolment(car.id, f"U{i:055d}", car.owner, clock.now, None, None))
@@ -282,11 +484,11 @@ def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
                 hardware=Hardware(
                     accelerator="cpu", tops=1, memory_gb=4, power_w=65, precision=car.klass
                 ),
-                models=[MINILM.id],
+                models=[fleet.model],
             ),
         )
     state = Run(cars)
-    ask = WorkRequest(max_requests=args.unit, min_requests=args.unit, models=[MINILM.id])
+    ask = WorkRequest(max_requests=args.unit, min_requests=args.unit, models=[fleet.model])
     snapshot: Counter[str] | None = None
     pending: list[tuple[str, ResultChunk]] = []
     creating = True
@@ -297,12 +499,12 @@ def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
         clock.now += 1.0
         open_batches = [b for b in open_batches if _status(store, b) in RUNNING]
         if creating and len(open_batches) < 3:
-            lines, texts_of = batch_lines(out.texts, rng, args.batch_requests, args.max_inputs)
+            lines, texts_of = fleet.lines(rng, args.batch_requests)
             record = batches.upload_file("in.jsonl", "batch", lines)
             strict = len(state.batches) % args.strict_every == args.strict_every - 1
             batch = batches.create_batch(
                 record.id,
-                "/v1/embeddings",
+                fleet.endpoint,
                 "24h",
                 metadata={"verification": "strict"} if strict else None,
             )
@@ -327,7 +529,7 @@ def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
                 continue
             if grant is None or grant.lease_id is None:
                 continue
-            chunk, corrupt = answer(car, grant, out, rng)
+            chunk, corrupt = fleet.answer(car, grant, rng)
             car.units += 1
             if corrupt:
                 car.wrong_units += 1
@@ -354,13 +556,13 @@ def run(args: argparse.Namespace, out: Outputs) -> dict[str, Any]:
             break
     for batch_id in state.batches:
         batches.maybe_finalize(batch_id)
-    return summarise(args, state, out, store, batches, verifier, snapshot or Counter(), by_id)
+    return summarise(args, state, fleet, store, batches, verifier, snapshot or Counter(), by_id)
 
 
 def summarise(
     args: argparse.Namespace,
     state: Run,
-    out: Outputs,
+    fleet: Workload,
     store: Any,
     batches: BatchService,
     verifier: Verifier,
@@ -385,25 +587,18 @@ def summarise(
         content = b"".join(batches.file_content(batch.output_file_id))
         for line in content.splitlines():
             row = orjson.loads(line)
-            texts = state.texts_of[batch_id][row["custom_id"]]
-            body = row["response"]["body"]
-            vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
-            idx = [out.index[t] for t in texts]
-            best = np.max(
-                [np.einsum("ij,ij->i", vectors, out.batched[k][idx]) for k in out.batched], axis=0
-            )
-            bad = int((best < 0.99).sum())
+            bad, n = fleet.wrong(state.texts_of[batch_id][row["custom_id"]], row)
             if batch_id in state.strict:
                 wrong_strict += bad
-                total_strict += len(idx)
+                total_strict += n
             else:
                 wrong += bad
-                total += len(idx)
+                total += n
     now = verifier.counters
     steady_work = now["work"] - snapshot["work"]
     steady_probe = now["probe_work"] - snapshot["probe_work"]
     per_kind: dict[str, Any] = {}
-    for cheat in CHEATS:
+    for cheat in fleet.cheats:
         for rate in RATES:
             group = [c for c in cheaters if c.cheat == cheat and c.rate == rate]
             per_kind[f"{cheat}@{rate:g}"] = {
@@ -419,7 +614,8 @@ def summarise(
     return {
         "cars": {"honest": sum(c.honest for c in state.cars), "cheaters": len(cheaters)},
         "rounds": state.rounds,
-        "outputs_seconds": round(out.seconds, 1),
+        "workload": fleet.endpoint,
+        "outputs_seconds": round(fleet.model_seconds(), 1),
         "detection_rate": len(caught) / len(cheated) if cheated else None,
         "cheaters_that_cheated": len(cheated),
         "cheaters_never_wrong": len(cheaters) - len(cheated),
@@ -427,10 +623,10 @@ def summarise(
         "units_to_quarantine_p99": _p99(units),
         "units_to_quarantine_max": max(units) if units else None,
         "wrong_in_output": wrong,
-        "vectors_in_output": total,
+        "results_in_output": total,
         "wrong_in_output_rate": wrong / total if total else 0.0,
         "wrong_in_strict_output": wrong_strict,
-        "vectors_in_strict_output": total_strict,
+        "results_in_strict_output": total_strict,
         "honest_quarantined": len(honest_q),
         "honest_quarantined_ids": honest_q,
         "overhead": steady_probe / steady_work if steady_work else None,
@@ -454,14 +650,27 @@ def _p99(values: list[int]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workload",
+        choices=("embeddings", "chat"),
+        default="embeddings",
+        help="the fleet's work: embeddings (MiniLM, two hardware classes) or chat completions "
+        "(SmolLM2, re-scored by teacher forcing)",
+    )
     parser.add_argument("--honest", type=int, default=24, help="honest cars (half per class)")
     parser.add_argument(
         "--cheaters-per-kind", type=int, default=6, help="cheating cars per (cheat, rate): 9 kinds"
     )
-    parser.add_argument("--corpus", type=int, default=1000, help="distinct texts")
-    parser.add_argument("--unit", type=int, default=32, help="requests per unit")
+    parser.add_argument(
+        "--corpus",
+        type=int,
+        default=None,
+        help="distinct texts (embeddings; default 1000) or requests (chat; default 36)",
+    )
+    parser.add_argument("--unit", type=int, default=None, help="requests per unit (default 32)")
+    parser.add_argument("--chat-tokens", type=int, default=24, help="max_tokens of chat requests")
     parser.add_argument("--max-inputs", type=int, default=8, help="inputs per request, at most")
-    parser.add_argument("--batch-requests", type=int, default=8000)
+    parser.add_argument("--batch-requests", type=int, default=None, help="default 8000; chat 300")
     parser.add_argument("--strict-every", type=int, default=4, help="every n-th batch is strict")
     parser.add_argument("--floor", type=float, default=0.02)
     parser.add_argument("--within", type=int, default=50)
@@ -488,15 +697,29 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the model outputs in this file and reuse them (they take ~1 min to compute)",
     )
     args = parser.parse_args(argv)
-    if args.outputs and args.outputs.exists():
-        out = pickle.loads(args.outputs.read_bytes())
-    else:
-        with tempfile.TemporaryDirectory() as cache:
-            out = compute_outputs(args.corpus, Path(cache), args.threads)
-        if args.outputs:
-            args.outputs.write_bytes(pickle.dumps(out))
+    chat = args.workload == "chat"
+    for name, embeddings, chats in (
+        ("corpus", 1000, 36),
+        # A chat car asks for units of its engine's slots (32, ``DEFAULT_SLOTS``).
+        ("unit", 32, 32),
+        ("batch_requests", 8000, 2400),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, chats if chat else embeddings)
     started = time.perf_counter()
-    result = run(args, out)
+    if args.workload == "chat":
+        with tempfile.TemporaryDirectory() as cache:
+            result = run(args, chat_fleet(args, ChatModel(Path(cache), args.threads)))
+    else:
+        if args.outputs and args.outputs.exists():
+            out = pickle.loads(args.outputs.read_bytes())
+        else:
+            with tempfile.TemporaryDirectory() as cache:
+                out = compute_outputs(args.corpus, Path(cache), args.threads)
+            if args.outputs:
+                args.outputs.write_bytes(pickle.dumps(out))
+        started = time.perf_counter()
+        result = run(args, embeddings_fleet(args, out))
     result["run_seconds"] = round(time.perf_counter() - started, 1)
     result["targets"] = {
         "detection_rate": ">= 0.99",

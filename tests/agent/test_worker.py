@@ -5,6 +5,7 @@ online requests. The runner's results are opaque bytes here, which is all the sh
 from __future__ import annotations
 
 import asyncio
+import datetime
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -81,6 +82,8 @@ class ScriptedRunner(UnitRunner):
     ) -> RunOutcome:
         self.ran.append((list(payloads), lease_id, prepared))
         self.progress_given.append(list(progress or []))
+        if lease_id is not None:  # as a real run's gate step meters it, under the lease's id
+            gate.meter.record(2.5, datetime.date(2026, 12, 2), lease_id)
         if self.report and report is not None:
             report([(0, b"half of " + payloads[0].encode())])
         if self.fail:
@@ -454,7 +457,9 @@ def test_an_online_request_is_answered_with_its_result_bytes(make_agent: Any) ->
 
     assert reply.error is None
     assert (reply.data(), reply.token_count) == (b"xyz", 3)
-    assert runner.ran == [(["xyz"], None, None)]
+    # Run under the request's id, so that its energy is metered apart and reported with it.
+    assert runner.ran == [(["xyz"], "r1", None)]
+    assert reply.energy_j == 2.5
 
 
 @pytest.mark.parametrize(("kind", "model"), [("embeddings", "other-model"), ("chat", MINILM.id)])

@@ -47,6 +47,13 @@ def test_a_batch_is_charged_its_tokens_at_the_list_prices_exactly(
     assert Counter({e["vehicle_id"]: e["requests"] for e in charges}) == Counter(by_car)
     assert sum(e["input_tokens"] for e in charges) == tokens
     assert all(e["output_tokens"] == 0 and e["model"] == model for e in charges)
+    # Charged to the key the batch was created with: usage per key finds them.
+    [key_id] = {e["api_key_id"] for e in charges}
+    assert key_id is not None
+    mine = get(fleet, f"/fleet/usage?api_key_id={key_id}", "customer")["data"]
+    assert sum(r["input_tokens"] for r in mine) >= tokens and {r["api_key_id"] for r in mine} == {
+        key_id
+    }
     for e in charges:
         amounts = {p["account"]: p["amount"] for p in e["postings"]}
         price = prices.charge(model, e["requests"], e["input_tokens"], 0)
@@ -109,7 +116,8 @@ def test_an_online_request_is_charged_to_its_customer_for_the_car_that_answered(
     fleet: EmbeddedFleet, client: OpenAI
 ) -> None:
     prices = Prices()
-    before = {e["id"] for e in get(fleet, "/fleet/ledger?limit=10000", "operator")["data"]}
+    before_entries = get(fleet, "/fleet/ledger?limit=10000", "operator")["data"]
+    before = {e["id"] for e in before_entries}
     usage_before = get(fleet, "/fleet/usage", "customer")["data"]
 
     answer = client.embeddings.create(
@@ -131,6 +139,8 @@ def test_an_online_request_is_charged_to_its_customer_for_the_car_that_answered(
     assert (charge["requests"], charge["input_tokens"], charge["output_tokens"]) == (1, tokens, 0)
     assert charge["vehicle_id"] in fleet.online_vehicles()
     assert charge["energy_j"] > 0  # the car metered the request and said so in its reply
+    batch_keys = {e["api_key_id"] for e in before_entries if e["kind"] == "charge"}
+    assert charge["api_key_id"] in batch_keys  # the same customer key as the batch's
     price = prices.charge(answer.model, 1, tokens, 0)
     amounts = {p["account"]: p["amount"] for p in charge["postings"]}
     assert amounts[f"customer:{charge['principal']}"] == -price

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import nats
@@ -105,9 +106,11 @@ def test_a_cheating_car_is_quarantined_and_a_strict_batch_holds_only_agreed_resu
             completion_window="24h",
             metadata={"verification": "strict"},
         )
-        done = wait_for(client, batch.id, timeout=240)
-        stop.set()
-        cheater.join(timeout=30)
+        try:
+            done = wait_for(client, batch.id, timeout=240)
+        finally:  # the cheater's connection closes even if the batch did not finish
+            stop.set()
+            cheater.join(timeout=30)
         assert done.status == "completed", done
         assert seen.get("units", 0) >= 1, seen  # the cheater did take work
 
@@ -135,3 +138,48 @@ def test_a_cheating_car_is_quarantined_and_a_strict_batch_holds_only_agreed_resu
             float(np.dot(vectors[f"req-{i}"], vectors[f"req-{i + half}"])) for i in range(half)
         ]
         assert min(cosines) > 0.999, min(cosines)
+
+
+@pytest.mark.integration
+def test_a_cheater_that_did_all_of_a_strict_batch_before_honest_cars_came_is_caught(
+    tmp_path: Path,
+) -> None:
+    """A new fleet: the cheater takes the whole batch before any honest car can compute. Its
+    results disagree with two new honest cars; with no trusted car yet, the third car breaks
+    the tie (bootstrap), the cheater is quarantined, and its work is redone."""
+    options = FleetOptions(data_dir=tmp_path, agents=0, heartbeat_seconds=1.0, lease_seconds=10)
+    with EmbeddedFleet(options) as fleet:
+        client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
+        fleet.set_consent(CHEATER, True, key="operator")
+        stop = threading.Event()
+        seen: dict[str, int] = {}
+        cheater = threading.Thread(
+            target=lambda: asyncio.run(_cheat(fleet, stop, seen)), daemon=True
+        )
+        cheater.start()
+        upload = client.files.create(file=("in.jsonl", batch_input(demo_texts(N))), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=upload.id,
+            endpoint="/v1/embeddings",
+            completion_window="24h",
+            metadata={"verification": "strict"},
+        )
+        deadline = time.monotonic() + 60
+        while seen.get("committed", 0) < N:  # the cheater answered every request
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)
+        fleet.add_agent("car-001")
+        fleet.add_agent("car-002")
+
+        try:
+            done = wait_for(client, batch.id, timeout=180)
+        finally:
+            stop.set()
+            cheater.join(timeout=30)
+
+        assert done.status == "completed", done
+        cars = {c["vehicle_id"]: c for c in fleet.get("/fleet/verification")["cars"]}
+        assert cars[CHEATER]["state"] == "quarantined", cars
+        assert all(cars[c]["state"] != "quarantined" for c in ("car-001", "car-002")), cars
+        usage = fleet.get(f"/fleet/batches/{batch.id}/vehicles")["completed_by_vehicle"]
+        assert CHEATER not in usage and sum(usage.values()) == N, usage

@@ -39,6 +39,14 @@ ONLINE_QUEUE = 100_000
 """Online charges waiting for a flush, at most (beyond: posted at once, one transaction)."""
 
 
+@dataclass(frozen=True)
+class Customer:
+    """Whom an online request is charged to: the key's principal, and the key."""
+
+    principal: str
+    api_key_id: str | None = None
+
+
 @dataclass
 class Tally:
     """What one car did for one batch, counted as the output file is written."""
@@ -121,6 +129,7 @@ class Accounts:
                 work_at=now,
                 batch_id=batch.id,
                 region=self.region_of(vehicle_id),
+                api_key_id=batch.api_key_id,
             )
             entries.append(charge_entry(work, self.prices, now))
         self._post(entries)
@@ -135,9 +144,11 @@ class Accounts:
         input_tokens: int,
         output_tokens: int,
         energy_j: float,
+        api_key_id: str | None = None,
     ) -> None:
-        """An online request was answered by ``vehicle_id`` for ``principal``: its charge is
-        queued (blocking: the car's owner and region may be read from the store)."""
+        """An online request was answered by ``vehicle_id`` for ``principal`` (asked with
+        ``api_key_id``): its charge is queued (blocking: the car's owner and region may be
+        read from the store)."""
         now = self.clock()
         self.online_finished(
             Work(
@@ -152,6 +163,7 @@ class Accounts:
                 energy_j=energy_j,
                 work_at=now,
                 region=self.region_of(vehicle_id),
+                api_key_id=api_key_id,
             )
         )
 

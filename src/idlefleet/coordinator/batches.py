@@ -200,8 +200,10 @@ class BatchService:
         data_region: str = DEFAULT_DATA_REGION,
         principal: str | None = None,
         queued_limit: int | None = None,
+        api_key_id: str | None = None,
     ) -> BatchRecord:
-        """Accept a batch (status ``validating``) for ``principal``.
+        """Accept a batch (status ``validating``) for ``principal``, asked with the key
+        ``api_key_id`` (its charges are that key's usage).
 
         ``purpose`` and ``data_region`` are our extensions to OpenAI's request: what the
         results are used for and where the data may be processed. Only cars whose owners allow
@@ -253,6 +255,7 @@ class BatchService:
             purpose=purpose,
             data_region=data_region,
             principal=principal,
+            api_key_id=api_key_id,
         )
         with quota_lock:
             if principal is not None and queued_limit is not None:

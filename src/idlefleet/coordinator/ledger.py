@@ -223,6 +223,8 @@ class Work:
     are verified through this time."""
     batch_id: str | None = None
     region: str | None = None
+    api_key_id: str | None = None
+    """The customer's API key the work was asked with (usage is reported per key)."""
 
     def __post_init__(self) -> None:
         for name in ("requests", "input_tokens", "output_tokens"):
@@ -255,6 +257,8 @@ class Entry:
     batch_id: str | None = None
     settles: str | None = None
     """The charge a release or reversal settles."""
+    api_key_id: str | None = None
+    """The customer's API key the charge is that key's usage of (settlements: the charge's)."""
 
     def __post_init__(self) -> None:
         if sum(amount for _, amount in self.postings) != 0:
@@ -298,6 +302,7 @@ def charge_entry(work: Work, prices: Prices, at: float) -> Entry:
         electricity=prices.electricity(work.energy_j, work.region),
         work_at=work.work_at,
         batch_id=work.batch_id,
+        api_key_id=work.api_key_id,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Protocol
 import nats
 from nats.aio.client import Client
 
-from idlefleet.coordinator.accounts import Accounts
+from idlefleet.coordinator.accounts import Accounts, Customer
 from idlefleet.coordinator.errors import ServiceUnavailable
 from idlefleet.coordinator.metrics import Metrics
 from idlefleet.coordinator.work import WorkService
@@ -98,11 +98,11 @@ class OnlineRouter:
         workload: Workload,
         planned: Planned,
         watch: Watch | None = None,
-        principal: str | None = None,
+        customer: Customer | None = None,
     ) -> tuple[bytes, int]:
         """Run ``planned`` on cars until one finishes it: its result, checked by the workload
         as a batch result is, and its tokens. ``watch`` sees every progress and the result;
-        ``principal`` (the customer) is charged for it (None: nobody is)."""
+        ``customer`` is charged for it (None: nobody is)."""
         model = planned.model
         # A paused car (driving, opted out, battery low) would only refuse: ask it never.
         candidates = self.work.online(model)
@@ -127,7 +127,7 @@ class OnlineRouter:
                 vehicle_id = order[0]
             tried.append(vehicle_id)
             try:
-                done = await self._on_car(vehicle_id, workload, planned, progress, watch, principal)
+                done = await self._on_car(vehicle_id, workload, planned, progress, watch, customer)
             except _CarFailed as failed:
                 self.moved[failed.kind] += 1
                 problems.append(f"{vehicle_id}: {failed}")
@@ -158,7 +158,7 @@ class OnlineRouter:
         planned: Planned,
         progress: list[bytes | None],
         watch: Watch | None,
-        principal: str | None,
+        customer: Customer | None,
     ) -> tuple[bytes, int]:
         """Run the request on one car from ``progress[0]`` (kept up to date as it reports)."""
         model = planned.model
@@ -218,9 +218,9 @@ class OnlineRouter:
                     )
                 if problem is not None:
                     raise self._refused(vehicle_id, problem)
-                if principal is not None:
+                if customer is not None:
                     used = workload.usage(data, reply.token_count)
-                    self._charge(request.request_id, principal, vehicle_id, model, used, reply)
+                    self._charge(request.request_id, customer, vehicle_id, model, used, reply)
                 return data, reply.token_count
         finally:
             await sub.unsubscribe()
@@ -228,7 +228,7 @@ class OnlineRouter:
     def _charge(
         self,
         request_id: str,
-        principal: str,
+        customer: Customer,
         vehicle_id: str,
         model: str,
         used: tuple[int, int],
@@ -242,11 +242,12 @@ class OnlineRouter:
             asyncio.to_thread(
                 self.accounts.online_answered,
                 request_id,
-                principal,
+                customer.principal,
                 vehicle_id,
                 model,
                 *used,
                 reply.energy_j,
+                customer.api_key_id,
             )
         )
         self._charging.add(task)

@@ -85,18 +85,20 @@ def earnings(
 
 
 def usage(entries: Sequence[Entry], currency: str = "USD") -> list[dict[str, Any]]:
-    """A customer's usage: a row per day and model, oldest first (refunds of reversed
-    charges are taken off the day of the charge)."""
+    """A customer's usage: a row per day, model and API key, oldest first (refunds of
+    reversed charges are taken off the day of the charge; ``api_key_id`` None: work from
+    before keys were recorded)."""
     settled = _settlements(entries)
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for e in entries:
         if e.kind != "charge":
             continue
         row = rows.setdefault(
-            (_day(e.at), e.model),
+            (_day(e.at), e.model, e.api_key_id or ""),
             {
                 "day": _day(e.at),
                 "model": e.model,
+                "api_key_id": e.api_key_id,
                 "requests": 0,
                 "input_tokens": 0,
                 "output_tokens": 0,

@@ -482,7 +482,12 @@ class Verifier:
         klass = self.class_of(vehicle_id, model)
         purposes, regions = set(purposes), set(data_regions)
         trusted = trust.trusted(self.policy)
-        may_verify = trusted or self.bootstrapping()
+        bootstrap = self.bootstrapping()
+        # While the fleet has too few trusted cars, any other owner's car verifies and breaks
+        # ties too: a third car of a third owner. Else a new cheater that took all of a
+        # batch's work (its probes disagreeing with new honest cars) waits for a trusted car
+        # that never comes, and a strict batch with it.
+        may_verify = trusted or bootstrap
         # A quarter of the unit at most: probes are spread over many cars' units (every car
         # verifies others), and a unit is never mostly probes.
         most = self.policy.max_probes_per_grant
@@ -515,7 +520,7 @@ class Verifier:
                         and profile.owner not in check.excluded_owners
                         and check.purpose in purposes
                         and check.data_region in regions
-                        and (trusted if check.kind == "tiebreak" else may_verify)
+                        and (trusted or bootstrap if check.kind == "tiebreak" else may_verify)
                     ):
                         taken.append(check)
                     else:
@@ -721,6 +726,12 @@ class Verifier:
         with_subject = self._agree(check, check.probe.reference, check.subject_class, answer, klass)
         with_first = self._agree(check, first_answer, first_class, answer, klass)
         self.counters["tiebreaks"] += 1
+        # An untrusted tie-breaker (while the fleet bootstraps) may side against the subject
+        # with the first verifier: two cars against one. It may not condemn the first
+        # verifier on its own word: an answer that re-ran nothing (a chat answer of zero
+        # misses) agrees with any result, so the tie goes on to another car instead.
+        if with_subject and not with_first and not self.trust(vehicle_id).trusted(self.policy):
+            with_subject = False
         if with_subject and not with_first:
             self._verdict(
                 check.subject, "agree", check.committed_at, now, check=check, verifier=vehicle_id

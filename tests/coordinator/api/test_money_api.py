@@ -107,3 +107,41 @@ def test_a_statement_comes_as_csv_in_units(live: LiveCoordinator) -> None:
     assert header.split(",")[:3] == ["day", "vehicle_id", "requests"]
     earned = live.charges["paid"].earned + live.charges["held"].earned  # type: ignore[attr-defined]
     assert line.split(",")[5] == f"{earned // 1_000_000}.{earned % 1_000_000:06d}"
+
+
+def test_usage_is_reported_per_api_key_and_a_customer_sees_only_its_own(
+    live: LiveCoordinator,
+) -> None:
+    now = time.time()
+    charges = [
+        charge_entry(
+            Work(
+                f"online:run_{i}",
+                "initech",
+                "alice-1",
+                "alice",
+                MODEL,
+                1,
+                tokens,
+                0,
+                0.0,
+                now,
+                api_key_id=key,
+            ),
+            PRICES,
+            now,
+        )
+        for i, (key, tokens) in enumerate([("key_a", 1000), ("key_a", 500), ("key_b", 70)])
+    ]
+    live.work.store.post_entries(charges)
+
+    status, body = live.call("GET", "/fleet/usage?principal=initech", key="operator")
+    assert status == 200
+    by_key = {row["api_key_id"]: row for row in body["data"]}
+    assert by_key["key_a"]["input_tokens"] == 1500 and by_key["key_a"]["requests"] == 2
+    assert by_key["key_b"]["cost"] == charges[2].charged
+    _, one = live.call("GET", "/fleet/usage?principal=initech&api_key_id=key_b", key="operator")
+    assert [row["api_key_id"] for row in one["data"]] == ["key_b"]
+    # Another customer asking for initech's key sees nothing of it.
+    _, theirs = live.call("GET", "/fleet/usage?api_key_id=key_a", key="acme")
+    assert theirs["data"] == []

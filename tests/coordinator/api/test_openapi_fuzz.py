@@ -37,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from idlefleet.coordinator.access import Quotas, Role, new_api_key
+from idlefleet.coordinator.accounts import Customer
 from idlefleet.coordinator.api import create_app
 from idlefleet.coordinator.api.auth import Access
 from idlefleet.coordinator.api.openapi_doc import OpenAIError
@@ -77,7 +78,7 @@ class FakeFleet:
         workload: Workload,
         planned: Planned,
         watch: Watch | None = None,
-        principal: str | None = None,
+        customer: Customer | None = None,
     ) -> tuple[bytes, int]:
         if workload.kind == "embeddings":
             rows = workload.expectation(planned.payload)

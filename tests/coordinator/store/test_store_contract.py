@@ -10,6 +10,7 @@ names (``tests/conftest.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import multiprocessing
@@ -34,7 +35,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from idlefleet.coordinator.accounts import Accounts
-from idlefleet.coordinator.ledger import ModelPrice, Prices, Work, charge_entry
+from idlefleet.coordinator.ledger import ModelPrice, Prices, Work, charge_entry, release_entry
 from idlefleet.coordinator.store import (
     ApiKeyRecord,
     BatchRecord,
@@ -375,6 +376,7 @@ def test_a_file_deleted_while_streaming_is_never_silently_truncated(store: Store
 
 def test_create_then_get_batch_round_trips(store: Store) -> None:
     batch = batch_record(status="validating", metadata={"project": "ünïcode", "run": "7"})
+    batch = dataclasses.replace(batch, principal="acme", api_key_id="key_123")
 
     store.create_batch(batch)
 
@@ -3293,6 +3295,22 @@ def test_ledger_entries_filter_and_settlements_come_back_with_their_charge(store
     assert store.ledger_entries(batch_id="b1") == [charge]
     assert store.ledger_entries(owner="bob") == []
     assert store.balances("customer:") == {"customer:acme": -charge.charged}
+
+
+def test_ledger_entries_keep_and_filter_by_the_api_key(store: Store) -> None:
+    keyed = charge_entry(
+        Work("online:r1", "acme", "car-1", "alice", "m", 1, 10, 0, 0.0, 5.0, api_key_id="key_a"),
+        LEDGER_PRICES,
+        NOW,
+    )
+    other = charge_entry(
+        Work("online:r2", "acme", "car-1", "alice", "m", 1, 10, 0, 0.0, 5.0), LEDGER_PRICES, NOW
+    )
+    release = release_entry(keyed, NOW + 1)
+    store.post_entries([keyed, other, release])
+    assert store.ledger_entries(api_key_id="key_a") == [keyed, release]
+    assert release.api_key_id == "key_a"  # a settlement stays the charge's key's
+    assert store.ledger_entries(api_key_id="key_b") == []
 
 
 # -- the fleet at a glance (metrics, dashboard) --------------------------------------------------

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlefleet.coordinator import statements
 from idlefleet.coordinator.access import Caller, Role
+from idlefleet.coordinator.accounts import Customer
 from idlefleet.coordinator.api import openapi_doc
 from idlefleet.coordinator.api.auth import OPEN_PATHS, Access, RequireBearer
 from idlefleet.coordinator.api.openapi_doc import METADATA, VehicleId, choices
@@ -98,10 +99,10 @@ class OnlineRunner(Protocol):
         workload: Workload,
         planned: Planned,
         watch: Watch | None = None,
-        principal: str | None = None,
+        customer: Customer | None = None,
     ) -> tuple[bytes, int]:
         """Run one request on a car now: its result (checked) and its tokens; ``watch`` sees
-        its progress as it runs; ``principal`` is charged for it."""
+        its progress as it runs; ``customer`` is charged for it."""
         ...
 
 
@@ -167,7 +168,7 @@ async def _streamed(
     workload: Workload,
     planned: Planned,
     stream: OnlineStream,
-    principal: str | None = None,
+    customer: Customer | None = None,
 ) -> StreamingResponse:
     """A streamed online response (server-sent events, as OpenAI sends them). The request runs
     in a task that queues the events; the response starts once the first car has reported (a
@@ -186,7 +187,7 @@ async def _streamed(
 
     async def drive() -> None:
         try:
-            await online.run(workload, planned, Watch(), principal=principal)
+            await online.run(workload, planned, Watch(), customer=customer)
         except IdlefleetError as exc:
             queue.put_nowait(exc)
         except Exception:
@@ -422,6 +423,7 @@ def create_app(
             body.data_region,
             caller.principal,
             caller.quotas.queued_requests,
+            caller.key_id,
         )
         if on_batch_created is not None:
             task = asyncio.create_task(on_batch_created(batch.id))
@@ -495,10 +497,11 @@ def create_app(
             if online is None:
                 raise ServiceUnavailable("online inference is not configured", code="no_capacity")
             stream = workload.stream_online(planned)
+            charged = Customer(caller.principal, caller.key_id)
             if stream is None:
-                result, tokens = await online.run(workload, planned, principal=caller.principal)
+                result, tokens = await online.run(workload, planned, customer=charged)
                 return JSONResponse(workload.render_online(planned, result, tokens), headers=limits)
-            response = await _streamed(online, workload, planned, stream, caller.principal)
+            response = await _streamed(online, workload, planned, stream, charged)
             response.headers.update(limits)
             return response
 
@@ -761,16 +764,20 @@ def create_app(
     @app.get("/fleet/usage", tags=["fleet"], response_model=None, responses=openapi_doc.STATEMENT)
     async def usage(
         principal: Annotated[str | None, Query(max_length=256)] = None,
+        api_key_id: Annotated[str | None, Query(max_length=256)] = None,
         fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
         caller: Caller = anyone,
     ) -> Any:
-        """What a customer was charged: per day and model, requests, input and output tokens,
-        ``charged``, ``refunded`` (results of a car caught cheating) and ``cost``, in
-        micro-units (CSV: units). A customer sees their own; an operator anyone's (or all)."""
+        """What a customer was charged: per day, model and API key (``api_key_id``: one key's
+        only), requests, input and output tokens, ``charged``, ``refunded`` (results of a car
+        caught cheating) and ``cost``, in micro-units (CSV: units). A customer sees their own
+        keys'; an operator anyone's (or all)."""
         if caller.role is Role.OWNER:
             raise Forbidden("Owners' keys see earnings (/fleet/earnings), not usage.")
         who = caller.principal if caller.role is Role.CUSTOMER else principal
-        entries = await asyncio.to_thread(lambda: work.store.ledger_entries(principal=who))
+        entries = await asyncio.to_thread(
+            lambda: work.store.ledger_entries(principal=who, api_key_id=api_key_id)
+        )
         return statement(statements.usage(entries, currency()), fmt, "usage")
 
     @app.get("/fleet/ledger", tags=["fleet"], dependencies=[operator])

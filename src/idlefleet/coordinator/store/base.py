@@ -155,6 +155,8 @@ class BatchRecord:
     expected_requests: int | None = None
     """Lines of its input file, counted at creation when the principal has a queue quota:
     what the batch will queue while it is still validating."""
+    api_key_id: str | None = None
+    """The API key it was created with (its charges are that key's usage)."""
 
 
 @dataclass(frozen=True)
@@ -824,6 +826,7 @@ class Store(ABC):
         since: float | None = None,
         until: float | None = None,
         limit: int = 100_000,
+        api_key_id: str | None = None,
     ) -> list[Entry]:
         """Entries matching every filter given, oldest first, with their postings."""
 

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 ENTRY_COLUMNS = (
     "id, kind, at, principal, vehicle_id, owner, model, requests, input_tokens, "
-    "output_tokens, energy_j, electricity, work_at, batch_id, settles"
+    "output_tokens, energy_j, electricity, work_at, batch_id, settles, api_key_id"
 )
 MAX_ENTRIES = 100_000
 
@@ -43,7 +43,7 @@ class LedgerSql:
                 inserted = db.execute(
                     self._sql(
                         f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
                     ),
                     (
                         e.id,
@@ -61,6 +61,7 @@ class LedgerSql:
                         e.work_at,
                         e.batch_id,
                         e.settles,
+                        e.api_key_id,
                     ),
                 ).rowcount
                 if inserted != 1:
@@ -115,6 +116,7 @@ class LedgerSql:
         since: float | None = None,
         until: float | None = None,
         limit: int = MAX_ENTRIES,
+        api_key_id: str | None = None,
     ) -> list[Entry]:
         """Entries (with their postings) matching every filter given, oldest first."""
         where: list[str] = []
@@ -124,6 +126,7 @@ class LedgerSql:
             ("principal", principal),
             ("vehicle_id", vehicle_id),
             ("batch_id", batch_id),
+            ("api_key_id", api_key_id),
         ):
             if value is not None:
                 where.append(f"e.{column} = ?")
@@ -196,6 +199,7 @@ class LedgerSql:
                 work_at=row[12],
                 batch_id=row[13],
                 settles=row[14],
+                api_key_id=row[15],
             )
             for row in rows
         ]

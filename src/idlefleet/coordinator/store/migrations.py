@@ -605,4 +605,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX ledger_postings_account ON ledger_postings(account);
         """,
     ),
+    Migration(
+        11,
+        "the API key a batch was made with, and the key each ledger entry is charged to",
+        # Usage per API key (a customer's keys share one principal): NULL for batches and
+        # entries made before keys were recorded.
+        """
+        ALTER TABLE batches ADD COLUMN api_key_id TEXT;
+        ALTER TABLE ledger_entries ADD COLUMN api_key_id TEXT;
+        """,
+        """
+        ALTER TABLE batches ADD COLUMN api_key_id TEXT;
+        ALTER TABLE ledger_entries ADD COLUMN api_key_id TEXT;
+        """,
+    ),
 )

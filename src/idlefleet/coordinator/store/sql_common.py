@@ -25,7 +25,7 @@ BATCH_COLUMNS = (
     "id, input_file_id, endpoint, completion_window, status, created_at, expires_at, metadata, "
     "errors, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
     "failed_at, expired_at, cancelling_at, cancelled_at, purpose, data_region, principal, "
-    "expected_requests"
+    "expected_requests, api_key_id"
 )
 BATCH_FIELDS = tuple(name.strip() for name in BATCH_COLUMNS.split(","))
 UPDATABLE_BATCH_FIELDS = frozenset(

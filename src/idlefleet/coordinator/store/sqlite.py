@@ -266,6 +266,7 @@ class SqliteStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
                     batch.data_region,
                     batch.principal,
                     batch.expected_requests,
+                    batch.api_key_id,
                     seq_no,
                 ),
             )
