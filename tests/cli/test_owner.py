@@ -318,3 +318,19 @@ def test_any_policy_file_is_read_or_refused_with_its_reason(tmp_path: Path, cont
         OwnerPolicy.model_validate(loaded)
     except ValidationError as invalid:
         assert invalid.errors()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read CA file"), (b"not a certificate", "holds no PEM certificate")],
+)
+def test_a_ca_file_that_is_missing_or_not_pem_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["owner", "show", "--vehicle", "car-1", "--api-key", "k", "--ca-file", str(ca)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -4,6 +4,7 @@ not trust it."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import urllib.error
@@ -16,6 +17,8 @@ import pytest
 from openai import DefaultHttpxClient, OpenAI
 
 from idlefleet.cli.demo import batch_input
+from idlefleet.cli.main import main
+from idlefleet.cli.owner import CA_FILE_ENV
 from idlefleet.embedded.fleet import EmbeddedFleet, FleetOptions
 from idlefleet.embedded.tls import TlsFiles, client_context, make_local_tls
 from tests.integration.conftest import read_jsonl, submit, wait_for
@@ -97,3 +100,31 @@ def untrusted_handshake(host: str, port: int, after_info: bool) -> str:
 
 def test_the_ca_file_is_what_the_fleet_reports(fleet: EmbeddedFleet, tls: TlsFiles) -> None:
     assert fleet.ca_file == tls.ca and Path(tls.key).stat().st_mode & 0o077 == 0
+
+
+def test_the_operator_cli_trusts_the_private_ca_only_when_told(
+    fleet: EmbeddedFleet, tls: TlsFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["cars", "list", "--json", "--coordinator", fleet.base_url]
+    common += ["--api-key", fleet.keys["operator"]]
+
+    untrusted = main(common)
+    refusal = capsys.readouterr().err
+    trusted = main([*common, "--ca-file", str(tls.ca)])
+    found = json.loads(capsys.readouterr().out)["data"]
+
+    assert untrusted == 1
+    assert "certificate we do not trust" in refusal and "--ca-file" in refusal
+    assert trusted == 0
+    assert [e["vehicle_id"] for e in found] == ["car-001"]
+
+
+def test_the_ca_file_may_come_from_the_environment(
+    fleet: EmbeddedFleet,
+    tls: TlsFiles,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(CA_FILE_ENV, str(tls.ca))
+    code = main(["cars", "list", "--coordinator", fleet.base_url, "--api-key", fleet.keys["owner"]])
+    assert code == 0 and "car-001" in capsys.readouterr().out

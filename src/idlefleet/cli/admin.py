@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from idlefleet.cli.argtypes import whole
-from idlefleet.cli.owner import API_KEY_ENV, DEFAULT_COORDINATOR, OwnerCommandError, _Coordinator
+from idlefleet.cli.owner import (
+    API_KEY_ENV,
+    DEFAULT_COORDINATOR,
+    OwnerCommandError,
+    _Coordinator,
+    add_ca_file_argument,
+)
 
 __all__ = ["add_admin_parsers", "run_cars", "run_keys", "run_models"]
 
@@ -86,6 +92,7 @@ def add_admin_parsers(sub: Any) -> None:
             "--api-key", default=None, help=f"an operator's key (default: ${API_KEY_ENV})"
         )
         parser.add_argument("--json", action="store_true", help="print JSON")
+        add_ca_file_argument(parser)
 
 
 def run_keys(args: argparse.Namespace) -> int:
@@ -150,7 +157,7 @@ def run_cars(args: argparse.Namespace) -> int:
     if not key:
         print(f"idlefleet cars: no API key: pass --api-key or set {API_KEY_ENV}", file=sys.stderr)
         return 2
-    coordinator = _Coordinator(args.coordinator.rstrip("/"), key)
+    coordinator = _Coordinator(args.coordinator.rstrip("/"), key, args.ca_file)
     try:
         if args.cars_command == "enrol":
             body: dict[str, Any] = {

@@ -4,7 +4,9 @@ A thin client of the coordinator's owner API (``/fleet/vehicles/{id}/policy`` an
 ``/consent``) over plain ``urllib``: show the policy, opt in or out (optionally narrowing the
 purposes and data regions), replace the whole policy from a JSON file, and list the consent
 record. Every request carries the owner's API key (``--api-key``, or ``IDLEFLEET_API_KEY``,
-which keeps it out of the shell history and the process list) as a Bearer token, and the
+which keeps it out of the shell history and the process list) as a Bearer token (over HTTPS
+signed by a private CA, such as ``idlefleet up --tls``'s, given ``--ca-file`` or
+``IDLEFLEET_CA_FILE``), and the
 coordinator records the change as made by that key (``owner:<name>``). The coordinator
 validates every change; this command only checks what argparse can (ids, names, files), so a
 bad argument or a missing key exits 2 before any request, a refused change prints the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -28,12 +31,21 @@ from idlefleet.coordinator.statements import money, to_csv
 from idlefleet.protocol.policy import DATA_REGIONS, PURPOSES
 from idlefleet.protocol.subjects import is_valid_vehicle_id
 
-__all__ = ["API_KEY_ENV", "DEFAULT_COORDINATOR", "add_owner_parser", "run_owner"]
+__all__ = [
+    "API_KEY_ENV",
+    "CA_FILE_ENV",
+    "DEFAULT_COORDINATOR",
+    "add_owner_parser",
+    "ca_file",
+    "run_owner",
+]
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 """Where ``idlefleet up`` serves HTTP by default (``cli/up.py``: 127.0.0.1, port 8000)."""
 API_KEY_ENV = "IDLEFLEET_API_KEY"
 """The environment variable ``--api-key`` defaults to."""
+CA_FILE_ENV = "IDLEFLEET_CA_FILE"
+"""The environment variable ``--ca-file`` defaults to."""
 TIMEOUT_S = 10.0
 
 
@@ -75,6 +87,29 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+def ca_file(text: str) -> Path:
+    """A PEM file of CA certificates to trust for the coordinator's HTTPS (argparse type)."""
+    try:
+        ssl.create_default_context(cafile=text)
+    except ssl.SSLError as exc:  # an OSError too: first
+        raise argparse.ArgumentTypeError(
+            f"CA file {text} holds no PEM certificate ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read CA file {text}: {exc.strerror}") from None
+    return Path(text)
+
+
+def add_ca_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca-file",
+        type=ca_file,
+        default=os.environ.get(CA_FILE_ENV) or None,  # a string default goes through `type`
+        help="PEM CA certificate to trust for an https:// coordinator whose certificate a "
+        f"private CA signed (as `idlefleet up --tls` prints; default: ${CA_FILE_ENV})",
+    )
+
+
 def _policy_file(text: str) -> dict[str, Any]:
     try:
         loaded = json.loads(Path(text).read_text(encoding="utf-8"))
@@ -110,6 +145,7 @@ def add_owner_parser(sub: Any) -> None:
         help=f"the owner's API key (default: ${API_KEY_ENV}, which keeps it out of `ps`)",
     )
     common.add_argument("--json", action="store_true", help="print the coordinator's JSON")
+    add_ca_file_argument(common)
 
     owner = sub.add_parser("owner", help="show and change a car owner's policy and consent")
     commands = owner.add_subparsers(dest="owner_command", required=True)
@@ -161,7 +197,7 @@ def run_owner(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    coordinator = _Coordinator(args.coordinator, api_key)
+    coordinator = _Coordinator(args.coordinator, api_key, args.ca_file)
     base = f"/fleet/vehicles/{args.vehicle}"
     try:
         if args.owner_command == "show":
@@ -201,9 +237,10 @@ def run_owner(args: argparse.Namespace) -> int:
 class _Coordinator:
     """The coordinator's HTTP API as one API key sees it."""
 
-    def __init__(self, base_url: str, api_key: str) -> None:
+    def __init__(self, base_url: str, api_key: str, ca: Path | None = None) -> None:
         self.base_url = base_url
         self._api_key = api_key
+        self._context = None if ca is None else ssl.create_default_context(cafile=str(ca))
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         url = self.base_url + path
@@ -213,13 +250,21 @@ class _Coordinator:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            with urllib.request.urlopen(
+                request, timeout=TIMEOUT_S, context=self._context
+            ) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             hint = f" (is --api-key or ${API_KEY_ENV} right?)" if exc.code == 401 else ""
             raise OwnerCommandError(f"refused ({exc.code}): {_error_message(exc)}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise OwnerCommandError(
+                    f"the coordinator at {self.base_url} has a certificate we do not trust "
+                    f"({reason.verify_message}); pass the CA that signed it with --ca-file "
+                    f"(or ${CA_FILE_ENV})"
+                ) from None
             raise OwnerCommandError(
                 f"cannot reach the coordinator at {self.base_url} ({reason}); is it running "
                 "(`idlefleet up`), and is --coordinator right?"

@@ -2977,6 +2977,45 @@ def test_another_cars_nkey_is_refused_even_once_that_car_is_revoked(store: Store
     assert store.get_enrolment("car-2") is None
 
 
+def test_concurrent_enrolments_of_one_car_or_one_nkey_enrol_one_and_refuse_the_rest(
+    store: Store,
+) -> None:
+    """Two replicas enrolling the same car (or giving two cars the same nkey) at once: on
+    PostgreSQL both look-ups miss and the later insert breaks the unique key, which must be
+    the same clear refusal (ValueError, a 409 at the API) as a sequential repeat, not a 500."""
+    rounds = 12
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def race(attempts: list[Enrolment]) -> None:
+        start = threading.Barrier(len(attempts))
+
+        def attempt(e: Enrolment) -> None:
+            start.wait(timeout=10)
+            try:
+                store.enrol(e)
+                outcome = "enrolled"
+            except ValueError:
+                outcome = "refused"
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=attempt, args=(e,)) for e in attempts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+
+    for i in range(rounds):
+        race([enrolment(f"same-car-{i}", owner) for owner in ("alice", "bob", "carol")])
+        shared = new_nkey()
+        race([replace(enrolment(f"key-car-{i}-{j}"), nkey=shared) for j in range(3)])
+
+    assert Counter(outcomes) == Counter(enrolled=2 * rounds, refused=4 * rounds)
+    nkeys = [e.nkey for e in store.enrolments()]
+    assert len(nkeys) == len(set(nkeys)) == 2 * rounds
+
+
 def test_a_revoked_car_is_enrolled_again_only_with_a_new_nkey(store: Store) -> None:
     old = enrolment("car-1", "alice")
     store.enrol(old)

@@ -2,7 +2,8 @@
 both dialects apart from the parameter mark).
 
 A mixin: the backend supplies ``_identity_run(work, write)``, which runs ``work`` on a
-connection (in one transaction if ``write``), and ``_mark``, its parameter placeholder.
+connection (in one transaction if ``write``), ``_mark``, its parameter placeholder, and
+``_unique_violation``, the error its driver raises when an insert breaks a unique key.
 These are cold paths (a key is looked up once per cache period, enrolments change when an
 operator acts), so plain statements are enough.
 """
@@ -26,6 +27,7 @@ QUEUED_STATUSES = "('validating', 'in_progress', 'finalizing')"
 
 class IdentitySql:
     _mark: str
+    _unique_violation: type[Exception]
 
     def _identity_run(self, work: Callable[[Any], T], write: bool) -> T:
         raise NotImplementedError
@@ -113,17 +115,26 @@ class IdentitySql:
                     self._sql("DELETE FROM enrolments WHERE vehicle_id = ?"),
                     (enrolment.vehicle_id,),
                 )
-            db.execute(
-                self._sql(f"INSERT INTO enrolments ({ENROLMENT_COLUMNS}) VALUES (?,?,?,?,?,?)"),
-                (
-                    enrolment.vehicle_id,
-                    enrolment.nkey,
-                    enrolment.owner,
-                    enrolment.enrolled_at,
-                    enrolment.revoked_at,
-                    enrolment.expires_at,
-                ),
-            )
+            try:
+                db.execute(
+                    self._sql(f"INSERT INTO enrolments ({ENROLMENT_COLUMNS}) VALUES (?,?,?,?,?,?)"),
+                    (
+                        enrolment.vehicle_id,
+                        enrolment.nkey,
+                        enrolment.owner,
+                        enrolment.enrolled_at,
+                        enrolment.revoked_at,
+                        enrolment.expires_at,
+                    ),
+                )
+            except self._unique_violation:
+                # Another call (another replica) enrolled this car or this nkey between our
+                # look-up and our insert: PostgreSQL's READ COMMITTED lets both look-ups miss.
+                # The same refusal as if it had come first; the transaction rolls back.
+                raise ValueError(
+                    f"car {enrolment.vehicle_id} or nkey {enrolment.nkey} was enrolled by "
+                    "another call at the same moment"
+                ) from None
 
         self._identity_run(work, True)
 

@@ -208,6 +208,7 @@ class PostgresStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store)
                 self._pool.putconn(conn)
 
     _mark = "%s"
+    _unique_violation = errors.UniqueViolation
 
     def _identity_run(self, work: Callable[[Any], T], write: bool) -> T:
         return self._run(work, write=write)

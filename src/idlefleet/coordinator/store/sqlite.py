@@ -68,6 +68,7 @@ T = TypeVar("T")
 
 class SqliteStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
     _mark = "?"
+    _unique_violation = sqlite3.IntegrityError
 
     def __init__(self, path: str) -> None:
         self._path = path
