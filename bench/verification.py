@@ -170,7 +170,11 @@ class Run:
     batches: list[str] = field(default_factory=list)
     strict: set[str] = field(default_factory=set)
     texts_of: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    """Per batch: custom_id -> its texts."""
+    """Per batch: custom_id -> its texts (dropped once the batch is tallied)."""
+    tally: Counter[str] = field(default_factory=Counter)
+    """What reached finalised output files: wrong / total, strict batches apart."""
+    statuses: Counter[str] = field(default_factory=Counter)
+    tallied: set[str] = field(default_factory=set)
 
 
 class Clock:
@@ -456,10 +460,18 @@ def answer(
 
 
 def run(args: argparse.Namespace, fleet: Workload) -> dict[str, Any]:
+    """One run on a fresh SQLite store in a temporary directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="verify-bench-") as tmp:
+        store = open_store(sqlite_url(Path(tmp) / "c.db"))
+        try:
+            return run_on(args, fleet, store)
+        finally:
+            store.close()
+
+
+def run_on(args: argparse.Namespace, fleet: Workload, store: Any) -> dict[str, Any]:
     rng = random.Random(args.seed)
     clock = Clock()
-    tmp = Path(tempfile.mkdtemp(prefix="verify-bench-"))
-    store = open_store(sqlite_url(tmp / "c.db"))
     batches = BatchService(store, clock=clock)
     policy = TrustPolicy(floor=args.floor)
     work = WorkService(
@@ -497,7 +509,10 @@ def run(args: argparse.Namespace, fleet: Workload) -> dict[str, Any]:
     while state.rounds < max_rounds:
         state.rounds += 1
         clock.now += 1.0
-        open_batches = [b for b in open_batches if _status(store, b) in RUNNING]
+        still = [b for b in open_batches if _status(store, b) in RUNNING]
+        for batch_id in set(open_batches) - set(still):
+            tally(state, fleet, store, batches, batch_id)
+        open_batches = still
         if creating and len(open_batches) < 3:
             lines, texts_of = fleet.lines(rng, args.batch_requests)
             record = batches.upload_file("in.jsonl", "batch", lines)
@@ -556,15 +571,36 @@ def run(args: argparse.Namespace, fleet: Workload) -> dict[str, Any]:
             break
     for batch_id in state.batches:
         batches.maybe_finalize(batch_id)
-    return summarise(args, state, fleet, store, batches, verifier, snapshot or Counter(), by_id)
+        tally(state, fleet, store, batches, batch_id)
+    return summarise(args, state, fleet, verifier, snapshot or Counter(), by_id)
+
+
+def tally(state: Run, fleet: Workload, store: Any, batches: BatchService, batch_id: str) -> None:
+    """Count what reached ``batch_id``'s output file (checked against every honest class's
+    answer), once, and delete its files: a long run would otherwise keep tens of GB."""
+    if batch_id in state.tallied:
+        return
+    state.tallied.add(batch_id)
+    batch = store.get_batch(batch_id)
+    state.statuses[batch.status] += 1
+    kind = "strict" if batch_id in state.strict else "plain"
+    if batch.output_file_id is not None:
+        content = b"".join(batches.file_content(batch.output_file_id))
+        for line in content.splitlines():
+            row = orjson.loads(line)
+            bad, n = fleet.wrong(state.texts_of[batch_id][row["custom_id"]], row)
+            state.tally[f"wrong_{kind}"] += bad
+            state.tally[f"total_{kind}"] += n
+    for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+        if file_id is not None:
+            store.delete_file(file_id)
+    state.texts_of.pop(batch_id, None)
 
 
 def summarise(
     args: argparse.Namespace,
     state: Run,
     fleet: Workload,
-    store: Any,
-    batches: BatchService,
     verifier: Verifier,
     snapshot: Counter[str],
     by_id: dict[str, Car],
@@ -576,24 +612,9 @@ def summarise(
     ]
     units = sorted(c.quarantined_after for c in cheated if c.quarantined_after is not None)
     honest_q = [c.id for c in state.cars if c.honest and c.quarantined_after is not None]
-    # What reached finalised output files, checked against every honest class's vector.
-    wrong = total = wrong_strict = total_strict = 0
-    statuses: Counter[str] = Counter()
-    for batch_id in state.batches:
-        batch = store.get_batch(batch_id)
-        statuses[batch.status] += 1
-        if batch.output_file_id is None:
-            continue
-        content = b"".join(batches.file_content(batch.output_file_id))
-        for line in content.splitlines():
-            row = orjson.loads(line)
-            bad, n = fleet.wrong(state.texts_of[batch_id][row["custom_id"]], row)
-            if batch_id in state.strict:
-                wrong_strict += bad
-                total_strict += n
-            else:
-                wrong += bad
-                total += n
+    wrong, total = state.tally["wrong_plain"], state.tally["total_plain"]
+    wrong_strict, total_strict = state.tally["wrong_strict"], state.tally["total_strict"]
+    statuses = state.statuses
     now = verifier.counters
     steady_work = now["work"] - snapshot["work"]
     steady_probe = now["probe_work"] - snapshot["probe_work"]
