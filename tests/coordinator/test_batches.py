@@ -211,3 +211,26 @@ def test_a_store_outage_while_validating_is_retried_not_counted(store: Store) ->
     service.clock = lambda: later
     service.sweep()
     assert service.get_batch(batch_id).status == "in_progress"
+
+
+def test_sweep_forgets_a_finished_batchs_request_rows_after_the_retention(store: Store) -> None:
+    clock = Clock()
+    service = BatchService(store, BatchLimits(request_retention_seconds=600), clock=clock)
+    batch_id = created(service)
+    service.validate(batch_id)
+    run_all(store, batch_id, clock())
+    service.maybe_finalize(batch_id)
+    done = service.get_batch(batch_id)
+    output = b"".join(service.file_content(done.output_file_id or ""))
+
+    clock.now += 599
+    service.sweep()
+    kept = len(list(store.iter_requests(batch_id)))
+    clock.now += 61  # past the retention, and a minute after the last look
+    service.sweep()
+
+    assert done.status == "completed" and kept == 5
+    assert list(store.iter_requests(batch_id)) == []
+    after = service.get_batch(batch_id)
+    assert after.request_counts == done.request_counts
+    assert b"".join(service.file_content(after.output_file_id or "")) == output

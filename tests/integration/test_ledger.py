@@ -17,6 +17,7 @@ from openai import OpenAI
 
 from idlefleet.cli.demo import batch_input, demo_texts
 from idlefleet.coordinator.ledger import Prices
+from idlefleet.coordinator.store import open_store
 from idlefleet.embedded.fleet import EmbeddedFleet
 from tests.integration.conftest import read_jsonl, submit, wait_for
 
@@ -110,6 +111,30 @@ def test_a_batch_is_charged_its_tokens_at_the_list_prices_exactly(
     assert header.startswith("day,vehicle_id,requests,compute_hours,kwh,earned")
     earned_csv = sum(float(line.split(",")[5]) for line in lines)
     assert earned_csv == pytest.approx(sum(r["earned"] for r in statement["data"]) / 1e6)
+
+    # Past its retention the batch's request rows go (run early here, on the fleet's store):
+    # the output file, the counts and who did what (now from the charges) stay as they were.
+    store = open_store(fleet.store_url)
+    try:
+        assert batch.completed_at is not None
+        pruned = store.prune_finished_requests(batch.completed_at + 1, time.time())
+    finally:
+        store.close()
+    assert pruned[1] >= 300 and list(store_rows(fleet, batch.id)) == []
+    assert get(fleet, f"/fleet/batches/{batch.id}/vehicles", "operator") == {
+        "batch_id": batch.id,
+        "completed_by_vehicle": by_car,
+    }
+    assert read_jsonl(client, batch.output_file_id) == rows
+    assert client.batches.retrieve(batch.id).request_counts == batch.request_counts
+
+
+def store_rows(fleet: EmbeddedFleet, batch_id: str) -> list[Any]:
+    store = open_store(fleet.store_url)
+    try:
+        return list(store.iter_requests(batch_id))
+    finally:
+        store.close()
 
 
 def test_an_online_request_is_charged_to_its_customer_for_the_car_that_answered(

@@ -82,6 +82,11 @@ class BatchLimits:
     """Requests stored (largest first) before the batch may be leased; the rest follow in
     slices of ``slice`` while cars already work (lease while validating)."""
     slice: int = 8192
+    request_retention_seconds: float = 3600.0
+    """How long a finished batch keeps its per-request rows (payloads, results, verdicts)
+    once its output and error files are written: long enough for probes of its late results;
+    then only the batch, its files, counts and ledger entries stay (the store would otherwise
+    grow with every request ever served)."""
 
 
 class BatchService:
@@ -102,6 +107,8 @@ class BatchService:
         self.replica = replica
         """Names this replica in the claims it takes (with a fresh suffix per attempt)."""
         self._quota_locks: dict[str, threading.Lock] = {}
+        self._next_prune = 0.0
+        """When sweep next deletes finished batches' request rows (at most once a minute)."""
         self._locks_lock = threading.Lock()
         self.on_foreign: Callable[[str, str], None] = lambda principal, object_id: None
         """Called when ``principal`` asks for an object that exists but is another's (the
@@ -498,6 +505,9 @@ class BatchService:
             self._safely(batch.id, self.validate)
         for batch in self.store.batches_with_status(["finalizing"]):
             self._safely(batch.id, self._resume_finalizing)
+        if now >= self._next_prune:
+            self._next_prune = now + min(60.0, self.limits.request_retention_seconds)
+            self.store.prune_finished_requests(now - self.limits.request_retention_seconds, now)
         return returned
 
     def recover(self) -> None:

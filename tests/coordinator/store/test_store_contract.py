@@ -3245,6 +3245,47 @@ def test_a_strict_batch_knows_which_results_lack_an_agreeing_verdict(store: Stor
     assert [r.seq for r in store.unverified_requests("batch-1", limit=1)] == [1]
 
 
+# -- retention ----------------------------------------------------------------------------------
+def test_a_finished_batch_forgets_its_request_rows_after_the_retention_only(store: Store) -> None:
+    for batch_id in ("old-done", "new-done", "old-running", "old-failed"):
+        add_batch(store, batch_id, n=4)
+    leased = must_lease(store, "car-1", 12)
+    commit(store, leased, seqs_of(leased))
+    store.record_verdicts([VerdictRow("old-done", 0, "car-1", "agree", "car-2", NOW)])
+    end = int(NOW) + 10
+    store.update_batch("old-done", ["in_progress"], status="completed", completed_at=end)
+    store.update_batch("new-done", ["in_progress"], status="completed", completed_at=end + 100)
+    store.update_batch("old-failed", ["in_progress"], status="failed", failed_at=end)
+    counts_before = store.request_counts("old-done")
+
+    pruned = store.prune_finished_requests(end + 50, end + 60)
+    again = store.prune_finished_requests(end + 50, end + 70)
+
+    assert pruned == (2, 8) and again == (0, 0)
+    assert list(store.iter_requests("old-done")) == []
+    assert list(store.iter_requests("old-failed")) == []
+    assert store.done_requests("old-done", [0, 1]) == {}
+    # What a customer or the operator reads of the batch is unchanged.
+    batch = store.get_batch("old-done")
+    assert batch is not None and batch.status == "completed"
+    assert store.request_counts("old-done") == counts_before
+    # Not finished, or finished too recently: untouched.
+    assert len(list(store.iter_requests("new-done"))) == 4
+    assert len(list(store.iter_requests("old-running"))) == 4
+    assert store.prune_finished_requests(end + 101, end + 110) == (1, 4)
+
+
+def test_pruning_takes_at_most_the_asked_number_of_batches_oldest_first(store: Store) -> None:
+    for i in range(3):
+        add_batch(store, f"b{i}", n=2, status="completed")
+        store.update_batch(f"b{i}", ["completed"], completed_at=int(NOW) + i)
+
+    first = store.prune_finished_requests(NOW + 100, NOW + 100, max_batches=2)
+
+    assert first == (2, 4)
+    assert [len(list(store.iter_requests(f"b{i}"))) for i in range(3)] == [0, 0, 2]
+
+
 # -- ledger --------------------------------------------------------------------------------------
 LEDGER_PRICES = Prices(models={"m": ModelPrice(7, 13, 3)}, owner_share_bp=7000)
 _CARS = {"car-1": "alice", "car-2": "alice", "car-3": "bob"}

@@ -668,6 +668,11 @@ def create_app(
     async def batch_vehicles(batch_id: str) -> dict[str, Any]:
         await asyncio.to_thread(batches.get_batch, batch_id)
         usage = await asyncio.to_thread(work.store.vehicle_usage, batch_id)
+        if not usage:  # a finished batch past its retention: its charges say who did what
+            entries = await asyncio.to_thread(work.store.ledger_entries, batch_id=batch_id)
+            for e in entries:
+                if e.kind == "charge" and e.requests:
+                    usage[e.vehicle_id] = usage.get(e.vehicle_id, 0) + e.requests
         return {"batch_id": batch_id, "completed_by_vehicle": usage}
 
     @app.get("/fleet/leases", tags=["fleet"], dependencies=[operator])

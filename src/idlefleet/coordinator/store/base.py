@@ -840,6 +840,16 @@ class Store(ABC):
         """Batches by status, the queue, active leases and cars by status (live since
         ``live_since``) or offline: aggregate reads only, for ``/metrics`` and the dashboard."""
 
+    # -- retention -----------------------------------------------------------------------------
+    @abstractmethod
+    def prune_finished_requests(
+        self, finished_before: float, now: float, max_batches: int = 20
+    ) -> tuple[int, int]:
+        """Delete the request rows and verdicts of up to ``max_batches`` batches (oldest
+        first) that finished (completed, failed, expired, cancelled) before
+        ``finished_before`` and were not pruned yet; their records, counts, files and ledger
+        entries stay. Returns (batches pruned, request rows deleted)."""
+
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod
     def close(self) -> None: ...

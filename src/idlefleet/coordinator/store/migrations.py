@@ -619,4 +619,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE ledger_entries ADD COLUMN api_key_id TEXT;
         """,
     ),
+    Migration(
+        12,
+        "when a finished batch's request rows were deleted (store/retention_sql.py)",
+        # NULL until pruned; the partial index keeps each sweep's look-up to finished batches
+        # not yet pruned, however many batches the store has served.
+        """
+        ALTER TABLE batches ADD COLUMN requests_pruned_at REAL;
+        CREATE INDEX batches_unpruned ON batches(seq_no) WHERE requests_pruned_at IS NULL;
+        """,
+        """
+        ALTER TABLE batches ADD COLUMN requests_pruned_at DOUBLE PRECISION;
+        CREATE INDEX batches_unpruned ON batches(seq_no) WHERE requests_pruned_at IS NULL;
+        """,
+    ),
 )

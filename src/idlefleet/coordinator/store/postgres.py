@@ -64,6 +64,7 @@ from idlefleet.coordinator.store.postgres_sql import (
     RECORD_PROGRESS_SQL,
     REQUEUE_SQL,
 )
+from idlefleet.coordinator.store.retention_sql import RetentionSql
 from idlefleet.coordinator.store.sql_common import (
     ATTEMPTS_EXHAUSTED_STATUS,
     BATCH_COLUMNS,
@@ -96,7 +97,7 @@ _DEADLOCK_RETRIES = 3
 """Whole-call retries after a deadlock or serialisation failure (nothing of it took effect)."""
 
 
-class PostgresStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
+class PostgresStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, RetentionSql, Store):
     """The store in a PostgreSQL database, through a pool of ``min_size``..``max_size`` sessions.
 
     ``conninfo`` is a libpq URL or key=value string, passed to psycopg as it is (so

@@ -39,6 +39,7 @@ from idlefleet.coordinator.store.identity_sql import IdentitySql
 from idlefleet.coordinator.store.ledger_sql import LedgerSql
 from idlefleet.coordinator.store.migrations import MIGRATIONS
 from idlefleet.coordinator.store.overview_sql import OverviewSql
+from idlefleet.coordinator.store.retention_sql import RetentionSql
 from idlefleet.coordinator.store.sql_common import (
     ATTEMPTS_EXHAUSTED_STATUS,
     BATCH_COLUMNS,
@@ -66,7 +67,7 @@ from idlefleet.coordinator.store.verification_sql import VerificationSql
 T = TypeVar("T")
 
 
-class SqliteStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, Store):
+class SqliteStore(IdentitySql, VerificationSql, LedgerSql, OverviewSql, RetentionSql, Store):
     _mark = "?"
     _unique_violation = sqlite3.IntegrityError
 
