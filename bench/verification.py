@@ -29,7 +29,8 @@ Printed and in ``--json``:
   within ``--within`` (50) of their units, counted from their first wrong unit;
 - ``units_to_quarantine_p99`` (and p50, max): those units, per cheater caught;
 - ``wrong_in_output_rate``: wrong vectors in finalised output files / vectors in them (strict
-  batches separately: ``wrong_in_strict_output``);
+  batches separately: ``wrong_in_strict_output``, and ``strict_leaks``: each wrong result in
+  a strict batch's output with the car that made it and the verdicts recorded on it);
 - ``honest_quarantined``: honest cars quarantined;
 - ``overhead``: work re-run for verification / work committed, in steady state (the second
   half of the run, when the honest cars are trusted); the whole run's too.
@@ -175,6 +176,8 @@ class Run:
     """What reached finalised output files: wrong / total, strict batches apart."""
     statuses: Counter[str] = field(default_factory=Counter)
     tallied: set[str] = field(default_factory=set)
+    strict_leaks: list[dict[str, Any]] = field(default_factory=list)
+    """Wrong results that reached a strict batch's output: who made them, who agreed."""
 
 
 class Clock:
@@ -575,6 +578,31 @@ def run_on(args: argparse.Namespace, fleet: Workload, store: Any) -> dict[str, A
     return summarise(args, state, fleet, verifier, snapshot or Counter(), by_id)
 
 
+def _leaks(store: Any, batch_id: str, custom_ids: set[str]) -> list[dict[str, Any]]:
+    """For wrong results in a strict batch's output: the car whose result it is and the
+    verdicts recorded on it (a diagnosis of how it got through)."""
+    made = {
+        r.seq: (r.custom_id, r.vehicle_id)
+        for r in store.iter_requests(batch_id)
+        if r.custom_id in custom_ids
+    }
+    verdicts = store._identity_run(
+        lambda db: db.execute(
+            "SELECT seq, vehicle_id, verdict, verifier_id FROM verifications WHERE batch_id = ?",
+            (batch_id,),
+        ).fetchall(),
+        False,
+    )
+    found: dict[int, list[tuple[str, str, str]]] = {}
+    for seq, vehicle_id, verdict, verifier in verdicts:
+        if seq in made:
+            found.setdefault(seq, []).append((vehicle_id, verdict, verifier))
+    return [
+        {"batch": batch_id, "seq": seq, "car": car, "custom_id": cid, "verdicts": found.get(seq)}
+        for seq, (cid, car) in sorted(made.items())
+    ]
+
+
 def tally(state: Run, fleet: Workload, store: Any, batches: BatchService, batch_id: str) -> None:
     """Count what reached ``batch_id``'s output file (checked against every honest class's
     answer), once, and delete its files: a long run would otherwise keep tens of GB."""
@@ -586,11 +614,16 @@ def tally(state: Run, fleet: Workload, store: Any, batches: BatchService, batch_
     kind = "strict" if batch_id in state.strict else "plain"
     if batch.output_file_id is not None:
         content = b"".join(batches.file_content(batch.output_file_id))
+        wrong_ids = []
         for line in content.splitlines():
             row = orjson.loads(line)
             bad, n = fleet.wrong(state.texts_of[batch_id][row["custom_id"]], row)
             state.tally[f"wrong_{kind}"] += bad
             state.tally[f"total_{kind}"] += n
+            if bad and kind == "strict":
+                wrong_ids.append(row["custom_id"])
+        if wrong_ids:
+            state.strict_leaks.extend(_leaks(store, batch_id, set(wrong_ids)))
     for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
         if file_id is not None:
             store.delete_file(file_id)
@@ -647,6 +680,7 @@ def summarise(
         "results_in_output": total,
         "wrong_in_output_rate": wrong / total if total else 0.0,
         "wrong_in_strict_output": wrong_strict,
+        "strict_leaks": state.strict_leaks[:200],
         "results_in_strict_output": total_strict,
         "honest_quarantined": len(honest_q),
         "honest_quarantined_ids": honest_q,
