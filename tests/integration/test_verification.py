@@ -9,6 +9,8 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nats
@@ -84,6 +86,33 @@ async def _cheat(fleet: EmbeddedFleet, stop: threading.Event, seen: dict[str, in
         await nc.close()
 
 
+@contextmanager
+def cheating(fleet: EmbeddedFleet) -> Iterator[dict[str, int]]:
+    """The cheater, opted in and working in a thread (its counts in the dict yielded); its
+    connection is closed on the way out, whether the test passed or not."""
+    fleet.set_consent(CHEATER, True, key="operator")
+    stop = threading.Event()
+    seen: dict[str, int] = {}
+    cheater = threading.Thread(target=lambda: asyncio.run(_cheat(fleet, stop, seen)), daemon=True)
+    cheater.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        cheater.join(timeout=30)
+
+
+def strict_batch(client: OpenAI, lines: bytes) -> str:
+    """A batch that asks that nothing unverified reach its output; its id."""
+    upload = client.files.create(file=("in.jsonl", lines), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+        metadata={"verification": "strict"},
+    ).id
+
+
 @pytest.mark.integration
 def test_a_cheating_car_is_quarantined_and_a_strict_batch_holds_only_agreed_results(
     tmp_path: Path,
@@ -91,26 +120,10 @@ def test_a_cheating_car_is_quarantined_and_a_strict_batch_holds_only_agreed_resu
     options = FleetOptions(data_dir=tmp_path, agents=2, heartbeat_seconds=1.0, lease_seconds=10)
     with EmbeddedFleet(options) as fleet:
         client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
-        fleet.set_consent(CHEATER, True, key="operator")
-        stop = threading.Event()
-        seen: dict[str, int] = {}
-        cheater = threading.Thread(
-            target=lambda: asyncio.run(_cheat(fleet, stop, seen)), daemon=True
-        )
-        cheater.start()
-        texts = demo_texts(N // 2) * 2  # each text twice: its two vectors must agree
-        upload = client.files.create(file=("in.jsonl", batch_input(texts)), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=upload.id,
-            endpoint="/v1/embeddings",
-            completion_window="24h",
-            metadata={"verification": "strict"},
-        )
-        try:
-            done = wait_for(client, batch.id, timeout=240)
-        finally:  # the cheater's connection closes even if the batch did not finish
-            stop.set()
-            cheater.join(timeout=30)
+        with cheating(fleet) as seen:
+            texts = demo_texts(N // 2) * 2  # each text twice: its two vectors must agree
+            batch_id = strict_batch(client, batch_input(texts))
+            done = wait_for(client, batch_id, timeout=240)
         assert done.status == "completed", done
         assert seen.get("units", 0) >= 1, seen  # the cheater did take work
 
@@ -124,7 +137,7 @@ def test_a_cheating_car_is_quarantined_and_a_strict_batch_holds_only_agreed_resu
 
         # Nothing the cheater returned is in the output: every line was made by a real car
         # and agreed by another (the batch is strict), and the vectors are MiniLM's.
-        usage = fleet.get(f"/fleet/batches/{batch.id}/vehicles")["completed_by_vehicle"]
+        usage = fleet.get(f"/fleet/batches/{batch_id}/vehicles")["completed_by_vehicle"]
         assert CHEATER not in usage and sum(usage.values()) == N, usage
         lines = read_jsonl(client, done.output_file_id or "")
         assert len(lines) == N
@@ -150,36 +163,19 @@ def test_a_cheater_that_did_all_of_a_strict_batch_before_honest_cars_came_is_cau
     options = FleetOptions(data_dir=tmp_path, agents=0, heartbeat_seconds=1.0, lease_seconds=10)
     with EmbeddedFleet(options) as fleet:
         client = OpenAI(base_url=f"{fleet.base_url}/v1", api_key=fleet.api_key, max_retries=0)
-        fleet.set_consent(CHEATER, True, key="operator")
-        stop = threading.Event()
-        seen: dict[str, int] = {}
-        cheater = threading.Thread(
-            target=lambda: asyncio.run(_cheat(fleet, stop, seen)), daemon=True
-        )
-        cheater.start()
-        upload = client.files.create(file=("in.jsonl", batch_input(demo_texts(N))), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=upload.id,
-            endpoint="/v1/embeddings",
-            completion_window="24h",
-            metadata={"verification": "strict"},
-        )
-        deadline = time.monotonic() + 60
-        while seen.get("committed", 0) < N:  # the cheater answered every request
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.2)
-        fleet.add_agent("car-001")
-        fleet.add_agent("car-002")
-
-        try:
-            done = wait_for(client, batch.id, timeout=180)
-        finally:
-            stop.set()
-            cheater.join(timeout=30)
+        with cheating(fleet) as seen:
+            batch_id = strict_batch(client, batch_input(demo_texts(N)))
+            deadline = time.monotonic() + 60
+            while seen.get("committed", 0) < N:  # the cheater answered every request
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+            fleet.add_agent("car-001")
+            fleet.add_agent("car-002")
+            done = wait_for(client, batch_id, timeout=180)
 
         assert done.status == "completed", done
         cars = {c["vehicle_id"]: c for c in fleet.get("/fleet/verification")["cars"]}
         assert cars[CHEATER]["state"] == "quarantined", cars
         assert all(cars[c]["state"] != "quarantined" for c in ("car-001", "car-002")), cars
-        usage = fleet.get(f"/fleet/batches/{batch.id}/vehicles")["completed_by_vehicle"]
+        usage = fleet.get(f"/fleet/batches/{batch_id}/vehicles")["completed_by_vehicle"]
         assert CHEATER not in usage and sum(usage.values()) == N, usage
