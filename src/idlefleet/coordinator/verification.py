@@ -482,12 +482,11 @@ class Verifier:
         klass = self.class_of(vehicle_id, model)
         purposes, regions = set(purposes), set(data_regions)
         trusted = trust.trusted(self.policy)
-        bootstrap = self.bootstrapping()
         # While the fleet has too few trusted cars, any other owner's car verifies and breaks
         # ties too: a third car of a third owner. Else a new cheater that took all of a
         # batch's work (its probes disagreeing with new honest cars) waits for a trusted car
         # that never comes, and a strict batch with it.
-        may_verify = trusted or bootstrap
+        may_verify = trusted or self.bootstrapping()
         # A quarter of the unit at most: probes are spread over many cars' units (every car
         # verifies others), and a unit is never mostly probes.
         most = self.policy.max_probes_per_grant
@@ -520,7 +519,7 @@ class Verifier:
                         and profile.owner not in check.excluded_owners
                         and check.purpose in purposes
                         and check.data_region in regions
-                        and (trusted or bootstrap if check.kind == "tiebreak" else may_verify)
+                        and may_verify  # probes and tie-breaks alike
                     ):
                         taken.append(check)
                     else:
