@@ -586,17 +586,10 @@ def _leaks(store: Any, batch_id: str, custom_ids: set[str]) -> list[dict[str, An
         for r in store.iter_requests(batch_id)
         if r.custom_id in custom_ids
     }
-    verdicts = store._identity_run(
-        lambda db: db.execute(
-            "SELECT seq, vehicle_id, verdict, verifier_id FROM verifications WHERE batch_id = ?",
-            (batch_id,),
-        ).fetchall(),
-        False,
-    )
-    found: dict[int, list[tuple[str, str, str]]] = {}
-    for seq, vehicle_id, verdict, verifier in verdicts:
-        if seq in made:
-            found.setdefault(seq, []).append((vehicle_id, verdict, verifier))
+    found: dict[int, list[tuple[str, str, str | None]]] = {}
+    for v in store.list_verdicts(batch_id):
+        if v.seq in made:
+            found.setdefault(v.seq, []).append((v.vehicle_id, v.verdict, v.verifier_id))
     return [
         {"batch": batch_id, "seq": seq, "car": car, "custom_id": cid, "verdicts": found.get(seq)}
         for seq, (cid, car) in sorted(made.items())

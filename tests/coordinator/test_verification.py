@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,64 @@ def test_a_strict_batch_is_held_while_its_results_are_unchecked(fleet: Fleet) ->
     fleet.add(Car("other", "owner-2"))
     assert fleet.run(batch_id) == "completed"
     assert correct(fleet, batch_id, 8) == 8
+
+
+def test_a_strict_result_is_probed_once_however_often_the_gate_asks(fleet: Fleet) -> None:
+    # A second probe of a result whose first is still out would race it: a disagreement (a
+    # tie-break under way) and an agreement from another car, the first verdict standing.
+    only = fleet.add(Car("alone", "owner-1"))
+    batch_id = fleet.batch(8, strict=True)
+    for _ in range(4):
+        fleet.round([only])
+        fleet.batches.sweep()
+    batch = fleet.store.get_batch(batch_id)
+    assert batch is not None and batch.request_counts.completed == 8
+    assert fleet.verifier.counters["sampled"] == 8
+    assert fleet.verifier.status()["queued"] == 8  # the gate asked, and queued none twice
+
+
+def test_a_quarantined_verifiers_agreements_are_withdrawn_and_probed_again(
+    fleet: Fleet,
+) -> None:
+    lying = False
+    honest = [fleet.add(Car(f"honest-{i}", f"owner-{i}")) for i in range(3)]
+    turncoat = fleet.add(Car("turncoat", "owner-t", lie=lambda seq: lying))
+    fleet.run(fleet.batch(40))
+    assert fleet.verifier.trust(turncoat.id).trusted(fleet.verifier.policy)
+    batch_id = fleet.batch(200, strict=True)
+    for _ in range(4):
+        fleet.round()
+    fleet.verifier.flush()
+    vouched = [v for v in fleet.store.list_verdicts(batch_id) if v.verifier_id == turncoat.id]
+    assert vouched  # it vouched for some of the strict batch's results...
+    lying = True  # ...and then turns: everything it answers from here on is wrong
+    assert fleet.run(batch_id) == "completed"
+    assert fleet.verifier.trust(turncoat.id).quarantined
+    assert not any(fleet.verifier.trust(c.id).quarantined for c in honest)
+    # Its word no longer vouches for anything in the output: those results were probed again.
+    assert fleet.verifier.counters["withdrawn"] >= len(vouched)
+    verdicts = fleet.store.list_verdicts(batch_id)
+    assert turncoat.id not in {v.verifier_id for v in verdicts}
+    assert correct(fleet, batch_id, 200) == 200
+
+
+def test_a_unit_of_probes_alone_holds_few_of_one_cars_results_and_a_canary(fleet: Fleet) -> None:
+    cars = [fleet.add(Car(f"car-{i}", f"owner-{i}")) for i in range(3)]
+    fleet.run(fleet.batch(40))  # trusted cars, and canaries their agreements left
+    only, other = cars[0], cars[1]
+    batch_id = fleet.batch(24, strict=True)
+    for _ in range(7):
+        fleet.round([only])
+    assert fleet.store.request_counts(batch_id).completed == 24
+    assert fleet.verifier.status()["queued"] == 24
+    before = Counter(fleet.verifier.counters)
+    fleet.round([other])  # no work left: a unit of probes alone
+    assert other.grant is not None and other.grant.lease_id is not None
+    placed = fleet.verifier.counters - before
+    # At most eight of one car's results (a car lying on the unit vouches for few), and a
+    # canary that catches a lie at once.
+    assert (placed["placed_check"], placed["placed_canary"]) == (8, 1)
+    assert len(other.grant.items) == 9
 
 
 def test_probes_given_back_with_a_released_unit_are_placed_again(fleet: Fleet) -> None:

@@ -69,6 +69,9 @@ SCAN = 256
 """Queued probes looked at per grant (cheap whatever the queue's length)."""
 ALONE_PROBES = 64
 """Probes in a unit of probes alone, at most."""
+SUBJECT_PROBES = 8
+"""Probes of one car's results in one unit, at most: a car that lies on a unit (it cannot tell
+probes from requests) vouches for few results of any one car, and a lie is seen by others."""
 CANARY_POOL = 1_000
 """Canaries kept per model (the newest agreed probes)."""
 
@@ -314,8 +317,10 @@ class Verifier:
         recent = [v for v in learnt if (quarantined[v].quarantined_at or 0) > now - QUEUE_AGE_S]
         for vehicle_id in recent:  # caught by another replica: what it committed here, redone
             redone = self.store.redo_results(vehicle_id)
+            withdrawn = self.store.withdraw_verdicts(vehicle_id)  # and what it vouched for here
             with self._lock:
                 self.counters["redone"] += redone
+                self.counters["withdrawn"] += withdrawn
 
     def flush(self) -> int:
         """Write what was judged since the last flush (trust rows, strict batches' verdicts)
@@ -412,6 +417,8 @@ class Verifier:
                 self._enqueue(check)
                 self._pending[vehicle_id] += 1
                 self._pending_since.setdefault(vehicle_id, now)
+                if strict and check.seq is not None:  # the gate probes it no second time
+                    self._strict_queued.add((batch_id, check.seq, vehicle_id))
             self.counters["sampled"] += len(queued)
         return len(queued)
 
@@ -474,7 +481,7 @@ class Verifier:
     ) -> list[tuple[int, Any]]:
         """Probes to add to a unit being leased to this car: (seq, payload) each, numbered at
         random apart from the unit's ``seqs`` (as the car sees them, masked). ``alone``: a
-        unit of probes only, of one purpose and data region, no canary."""
+        unit of probes only, of one purpose and data region (and a canary, if one fits)."""
         if vehicle_id in self._quarantined:
             return []
         trust = self.trust(vehicle_id)
@@ -492,6 +499,7 @@ class Verifier:
         most = self.policy.max_probes_per_grant
         limit = ALONE_PROBES if alone else min(most, max(1, len(seqs) // 4))
         taken: list[_Check] = []
+        per_subject: Counter[str] = Counter()
         with self._lock:
             scanned = 0
             for tier in TIERS:
@@ -520,14 +528,24 @@ class Verifier:
                         and check.purpose in purposes
                         and check.data_region in regions
                         and may_verify  # probes and tie-breaks alike
+                        and per_subject[check.subject or ""] < SUBJECT_PROBES
                     ):
                         taken.append(check)
+                        per_subject[check.subject or ""] += 1
                     else:
                         keep.append(check)
                 queue.extendleft(reversed(keep))
             chance = self.policy.canary_trusted if trusted else self.policy.canary_new
+            # A unit that vouches for results of a strict batch, or only for others' results,
+            # always gets a canary if one fits: a car that lies on it is caught by it at once,
+            # and its agreements are withdrawn (``_quarantine``) before a strict batch ends.
+            forced = alone or any(c.strict for c in taken)
+            if forced:
+                chance = 1.0
+            if alone and taken:
+                purposes, regions = {taken[0].purpose}, {taken[0].data_region}
             pool = self._canaries.get(model)
-            if pool and not alone and len(taken) < limit and self.rng.random() < chance:
+            if pool and (taken or not alone) and self.rng.random() < chance:
                 candidates = [
                     c
                     for c in itertools.islice(reversed(pool), 64)
@@ -537,8 +555,17 @@ class Verifier:
                 ]
                 if candidates:
                     canary = self.rng.choice(candidates)
+                    # One forced by a strict batch's probes is that customer's cost (counted
+                    # with strict work, not in ``overhead``).
+                    strict = forced and any(c.strict for c in taken)
                     taken.append(
-                        replace(canary, id=next(self._ids), kind="canary", created_at=self.clock())
+                        replace(
+                            canary,
+                            id=next(self._ids),
+                            kind="canary",
+                            created_at=self.clock(),
+                            strict=strict,
+                        )
                     )
             if not taken:
                 return []
@@ -835,12 +862,25 @@ class Verifier:
 
     def _quarantine(self, vehicle_id: str, record: CarTrust) -> None:
         redone = self.store.redo_results(vehicle_id)
+        # What it vouched for in running batches is unverified again: a strict batch probes
+        # those results anew (a cheater agrees with a cheater running the same wrong model).
+        withdrawn = self.store.withdraw_verdicts(vehicle_id)
         with self._lock:
             self.counters["quarantined"] += 1
             self.counters["redone"] += redone
+            self.counters["withdrawn"] += withdrawn
             for queue in self._queue.values():
                 for check in [c for c in queue if c.subject == vehicle_id]:
                     queue.remove(check)
+            # Probes it holds will not be answered (or not believed): placed again at once, not
+            # when its lease runs out (a strict batch would wait that long for them).
+            for lease_id, probes in list(self._placed.items()):
+                if any(p.vehicle_id == vehicle_id for p in probes.values()):
+                    del self._placed[lease_id]
+                    self._alone.discard(lease_id)
+                    for placed in probes.values():
+                        self._return(placed.check)
+            self._strict_queued = {k for k in self._strict_queued if k[2] != vehicle_id}
             self._pending.pop(vehicle_id, None)
             self._pending_since.pop(vehicle_id, None)
         log.warning(

@@ -3245,6 +3245,36 @@ def test_a_strict_batch_knows_which_results_lack_an_agreeing_verdict(store: Stor
     assert [r.seq for r in store.unverified_requests("batch-1", limit=1)] == [1]
 
 
+def test_a_quarantined_verifiers_agreements_in_running_batches_are_withdrawn(
+    store: Store,
+) -> None:
+    add_batch(store, "batch-1", n=3)
+    add_batch(store, "batch-2", n=1)
+    leased = must_lease(store, "car-1", 4)
+    commit(store, leased, seqs_of(leased))
+    store.record_verdicts(
+        [
+            VerdictRow("batch-1", 0, "car-1", "agree", "liar", NOW),
+            VerdictRow("batch-1", 1, "car-1", "agree", "car-3", NOW),
+            VerdictRow("batch-1", 2, "car-1", "disagree", "liar", NOW),
+            VerdictRow("batch-2", 0, "car-1", "agree", "liar", NOW),
+        ]
+    )
+    store.update_batch("batch-2", ["in_progress"], status="completed")
+    assert store.withdraw_verdicts("car-3") == 1
+    store.record_verdicts([VerdictRow("batch-1", 1, "car-1", "agree", "car-3", NOW)])
+    # Only its agreements, only in running batches: batch-2 is finalised and keeps its own.
+    assert store.withdraw_verdicts("liar") == 1
+    assert store.withdraw_verdicts("liar") == 0
+    assert [r.seq for r in store.unverified_requests("batch-1")] == [0, 2]
+    assert store.unverified_requests("batch-2") == []
+    assert store.list_verdicts("batch-1") == [
+        VerdictRow("batch-1", 1, "car-1", "agree", "car-3", NOW),
+        VerdictRow("batch-1", 2, "car-1", "disagree", "liar", NOW),
+    ]
+    assert [v.verifier_id for v in store.list_verdicts("batch-2")] == ["liar"]
+
+
 # -- retention ----------------------------------------------------------------------------------
 def test_a_finished_batch_forgets_its_request_rows_after_the_retention_only(store: Store) -> None:
     for batch_id in ("old-done", "new-done", "old-running", "old-failed"):

@@ -777,6 +777,11 @@ class Store(ABC):
         cleared): how many. Finalised batches keep theirs."""
 
     @abstractmethod
+    def withdraw_verdicts(self, verifier_id: str) -> int:
+        """Delete the 'agree' verdicts this car gave on results in ``in_progress`` batches (it
+        was quarantined: its word is worth nothing): how many. Finalised batches keep theirs."""
+
+    @abstractmethod
     def done_requests(self, batch_id: str, seqs: Collection[int]) -> dict[int, DoneRequest]:
         """Those of these requests that are done, with their payload, result and car."""
 
@@ -784,6 +789,10 @@ class Store(ABC):
     def unverified_requests(self, batch_id: str, limit: int = 1000) -> list[DoneRequest]:
         """Done requests of a batch without an 'agree' verdict for the car that made their
         result, by seq (at most ``limit``)."""
+
+    @abstractmethod
+    def list_verdicts(self, batch_id: str) -> list[VerdictRow]:
+        """The verdicts kept on a batch's results, by seq and car."""
 
     @abstractmethod
     def record_verdicts(self, rows: Sequence[VerdictRow]) -> None:

@@ -149,6 +149,26 @@ class VerificationSql:
 
         return self._identity_run(work, True)
 
+    def withdraw_verdicts(self, verifier_id: str) -> int:
+        """Delete the car's 'agree' verdicts in running batches (it was quarantined): a strict
+        batch probes those results again instead of finalising on a cheater's word."""
+
+        def work(db: Any) -> int:
+            withdrawn = 0
+            for (batch_id,) in db.execute(
+                "SELECT id FROM batches WHERE status = 'in_progress'"
+            ).fetchall():
+                withdrawn += db.execute(
+                    self._sql(
+                        "DELETE FROM verifications WHERE batch_id = ? AND verifier_id = ? "
+                        "AND verdict = 'agree'"
+                    ),
+                    (batch_id, verifier_id),
+                ).rowcount
+            return withdrawn
+
+        return int(self._identity_run(work, True))
+
     def done_requests(self, batch_id: str, seqs: Collection[int]) -> dict[int, DoneRequest]:
         """These requests of a batch, those that are done, with the car that made each."""
         if not seqs:
@@ -185,6 +205,19 @@ class VerificationSql:
             False,
         )
         return [_done(row) for row in rows]
+
+    def list_verdicts(self, batch_id: str) -> list[VerdictRow]:
+        rows = self._identity_run(
+            lambda db: db.execute(
+                self._sql(
+                    "SELECT batch_id, seq, vehicle_id, verdict, verifier_id, at "
+                    "FROM verifications WHERE batch_id = ? ORDER BY seq, vehicle_id"
+                ),
+                (batch_id,),
+            ).fetchall(),
+            False,
+        )
+        return [VerdictRow(r[0], int(r[1]), r[2], r[3], r[4], float(r[5])) for r in rows]
 
     def record_verdicts(self, rows: Sequence[VerdictRow]) -> None:
         """Keep verdicts on results (the first for a result stands)."""
